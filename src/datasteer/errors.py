@@ -1,0 +1,29 @@
+"""Error types. Every user-facing failure is a `DatasteerError` whose message is one readable paragraph."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class DatasteerError(Exception):
+    """A failure caused by the user's input; the CLI prints it without a traceback and exits with 2."""
+
+
+class ConfigError(DatasteerError):
+    """A configuration key, value, component or file is wrong."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """Return " Did you mean 'x'?" for the closest choice, or "" when none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def unknown_choice(what: str, name: str, choices: Iterable[str], where: str = "") -> ConfigError:
+    """Build the standard "unknown X" error that lists the valid choices and the closest match."""
+    choices = sorted(choices)
+    loc = f" in {where}" if where else ""
+    return ConfigError(
+        f"Unknown {what} '{name}'{loc}.{did_you_mean(name, choices)} Valid choices: {', '.join(choices)}."
+    )
