@@ -1,0 +1,87 @@
+"""`datasteer train | components | version`.
+
+User errors (bad config, missing file, ...) print one paragraph and exit with code 2; the traceback is
+shown only with `--debug`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+import typing
+
+from datasteer import __version__, registry
+from datasteer.errors import DatasteerError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return args.func(args)
+    except DatasteerError as err:
+        if args.debug:
+            raise
+        print(f"datasteer: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="datasteer", description="Data-centric dynamic training for LLMs.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a steered run from a YAML config")
+    train.add_argument("config", help="YAML config file")
+    train.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=20")
+    train.add_argument(
+        "--resume", nargs="?", const=True, default=None, help="resume from a checkpoint (or the last)"
+    )
+    train.set_defaults(func=_train)
+    comps = sub.add_parser("components", help="list registered components with their parameters")
+    comps.add_argument("kind", nargs="?", choices=registry.KINDS, help="only this kind")
+    comps.set_defaults(func=_components)
+    version = sub.add_parser("version", help="print the version")
+    version.set_defaults(func=lambda a: print(__version__) or 0)
+    for p in (train, comps, version):
+        p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from datasteer.config import load_config
+    from datasteer.runner import run
+
+    config = load_config(args.config, args.overrides)
+    result = run(config, resume_from_checkpoint=args.resume)
+    print(f"datasteer: run written to {result.output_dir}")
+    for domain, m in result.domain_eval.items():
+        print(f"  {domain:>12}: eval loss {m['loss']:.4f}  ppl {m['perplexity']:.2f}")
+    return 0
+
+
+def _components(args: argparse.Namespace) -> int:
+    for kind in [args.kind] if args.kind else registry.KINDS:
+        print(f"{kind}s:")
+        for name, cls in registry.components(kind).items():
+            summary = (inspect.getdoc(cls) or "").split("\n")[0]
+            print(f"  {name}: {summary}")
+            for p in registry.params_of(cls):
+                default = "required" if p.required else f"default {p.default!r}"
+                print(f"      {p.name} ({_type_name(p.annotation)}, {default}): {p.doc}")
+        print()
+    return 0
+
+
+def _type_name(annotation: object) -> str:
+    if annotation is inspect.Parameter.empty:
+        return "any"
+    if isinstance(annotation, type) and not typing.get_args(annotation):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""The three component interfaces (Selector, Mixer, Weighter) and what they exchange.
+
+Components never run their own training or forward loops: the trainer hands them a gathered
+`StepRecord` every optimizer step (`observe`) and asks them for a decision at schedule points
+(`update` / `select`). Everything they receive is identical on all ranks, so their decisions are too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from datasteer.steering import SteeringContext
+
+
+@dataclass
+class StepRecord:
+    """What one optimizer step trained on, gathered from every rank (the same on all ranks).
+
+    Attributes:
+        step: the optimizer step that just finished (1-based, HF `global_step`).
+        sample_ids: (N,) int64 stable ids of the samples of the step, all ranks and micro-batches.
+        domain_ids: (N,) int64 domain index of each sample.
+        losses: (N,) float32 token-mean loss of each sample, from the training forward pass.
+        tokens: (N,) float32 number of supervised tokens of each sample.
+    """
+
+    step: int
+    sample_ids: torch.Tensor
+    domain_ids: torch.Tensor
+    losses: torch.Tensor
+    tokens: torch.Tensor
+
+    def domain_means(self, num_domains: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token-weighted mean loss per domain and the number of samples per domain, shapes (K,), (K,).
+
+        Domains absent from the step get a mean of NaN so callers can keep their last value.
+        """
+        loss_sum = torch.zeros(num_domains, dtype=torch.float64)
+        tok_sum = torch.zeros(num_domains, dtype=torch.float64)
+        count = torch.zeros(num_domains, dtype=torch.float64)
+        d = self.domain_ids.cpu()
+        loss_sum.index_add_(0, d, (self.losses * self.tokens).double().cpu())
+        tok_sum.index_add_(0, d, self.tokens.double().cpu())
+        count.index_add_(0, d, torch.ones_like(d, dtype=torch.float64))
+        means = torch.where(
+            tok_sum > 0, loss_sum / tok_sum.clamp_min(1), torch.full_like(tok_sum, float("nan"))
+        )
+        return means, count
+
+
+@dataclass
+class Selection:
+    """A selector's decision: which samples are eligible in the next window.
+
+    Attributes:
+        ids: stable sample ids that may be drawn.
+        probs: optional sampling probability per id (sums to 1); None means each id is drawn once per
+            pass through the selection, in a seeded order.
+        scores: optional score per id, kept for the log (summary only) and the report.
+    """
+
+    ids: np.ndarray
+    probs: np.ndarray | None = None
+    scores: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.ids = np.asarray(self.ids, dtype=np.int64)
+        if self.ids.size == 0:
+            raise ValueError("a Selection must contain at least one sample id")
+        if self.probs is not None:
+            self.probs = np.asarray(self.probs, dtype=np.float64)
+            if self.probs.shape != self.ids.shape or not np.all(self.probs >= 0) or self.probs.sum() <= 0:
+                raise ValueError("Selection.probs must be non-negative, one per id, with a positive sum")
+            self.probs = self.probs / self.probs.sum()
+
+    def summary(self) -> dict[str, Any]:
+        """Small JSON-able description for the steering log."""
+        out: dict[str, Any] = {"size": int(self.ids.size)}
+        if self.scores is not None and self.scores.size:
+            s = np.asarray(self.scores, dtype=np.float64)
+            out.update(score_min=float(s.min()), score_mean=float(s.mean()), score_max=float(s.max()))
+        return out
+
+
+class Component:
+    """Shared life cycle. Every method is called on every rank with identical inputs."""
+
+    registered_name: ClassVar[str] = ""
+
+    def setup(self, ctx: SteeringContext) -> None:
+        """Called once before training starts, after the pool and the model exist."""
+
+    def observe(self, ctx: SteeringContext, record: StepRecord) -> None:
+        """Called after every optimizer step with the gathered record of that step."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly after a resume (tensors, numbers, strings, lists)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of `state_dict`."""
+
+
+class Mixer(Component):
+    """Decides the domain sampling weights."""
+
+    def initial_weights(self, ctx: SteeringContext) -> np.ndarray:
+        """Weights over domains for the first window, shape (K,). Default: proportional to domain size."""
+        sizes = ctx.pool.domain_sizes.astype(np.float64)
+        return sizes / sizes.sum()
+
+    def update(self, ctx: SteeringContext) -> np.ndarray:
+        """New weights over domains, shape (K,), called at schedule points."""
+        raise NotImplementedError
+
+    def loss_weights(self) -> torch.Tensor | None:
+        """Optional per-domain loss weights, shape (K,) (DoReMi's proxy step). None means no reweighting."""
+        return None
+
+
+class Selector(Component):
+    """Decides which samples of the pool are eligible in the next window."""
+
+    requires_target: ClassVar[bool] = False
+
+    def select(self, ctx: SteeringContext, budget: int) -> Selection:
+        """Return the selection for the next window; `budget` is the number of samples it should hold."""
+        raise NotImplementedError
+
+
+class Weighter(Component):
+    """Decides per-sample loss weights inside a step."""
+
+    is_uniform: ClassVar[bool] = False
+
+    def weights(
+        self, ctx: SteeringContext, losses: torch.Tensor, batch: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Per-sample weights, shape (B,), for the micro-batch whose token-mean losses are `losses` (B,)."""
+        raise NotImplementedError
+
+
+@dataclass
+class ComponentSet:
+    """The components of one run; any of them may be absent."""
+
+    mixer: Mixer | None = None
+    selector: Selector | None = None
+    weighter: Weighter | None = None
+    extra: dict[str, Component] = field(default_factory=dict)
+
+    def items(self) -> list[tuple[str, Component]]:
+        named = [("mixer", self.mixer), ("selector", self.selector), ("weighter", self.weighter)]
+        return [(k, c) for k, c in named if c is not None]

@@ -1,0 +1,190 @@
+"""The typed configuration of a run: `model`, `data`, `train` (HF TrainingArguments) and `steering`.
+
+Read from YAML (`load_config`), with `a.b=value` overrides from the command line, or built in
+Python (`Config(...)`). Every key is checked: an unknown key, component or component parameter is an
+error that names it, the file, the valid choices and the closest match. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from datasteer import registry
+from datasteer.data.config import DataConfig
+from datasteer.errors import ConfigError, did_you_mean
+from datasteer.validation import StrictModel, format_validation_error
+
+
+class LoraConfig(StrictModel):
+    """LoRA adapters via peft; only the adapters train."""
+
+    r: int = Field(8, description="Adapter rank.")
+    alpha: int = Field(16, description="LoRA scaling numerator (lora_alpha).")
+    dropout: float = Field(0.0, description="Dropout on the adapter input.")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear' (peft's shortcut)."
+    )
+
+
+class ModelConfig(StrictModel):
+    """Which causal LM to train. Exactly one of `name_or_path`, `config` or `demo`."""
+
+    name_or_path: str | None = Field(None, description="Local folder of a HF causal LM (from_pretrained).")
+    config: dict[str, Any] | None = Field(
+        None, description="HF config kwargs with `model_type`, to initialise a model from scratch."
+    )
+    demo: bool = Field(False, description="Use datasteer.demo's tiny Llama and character tokenizer.")
+    tokenizer: str | None = Field(None, description="Tokenizer folder; defaults to name_or_path.")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field("float32", description="Weights dtype.")
+    lora: LoraConfig | None = Field(None, description="Train LoRA adapters instead of all weights.")
+    seed: int = Field(0, description="Seed of a from-scratch initialisation.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        given = [k for k in ("name_or_path", "config", "demo") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(
+                "set exactly one of model.name_or_path (a local model folder), model.config (from scratch) "
+                f"or model.demo: true; got {given or 'none'}"
+            )
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("model.config needs a 'model_type' (e.g. llama) to pick the architecture")
+        if self.config is not None and self.tokenizer is None:
+            raise ValueError("model.config builds a model from scratch and needs model.tokenizer (a folder)")
+        return self
+
+
+ComponentSpec = str | dict[str, Any]
+
+
+class SteeringConfig(StrictModel):
+    """What datasteer decides while training, and when."""
+
+    seed: int = Field(0, description="Seed of the sampler's stream.")
+    warmup_steps: int = Field(
+        0, ge=0, description="Steps trained on the initial mixture before the first update."
+    )
+    update_every: int = Field(
+        0, ge=0, description="Steps between updates; 0 = one update after the warmup (a one-shot decision)."
+    )
+    updates: int | None = Field(None, ge=0, description="Number of updates; null = until training ends.")
+    lag_steps: int = Field(
+        1, ge=0, description="Steps between a decision and the first step trained on it (data prefetch)."
+    )
+    budget: int | float | None = Field(
+        None,
+        description="Samples per selection: an int, a fraction of the pool, or null = samples/step x update_every.",
+    )
+    mixer: ComponentSpec | None = Field(None, description="Domain mixer: a name or {name: ..., <params>}.")
+    selector: ComponentSpec | None = Field(
+        None, description="Sample selector: a name or {name: ..., <params>}."
+    )
+    weighter: ComponentSpec | None = Field(
+        None, description="Loss weighter: a name or {name: ..., <params>}."
+    )
+
+    @field_validator("budget")
+    @classmethod
+    def _budget(cls, v: int | float | None) -> int | float | None:
+        if isinstance(v, float) and not 0 < v <= 1:
+            raise ValueError("a fractional budget must be in (0, 1]")
+        if isinstance(v, int) and v <= 0:
+            raise ValueError("budget must be positive")
+        return v
+
+    @model_validator(mode="after")
+    def _components_exist(self) -> SteeringConfig:
+        for kind in registry.KINDS:
+            spec = getattr(self, kind)
+            if spec is not None:
+                name, params = split_component(spec, f"steering.{kind}")
+                registry.build(kind, name, params, where=f"steering.{kind}")
+        return self
+
+
+def split_component(spec: ComponentSpec, where: str) -> tuple[str, dict[str, Any]]:
+    """`"odm"` or `{name: odm, lr: 0.1}` -> ("odm", {"lr": 0.1})."""
+    if isinstance(spec, str):
+        return spec, {}
+    if "name" not in spec:
+        raise ConfigError(f"{where} needs a 'name' key (e.g. {{name: static}}); got keys {sorted(spec)}.")
+    params = {k: v for k, v in spec.items() if k != "name"}
+    return str(spec["name"]), params
+
+
+class Config(StrictModel):
+    """A whole run."""
+
+    model: ModelConfig
+    data: DataConfig
+    train: dict[str, Any] = Field(
+        default_factory=dict,
+        description="HF TrainingArguments keys, passed through (output_dir is required).",
+    )
+    steering: SteeringConfig = Field(default_factory=SteeringConfig, description="The steering of the run.")
+
+    @field_validator("train")
+    @classmethod
+    def _train_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from transformers import TrainingArguments
+
+        valid = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+        for key in v:
+            if key not in valid:
+                raise ValueError(
+                    f"'{key}' is not a transformers.TrainingArguments key.{did_you_mean(key, valid)} "
+                    "See https://huggingface.co/docs/transformers/main_classes/trainer#transformers.TrainingArguments"
+                )
+        if "output_dir" not in v:
+            raise ValueError("train.output_dir is required (where checkpoints and the steering log go)")
+        return v
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **data: Any) -> Config:
+    """Read a YAML file (or keyword sections), apply `a.b=value` overrides, and validate."""
+    raw: dict[str, Any] = dict(data)
+    source = ""
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file {path} does not exist. Pass the path of a YAML file.")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping with the sections model, data, train, steering.")
+        raw = {**loaded, **raw}
+    for item in overrides or []:
+        apply_override(raw, item)
+    return validate(raw, source)
+
+
+def validate(raw: dict[str, Any], source: str = "") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise format_validation_error(err, Config, source) from None
+    except ConfigError as err:
+        raise ConfigError(f"{err} (in {source})" if source else str(err)) from None
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one `a.b.c=value` override; the value is parsed as YAML (so 3, true, [1,2] work)."""
+    if "=" not in item:
+        raise ConfigError(f"Override '{item}' must look like section.key=value, e.g. train.max_steps=20.")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"Override '{item}': '{part}' is not a section.")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value)

@@ -1,0 +1,35 @@
+"""`random`: fresh domain proportions at every update, from a generator of its own (never global RNG)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from datasteer.components import Mixer
+from datasteer.registry import register
+from datasteer.steering import SteeringContext
+
+
+@register("mixer", "random")
+class RandomMixer(Mixer):
+    """Draws new proportions from a symmetric Dirichlet at every update.
+
+    The k-th draw is a pure function of (seed, k), so a resumed run draws the same proportions and the
+    mixer needs no state of its own.
+
+    Args:
+        concentration: Dirichlet concentration α; large values stay near uniform, small ones are spiky.
+        seed: seed of the mixer's own generator.
+    """
+
+    def __init__(self, concentration: float = 1.0, seed: int = 0) -> None:
+        if concentration <= 0:
+            raise ValueError("concentration must be > 0")
+        self.concentration = concentration
+        self.seed = seed
+
+    def initial_weights(self, ctx: SteeringContext) -> np.ndarray:
+        return np.full(ctx.num_domains, 1.0 / ctx.num_domains)
+
+    def update(self, ctx: SteeringContext) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, ctx.update_index])
+        return rng.dirichlet(np.full(ctx.num_domains, self.concentration))

@@ -1,0 +1,325 @@
+"""The one steered sampler: a training stream that is a pure function of (seed, stages, position).
+
+Mixing, selection and their combination all go through this sampler. Its state is a list of *stages*;
+each stage starts at a stream position (a multiple of the samples per optimizer step) and fixes
+
+- the domain weights (or `None`: "natural" sampling, uniform over the eligible rows), and
+- the eligible rows (a selection, optionally with per-row probabilities).
+
+Inside a stage, position p first draws a group (a domain, or the single natural group) from
+`weights` with uniforms keyed by (seed, stage, block of p); then the group's k-th draw takes element
+`k mod n` of the group's permutation for epoch `k // n` (seeded by (seed, selection, group, epoch)), or
+an i.i.d. draw from the selection's probabilities. A domain that runs out is therefore reshuffled on its
+own, a zero-weight domain is never drawn, and an eligible set smaller than a window simply cycles.
+Per-group draw counters continue across stages that keep the same eligible set, so re-weighting does not
+restart a domain's permutation.
+
+Every rank builds the same stream; accelerate's `BatchSamplerShard` deals it out disjointly (batch i
+goes to rank i mod world). Because the stream is derived, `state_dict()` holds only the stages, and a
+resumed run regenerates exactly the indices of an uninterrupted one (HF skips the trained batches).
+A stage may only start at a position that has not been handed out yet: adding one behind the
+iterator raises instead of silently desynchronising a resumed run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+BLOCK = 1 << 16  # positions per RNG block; draws never depend on how the iterator chunks the stream
+CHUNK = 1 << 16  # positions generated per vectorised call while iterating
+
+
+@dataclass
+class _Selection:
+    rows: np.ndarray | None  # (M,) eligible row positions, sorted; None = whole pool
+    probs: np.ndarray | None  # (M,) sampling probabilities aligned with rows, or None
+
+
+@dataclass
+class Stage:
+    start: int  # first stream position
+    weights: np.ndarray | None  # (K,) group weights over domains, or None for natural sampling
+    selection: int  # index into the sampler's selections
+    offsets: np.ndarray  # (G,) draws per group made before this stage with the same grouping
+
+
+class SteeredSampler(Sampler[int]):
+    """Yields row positions of the training pool; see the module docstring for the contract.
+
+    Args:
+        domain_ids: (N,) domain index of each pool row.
+        num_domains: K, the number of domains.
+        seed: seed of the whole stream.
+    """
+
+    def __init__(self, domain_ids: np.ndarray, num_domains: int, seed: int = 0) -> None:
+        self.domain_ids = np.asarray(domain_ids, dtype=np.int64)
+        self.num_domains = int(num_domains)
+        self.seed = int(seed)
+        self.samples_per_step = 0
+        self.total_steps = 0
+        self.boundaries: set[int] = set()
+        self.stages: list[Stage] = []
+        self.selections: list[_Selection] = [_Selection(None, None)]
+        self.epoch = 0
+        self.high_water = -1  # largest position handed out by an iterator of this process
+        self._groups_cache: dict[tuple[int, bool], list[np.ndarray]] = {}
+        self._perm_cache: dict[tuple[int, bool, int, int], np.ndarray] = {}
+        self._count_cache: dict[int, tuple[int, np.ndarray]] = {}
+
+    # ----------------------------------------------------------------------------------- setup
+    def bind(self, samples_per_step: int, total_steps: int, boundary_steps: list[int]) -> None:
+        """Fix the stream geometry once the trainer knows batch sizes, world size and max steps."""
+        if self.stages and self.samples_per_step and samples_per_step != self.samples_per_step:
+            raise ValueError(
+                f"the resumed steering state was made with {self.samples_per_step} samples per optimizer "
+                f"step, but this run has {samples_per_step} (per-device batch x world size x gradient "
+                "accumulation). Resume with the same global batch size."
+            )
+        self.samples_per_step = int(samples_per_step)
+        self.total_steps = int(total_steps)
+        self.boundaries = {int(s) * self.samples_per_step for s in boundary_steps if s > 0}
+
+    def __len__(self) -> int:
+        return self.total_steps * self.samples_per_step
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the data loader; epoch e covers stream positions [e*len, (e+1)*len)."""
+        self.epoch = int(epoch)
+
+    # ------------------------------------------------------------------------------- decisions
+    def set_weights(self, at_step: int, weights: np.ndarray | None) -> np.ndarray | None:
+        """Use `weights` over domains from step `at_step` on; returns the weights actually used."""
+        prev = self._stage_at(at_step)
+        return self._add_stage(at_step, weights, prev.selection if prev else 0)
+
+    def set_selection(self, at_step: int, rows: np.ndarray, probs: np.ndarray | None = None) -> None:
+        """Restrict the stream to pool rows `rows` (optionally drawn i.i.d. with `probs`) from `at_step` on."""
+        rows = np.asarray(rows, dtype=np.int64)
+        order = np.argsort(rows, kind="stable")
+        rows = rows[order]
+        if probs is not None:
+            probs = np.asarray(probs, dtype=np.float64)[order]
+        if rows.size == 0 or rows[0] < 0 or rows[-1] >= len(self.domain_ids):
+            raise ValueError("a selection must hold at least one valid pool row")
+        if np.any(rows[1:] == rows[:-1]):
+            raise ValueError("a selection must not repeat a row; use probs to favour rows")
+        self.selections.append(_Selection(rows, probs))
+        prev = self._stage_at(at_step)
+        self._add_stage(at_step, prev.weights if prev else None, len(self.selections) - 1)
+
+    def _stage_at(self, step: int) -> Stage | None:
+        pos = step * self.samples_per_step
+        found = [s for s in self.stages if s.start <= pos]
+        return found[-1] if found else None
+
+    def _add_stage(self, at_step: int, weights: np.ndarray | None, selection: int) -> np.ndarray | None:
+        start = int(at_step) * self.samples_per_step
+        if start <= self.high_water:
+            raise RuntimeError(
+                f"steering decision for step {at_step + 1} arrived after the data loader already fetched "
+                f"that step (position {start} <= {self.high_water}). Increase steering.lag_steps or lower "
+                "dataloader_num_workers / dataloader_prefetch_factor."
+            )
+        self.stages = [s for s in self.stages if s.start < start]
+        groups = self._groups(selection, weights is None)
+        if weights is not None:
+            weights = self._checked_weights(weights, groups)
+        prev = self.stages[-1] if self.stages else None
+        offsets = np.zeros(len(groups), dtype=np.int64)
+        if prev is not None and prev.selection == selection and (prev.weights is None) == (weights is None):
+            offsets = prev.offsets + self._counts(len(self.stages) - 1, start - prev.start)
+        self.stages.append(Stage(start, weights, selection, offsets))
+        self._count_cache.pop(len(self.stages) - 1, None)
+        return weights
+
+    def _checked_weights(self, weights: np.ndarray, groups: list[np.ndarray]) -> np.ndarray:
+        w = np.asarray(weights, dtype=np.float64).reshape(-1)
+        if w.shape != (self.num_domains,):
+            raise ValueError(f"expected {self.num_domains} domain weights, got {w.size}")
+        if not np.all(np.isfinite(w)) or np.any(w < 0):
+            raise ValueError(f"domain weights must be finite and >= 0, got {w.tolist()}")
+        w = np.where(np.array([g.size > 0 for g in groups]), w, 0.0)
+        if w.sum() <= 0:
+            raise ValueError("every domain with a positive weight has no eligible sample")
+        return w / w.sum()
+
+    # ----------------------------------------------------------------------------- the stream
+    def _groups(self, selection: int, natural: bool) -> list[np.ndarray]:
+        key = (selection, natural)
+        if key not in self._groups_cache:
+            sel = self.selections[selection]
+            rows = np.arange(len(self.domain_ids)) if sel.rows is None else sel.rows
+            if natural:
+                groups = [rows]
+            else:
+                dom = self.domain_ids[rows]
+                groups = [rows[dom == d] for d in range(self.num_domains)]
+            self._groups_cache[key] = groups
+        return self._groups_cache[key]
+
+    def _uniforms(self, stage_idx: int, rel_start: int, rel_stop: int, stream: int) -> np.ndarray:
+        """Uniforms for relative positions [rel_start, rel_stop) of a stage, keyed by block."""
+        out = []
+        for block in range(rel_start // BLOCK, (rel_stop - 1) // BLOCK + 1):
+            u = np.random.default_rng([self.seed, stream, stage_idx, block]).random(BLOCK)
+            lo = max(rel_start - block * BLOCK, 0)
+            hi = min(rel_stop - block * BLOCK, BLOCK)
+            out.append(u[lo:hi])
+        return np.concatenate(out) if out else np.empty(0)
+
+    def _draw_groups(self, stage_idx: int, rel_start: int, rel_stop: int) -> np.ndarray:
+        stage = self.stages[stage_idx]
+        if stage.weights is None:
+            return np.zeros(rel_stop - rel_start, dtype=np.int64)
+        cdf = np.cumsum(stage.weights)
+        u = self._uniforms(stage_idx, rel_start, rel_stop, stream=0) * cdf[-1]
+        g = np.zeros(u.size, dtype=np.int64)
+        for edge in cdf[:-1]:  # K comparisons beat a binary search per position for small K
+            g += u >= edge
+        return g
+
+    def _counts(self, stage_idx: int, rel: int) -> np.ndarray:
+        """Draws per group in the first `rel` positions of a stage (incrementally cached)."""
+        n_groups = len(self.stages[stage_idx].offsets)
+        done, counts = self._count_cache.get(stage_idx, (0, np.zeros(n_groups, dtype=np.int64)))
+        if rel < done:
+            done, counts = 0, np.zeros(n_groups, dtype=np.int64)
+        if rel > done:
+            counts = counts + np.bincount(self._draw_groups(stage_idx, done, rel), minlength=n_groups)
+        self._count_cache[stage_idx] = (rel, counts)
+        return counts
+
+    def plan(self, start: int, stop: int) -> np.ndarray:
+        """Pool rows for stream positions [start, stop), vectorised; the same on every rank."""
+        if not self.stages:
+            raise RuntimeError("the sampler has no stage yet; the trainer sets the initial one")
+        parts = []
+        for i, stage in enumerate(self.stages):
+            end = self.stages[i + 1].start if i + 1 < len(self.stages) else max(stop, stage.start)
+            lo, hi = max(start, stage.start), min(stop, end)
+            if lo < hi:
+                parts.append(self._plan_stage(i, lo - stage.start, hi - stage.start))
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+    def _plan_stage(self, stage_idx: int, rel_start: int, rel_stop: int) -> np.ndarray:
+        stage = self.stages[stage_idx]
+        groups = self._groups(stage.selection, stage.weights is None)
+        g = self._draw_groups(stage_idx, rel_start, rel_stop)
+        before = self._counts(stage_idx, rel_start)
+        counts = np.zeros(len(groups), dtype=np.int64)
+        probs = self.selections[stage.selection].probs
+        u = self._uniforms(stage_idx, rel_start, rel_stop, stream=1) if probs is not None else None
+        rows = np.empty_like(g)
+        for gi, members in enumerate(groups):
+            where = np.flatnonzero(g == gi) if len(groups) > 1 else np.arange(g.size)
+            counts[gi] = where.size
+            if where.size == 0:
+                continue
+            if u is not None:
+                rows[where] = self._iid_rows(stage, members, u[where])
+            else:  # the group's k-th draw, k counted from the start of its permutation sequence
+                k = stage.offsets[gi] + before[gi] + np.arange(where.size)
+                rows[where] = self._permuted_rows(stage, gi, members, k)
+        self._count_cache[stage_idx] = (rel_stop, before + counts)
+        return rows
+
+    def _iid_rows(self, stage: Stage, members: np.ndarray, u: np.ndarray) -> np.ndarray:
+        """I.i.d. draws from the selection's probabilities, restricted to the group's members."""
+        sel = self.selections[stage.selection]
+        cdf = np.cumsum(sel.probs[np.searchsorted(sel.rows, members)])
+        return members[np.minimum(np.searchsorted(cdf, u * cdf[-1], side="right"), members.size - 1)]
+
+    def _permuted_rows(self, stage: Stage, gi: int, members: np.ndarray, k: np.ndarray) -> np.ndarray:
+        """Element k mod n of the permutation of epoch k // n: each epoch visits every member once."""
+        n = members.size
+        out = np.empty_like(k)
+        first, last = int(k[0] // n), int(k[-1] // n)
+        for e in range(first, last + 1):
+            lo = max(0, e * n - int(k[0]))
+            hi = min(k.size, (e + 1) * n - int(k[0]))
+            out[lo:hi] = members[self._perm(stage, gi, n, e)[k[lo:hi] % n]]
+        return out
+
+    def _perm(self, stage: Stage, gi: int, n: int, epoch: int) -> np.ndarray:
+        key = (stage.selection, stage.weights is None, gi, epoch)
+        if key not in self._perm_cache:
+            if len(self._perm_cache) > 64:
+                self._perm_cache.clear()
+            rng = np.random.default_rng(
+                [self.seed, 2, stage.selection, int(stage.weights is None), gi, epoch]
+            )
+            perm = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
+            rng.shuffle(perm)
+            self._perm_cache[key] = perm
+        return self._perm_cache[key]
+
+    def __iter__(self) -> Iterator[int]:
+        length = len(self)
+        pos, stop = self.epoch * length, (self.epoch + 1) * length
+        while pos < stop:
+            nxt = min(stop, pos + CHUNK, *(b for b in self.boundaries if b > pos), stop)
+            if pos in self.boundaries and not any(s.start == pos for s in self.stages):
+                raise RuntimeError(
+                    f"the data loader reached step {pos // self.samples_per_step + 1} before the steering "
+                    "decision for it was made. Increase steering.lag_steps or lower dataloader prefetching."
+                )
+            rows = self.plan(pos, nxt)
+            self.high_water = max(self.high_water, nxt - 1)
+            yield from rows.tolist()
+            pos = nxt
+
+    # ---------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            "samples_per_step": self.samples_per_step,
+            "pool_fingerprint": pool_fingerprint(self.domain_ids),
+            "selections": [
+                {
+                    "rows": None if s.rows is None else torch.from_numpy(s.rows),
+                    "probs": None if s.probs is None else torch.from_numpy(s.probs),
+                }
+                for s in self.selections
+            ],
+            "stages": [
+                {
+                    "start": s.start,
+                    "weights": None if s.weights is None else torch.from_numpy(s.weights),
+                    "selection": s.selection,
+                    "offsets": torch.from_numpy(s.offsets),
+                }
+                for s in self.stages
+            ],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["pool_fingerprint"] != pool_fingerprint(self.domain_ids):
+            raise ValueError("the checkpoint's steering state was made for a different training pool")
+        self.seed = int(state["seed"])
+        self.samples_per_step = int(state["samples_per_step"])
+        self.selections = [_Selection(_np(s["rows"]), _np(s["probs"])) for s in state["selections"]]
+        self.stages = [
+            Stage(int(s["start"]), _np(s["weights"]), int(s["selection"]), _np(s["offsets"]))
+            for s in state["stages"]
+        ]
+        self._groups_cache.clear()
+        self._perm_cache.clear()
+        self._count_cache.clear()
+        self.high_water = -1
+
+
+def _np(t: torch.Tensor | None) -> np.ndarray | None:
+    return None if t is None else t.numpy().copy()
+
+
+def pool_fingerprint(domain_ids: np.ndarray) -> str:
+    """A short content key of the pool layout, stored with the state to refuse a mismatched resume."""
+    return hashlib.sha256(np.ascontiguousarray(domain_ids, dtype=np.int64).tobytes()).hexdigest()[:16]

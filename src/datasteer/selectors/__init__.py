@@ -1,0 +1,1 @@
+"""Sample selectors, one per file, registered by name (`datasteer components selector` lists them)."""

@@ -1,0 +1,356 @@
+"""`Steering`: the one state of a steered run (sampler + schedule + components) and its decisions.
+
+The trainer mixin calls into it at four seams: `bind` (the train sampler), `record` (inside
+`compute_loss`), `end_step` (a callback after each optimizer step) and `state_dict`/`load_state_dict`
+(the checkpoint files). Everything here runs identically on every rank: the step record is gathered
+before any component sees it, and the sampler derives its stream from (seed, stages).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from datasteer.components import ComponentSet, Selection, StepRecord
+from datasteer.distributed import gather_varlen
+from datasteer.errors import ConfigError, DatasteerError
+from datasteer.sampling import SteeredSampler
+from datasteer.schedule import Schedule
+from datasteer.steering_log import SteeringLog
+
+if TYPE_CHECKING:
+    from transformers import Trainer
+
+STATE_FILE = "steering_state.pt"
+
+
+@dataclass
+class PoolIndex:
+    """What the steering needs to know about the training pool: ids and domains of its rows."""
+
+    sample_ids: np.ndarray  # (N,) int64 stable ids
+    domain_ids: np.ndarray  # (N,) int64
+    domains: list[str]
+    _row_of: dict[int, int] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dataset(cls, dataset: Any, domains: list[str] | None = None) -> PoolIndex:
+        """Read `sample_id` / `domain_id` columns of a datasets.Dataset (domains default to their indices)."""
+        missing = {"sample_id", "domain_id"} - set(dataset.column_names)
+        if missing:
+            raise DatasteerError(
+                f"the training dataset lacks the column(s) {sorted(missing)}; datasteer.data.build_pool adds "
+                "them, or add a stable int64 'sample_id' and a 'domain_id' column yourself."
+            )
+        ids = np.asarray(dataset["sample_id"], dtype=np.int64)
+        doms = np.asarray(dataset["domain_id"], dtype=np.int64)
+        names = domains or [str(i) for i in range(int(doms.max()) + 1)]
+        return cls(ids, doms, list(names))
+
+    @property
+    def domain_sizes(self) -> np.ndarray:
+        return np.bincount(self.domain_ids, minlength=len(self.domains))
+
+    def indices_of(self, ids: np.ndarray) -> np.ndarray:
+        """Row positions of stable ids; an unknown id is an error, never silently dropped."""
+        if not self._row_of:
+            self._row_of = {int(i): r for r, i in enumerate(self.sample_ids.tolist())}
+        try:
+            return np.array([self._row_of[int(i)] for i in np.asarray(ids).tolist()], dtype=np.int64)
+        except KeyError as err:
+            raise DatasteerError(f"sample id {err.args[0]} is not in the training pool") from None
+
+
+@dataclass
+class SteeringContext:
+    """What a component may use when it observes or decides. Identical on every rank."""
+
+    trainer: Trainer | None
+    pool: PoolIndex
+    schedule: Schedule
+    step: int
+    update_index: int
+    seed: int
+    samples_per_step: int
+    total_steps: int
+    log: SteeringLog
+    target: Any = None  # a target/validation dataset for selectors that need one
+
+    @property
+    def num_domains(self) -> int:
+        return len(self.pool.domains)
+
+    @property
+    def model(self) -> torch.nn.Module | None:
+        return self.trainer.model if self.trainer is not None else None
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        return self.trainer.optimizer if self.trainer is not None else None
+
+    @property
+    def accelerator(self) -> Any:
+        return self.trainer.accelerator if self.trainer is not None else None
+
+
+class Steering:
+    """Holds and advances the steering state of one run.
+
+    Args:
+        pool: ids and domains of the training rows (a `datasteer.data.Pool` works as is).
+        components: the mixer, selector and weighter of the run (any may be None).
+        schedule: warmup, update interval, number of updates and lag.
+        seed: seed of the sampler's stream.
+        budget: samples per selection: an int, a fraction of the pool (float in (0, 1]), or None for
+            samples per step x update_every (the whole remaining run for a one-shot update).
+        target: target dataset for selectors that need one.
+        output_dir: where `steering/events.jsonl` goes.
+    """
+
+    def __init__(
+        self,
+        pool: PoolIndex,
+        components: ComponentSet | None = None,
+        schedule: Schedule | None = None,
+        seed: int = 0,
+        budget: int | float | None = None,
+        target: Any = None,
+        output_dir: str | None = None,
+    ) -> None:
+        self.pool = pool
+        self.components = components or ComponentSet()
+        self.schedule = schedule or Schedule()
+        self.seed = seed
+        self.budget = budget
+        self.target = target
+        self.log = SteeringLog(output_dir)
+        self.sampler = SteeredSampler(pool.domain_ids, len(pool.domains), seed=seed)
+        self.update_index = 0
+        self.step = 0
+        self._is_setup = False
+        self._pending: dict[str, Any] | None = None
+        self._buffer: list[tuple[torch.Tensor, ...]] = []
+        self._overhead = 0.0
+        self._check_components()
+
+    def _check_components(self) -> None:
+        """Fail at config time, not mid-run: a mixer's proportions must fit the domains, targets must exist."""
+        mixer = self.components.mixer
+        if mixer is not None:
+            try:
+                self.sampler._checked_weights(
+                    mixer.initial_weights(self.context()), self.sampler._groups(0, False)
+                )
+            except ValueError as err:
+                raise ConfigError(f"steering.mixer '{mixer.registered_name}': {err}") from None
+        sel = self.components.selector
+        if sel is not None and sel.requires_target and self.target is None:
+            raise ConfigError(
+                f"selector '{sel.registered_name}' needs a target set; set data.target (or use the demo sft data)."
+            )
+
+    # ------------------------------------------------------------------------------ geometry
+    def bind(self, trainer: Trainer) -> SteeredSampler:
+        """Give the sampler its geometry from the Trainer's arguments (called for the train sampler)."""
+        args = trainer.args
+        self.trainer = trainer
+        self.log.is_main = trainer.is_world_process_zero()
+        if self.log.path is None:
+            self.log.path = Path(args.output_dir) / "steering" / "events.jsonl"
+        per_step = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+        if args.max_steps > 0:
+            total = args.max_steps
+        else:
+            total = max(1, len(self.pool.sample_ids) // per_step) * max(
+                1, int(np.ceil(args.num_train_epochs))
+            )
+        updates = self.schedule.update_steps(total)
+        self.sampler.bind(per_step, total, [self.schedule.effective_step(t) for t in updates])
+        if not self.sampler.stages:
+            weights = self.mixer_initial_weights()
+            used = self.sampler.set_weights(0, weights)
+            self._log_weights(0, 0, used)
+        return self.sampler
+
+    def mixer_initial_weights(self) -> np.ndarray | None:
+        mixer = self.components.mixer
+        return None if mixer is None else mixer.initial_weights(self.context())
+
+    def context(self) -> SteeringContext:
+        s = self.sampler
+        return SteeringContext(
+            trainer=getattr(self, "trainer", None),
+            pool=self.pool,
+            schedule=self.schedule,
+            step=self.step,
+            update_index=self.update_index,
+            seed=self.seed,
+            samples_per_step=s.samples_per_step,
+            total_steps=s.total_steps,
+            log=self.log,
+            target=self.target,
+        )
+
+    # ------------------------------------------------------------------------- the run's events
+    def begin(self, step: int) -> None:
+        """Training starts (or resumes at `step`): set components up, restore them, decide at t=0."""
+        self.step = step
+        ctx = self.context()
+        if not self._is_setup:
+            for _, comp in self.components.items():
+                comp.setup(ctx)
+            self._is_setup = True
+        if self._pending is not None:
+            for name, comp in self.components.items():
+                comp.load_state_dict(self._pending["components"].get(name, {}))
+            self._pending = None
+        elif step == 0 and 0 in self.schedule.update_steps(self.sampler.total_steps):
+            self.update(0)
+
+    def record(
+        self, ids: torch.Tensor, domains: torch.Tensor, losses: torch.Tensor, tokens: torch.Tensor
+    ) -> None:
+        """Keep one micro-batch's per-sample values on device until the step ends (no host sync)."""
+        self._buffer.append(
+            (ids.detach(), domains.detach(), losses.detach().float(), tokens.detach().float())
+        )
+
+    def end_step(self, step: int) -> None:
+        """After optimizer step `step`: gather the step's record, let components observe, maybe decide."""
+        t0 = time.perf_counter()
+        self.step = step
+        if self._buffer:
+            record = self._gather(step)
+            ctx = self.context()
+            for _, comp in self.components.items():
+                comp.observe(ctx, record)
+            self._log_record(record)
+        if step in self.schedule.update_steps(self.sampler.total_steps):
+            self.update(step)
+        self._overhead += time.perf_counter() - t0
+        self.log.scalar("overhead_s", time.perf_counter() - t0)
+
+    def _gather(self, step: int) -> StepRecord:
+        cols = [torch.cat(c) for c in zip(*self._buffer)]
+        self._buffer.clear()
+        ids, doms, losses, tokens = (gather_varlen(c) for c in cols)
+        return StepRecord(step, ids.cpu(), doms.cpu(), losses.cpu(), tokens.cpu())
+
+    def update(self, step: int) -> None:
+        """Decide at a schedule point: new selection and/or weights, effective after the lag."""
+        ctx = self.context()
+        at = self.schedule.effective_step(step)
+        mixer, selector = self.components.mixer, self.components.selector
+        if selector is not None:
+            selection = selector.select(ctx, self._budget())
+            self._apply_selection(step, at, selection)
+        if mixer is not None:
+            used = self.sampler.set_weights(at, mixer.update(ctx))
+            self._log_weights(step, at, used)
+        self.update_index += 1
+
+    def _budget(self) -> int:
+        n = len(self.pool.sample_ids)
+        if isinstance(self.budget, float):
+            return max(1, round(self.budget * n))
+        if isinstance(self.budget, int):
+            return min(self.budget, n)
+        every = self.schedule.update_every or self.sampler.total_steps
+        return min(n, self.sampler.samples_per_step * every)
+
+    def _apply_selection(self, step: int, at: int, selection: Selection) -> None:
+        rows = self.pool.indices_of(selection.ids)
+        self.sampler.set_selection(at, rows, selection.probs)
+        per_domain = np.bincount(self.pool.domain_ids[rows], minlength=len(self.pool.domains))
+        self.log.event(
+            "select",
+            step,
+            effective_step=at + 1,
+            update=self.update_index,
+            ids=selection.ids.tolist(),
+            per_domain=dict(zip(self.pool.domains, per_domain.tolist())),
+            **selection.summary(),
+        )
+        self.log.scalar("selected", float(selection.ids.size))
+
+    def _log_weights(self, step: int, at: int, weights: np.ndarray | None) -> None:
+        if weights is None:
+            sizes = self.pool.domain_sizes.astype(np.float64)
+            weights = sizes / sizes.sum()
+        named = dict(zip(self.pool.domains, (round(float(w), 6) for w in weights)))
+        self.log.event("weights", step, effective_step=at + 1, update=self.update_index, weights=named)
+        for name, w in named.items():
+            self.log.scalar(f"weight/{name}", w)
+
+    def _log_record(self, record: StepRecord) -> None:
+        means, counts = record.domain_means(len(self.pool.domains))
+        losses = {d: float(m) for d, m, c in zip(self.pool.domains, means.tolist(), counts.tolist()) if c > 0}
+        self.log.event(
+            "train",
+            record.step,
+            domain_loss=losses,
+            samples=int(record.sample_ids.numel()),
+            overhead_s=round(self._overhead, 6),
+        )
+        for name, value in losses.items():
+            self.log.scalar(f"domain_loss/{name}", value)
+
+    # ------------------------------------------------------------------------ loss weighting
+    @property
+    def weights_losses(self) -> bool:
+        """Whether compute_loss must build a weighted loss (False keeps the exact HF loss)."""
+        w, m = self.components.weighter, self.components.mixer
+        return (w is not None and not w.is_uniform) or (m is not None and m.loss_weights() is not None)
+
+    def loss_weights(
+        self, losses: torch.Tensor, domains: torch.Tensor, batch: dict[str, Any]
+    ) -> torch.Tensor:
+        """Per-sample weights (B,) for a micro-batch: weighter weights times the mixer's domain weights."""
+        w = torch.ones_like(losses)
+        weighter, mixer = self.components.weighter, self.components.mixer
+        if weighter is not None and not weighter.is_uniform:
+            w = w * weighter.weights(self.context(), losses, batch).to(losses.device)
+        domain_w = mixer.loss_weights() if mixer is not None else None
+        if domain_w is not None:
+            w = w * domain_w.to(losses.device)[domains]
+        return w
+
+    # ---------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "step": self.step,
+            "update_index": self.update_index,
+            "overhead_s": self._overhead,
+            "sampler": self.sampler.state_dict(),
+            "components": {name: comp.state_dict() for name, comp in self.components.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the sampler now; components are restored in `begin`, after their `setup`."""
+        self.sampler.load_state_dict(state["sampler"])
+        self.step = int(state["step"])
+        self.update_index = int(state["update_index"])
+        self._overhead = float(state.get("overhead_s", 0.0))
+        self._pending = state
+        self.log.truncate_after(self.step)
+
+    def save(self, checkpoint_dir: str | Path) -> None:
+        path = Path(checkpoint_dir) / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        torch.save(self.state_dict(), tmp)
+        tmp.replace(path)
+
+    def load(self, checkpoint_dir: str | Path) -> None:
+        path = Path(checkpoint_dir) / STATE_FILE
+        if not path.exists():
+            raise DatasteerError(
+                f"{checkpoint_dir} has no {STATE_FILE}: it was not written by a steered run, so resuming would "
+                "restart the steering from scratch. Resume from a checkpoint of a datasteer run."
+            )
+        self.load_state_dict(torch.load(path, weights_only=True))

@@ -1,0 +1,51 @@
+"""The steering log: every decision goes to `<output_dir>/steering/events.jsonl` and to the Trainer's log.
+
+Events are JSON lines written by the main process only. Scalars for `report_to` integrations are
+buffered between two Trainer logging calls and averaged (TRL's `_metrics` scheme), so logging costs no
+host synchronisation per micro-step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+
+class SteeringLog:
+    def __init__(self, output_dir: str | os.PathLike | None, is_main: bool = True) -> None:
+        self.path = Path(output_dir) / "steering" / "events.jsonl" if output_dir else None
+        self.is_main = is_main
+        self._scalars: dict[str, list[float]] = defaultdict(list)
+
+    def event(self, kind: str, step: int, **fields: Any) -> None:
+        """Append one decision or observation to events.jsonl (main process only)."""
+        if not (self.is_main and self.path):
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps({"event": kind, "step": step, **fields}) + "\n")
+
+    def scalar(self, name: str, value: float) -> None:
+        """Buffer a scalar; `pop_scalars` averages it into the next Trainer log line as `steer/<name>`."""
+        self._scalars[name].append(float(value))
+
+    def pop_scalars(self) -> dict[str, float]:
+        out = {f"steer/{k}": sum(v) / len(v) for k, v in self._scalars.items() if v}
+        self._scalars.clear()
+        return out
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop events of steps beyond the checkpoint so the resumed run does not duplicate them."""
+        if not (self.is_main and self.path and self.path.exists()):
+            return
+        kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+
+def read_events(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Load a run's events (used by the report and the tests)."""
+    path = Path(output_dir) / "steering" / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

@@ -1,0 +1,1 @@
+"""Per-sample loss weighters, one per file, registered by name (`datasteer components weighter`)."""
