@@ -14,9 +14,7 @@ SIZES = [100, 50, 20, 10]
 DOMAINS = np.repeat(np.arange(4), SIZES)
 
 
-def make(
-    steps: int = 100, per_step: int = 8, boundaries: tuple[int, ...] = (), seed: int = 0
-) -> SteeredSampler:
+def make(steps: int = 100, per_step: int = 8, boundaries: tuple[int, ...] = (), seed: int = 0) -> SteeredSampler:
     s = SteeredSampler(DOMAINS, 4, seed=seed)
     s.bind(per_step, steps, list(boundaries))
     return s

@@ -155,5 +155,6 @@ class ComponentSet:
     extra: dict[str, Component] = field(default_factory=dict)
 
     def items(self) -> list[tuple[str, Component]]:
+        """(name, component) pairs; `extra` holds observers that only watch (e.g. a recorder in tests)."""
         named = [("mixer", self.mixer), ("selector", self.selector), ("weighter", self.weighter)]
-        return [(k, c) for k, c in named if c is not None]
+        return [(k, c) for k, c in named if c is not None] + list(self.extra.items())
