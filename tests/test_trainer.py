@@ -182,3 +182,17 @@ def test_decisions_are_logged_and_take_effect_after_the_lag(tmp_path):
     assert all(set(r.domain_ids.tolist()) == {1} for r in rec.records)
     assert only.state.global_step == 3
     assert json.loads(json.dumps(weights[0]["weights"])).keys() == set(DOMAINS)
+
+
+class TokenRecorder(Recorder):
+    needs_token_losses = True
+
+
+def test_token_losses_are_recorded_when_a_component_asks(tmp_path):
+    recorder = TokenRecorder()
+    steered_run(tmp_path, ComponentSet(extra={"rec": recorder}), grad_acc=2, max_steps=2)
+    for record in recorder.records:
+        per_sample = record.per_sample_token_losses()
+        assert [t.numel() for t in per_sample] == record.tokens.long().tolist()
+        means = torch.stack([t.mean() for t in per_sample])
+        torch.testing.assert_close(means, record.losses, atol=1e-6, rtol=0)

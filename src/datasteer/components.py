@@ -27,6 +27,8 @@ class StepRecord:
         domain_ids: (N,) int64 domain index of each sample.
         losses: (N,) float32 token-mean loss of each sample, from the training forward pass.
         tokens: (N,) float32 number of supervised tokens of each sample.
+        token_losses: only when a component sets `needs_token_losses`: (sum of tokens,) float32 loss of
+            every supervised token, sample after sample in `sample_ids` order (split with `tokens`).
     """
 
     step: int
@@ -34,6 +36,13 @@ class StepRecord:
     domain_ids: torch.Tensor
     losses: torch.Tensor
     tokens: torch.Tensor
+    token_losses: torch.Tensor | None = None
+
+    def per_sample_token_losses(self) -> list[torch.Tensor]:
+        """`token_losses` split into one 1-D tensor per sample."""
+        if self.token_losses is None:
+            raise ValueError("token losses were not recorded; set needs_token_losses = True on the component")
+        return list(torch.split(self.token_losses, self.tokens.long().tolist()))
 
     def domain_means(self, num_domains: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Token-weighted mean loss per domain and the number of samples per domain, shapes (K,), (K,).
@@ -91,6 +100,7 @@ class Component:
     """Shared life cycle. Every method is called on every rank with identical inputs."""
 
     registered_name: ClassVar[str] = ""
+    needs_token_losses: ClassVar[bool] = False  # True: StepRecord carries every supervised token's loss
 
     def setup(self, ctx: SteeringContext) -> None:
         """Called once before training starts, after the pool and the model exist."""

@@ -212,13 +212,26 @@ class Steering:
         elif step == 0 and 0 in self.schedule.update_steps(self.sampler.total_steps):
             self.update(0)
 
+    @property
+    def needs_token_losses(self) -> bool:
+        return any(comp.needs_token_losses for _, comp in self.components.items())
+
     def record(
-        self, ids: torch.Tensor, domains: torch.Tensor, losses: torch.Tensor, tokens: torch.Tensor
+        self,
+        ids: torch.Tensor,
+        domains: torch.Tensor,
+        losses: torch.Tensor,
+        tokens: torch.Tensor,
+        token_losses: torch.Tensor | None = None,
     ) -> None:
-        """Keep one micro-batch's per-sample values on device until the step ends (no host sync)."""
-        self._buffer.append(
-            (ids.detach(), domains.detach(), losses.detach().float(), tokens.detach().float())
-        )
+        """Keep one micro-batch's per-sample values on device until the step ends (no host sync).
+
+        Shapes: ids, domains, losses, tokens (B,); token_losses (sum of tokens,) or None.
+        """
+        row = (ids.detach(), domains.detach(), losses.detach().float(), tokens.detach().float())
+        if token_losses is not None:
+            row = (*row, token_losses.detach().float())
+        self._buffer.append(row)
 
     def end_step(self, step: int) -> None:
         """After optimizer step `step`: gather the step's record, let components observe, maybe decide."""
@@ -236,10 +249,9 @@ class Steering:
         self.log.scalar("overhead_s", time.perf_counter() - t0)
 
     def _gather(self, step: int) -> StepRecord:
-        cols = [torch.cat(c) for c in zip(*self._buffer)]
+        cols = [gather_varlen(torch.cat(c)).cpu() for c in zip(*self._buffer)]
         self._buffer.clear()
-        ids, doms, losses, tokens = (gather_varlen(c) for c in cols)
-        return StepRecord(step, ids.cpu(), doms.cpu(), losses.cpu(), tokens.cpu())
+        return StepRecord(step, *cols)
 
     def update(self, step: int) -> None:
         """Decide at a schedule point: new selection and/or weights, effective after the lag."""

@@ -28,7 +28,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from datasteer.errors import DatasteerError
-from datasteer.ops.token_losses import sample_loss_sums
+from datasteer.ops.token_losses import token_losses
 from datasteer.steering import Steering
 
 STEERING_COLUMNS = ("sample_id", "domain_id")
@@ -76,12 +76,14 @@ class SteeringMixin:
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
         weighted = self.steering.weights_losses
         with torch.set_grad_enabled(weighted and torch.is_grad_enabled()):
-            sums, tokens = sample_loss_sums(logits if weighted else logits.detach(), inputs["labels"])
+            per_token, mask = token_losses(logits if weighted else logits.detach(), inputs["labels"])
+        sums, tokens = per_token.sum(dim=1), mask.sum(dim=1).to(per_token.dtype)
         means = sums.detach() / tokens.clamp_min(1)
         if weighted:
             weights = self.steering.loss_weights(means, domains.to(means.device), inputs)
             loss = loss + self._token_loss_scale(tokens, num_items_in_batch) * ((weights - 1) * sums).sum()
-        self.steering.record(ids, domains, means, tokens)
+        kept = per_token.detach()[mask] if self.steering.needs_token_losses else None
+        self.steering.record(ids, domains, means, tokens, kept)
         return (loss, outputs) if return_outputs else loss
 
     def _token_loss_scale(self, tokens: torch.Tensor, num_items_in_batch: Any) -> torch.Tensor | float:

@@ -28,8 +28,3 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     )
     return flat.view(shift_labels.shape), mask
 
-
-def sample_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed token loss and supervised-token count per sample, shapes (B,), (B,)."""
-    losses, mask = token_losses(logits, labels)
-    return losses.sum(dim=1), mask.sum(dim=1).to(losses.dtype)
