@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
+import subprocess
 import sys
 import typing
 
@@ -17,9 +18,12 @@ from datasteer.errors import DatasteerError
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = _parser()
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.command == "train" and (launched := _launch_torchrun(argv)) is not None:
+        return launched
     try:
         return args.func(args)
     except DatasteerError as err:
@@ -36,9 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a steered run from a YAML config")
     train.add_argument("config", help="YAML config file")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=20")
-    train.add_argument(
-        "--resume", nargs="?", const=True, default=None, help="resume from a checkpoint (or the last)"
-    )
+    train.add_argument("--resume", nargs="?", const=True, default=None, help="resume from a checkpoint (or the last)")
     train.set_defaults(func=_train)
     comps = sub.add_parser("components", help="list registered components with their parameters")
     comps.add_argument("kind", nargs="?", choices=registry.KINDS, help="only this kind")
@@ -48,6 +50,33 @@ def _parser() -> argparse.ArgumentParser:
     for p in (train, comps, version):
         p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     return parser
+
+
+def _launch_torchrun(argv: list[str]) -> int | None:
+    """Re-launch under torchrun the way LLaMA-Factory does (FORCE_TORCHRUN, NPROC_PER_NODE, NNODES, ...).
+
+    Returns torchrun's exit code, or None when this process should train itself (already launched by
+    torchrun / accelerate, or a single process was asked for).
+    """
+    if "LOCAL_RANK" in os.environ:
+        return None
+    import torch
+
+    nproc = int(os.environ.get("NPROC_PER_NODE", torch.cuda.device_count() or 1))
+    force = os.environ.get("FORCE_TORCHRUN", "0").lower() in ("1", "true", "yes")
+    if not force and nproc <= 1:
+        return None
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--nnodes={os.environ.get('NNODES', '1')}",
+        f"--node_rank={os.environ.get('NODE_RANK', '0')}",
+        f"--master_addr={os.environ.get('MASTER_ADDR', '127.0.0.1')}",
+        f"--master_port={os.environ.get('MASTER_PORT', '29500')}",
+        "-m", "datasteer.cli", *argv,
+    ]  # fmt: skip
+    print(f"datasteer: launching {nproc} processes per node: {' '.join(cmd)}", file=sys.stderr)
+    return subprocess.run(cmd, check=False).returncode
 
 
 def _train(args: argparse.Namespace) -> int:

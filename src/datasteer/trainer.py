@@ -20,6 +20,7 @@ dataset must carry `sample_id` and `domain_id`; the collator must pass them thro
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -101,18 +102,23 @@ class SteeringMixin:
         if path is True:
             path = get_last_checkpoint(self.args.output_dir)
             if path is None:
-                raise DatasteerError(
-                    f"resume_from_checkpoint=True but {self.args.output_dir} has no checkpoint."
-                )
+                raise DatasteerError(f"resume_from_checkpoint=True but {self.args.output_dir} has no checkpoint.")
         if path:
             self.steering.load(path)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Merge the buffered `steer/...` scalars into the Trainer's log line (so report_to shows them)."""
+        """Merge the buffered `steer/...` scalars (and per-domain eval perplexities) into the log line."""
         if "loss" in logs:
             logs = {**logs, **self.steering.log.pop_scalars()}
-        super().log(logs, *args, **kwargs)
+        perplexities = {
+            k.removesuffix("_loss") + "_ppl": math.exp(min(v, 50.0))
+            for k, v in logs.items()
+            if k.startswith("eval_") and k.endswith("_loss") and isinstance(v, (int, float))
+        }
+        if perplexities:
+            self.steering.log.event("eval", self.state.global_step, **logs, **perplexities)
+        super().log({**logs, **perplexities}, *args, **kwargs)
 
 
 class SteeredTrainer(SteeringMixin, Trainer):
