@@ -1,0 +1,153 @@
+"""Strict configuration: every bad input is one clear paragraph naming the key, file or value."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from datasteer.config import load_config
+from datasteer.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def base() -> dict:
+    return {
+        "model": {"demo": True},
+        "data": {"kind": "pretrain", "demo": {"samples_per_domain": 20}, "block_size": 32},
+        "train": {"output_dir": "runs/x", "max_steps": 2},
+        "steering": {"mixer": "random"},
+    }
+
+
+def write(tmp_path: Path, cfg: dict) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def error_of(tmp_path: Path, cfg: dict, *overrides: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, cfg), list(overrides))
+    return str(info.value)
+
+
+def test_a_valid_config_loads_with_overrides(tmp_path):
+    cfg = load_config(write(tmp_path, base()), ["train.max_steps=7", "steering.mixer.name=static"])
+    assert cfg.train["max_steps"] == 7
+    assert cfg.steering.mixer == {"name": "static"}
+
+
+def test_unknown_key_names_key_file_and_suggestion(tmp_path):
+    cfg = base()
+    cfg["steering"]["warmup_step"] = 3
+    msg = error_of(tmp_path, cfg)
+    assert "unknown key 'steering.warmup_step'" in msg
+    assert "Did you mean 'warmup_steps'?" in msg
+    assert "cfg.yaml" in msg
+
+
+def test_unknown_top_level_section(tmp_path):
+    cfg = base()
+    cfg["steerin"] = {}
+    msg = error_of(tmp_path, cfg)
+    assert "unknown key 'steerin'" in msg and "Did you mean 'steering'?" in msg
+
+
+def test_unknown_trainingarguments_key(tmp_path):
+    msg = error_of(tmp_path, base(), "train.learning_rat=0.1")
+    assert "'learning_rat' is not a transformers.TrainingArguments key" in msg
+    assert "Did you mean 'learning_rate'?" in msg
+
+
+def test_unknown_component_lists_the_valid_ones(tmp_path):
+    msg = error_of(tmp_path, base(), "steering.mixer=randm")
+    assert "Unknown mixer 'randm'" in msg and "Did you mean 'random'?" in msg
+    assert "static" in msg  # the valid choices are listed
+
+
+def test_unknown_component_parameter_gets_a_suggestion(tmp_path):
+    cfg = base()
+    cfg["steering"]["mixer"] = {"name": "random", "concentraton": 2.0}
+    msg = error_of(tmp_path, cfg)
+    assert "Unknown parameter 'concentraton' for mixer 'random' (at steering.mixer)" in msg
+    assert "Did you mean 'concentration'?" in msg and "Valid parameters: concentration, seed" in msg
+
+
+def test_bad_parameter_type(tmp_path):
+    cfg = base()
+    cfg["steering"]["mixer"] = {"name": "random", "concentration": "lots"}
+    assert "Parameter 'concentration' of mixer 'random'" in error_of(tmp_path, cfg)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_model_needs_exactly_one_source(tmp_path):
+    cfg = base()
+    cfg["model"] = {"demo": True, "name_or_path": "x"}
+    assert "set exactly one of model.name_or_path" in error_of(tmp_path, cfg)
+
+
+def test_every_shipped_example_config_validates():
+    examples = sorted(p for p in (ROOT / "examples").rglob("*.yaml") if "deepspeed" not in p.parts)
+    assert examples, "no example configs found"
+    for path in examples:
+        load_config(path)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "datasteer.cli", *args], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+
+
+def test_cli_bad_config_exits_2_without_traceback(tmp_path):
+    cfg = base()
+    cfg["steering"]["mixer"] = {"name": "static", "proportions": [1.0, 2.0]}
+    cfg["train"]["output_dir"] = str(tmp_path / "run")
+    proc = run_cli("train", str(write(tmp_path, cfg)))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "proportions has 2 entries but there are 5 domains" in proc.stderr
+    debug = run_cli("--debug", "train", str(write(tmp_path, cfg)))
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_cli_missing_data_file_names_key_and_path(tmp_path):
+    cfg = base()
+    cfg["data"] = {"kind": "pretrain", "sources": [{"path": str(tmp_path / "missing.jsonl")}]}
+    cfg["train"]["output_dir"] = str(tmp_path / "run")
+    proc = run_cli("train", str(write(tmp_path, cfg)))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "data.sources[0].path" in proc.stderr and "missing.jsonl" in proc.stderr
+
+
+def test_cli_empty_domain_is_named(tmp_path):
+    (tmp_path / "good.jsonl").write_text('{"text": "hello world, a document long enough to pack"}\n' * 20)
+    (tmp_path / "empty.jsonl").write_text("")
+    cfg = base()
+    cfg["data"] = {
+        "kind": "pretrain",
+        "block_size": 8,
+        "sources": [{"path": str(tmp_path / "good.jsonl")}, {"path": str(tmp_path / "empty.jsonl")}],
+    }
+    cfg["train"]["output_dir"] = str(tmp_path / "run")
+    proc = run_cli("train", str(write(tmp_path, cfg)))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "empty" in proc.stderr
+
+
+def test_proportions_that_do_not_sum_to_a_positive_number(tmp_path):
+    cfg = base()
+    cfg["steering"]["mixer"] = {"name": "static", "proportions": [0, 0, 0, 0, 0]}
+    cfg["train"]["output_dir"] = str(tmp_path / "run")
+    proc = run_cli("train", str(write(tmp_path, cfg)))
+    assert proc.returncode == 2
+    assert "sum to a positive number" in proc.stderr
