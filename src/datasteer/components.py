@@ -56,9 +56,7 @@ class StepRecord:
         loss_sum.index_add_(0, d, (self.losses * self.tokens).double().cpu())
         tok_sum.index_add_(0, d, self.tokens.double().cpu())
         count.index_add_(0, d, torch.ones_like(d, dtype=torch.float64))
-        means = torch.where(
-            tok_sum > 0, loss_sum / tok_sum.clamp_min(1), torch.full_like(tok_sum, float("nan"))
-        )
+        means = torch.where(tok_sum > 0, loss_sum / tok_sum.clamp_min(1), torch.full_like(tok_sum, float("nan")))
         return means, count
 
 
@@ -144,14 +142,21 @@ class Selector(Component):
 
 
 class Weighter(Component):
-    """Decides per-sample loss weights inside a step."""
+    """Decides per-sample loss weights inside an optimizer step."""
 
     is_uniform: ClassVar[bool] = False
+    needs_embeddings: ClassVar[bool] = False  # True: batch["embeddings"] holds pooled hidden states
 
-    def weights(
-        self, ctx: SteeringContext, losses: torch.Tensor, batch: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
-        """Per-sample weights, shape (B,), for the micro-batch whose token-mean losses are `losses` (B,)."""
+    def weights(self, ctx: SteeringContext, losses: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-sample weights (N,) for all N samples of the optimizer step, gathered from every rank.
+
+        Args:
+            losses: (N,) token-mean loss of each sample (detached).
+            batch: "sample_id" (N,), "domain_id" (N,) and, when `needs_embeddings`, "embeddings" (N, D):
+                the mean-pooled last hidden state of the training forward pass.
+
+        The trainer rescales the result to mean 1, so only relative weights matter.
+        """
         raise NotImplementedError
 
 

@@ -135,6 +135,8 @@ class Steering:
         self._is_setup = False
         self._pending: dict[str, Any] | None = None
         self._buffer: list[tuple[torch.Tensor, ...]] = []
+        self._step_weights: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._weight_stats: list[torch.Tensor] = []
         self._overhead = 0.0
         self._check_components()
 
@@ -143,9 +145,7 @@ class Steering:
         mixer = self.components.mixer
         if mixer is not None:
             try:
-                self.sampler._checked_weights(
-                    mixer.initial_weights(self.context()), self.sampler._groups(0, False)
-                )
+                self.sampler._checked_weights(mixer.initial_weights(self.context()), self.sampler._groups(0, False))
             except ValueError as err:
                 raise ConfigError(f"steering.mixer '{mixer.registered_name}': {err}") from None
         sel = self.components.selector
@@ -166,9 +166,7 @@ class Steering:
         if args.max_steps > 0:
             total = args.max_steps
         else:
-            total = max(1, len(self.pool.sample_ids) // per_step) * max(
-                1, int(np.ceil(args.num_train_epochs))
-            )
+            total = max(1, len(self.pool.sample_ids) // per_step) * max(1, int(np.ceil(args.num_train_epochs)))
         updates = self.schedule.update_steps(total)
         self.sampler.bind(per_step, total, [self.schedule.effective_step(t) for t in updates])
         if not self.sampler.stages:
@@ -243,6 +241,7 @@ class Steering:
             for _, comp in self.components.items():
                 comp.observe(ctx, record)
             self._log_record(record)
+        self._log_weight_stats(step)
         if step in self.schedule.update_steps(self.sampler.total_steps):
             self.update(step)
         self._overhead += time.perf_counter() - t0
@@ -319,18 +318,52 @@ class Steering:
         w, m = self.components.weighter, self.components.mixer
         return (w is not None and not w.is_uniform) or (m is not None and m.loss_weights() is not None)
 
-    def loss_weights(
-        self, losses: torch.Tensor, domains: torch.Tensor, batch: dict[str, Any]
+    @property
+    def needs_embeddings(self) -> bool:
+        w = self.components.weighter
+        return w is not None and not w.is_uniform and w.needs_embeddings
+
+    def step_weights(
+        self, ids: torch.Tensor, domains: torch.Tensor, losses: torch.Tensor, embeddings: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Per-sample weights (B,) for a micro-batch: weighter weights times the mixer's domain weights."""
+        """Weights (N,) for every sample of one optimizer step, gathered from all ranks; their mean is 1.
+
+        The weighter's per-sample weights and the mixer's per-domain loss weights multiply; the product
+        is rescaled to mean 1 so the weighted loss stays on the scale of the unweighted one. The result
+        is kept for `lookup_weights` (by sample id) and summarised for the log without a host sync.
+        """
         w = torch.ones_like(losses)
         weighter, mixer = self.components.weighter, self.components.mixer
         if weighter is not None and not weighter.is_uniform:
-            w = w * weighter.weights(self.context(), losses, batch).to(losses.device)
+            batch = {"sample_id": ids, "domain_id": domains}
+            if embeddings is not None:
+                batch["embeddings"] = embeddings
+            w = w * weighter.weights(self.context(), losses, batch).to(losses.device, torch.float32)
         domain_w = mixer.loss_weights() if mixer is not None else None
         if domain_w is not None:
-            w = w * domain_w.to(losses.device)[domains]
+            w = w * domain_w.to(losses.device, torch.float32)[domains]
+        w = w * (w.numel() / w.sum().clamp_min(1e-12))
+        order = torch.argsort(ids)
+        self._step_weights = (ids[order], w[order])
+        p = w / w.sum()
+        entropy = -(p * p.clamp_min(1e-12).log()).sum()
+        self._weight_stats.append(torch.stack([w.min(), w.max(), entropy]).detach())
         return w
+
+    def lookup_weights(self, ids: torch.Tensor) -> torch.Tensor:
+        """This rank's weights, by sample id, from the step's weights computed by `step_weights`."""
+        sorted_ids, weights = self._step_weights
+        pos = torch.searchsorted(sorted_ids, ids.to(sorted_ids.device))
+        return weights[pos.clamp_max(sorted_ids.numel() - 1)]
+
+    def _log_weight_stats(self, step: int) -> None:
+        if not self._weight_stats:
+            return
+        w_min, w_max, entropy = torch.stack(self._weight_stats).mean(0).tolist()  # one sync per step
+        self._weight_stats.clear()
+        self.log.event("sample_weights", step, min=w_min, mean=1.0, max=w_max, entropy=entropy)
+        for name, value in (("min", w_min), ("max", w_max), ("entropy", entropy)):
+            self.log.scalar(f"sample_weight/{name}", value)
 
     # ---------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

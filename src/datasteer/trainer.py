@@ -28,8 +28,10 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from datasteer.distributed import gather_varlen
 from datasteer.errors import DatasteerError
-from datasteer.ops.token_losses import token_losses
+from datasteer.ops.pooling import mean_pool
+from datasteer.ops.token_losses import batch_losses, token_losses
 from datasteer.steering import Steering
 
 STEERING_COLUMNS = ("sample_id", "domain_id")
@@ -59,6 +61,7 @@ class SteeringMixin:
     def __init__(self, *args: Any, steering: Steering, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.steering = steering
+        self._step_weights_ready = False
         self.add_callback(SteeringCallback(steering))
 
     def _get_train_sampler(self, *args: Any, **kwargs: Any) -> torch.utils.data.Sampler:
@@ -73,19 +76,55 @@ class SteeringMixin:
         ids, domains = inputs.pop("sample_id", None), inputs.pop("domain_id", None)
         if ids is None or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        weighted = self.steering.weights_losses
+        if weighted and self.steering.needs_embeddings:
+            inputs["output_hidden_states"] = True
         loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
-        weighted = self.steering.weights_losses
         with torch.set_grad_enabled(weighted and torch.is_grad_enabled()):
             per_token, mask = token_losses(logits if weighted else logits.detach(), inputs["labels"])
         sums, tokens = per_token.sum(dim=1), mask.sum(dim=1).to(per_token.dtype)
         means = sums.detach() / tokens.clamp_min(1)
         if weighted:
-            weights = self.steering.loss_weights(means, domains.to(means.device), inputs)
+            if not self._step_weights_ready:  # no accumulation: this micro-batch is the whole step
+                self._set_step_weights([(ids, domains, means, self._embeddings(outputs, inputs))])
+            weights = self.steering.lookup_weights(ids).to(sums.device)
             loss = loss + self._token_loss_scale(tokens, num_items_in_batch) * ((weights - 1) * sums).sum()
         kept = per_token.detach()[mask] if self.steering.needs_token_losses else None
         self.steering.record(ids, domains, means, tokens, kept)
         return (loss, outputs) if return_outputs else loss
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """HF fetches a step's micro-batches up front; under accumulation, weights need all of them.
+
+        Per-sample weights are defined over the samples of the whole optimizer step, so with more than
+        one micro-batch the step's losses are computed first in one no-grad forward per micro-batch (the
+        only extra forward datasteer ever runs, and only when a weighter is active with accumulation).
+        """
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._step_weights_ready = False
+        if self.steering.weights_losses and len(batches) > 1 and self.model.training:
+            rows = []
+            for batch in batches:
+                means, embeddings = batch_losses(self.model_wrapped, batch, self.steering.needs_embeddings)
+                rows.append((batch["sample_id"], batch["domain_id"], means, embeddings))
+            self._set_step_weights(rows)
+        return batches, num_items
+
+    def _set_step_weights(self, rows: list[tuple[torch.Tensor, ...]]) -> None:
+        """Gather (ids, domains, losses[, embeddings]) of the step from every rank and compute its weights."""
+        ids, domains, means = (gather_varlen(torch.cat([r[i] for r in rows]).to(self.args.device)) for i in range(3))
+        embeddings = None
+        if rows[0][3] is not None:
+            local = torch.cat([r[3] for r in rows])
+            embeddings = gather_varlen(local.flatten()).view(-1, local.shape[-1])
+        self.steering.step_weights(ids, domains.long(), means, embeddings)
+        self._step_weights_ready = len(rows) > 1
+
+    @staticmethod
+    def _embeddings(outputs: Any, inputs: dict[str, Any]) -> torch.Tensor | None:
+        hidden = outputs.get("hidden_states") if isinstance(outputs, dict) else None
+        return None if hidden is None else mean_pool(hidden[-1].detach(), inputs.get("attention_mask"))
 
     def _token_loss_scale(self, tokens: torch.Tensor, num_items_in_batch: Any) -> torch.Tensor | float:
         """d(loss)/d(summed token loss), mirroring how the HF Trainer normalises the loss it returns."""
