@@ -1,0 +1,130 @@
+"""The `data` section of a run: where rows come from, how they become domains, and how they are encoded.
+
+Every field carries a description because these classes also generate the config reference. The
+validators catch at load time what would otherwise fail (or silently misbehave) halfway into tokenizing.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from datasteer.errors import unknown_choice
+from datasteer.validation import StrictModel
+
+SourceFormat = Literal["auto", "jsonl", "json", "parquet", "disk", "text"]
+
+
+class SourceConfig(StrictModel):
+    """One data source: a file, a folder of files of one format, or a `datasets.save_to_disk` folder."""
+
+    path: str = Field(description="File or folder to read (relative paths are resolved against the working dir).")
+    domain: str | None = Field(
+        None,
+        description="Domain of this source's rows; defaults to the file stem or folder name. Sources that share "
+        "a name form one domain. Ignored when data.domain_column is set; not allowed on data.target.",
+    )
+    format: SourceFormat = Field(
+        "auto",
+        description="How to read the path. auto: by suffix (.jsonl/.json -> json, .parquet, .txt/.text/.md -> "
+        "text); a folder with state.json, dataset_info.json or dataset_dict.json -> disk (datasets.load_from_disk, "
+        "split 'train' of a DatasetDict). text: one document per non-empty line.",
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _non_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("path must not be empty")
+        return v
+
+
+class DemoDataConfig(StrictModel):
+    """Use the synthetic corpus of `datasteer.demo` instead of files (quickstart, tests, benchmarks)."""
+
+    samples_per_domain: int = Field(400, ge=1, description="Rows (documents or prompt/response pairs) per domain.")
+    seed: int = Field(0, description="Seed of the corpus generator (independent of the eval split seed).")
+    domains: list[str] | None = Field(
+        None, description="Subset of the demo domains (repeat, arith, kv, markov, noise); null = all of them."
+    )
+
+    @field_validator("domains")
+    @classmethod
+    def _known_domains(cls, v: list[str] | None) -> list[str] | None:
+        from datasteer.demo import DOMAINS
+
+        if v is None:
+            return v
+        for name in v:
+            if name not in DOMAINS:
+                raise unknown_choice("demo domain", name, DOMAINS, where="data.demo.domains")
+        if not v or len(set(v)) != len(v):
+            raise ValueError("demo domains must be a non-empty list without repeats")
+        return v
+
+
+class DataConfig(StrictModel):
+    """Training data: sources -> domains -> tokenized pool with stable sample ids (see `build_pool`)."""
+
+    kind: Literal["pretrain", "sft"] = Field(
+        "pretrain",
+        description="pretrain: documents packed into domain-pure blocks of block_size tokens, every token "
+        "supervised. sft: prompt/response (or chat messages) rows, only response tokens supervised.",
+    )
+    sources: list[SourceConfig] = Field(
+        default_factory=list, description="Files or folders to read. Set exactly one of sources or demo."
+    )
+    demo: DemoDataConfig | None = Field(None, description="Use the demo corpus instead of sources.")
+    domain_column: str | None = Field(
+        None,
+        description="Take each row's domain from this column (domains = its sorted values) instead of from "
+        "the sources.",
+    )
+    text_column: str = Field("text", description="Column of documents (pretrain).")
+    prompt_column: str = Field("prompt", description="Column of prompts (sft).")
+    response_column: str = Field("response", description="Column of responses (sft).")
+    messages_column: str = Field(
+        "messages",
+        description="Column of chat conversations, lists of {role, content} (sft, used when the prompt/response "
+        "columns are absent). The last message must be the assistant's response; earlier turns are the prompt.",
+    )
+    block_size: int = Field(128, ge=2, description="Tokens per packed block (pretrain).")
+    max_length: int = Field(512, ge=2, description="Longest sft example in tokens; longer ones are cut from the right.")
+    eval_per_domain: int = Field(
+        0,
+        ge=0,
+        description="Rows held out per domain for evaluation, chosen by a seeded permutation before packing; "
+        "they never enter the training pool.",
+    )
+    target: SourceConfig | None = Field(
+        None,
+        description="Target/validation set for selectors that need one (e.g. LESS), encoded like the training "
+        "rows. For demo sft data it defaults to datasteer.demo.target_set.",
+    )
+    cache_dir: str | None = Field(
+        ".cache/datasteer/data",
+        description="Where tokenized pools are cached by content (sources, tokenizer, these settings); "
+        "null = no cache.",
+    )
+    seed: int = Field(0, description="Seed of the eval split.")
+
+    @field_validator("text_column", "prompt_column", "response_column", "messages_column", "domain_column")
+    @classmethod
+    def _column_name(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("a column name must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> DataConfig:
+        if bool(self.sources) == (self.demo is not None):
+            raise ValueError(
+                "set exactly one of data.sources (a list of {path: ...}) or data.demo (e.g. {samples_per_domain: "
+                f"400}}); got {'both' if self.sources else 'neither'}"
+            )
+        if self.demo is not None and self.domain_column is not None:
+            raise ValueError("data.domain_column needs data.sources; the demo corpus has fixed domains")
+        if self.target is not None and self.target.domain is not None:
+            raise ValueError("data.target.domain is not used (a target set has no domain); remove it")
+        return self

@@ -1,0 +1,152 @@
+"""Read one configured source (file, folder of files, `save_to_disk` folder) into a `datasets.Dataset`.
+
+Why a module of its own: every way a path can be wrong (missing, unknown suffix, mixed formats,
+unreadable, a DatasetDict without a train split) is found here and reported with the config key
+that named it, and the same resolution feeds the content digest of the cache, so the cache can never
+key on something other than what is actually read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict, load_from_disk
+from datasets.utils import tqdm as hf_tqdm
+
+from datasteer.data.config import SourceConfig
+from datasteer.errors import ConfigError
+
+SUFFIX_FORMATS = {
+    ".jsonl": "jsonl",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+}
+DISK_MARKERS = ("state.json", "dataset_info.json", "dataset_dict.json")
+FORMAT_FAMILY = {"jsonl": "json", "json": "json", "parquet": "parquet", "text": "text", "disk": "disk"}
+SUPPORTED = "a .jsonl/.json/.parquet/.txt file, a folder of such files, or a datasets.save_to_disk folder"
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """A source after its format is known: `files` are the data files read (empty for a disk folder)."""
+
+    key: str  # config key for messages, e.g. "data.sources[2]"
+    path: Path
+    format: str  # json | parquet | text | disk
+    files: tuple[Path, ...]
+    domain: str  # the configured domain, or the file stem / folder name
+
+
+def resolve(src: SourceConfig, key: str) -> ResolvedSource:
+    """Check that the path exists and work out its format and files; errors name `key`."""
+    path = Path(src.path).expanduser()
+    if not path.exists():
+        raise ConfigError(
+            f"{key}.path = '{src.path}' does not exist (looked in {path.absolute()}). Fix {key}.path or remove "
+            f"that source; a source is {SUPPORTED}."
+        )
+    domain = src.domain or (path.stem if path.is_file() else path.name)
+    if path.is_dir() and (src.format == "disk" or (src.format == "auto" and _is_disk(path))):
+        return ResolvedSource(key, path, "disk", (), domain)
+    if src.format == "disk":
+        raise ConfigError(f"{key}: '{path}' is not a datasets.save_to_disk folder (no {' / '.join(DISK_MARKERS)}).")
+    files = _data_files(path, src.format, key)
+    return ResolvedSource(key, path, FORMAT_FAMILY[_format_of(files[0], src.format, key)], files, domain)
+
+
+def _is_disk(path: Path) -> bool:
+    return any((path / marker).is_file() for marker in DISK_MARKERS)
+
+
+def _format_of(file: Path, fmt: str, key: str) -> str:
+    if fmt != "auto":
+        return fmt
+    found = SUFFIX_FORMATS.get(file.suffix.lower())
+    if found is None:
+        raise ConfigError(
+            f"{key}: cannot tell the format of '{file}' from its suffix. Set {key}.format to one of "
+            "jsonl, json, parquet, text, disk."
+        )
+    return found
+
+
+def _data_files(path: Path, fmt: str, key: str) -> tuple[Path, ...]:
+    """The file itself, or a folder's files of one format family in sorted (stable-id) order."""
+    if path.is_file():
+        return (path,)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIX_FORMATS)
+    if fmt != "auto":
+        files = [p for p in files if FORMAT_FAMILY[SUFFIX_FORMATS[p.suffix.lower()]] == FORMAT_FAMILY[fmt]]
+    if not files:
+        raise ConfigError(f"{key}: folder '{path}' holds no data files; a source is {SUPPORTED}.")
+    families = {FORMAT_FAMILY[SUFFIX_FORMATS[p.suffix.lower()]] for p in files}
+    if len(families) > 1:
+        raise ConfigError(
+            f"{key}: folder '{path}' mixes formats ({', '.join(sorted(families))}); set {key}.format or give "
+            "each format its own source."
+        )
+    return tuple(files)
+
+
+def read(src: ResolvedSource, hf_cache: Path) -> Dataset:
+    """Load the rows with `datasets`; its intermediate arrow files go to `hf_cache`, never to $HOME."""
+    try:
+        with quiet():
+            if src.format == "disk":
+                return _train_split(load_from_disk(str(src.path)), src)
+            reader = {"json": Dataset.from_json, "parquet": Dataset.from_parquet, "text": Dataset.from_text}
+            return reader[src.format]([str(f) for f in src.files], cache_dir=str(hf_cache))
+    except ConfigError:
+        raise
+    except Exception as err:  # a user-data boundary: malformed JSON, bad parquet, ...
+        raise ConfigError(f"{src.key}: could not read '{src.path}' as {src.format}: {err}") from err
+
+
+@contextmanager
+def quiet() -> Iterator[None]:
+    """Silence `datasets` progress bars for small internal reads/writes, restoring the caller's setting."""
+    was_disabled = hf_tqdm.are_progress_bars_disabled()
+    hf_tqdm.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            hf_tqdm.enable_progress_bars()
+
+
+def _train_split(loaded: Dataset | DatasetDict, src: ResolvedSource) -> Dataset:
+    if isinstance(loaded, Dataset):
+        return loaded
+    if "train" in loaded:
+        return loaded["train"]
+    raise ConfigError(
+        f"{src.key}: '{src.path}' is a DatasetDict without a 'train' split (splits: {', '.join(loaded)}). "
+        "Point the path at one split's folder."
+    )
+
+
+def digest(src: ResolvedSource) -> str:
+    """Content hash of what `read` reads: file bytes, or a disk folder's fingerprint.
+
+    A `save_to_disk` folder is keyed by its json metadata (state.json holds the datasets fingerprint)
+    and its files' names and sizes, so large arrow files are not re-hashed on every run.
+    """
+    h = hashlib.sha256(src.format.encode())
+    if src.format == "disk":
+        for file in sorted(p for p in src.path.rglob("*") if p.is_file()):
+            h.update(str(file.relative_to(src.path)).encode())
+            h.update(file.read_bytes() if file.suffix == ".json" else str(file.stat().st_size).encode())
+        return h.hexdigest()
+    for file in src.files:
+        h.update(str(file.relative_to(src.path) if src.path.is_dir() else file.name).encode())
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
