@@ -1,4 +1,7 @@
-"""Real 2-process runs (torchrun, gloo, CPU): identical decisions on every rank, disjoint shards."""
+"""Real 2-process runs on CPU (torchrun): DDP and FSDP on gloo in the default suite, DeepSpeed ZeRO-2/3
+(CPU accelerator) as slow tests. On every engine: identical decisions on all ranks, disjoint shards, a
+gathered record that is exactly the union of the ranks' samples, the steering state in every checkpoint,
+and a resume that continues the same stream."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from pathlib import Path
 import pytest
 
 SCRIPTS = Path(__file__).parent / "dist_scripts"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -20,29 +24,58 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 300) -> None:
+def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 600) -> None:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
         f"--master_port={free_port()}", str(SCRIPTS / script), *args,
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(sys.path),
+        "DS_ACCELERATOR": "cpu",
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions")),
+    }
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
 
 
-@pytest.mark.distributed
-def test_two_ranks_decide_identically_and_train_on_disjoint_shards(tmp_path):
-    torchrun("steered_ddp.py", str(tmp_path))
+def check_engine(tmp_path: Path, engine: str) -> None:
+    torchrun("steered_engine.py", str(tmp_path), engine)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["world"] == 2
     assert ranks[0]["stages"] == ranks[1]["stages"]
     assert len(ranks[0]["stages"]) >= 3  # the initial mixture plus decisions after steps 2 and 4
     assert ranks[0]["records"] == ranks[1]["records"]
-    assert ranks[0]["param_sum"] == ranks[1]["param_sum"]  # DDP kept the replicas identical
     local0, local1 = ranks[0]["local"], ranks[1]["local"]
     assert len(local0) == len(local1) == 12  # 6 steps x 2 micro-batches
     for step in range(6):
         ids0 = [i for mb in local0[2 * step : 2 * step + 2] for i in mb]
         ids1 = [i for mb in local1[2 * step : 2 * step + 2] for i in mb]
         assert not set(ids0) & set(ids1), f"ranks overlap at step {step + 1}"
-        assert sorted(ids0 + ids1) == ranks[0]["records"][step]  # the gathered record is the union
+        assert sorted(ids0 + ids1) == sorted(ranks[0]["records"][str(step + 1)])  # one value per sample
+    assert "steering_state.pt" in ranks[0]["checkpoint_files"]
+
+    torchrun("steered_engine.py", str(tmp_path), engine, str(tmp_path / "checkpoint-3"))
+    resumed = [json.loads((tmp_path / f"rank{r}.resumed.json").read_text()) for r in range(2)]
+    assert resumed[0]["stages"] == ranks[0]["stages"]
+    assert resumed[0]["local"] == local0[6:] and resumed[1]["local"] == local1[6:]
+    assert resumed[0]["records"] == {k: v for k, v in ranks[0]["records"].items() if int(k) > 3}
+
+
+@pytest.mark.distributed
+def test_ddp(tmp_path):
+    check_engine(tmp_path, "ddp")
+
+
+@pytest.mark.distributed
+def test_fsdp(tmp_path):
+    check_engine(tmp_path, "fsdp")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed(tmp_path, stage):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: pip install 'datasteer[deepspeed]'")
+    check_engine(tmp_path, stage)

@@ -43,3 +43,16 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def _restore_indexed_cpu(storage: torch.UntypedStorage, location: str) -> torch.UntypedStorage | None:
+    """Let torch.load map storages to 'cpu:N'.
+
+    accelerate names the device of a multi-process CPU run `cpu:0`, and the HF Trainer resumes the
+    optimizer with `map_location=args.device`; torch only knows the tag `cpu`, so every multi-process
+    CPU resume would fail. Registered through torch's public serialization registry.
+    """
+    return storage.cpu() if location.startswith("cpu:") else None
+
+
+torch.serialization.register_package(101, lambda obj: None, _restore_indexed_cpu)
