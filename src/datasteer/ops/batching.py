@@ -1,0 +1,100 @@
+"""Length-bucketed batches over a shard of a dataset, and the model context every op runs in."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+Collate = Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
+MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
+
+
+def row_lengths(dataset: Sequence, indices: np.ndarray) -> np.ndarray:
+    """Token count of each row in `indices`: (n,) int64. Reads the arrow column when it can (no row decoding)."""
+    try:
+        import pyarrow.compute as pc
+        from datasets import Dataset
+
+        if isinstance(dataset, Dataset):
+            col = dataset.select(indices).with_format("arrow")["input_ids"]
+            return pc.list_value_length(col).to_numpy().astype(np.int64)
+    except ImportError:  # datasets is optional for map-style inputs
+        pass
+    return np.array([len(dataset[int(i)]["input_ids"]) for i in indices], dtype=np.int64)
+
+
+def bucket(indices: np.ndarray, lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Batches of rows of similar length, longest first, so padding (and a memory peak) is found early.
+
+    Sorting is stable, so equal-length rows keep dataset order and the batching is deterministic.
+    """
+    order = np.argsort(-lengths, kind="stable")
+    ordered = indices[order]
+    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+def iter_batches(
+    dataset: Sequence,
+    indices: np.ndarray,
+    collate_fn: Collate,
+    batch_size: int,
+    *,
+    progress: bool = False,
+    desc: str = "",
+) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+    """Yield (sample_ids (B,) int64, collated batch) over `indices`, bucketed by length.
+
+    Ids are read from each row's `sample_id` (the row index when the dataset has none), not from the
+    collator, so any collator works.
+    """
+    batches = bucket(indices, row_lengths(dataset, indices), batch_size) if len(indices) else []
+    for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        rows = [dataset[int(i)] for i in idx]
+        ids = np.array([int(r["sample_id"]) if "sample_id" in r else int(i) for r, i in zip(rows, idx)])
+        yield ids, collate_fn(rows)
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The keys a causal LM's forward takes, on `device` (labels stay out: the ops compute their own loss)."""
+    return {k: batch[k].to(device) for k in MODEL_KEYS if k in batch}
+
+
+def unwrap(model: torch.nn.Module, accelerator: Any | None = None) -> torch.nn.Module:
+    """The bare module under DDP/accelerate wrappers: ops never go through DDP's forward, so no gradient
+    all-reduce or buffer broadcast can fire, and hooks see this rank's local activations only."""
+    if accelerator is not None and hasattr(accelerator, "unwrap_model"):
+        model = accelerator.unwrap_model(model)
+    while isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    return model
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Dropout off for the pass (deterministic scores); the caller's train/eval mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def autocast(accelerator: Any | None) -> contextlib.AbstractContextManager:
+    """The accelerator's mixed-precision autocast when it has one (bf16/fp16 runs), else nothing."""
+    if accelerator is not None and hasattr(accelerator, "autocast"):
+        return accelerator.autocast()
+    return contextlib.nullcontext()
+
+
+def is_main(rank: int, progress: bool) -> bool:
+    return progress and rank == 0

@@ -1,0 +1,222 @@
+"""Projected per-sample gradient features (LESS-style), fast by default and exact as the reference.
+
+The features cover the weights of every trainable `nn.Linear` (with peft LoRA: the lora_A / lora_B Linears;
+full fine-tuning: every projection and the LM head). Embeddings, norms and biases are not covered. The
+per-sample loss is that sample's own loss, the mean over its supervised tokens ("mean", 0 when it has none) or
+their sum ("sum") — never the batch mean: summing per-sample losses makes d(Σ_i L_i)/d(act_i) = dL_i/d(act_i),
+since samples never interact in a causal LM forward.
+
+fast: one batched forward, and `torch.autograd.grad` with respect to each Linear's *output* (never its weight).
+With x_t the layer input and δ_t the output gradient at position t, the weight gradient of sample i is
+Σ_t δ_t x_tᵀ, so its Kronecker projection is Σ_t (P_outᵀ δ_t)(x_tᵀ P_in): no per-sample gradient is formed, no
+weight-gradient matmul runs, and `.grad` is never written — so no DDP all-reduce hook can fire.
+exact: one backward per sample (batch size 1, no padding), full per-sample gradient, then a dense projection
+(or the same factored projection, or none). It is the reference the fast mode is tested against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from datasteer.ops.adam import AdamState, adam_exact, adam_states, factored_preconditioner
+from datasteer.ops.batching import Collate, device_of, eval_mode, is_main, iter_batches, model_inputs, unwrap
+from datasteer.ops.distributed import gather_rows, rank_world, shard
+from datasteer.ops.projection import DenseProjection, FactoredProjection, Kind
+from datasteer.ops.results import FeatureResult
+from datasteer.ops.token_losses import token_losses
+
+ADAM_EXACT_MAX_ELEMENTS = 2**24  # B·out·in floats (64 MiB): below it fast mode forms the layer's per-sample grads
+
+
+def trainable_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """Every nn.Linear whose weight is trainable, in module order (LoRA A/B included, frozen bases excluded)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.weight.requires_grad}
+
+
+def sample_losses(net: torch.nn.Module, batch: dict[str, torch.Tensor], reduction: str) -> torch.Tensor:
+    """Each sample's own loss with grad: (B,). "mean" divides by max(1, its supervised token count)."""
+    device = device_of(net)
+    logits = net(**model_inputs(batch, device)).logits  # (B, T, V)
+    losses, mask = token_losses(logits, batch["labels"].to(device))  # (B, T-1)
+    total = (losses * mask).sum(dim=1)
+    return total / mask.sum(dim=1).clamp(min=1) if reduction == "mean" else total
+
+
+@contextmanager
+def capture_linears(layers: dict[str, torch.nn.Linear]):
+    """Record (input (B, T, in), output (B, T, out)) of every call of each layer during a forward."""
+    seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in layers}
+    handles = [
+        m.register_forward_hook(lambda _m, args, out, name=name: seen[name].append((args[0], out)))
+        for name, m in layers.items()
+    ]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def fast_batch(
+    net: torch.nn.Module,
+    layers: dict[str, torch.nn.Linear],
+    proj: FactoredProjection,
+    batch: dict[str, torch.Tensor],
+    reduction: str = "mean",
+    adam: dict[str, AdamState] | None = None,
+    adam_exact_max_elements: int = ADAM_EXACT_MAX_ELEMENTS,
+) -> torch.Tensor:
+    """Projected per-sample gradients of one padded batch: (B, proj_dim)."""
+    with capture_linears(layers) as seen, torch.enable_grad():
+        total = sample_losses(net, batch, reduction).sum()
+        calls = [(name, x, y) for name, pairs in seen.items() for x, y in pairs]
+        deltas = torch.autograd.grad(total, [y for _, _, y in calls], allow_unused=True)
+    mask = _token_mask(batch, device_of(net))  # (B, T, 1)
+    blocks: dict[str, torch.Tensor] = {}
+    for (name, x, y), delta in zip(calls, deltas):
+        delta = torch.zeros_like(y) if delta is None else delta
+        st = adam.get(name) if adam else None
+        block = _layer_block(proj, name, delta.detach(), x.detach() * mask, st, adam_exact_max_elements)
+        blocks[name] = blocks[name] + block if name in blocks else block
+    return proj.assemble(blocks)
+
+
+def _layer_block(
+    proj: FactoredProjection, name: str, delta: torch.Tensor, x: torch.Tensor, st: AdamState | None, limit: int
+) -> torch.Tensor:
+    """One layer's (B, k_out*k_in) block; delta (B, T, out), x (B, T, in) masked."""
+    if st is None:
+        return proj.project_factors(name, delta, x)
+    if delta.shape[0] * delta.shape[-1] * x.shape[-1] <= limit:  # small layer: exact Adam on real grads
+        grads = torch.einsum("bto,bti->boi", delta.float(), x.float())
+        return proj.project_matrix(name, adam_exact(grads, st))
+    pre = factored_preconditioner(st)
+    sq_norms = proj.project_factors(name, delta, x).square().sum(dim=1)  # (B,) ≈ ‖g_i‖², the projection keeps norms
+    const = proj.project_matrix(name, pre.const[None])  # (1, K), the same for every sample
+    block = const + pre.scale * proj.project_factors(name, delta * pre.row, x * pre.col)
+    return block * pre.inv_sqrt_kappa(sq_norms)[:, None]
+
+
+def exact_grads(
+    net: torch.nn.Module, layers: dict[str, torch.nn.Linear], rows: list[dict], collate_fn: Collate, reduction: str
+) -> dict[str, torch.Tensor]:
+    """Per-sample weight gradients, one unpadded backward per row: {name: (B, out, in)}."""
+    weights = [m.weight for m in layers.values()]
+    per_row = []
+    for row in rows:
+        with torch.enable_grad():
+            loss = sample_losses(net, collate_fn([row]), reduction).sum()
+            per_row.append(torch.autograd.grad(loss, weights))
+    return {name: torch.stack([g[j] for g in per_row]) for j, name in enumerate(layers)}
+
+
+def exact_batch(
+    grads: dict[str, torch.Tensor],
+    projection: Literal["dense", "factored", "none"],
+    proj: FactoredProjection | DenseProjection | None,
+    adam: dict[str, AdamState] | None,
+) -> torch.Tensor:
+    """Precondition and project exact per-sample grads: (B, proj_dim), or (B, Σ out·in) for projection="none"."""
+    if adam:
+        grads = {name: adam_exact(g, adam[name]) for name, g in grads.items()}
+    if projection == "factored":
+        return proj.assemble({name: proj.project_matrix(name, g) for name, g in grads.items()})
+    flat = torch.cat([g.flatten(1).float() for g in grads.values()], dim=1)  # (B, P)
+    return flat if projection == "none" else proj.project(flat)
+
+
+def gradient_features(
+    model: torch.nn.Module,
+    dataset: Sequence,
+    *,
+    collate_fn: Collate,
+    proj_dim: int = 8192,
+    mode: Literal["fast", "exact"] = "fast",
+    optimizer: torch.optim.Optimizer | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    loss_reduction: Literal["mean", "sum"] = "mean",
+    projection: Literal["dense", "factored", "none"] | None = None,
+    kind: Kind = "rademacher",
+    accelerator: Any | None = None,
+    progress: bool = True,
+    adam_exact_max_elements: int = ADAM_EXACT_MAX_ELEMENTS,
+) -> FeatureResult:
+    """Projected (optionally Adam-preconditioned) per-sample gradients of every sample, gathered by id.
+
+    Args:
+        model: causal LM; DDP/accelerate wrappers are unwrapped. Runs in eval mode (dropout off), mode restored.
+        dataset: rows with `input_ids`, `labels`, `sample_id`; collate_fn must pad on the right.
+        proj_dim: feature size; split over the Linear layers (fast / "factored") or one dense matrix ("dense").
+        mode: "fast" (hooks + factored projection) or "exact" (per-sample backward, the reference).
+        optimizer: Adam/AdamW whose state preconditions the gradients (see `datasteer.ops.adam`); None: raw.
+        seed, kind: the projection's seed and distribution (Rademacher or Gaussian), reproducible anywhere.
+        loss_reduction: each sample's own loss, "mean" or "sum" over its supervised tokens.
+        projection: exact mode only: "dense" (default), "factored" (fast mode's own map), or "none" (raw grads).
+        accelerator: shards rows over ranks and gathers; None computes all rows locally.
+        adam_exact_max_elements: fast mode forms a layer's per-sample grads for exact Adam when B·out·in ≤ this.
+
+    Returns:
+        FeatureResult: ids (N,) sorted ascending, values (N, proj_dim) float32 on CPU.
+    """
+    projection = _check(mode, projection, loss_reduction)
+    rank, world = rank_world(accelerator)
+    net = unwrap(model, accelerator)
+    layers = trainable_linears(net)
+    if not layers:
+        raise ValueError("model has no trainable nn.Linear layer: nothing to take gradients of")
+    proj = _projection(layers, proj_dim, seed, kind, projection)
+    adam = adam_states(optimizer, {n: m.weight for n, m in layers.items()}) if optimizer is not None else None
+    exact_collate = collate_fn if mode == "fast" else list  # exact mode collates each row alone, unpadded
+    ids_out, vals_out = [], []
+    with eval_mode(net):
+        for ids, batch in iter_batches(
+            dataset, shard(len(dataset), rank, world), exact_collate, batch_size,
+            progress=is_main(rank, progress), desc=f"gradient features ({mode})",
+        ):  # fmt: skip
+            if mode == "fast":
+                feats = fast_batch(net, layers, proj, batch, loss_reduction, adam, adam_exact_max_elements)
+            else:
+                feats = exact_batch(exact_grads(net, layers, batch, collate_fn, loss_reduction), projection, proj, adam)
+            ids_out.append(ids)
+            vals_out.append(feats.detach().float().cpu())
+    values = torch.cat(vals_out) if vals_out else torch.zeros(0, proj_dim)
+    ids, values = gather_rows(np.concatenate(ids_out) if ids_out else np.zeros(0, np.int64), values, world)
+    return FeatureResult(ids=ids, values=values)
+
+
+def _check(mode: str, projection: str | None, reduction: str) -> str:
+    if mode not in ("fast", "exact"):
+        raise ValueError(f"mode must be 'fast' or 'exact', got {mode!r}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {reduction!r}")
+    if mode == "fast" and projection not in (None, "factored"):
+        raise ValueError(f"fast mode always uses the factored projection, got projection={projection!r}")
+    projection = projection or ("factored" if mode == "fast" else "dense")
+    if projection not in ("dense", "factored", "none"):
+        raise ValueError(f"projection must be 'dense', 'factored' or 'none', got {projection!r}")
+    return projection
+
+
+def _projection(
+    layers: dict[str, torch.nn.Linear], proj_dim: int, seed: int, kind: Kind, projection: str
+) -> FactoredProjection | DenseProjection | None:
+    shapes = {n: tuple(m.weight.shape) for n, m in layers.items()}
+    if projection == "factored":
+        return FactoredProjection(shapes, proj_dim, seed, kind)
+    if projection == "dense":
+        return DenseProjection(sum(o * i for o, i in shapes.values()), proj_dim, seed, kind)
+    return None
+
+
+def _token_mask(batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """(B, T, 1) float: 1 on real tokens, 0 on padding (from attention_mask; all ones without one)."""
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return torch.ones(*batch["input_ids"].shape, 1, device=device)
+    return mask.to(device).unsqueeze(-1).float()
