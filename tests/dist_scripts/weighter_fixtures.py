@@ -92,7 +92,9 @@ class RecordingAdaptWeighter(AdaptWeighter):
 
     def weights(self, ctx, losses, batch):
         w = super().weights(ctx, losses, batch)
-        self.calls.append({"step": ctx.step, "ids": batch["sample_id"].tolist(), "emb": batch["embeddings"].clone()})
+        self.calls.append(
+            {"step": ctx.step, "ids": batch["sample_id"].tolist(), "emb": batch["embeddings"].clone(), "weights": w}
+        )
         return w
 
 

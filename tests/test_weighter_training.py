@@ -1,0 +1,157 @@
+"""Weighters inside real steered runs (tiny Llama, 3-domain pool): the loss equals a manual computation, weights
+span the optimizer step, combine with a mixer's loss weights, compose with mixing and selection, and ADAPT's
+anchors come from the training model once per refresh, with no second forward."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from dist_scripts.weighter_fixtures import (
+    CapturingSteeredTrainer,
+    Recorder,
+    RecordingAdaptWeighter,
+    RecordingLossWeighter,
+    make_target,
+    pooled_hidden,
+    reference_loss_weights,
+    run,
+    sample_sums,
+)
+from trainer_fixtures import BLOCK, make_args, make_model, make_pool, make_steering
+from transformers import default_data_collator
+
+from datasteer import ComponentSet, Mixer, Schedule, registry
+from datasteer.steering_log import read_events
+from datasteer.weighters.adapt import anchor_centroid, similarity_weights
+
+
+def test_loss_weights_span_the_optimizer_step_and_the_loss_matches_a_manual_computation(tmp_path):
+    recorder, weighter = Recorder(), RecordingLossWeighter(strategy="linupper", temperature=0.5)
+    trainer = run(
+        tmp_path, ComponentSet(weighter=weighter, extra={"rec": recorder}), gradient_accumulation_steps=2, max_steps=1
+    )
+    ids = recorder.records[0].sample_ids.tolist()  # micro-batch 1 then 2, 4 samples each
+    assert len(weighter.calls) == 1 and sorted(weighter.calls[0]["ids"]) == sorted(ids)  # one call, all 8 samples
+    sums, counts = sample_sums(make_pool(), ids, make_model())  # the weights the step started from
+    w = reference_loss_weights(sums / counts, "linupper", r=0.5)  # over all 8 samples, not per micro-batch
+    np.testing.assert_allclose(weighter.calls[0]["losses"], sums / counts, rtol=1e-5)
+    assert w.max() / w.min() > 2  # a non-trivial case
+    # HF divides the step's summed token loss by num_items_in_batch (labels != -100 before the shift: 8 x 16);
+    # each micro-batch's loss is s · Σ_i w_i L_i over its own samples.
+    num_items = 8 * BLOCK
+    expected = [(w[m * 4 : m * 4 + 4] * sums[m * 4 : m * 4 + 4]).sum() / num_items for m in range(2)]
+    np.testing.assert_allclose(trainer.captured, expected, rtol=1e-5)
+
+
+class DomainLossMixer(Mixer):
+    """Test-only mixer: uniform sampling plus fixed per-domain loss weights (like DoReMi's proxy step)."""
+
+    def __init__(self, loss_weights):
+        self.weights = torch.tensor(loss_weights)
+
+    def initial_weights(self, ctx):
+        return np.full(ctx.num_domains, 1 / ctx.num_domains)
+
+    def update(self, ctx):
+        return self.initial_weights(ctx)
+
+    def loss_weights(self):
+        return self.weights
+
+
+def test_sample_weights_and_mixer_domain_weights_multiply_then_renormalise(tmp_path):
+    weighter, domain_w = RecordingLossWeighter(strategy="quadratic"), np.array([1.0, 3.0, 0.5])
+    components = ComponentSet(mixer=DomainLossMixer(domain_w.tolist()), weighter=weighter, extra={"rec": Recorder()})
+    trainer = run(tmp_path, components, max_steps=1)
+    record = components.extra["rec"].records[0]
+    ids, domains = record.sample_ids.tolist(), record.domain_ids.numpy()
+    sums, counts = sample_sums(make_pool(), ids, make_model())
+    combined = reference_loss_weights(sums / counts, "quadratic") * domain_w[domains]
+    final = combined * len(combined) / combined.sum()  # the product is rescaled to mean 1 over the step
+    np.testing.assert_allclose(trainer.captured, [(final * sums).sum() / (4 * BLOCK)], rtol=1e-5)
+    (summary,) = [e for e in read_events(tmp_path) if e["event"] == "sample_weights"]
+    assert summary["mean"] == 1.0
+    assert summary["min"] == pytest.approx(final.min(), rel=1e-5)
+    assert summary["max"] == pytest.approx(final.max(), rel=1e-5)
+
+
+def test_a_mixer_a_selector_and_a_weighter_compose_in_one_run(tmp_path):
+    recorder = Recorder()
+    components = ComponentSet(
+        mixer=registry.build("mixer", "static", {"proportions": [0.5, 0.5, 0.0]}),
+        selector=registry.build("selector", "random", {"seed": 1}),
+        weighter=registry.build("weighter", "loss", {"strategy": "linupper", "temperature": 0.5}),
+        extra={"rec": recorder},
+    )
+    trainer = run(
+        tmp_path, components, Schedule(warmup_steps=1, update_every=2), max_steps=6, gradient_accumulation_steps=2
+    )
+    events = read_events(tmp_path)
+    selections = [e for e in events if e["event"] == "select"]
+    assert [e["step"] for e in selections] == [1, 3]
+    assert all(set(r.domain_ids.tolist()) <= {0, 1} for r in recorder.records)  # the mixer's zero weight holds
+    for step in (3, 4):  # selection 1 (after step 1, lag 1) governs steps 3-4
+        assert set(recorder.records[step - 1].sample_ids.tolist()) <= set(selections[0]["ids"])
+    summaries = [e for e in events if e["event"] == "sample_weights"]
+    assert [e["step"] for e in summaries] == list(range(1, 7)) and all(e["max"] > e["min"] for e in summaries)
+    assert all(np.isfinite(trainer.captured)) and trainer.state.global_step == 6
+
+
+def test_custom_template_downweights_its_domain_in_a_real_run(tmp_path):
+    weighter = registry.build("weighter", "custom", {"domain_weights": {"noise": 0.0}})
+    recorder = Recorder()
+    trainer = run(tmp_path, ComponentSet(weighter=weighter, extra={"rec": recorder}), max_steps=1)
+    record = recorder.records[0]
+    ids, domains = record.sample_ids.tolist(), record.domain_ids.numpy()
+    assert 0 < (domains == 2).sum() < 4  # the step mixes noise with other domains
+    sums, _ = sample_sums(make_pool(), ids, make_model())
+    w = np.where(domains == 2, 0.0, 1.0)
+    w = w * len(w) / w.sum()  # noise contributes nothing; the others share the step's weight
+    np.testing.assert_allclose(trainer.captured, [(w * sums).sum() / (4 * BLOCK)], rtol=1e-5)
+
+
+def test_adapt_uses_the_training_forward_and_no_second_forward(tmp_path):
+    """No accumulation: one forward per step (its hidden states are the embeddings) + the anchor passes."""
+    target = make_target(6)
+    weighter = RecordingAdaptWeighter(tau=0.05, refresh_every=0, anchor_batch_size=4)
+    model = make_model()
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    pool = make_pool()
+    steering = make_steering(pool, ComponentSet(weighter=weighter), output_dir=str(tmp_path))
+    steering.target = target
+    trainer = CapturingSteeredTrainer(
+        model=model,
+        args=make_args(str(tmp_path), max_steps=2),
+        train_dataset=pool,
+        data_collator=default_data_collator,
+        steering=steering,
+    )
+    trainer.train()
+    assert len(forwards) == 2 + 2  # ceil(6 anchors / 4) anchor batches + one forward per training step
+    assert weighter.refresh_steps == [0]
+    # Step 1: embeddings are the mean-pooled last hidden states of the initial model on the step's samples,
+    # anchors likewise on the target set; the weights follow from them.
+    fresh = make_model()
+    row_of = {int(i): r for r, i in enumerate(pool["sample_id"])}
+    call = weighter.calls[0]
+    rows = [pool[row_of[i]]["input_ids"] for i in call["ids"]]
+    torch.testing.assert_close(call["emb"], pooled_hidden(rows, fresh), atol=1e-5, rtol=1e-4)
+    centroid = anchor_centroid(pooled_hidden(target["input_ids"], fresh))
+    torch.testing.assert_close(weighter.centroids[0], centroid, atol=1e-5, rtol=1e-4)
+    (summary,) = [e for e in read_events(tmp_path) if e["event"] == "sample_weights" and e["step"] == 1]
+    raw = similarity_weights(call["emb"], centroid, 0.05)
+    assert summary["max"] == pytest.approx(float(raw.max() * 4 / raw.sum()), rel=1e-4)
+
+
+def test_adapt_refreshes_anchors_once_per_refresh_step_under_accumulation(tmp_path):
+    weighter = RecordingAdaptWeighter(tau=0.1, refresh_every=2, anchor_batch_size=8)
+    trainer = run(
+        tmp_path, ComponentSet(weighter=weighter), target=make_target(6), max_steps=5, gradient_accumulation_steps=2
+    )
+    assert [c["step"] for c in weighter.calls] == [0, 1, 2, 3, 4]  # weights once per optimizer step
+    assert weighter.refresh_steps == [0, 2, 4]  # setup, then after steps 2 and 4 (never per micro-batch)
+    assert not torch.allclose(weighter.centroids[0], weighter.centroids[2])  # the model moved
+    torch.testing.assert_close(weighter.centroid, weighter.centroids[-1])
+    assert trainer.steering.state_dict()["components"]["weighter"]["refreshed_at"] == 4
