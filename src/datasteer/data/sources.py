@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_from_disk
-from datasets.utils import tqdm as hf_tqdm
+from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
 from datasteer.data.config import SourceConfig
 from datasteer.errors import ConfigError
@@ -112,13 +112,13 @@ def read(src: ResolvedSource, hf_cache: Path) -> Dataset:
 @contextmanager
 def quiet() -> Iterator[None]:
     """Silence `datasets` progress bars for small internal reads/writes, restoring the caller's setting."""
-    was_disabled = hf_tqdm.are_progress_bars_disabled()
-    hf_tqdm.disable_progress_bars()
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
     try:
         yield
     finally:
         if not was_disabled:
-            hf_tqdm.enable_progress_bars()
+            enable_progress_bars()
 
 
 def _train_split(loaded: Dataset | DatasetDict, src: ResolvedSource) -> Dataset:

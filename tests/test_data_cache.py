@@ -1,0 +1,71 @@
+"""Tokenize once: a second build loads the cached pool; any change of content changes the key."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from datasteer.data import DataConfig, DemoDataConfig, SourceConfig, build_pool
+from datasteer.demo import make_tokenizer
+
+
+def source_file(tmp_path: Path) -> Path:
+    path = tmp_path / "web.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f"answer {i}"}) + "\n" for i in range(20)))
+    return path
+
+
+def test_second_build_hits_the_cache_with_identical_content(tmp_path: Path) -> None:
+    cfg = DataConfig(
+        kind="sft",
+        sources=[SourceConfig(path=str(source_file(tmp_path)))],
+        eval_per_domain=3,
+        cache_dir=str(tmp_path / "c"),
+    )
+    tok = make_tokenizer()
+    first = build_pool(cfg, tok)
+    second = build_pool(cfg, tok)
+    assert not first.from_cache and second.from_cache
+    assert first.fingerprint == second.fingerprint
+    assert os.listdir(tmp_path / "c") == [first.fingerprint]  # no leftovers from reading or writing
+    assert second.train.to_dict() == first.train.to_dict()
+    assert second.eval["web"].to_dict() == first.eval["web"].to_dict()
+    assert second.domains == first.domains and second.sample_ids.tolist() == first.sample_ids.tolist()
+
+
+def test_one_changed_byte_of_a_source_changes_the_key(tmp_path: Path) -> None:
+    path = source_file(tmp_path)
+    cfg = DataConfig(kind="sft", sources=[SourceConfig(path=str(path))], cache_dir=str(tmp_path / "c"))
+    tok = make_tokenizer()
+    before = build_pool(cfg, tok)
+    path.write_text(path.read_text().replace("answer 7", "answer 8", 1))
+    after = build_pool(cfg, tok)
+    assert after.fingerprint != before.fingerprint and not after.from_cache
+    assert "answer 8" in [tok.decode(ids) for ids in after.train["input_ids"]][7]
+
+
+def test_tokenizer_and_settings_are_part_of_the_key_but_the_cache_dir_is_not(tmp_path: Path) -> None:
+    cfg = DataConfig(kind="sft", demo=DemoDataConfig(samples_per_domain=3), cache_dir=str(tmp_path / "a"))
+    tok = make_tokenizer()
+    base = build_pool(cfg, tok).fingerprint
+    plain = make_tokenizer()
+    plain.chat_template = None
+    assert build_pool(cfg, plain).fingerprint != base
+    assert build_pool(cfg.model_copy(update={"max_length": 64}), tok).fingerprint != base
+    assert (
+        build_pool(cfg.model_copy(update={"demo": DemoDataConfig(samples_per_domain=3, seed=1)}), tok).fingerprint
+        != base
+    )
+    moved = build_pool(cfg.model_copy(update={"cache_dir": str(tmp_path / "b")}), tok)
+    assert moved.fingerprint == base and not moved.from_cache
+
+
+def test_no_cache_dir_writes_nothing(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = DataConfig(kind="pretrain", demo=DemoDataConfig(samples_per_domain=5), block_size=16, cache_dir=None)
+    pool = build_pool(cfg, make_tokenizer())
+    assert not pool.from_cache and len(pool.fingerprint) == 64
+    assert os.listdir(tmp_path) == []
