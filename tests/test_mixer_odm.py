@@ -1,0 +1,102 @@
+"""`odm`: the EXP3 update by hand, exact state round-trip, and a real run that updates after every step."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from dist_scripts.mixer_fixtures import make_ctx, make_record, stages, steered_mixer_run
+
+from datasteer import Schedule
+from datasteer.mixers.odm import ODMMixer, exploration_rate
+from datasteer.steering_log import read_events
+
+
+def test_exploration_rate_follows_the_paper():
+    assert exploration_rate(0, 2) == 0.5  # ε_0 = 1/K
+    assert exploration_rate(1, 2) == 0.5  # sqrt(ln 2 / 2) = 0.5887 > 1/2, so 1/K
+    assert exploration_rate(4, 2) == pytest.approx(0.2943525, rel=1e-6)  # sqrt(0.693147 / 8)
+    assert exploration_rate(5, 1) == 1.0  # one arm: always it
+
+
+def run_three_steps(mixer: ODMMixer) -> list[np.ndarray]:
+    """K = 2, α = 0.5, lag 1: a decision after step t is first sampled at step t + 2."""
+    ctx = make_ctx(["a", "b"], [0, 0, 1, 1])
+    w0 = mixer.initial_weights(ctx)
+    # step 1, sampled at π = (1/2, 1/2): a's sample has loss 2, b's loss 4.
+    mixer.observe(ctx, make_record(1, [(0, 0, [2.0] * 4), (2, 1, [4.0] * 4)]))
+    ctx.step = 1
+    w1 = mixer.update(ctx)
+    # step 2, still sampled at (1/2, 1/2) (the lag): only b, two samples of 2 and 6 tokens, losses 3 and 5.
+    mixer.observe(ctx, make_record(2, [(2, 1, [3.0] * 2), (3, 1, [5.0] * 6)]))
+    ctx.step = 2
+    w2 = mixer.update(ctx)
+    # step 3, sampled at w1: only a, loss 1.
+    mixer.observe(ctx, make_record(3, [(1, 0, [1.0] * 4)]))
+    return [w0, w1, w2]
+
+
+def test_exp3_update_by_hand():
+    mixer = ODMMixer(smoothing=0.5)
+    w0, w1, w2 = run_three_steps(mixer)
+    np.testing.assert_allclose(w0, [0.5, 0.5])
+    # After step 1: R̂ = 0.5·0 + 0.5·L/π = (0.5·2/0.5, 0.5·4/0.5) = (2, 4).
+    # π after step 1: ε_1 = 1/2 (temperature), ε_2 = sqrt(ln 2 / 4) = 0.41627731;
+    # softmax(0.5·(2, 4)) = softmax(1, 2) = (1/(1+e), e/(1+e)) = (0.26894142, 0.73105858);
+    # π = (1 − 2·0.41627731)·softmax + 0.41627731 = 0.16744539·(0.26894142, 0.73105858) + 0.41627731
+    #   = (0.04503300 + 0.41627731, 0.12241238 + 0.41627731) = (0.46131031, 0.53868969).
+    np.testing.assert_allclose(w1, [0.46131031, 0.53868969], rtol=1e-7)
+    # Step 2 (sampled at 1/2 each): b's token-weighted mean = (2·3 + 6·5)/8 = 4.5; R̂_b = 0.5·4 + 0.5·4.5/0.5 = 6.5.
+    # π after step 2: ε_2 = 0.41627731 (temperature), ε_3 = sqrt(ln 2 / 6) = 0.33988900;
+    # softmax(0.41627731·(2, 6.5)) = softmax(0.83255461, 2.70580249): b − a = 1.87324788,
+    # a = 1/(1 + e^1.87324788) = 1/(1 + 6.50960...) = 0.13316636, b = 0.86683364;
+    # π = (1 − 0.67977799)·(0.13316636, 0.86683364) + 0.33988900 = (0.38253180, 0.61746820).
+    np.testing.assert_allclose(w2, [0.38253180, 0.61746820], rtol=1e-7)
+    # Step 3 was sampled at w1 (not w2): R̂_a = 0.5·2 + 0.5·1/0.46131031 = 1 + 1.08386913 = 2.08386913.
+    np.testing.assert_allclose(mixer.rewards, [2.08386913, 6.5], rtol=1e-7)
+
+
+def test_state_round_trip_gives_identical_next_weights():
+    mixer = ODMMixer(smoothing=0.5)
+    run_three_steps(mixer)
+    buf = io.BytesIO()
+    torch.save(mixer.state_dict(), buf)
+    buf.seek(0)
+    restored = ODMMixer(smoothing=0.5)
+    restored.initial_weights(make_ctx(["a", "b"], [0, 0, 1, 1]))  # what a fresh Steering does before loading
+    restored.load_state_dict(torch.load(buf, weights_only=True))
+    for m in (mixer, restored):  # step 4 was sampled at w2 (decided after step 2)
+        m.observe(make_ctx(["a", "b"], [0, 0, 1, 1]), make_record(4, [(0, 0, [2.5] * 3), (3, 1, [0.5] * 3)]))
+    ctx = make_ctx(["a", "b"], [0, 0, 1, 1], step=4)
+    np.testing.assert_array_equal(mixer.update(ctx), restored.update(ctx))
+    np.testing.assert_array_equal(mixer.rewards, restored.rewards)
+
+
+def test_odm_steers_a_real_run_after_every_step(tmp_path):
+    trainer, mixer, _ = steered_mixer_run(tmp_path, "odm", {"smoothing": 0.9}, Schedule(2, 1), max_steps=8)
+    plan = stages(trainer)
+    # initial uniform, then decisions after steps 2..6 (a decision after step 7 would apply after the run)
+    assert [s for s, _ in plan] == [0] + [4 * (t + 1) for t in range(2, 7)]
+    np.testing.assert_allclose(plan[0][1], [1 / 3] * 3)
+    assert all(abs(sum(w) - 1) < 1e-9 and min(w) > 0 for _, w in plan)
+    # ε_3 = min(1/3, sqrt(ln 3 / 9) = 0.349) = 1/3 keeps the decision after step 2 uniform; later ones move
+    np.testing.assert_allclose(plan[1][1], [1 / 3] * 3)
+    assert len({tuple(w) for _, w in plan[1:]}) == len(plan) - 1
+    assert np.all(mixer.rewards > 0)
+    weights = [e for e in read_events(tmp_path) if e["event"] == "weights"]
+    assert [e["step"] for e in weights] == [0, 2, 3, 4, 5, 6]
+
+
+def test_odm_resume_reproduces_the_uninterrupted_run(tmp_path):
+    schedule = Schedule(1, 1)
+    full, full_mixer, full_rec = steered_mixer_run(
+        tmp_path, "odm", {}, schedule, max_steps=8, save_strategy="steps", save_steps=4
+    )
+    resumed, resumed_mixer, resumed_rec = steered_mixer_run(
+        tmp_path, "odm", {}, schedule, max_steps=8, resume=str(tmp_path / "checkpoint-4")
+    )
+    assert resumed_rec.steps == full_rec.steps[4:]
+    assert stages(resumed) == stages(full)
+    np.testing.assert_array_equal(resumed_mixer.rewards, full_mixer.rewards)
