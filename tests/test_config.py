@@ -102,34 +102,46 @@ def test_every_shipped_example_config_validates():
         load_config(path)
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "datasteer.cli", *args], capture_output=True, text=True, timeout=300, cwd=ROOT
-    )
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    """The CLI in-process (fast); one test below also checks it as a real subprocess."""
+    from datasteer.cli import main
+
+    code = main(list(args))
+    return code, capsys.readouterr().err
 
 
-def test_cli_bad_config_exits_2_without_traceback(tmp_path):
+def test_cli_bad_config_exits_2_without_traceback_in_a_real_process(tmp_path):
     cfg = base()
     cfg["steering"]["mixer"] = {"name": "static", "proportions": [1.0, 2.0]}
     cfg["train"]["output_dir"] = str(tmp_path / "run")
-    proc = run_cli("train", str(write(tmp_path, cfg)))
+    path = str(write(tmp_path, cfg))
+    proc = subprocess.run(
+        [sys.executable, "-m", "datasteer.cli", "train", path], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "proportions has 2 entries but there are 5 domains" in proc.stderr
-    debug = run_cli("--debug", "train", str(write(tmp_path, cfg)))
-    assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 
-def test_cli_missing_data_file_names_key_and_path(tmp_path):
+def test_cli_debug_shows_the_traceback(tmp_path, capsys):
+    cfg = base()
+    cfg["steering"]["mixer"] = {"name": "static", "proportions": [1.0, 2.0]}
+    with pytest.raises(ConfigError):
+        run_cli(capsys, "--debug", "train", str(write(tmp_path, cfg)))
+    with pytest.raises(ConfigError):
+        run_cli(capsys, "train", "--debug", str(write(tmp_path, cfg)))
+
+
+def test_cli_missing_data_file_names_key_and_path(tmp_path, capsys):
     cfg = base()
     cfg["data"] = {"kind": "pretrain", "sources": [{"path": str(tmp_path / "missing.jsonl")}]}
     cfg["train"]["output_dir"] = str(tmp_path / "run")
-    proc = run_cli("train", str(write(tmp_path, cfg)))
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "data.sources[0].path" in proc.stderr and "missing.jsonl" in proc.stderr
+    code, err = run_cli(capsys, "train", str(write(tmp_path, cfg)))
+    assert code == 2 and "Traceback" not in err
+    assert "data.sources[0].path" in err and "missing.jsonl" in err
 
 
-def test_cli_empty_domain_is_named(tmp_path):
+def test_cli_empty_domain_is_named(tmp_path, capsys):
     (tmp_path / "good.jsonl").write_text('{"text": "hello world, a document long enough to pack"}\n' * 20)
     (tmp_path / "empty.jsonl").write_text("")
     cfg = base()
@@ -139,15 +151,15 @@ def test_cli_empty_domain_is_named(tmp_path):
         "sources": [{"path": str(tmp_path / "good.jsonl")}, {"path": str(tmp_path / "empty.jsonl")}],
     }
     cfg["train"]["output_dir"] = str(tmp_path / "run")
-    proc = run_cli("train", str(write(tmp_path, cfg)))
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "empty" in proc.stderr
+    code, err = run_cli(capsys, "train", str(write(tmp_path, cfg)))
+    assert code == 2 and "Traceback" not in err
+    assert "domain 'empty'" in err or "'empty'" in err
 
 
-def test_proportions_that_do_not_sum_to_a_positive_number(tmp_path):
+def test_proportions_that_do_not_sum_to_a_positive_number(tmp_path, capsys):
     cfg = base()
     cfg["steering"]["mixer"] = {"name": "static", "proportions": [0, 0, 0, 0, 0]}
     cfg["train"]["output_dir"] = str(tmp_path / "run")
-    proc = run_cli("train", str(write(tmp_path, cfg)))
-    assert proc.returncode == 2
-    assert "sum to a positive number" in proc.stderr
+    code, err = run_cli(capsys, "train", str(write(tmp_path, cfg)))
+    assert code == 2
+    assert "sum to a positive number" in err

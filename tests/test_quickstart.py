@@ -24,8 +24,9 @@ def test_quickstart_runs_and_writes_plot_events_and_table(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     events = [json.loads(line) for line in (out / "steering" / "events.jsonl").read_text().splitlines()]
     weights = [e for e in events if e["event"] == "weights"]
-    assert [e["step"] for e in weights] == [0, 4, 10, 16]  # initial + updates after steps 4, 10, 16
-    assert len({tuple(e["weights"].values()) for e in weights}) == 4  # the random mixer re-draws each time
+    assert [e["step"] for e in weights] == [0, 4, 10, 16, 22]  # initial + an update every 6 steps after 4
+    assert [e["effective_step"] for e in weights] == [1, 6, 12, 18, 24]  # one step of lag
+    assert len({tuple(e["weights"].values()) for e in weights}) == 5  # the random mixer re-draws each time
     assert [e["step"] for e in events if e["event"] == "train"] == list(range(1, 25))
     table = json.loads((out / "domain_eval.json").read_text())
     assert set(table) == {"repeat", "arith", "kv", "markov", "noise"}

@@ -1,4 +1,4 @@
-"""`datasteer train | components | version`.
+"""`datasteer train | doremi | components | version`.
 
 User errors (bad config, missing file, ...) print one paragraph and exit with code 2; the traceback is
 shown only with `--debug`.
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.command == "train" and (launched := _launch_torchrun(argv)) is not None:
+    if args.command in ("train", "doremi") and (launched := _launch_torchrun(argv)) is not None:
         return launched
     try:
         return args.func(args)
@@ -42,13 +42,21 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=20")
     train.add_argument("--resume", nargs="?", const=True, default=None, help="resume from a checkpoint (or the last)")
     train.set_defaults(func=_train)
+    doremi = sub.add_parser("doremi", help="DoReMi: reference run, proxy run (Group DRO), final run on ᾱ")
+    doremi.add_argument("config", help="YAML config whose steering.mixer is doremi")
+    doremi.add_argument("overrides", nargs="*", help="section.key=value overrides, applied to every step")
+    doremi.add_argument(
+        "--step", action="append", choices=("reference", "proxy", "final"), help="run only this step (repeatable)"
+    )
+    doremi.set_defaults(func=_doremi)
     comps = sub.add_parser("components", help="list registered components with their parameters")
     comps.add_argument("kind", nargs="?", choices=registry.KINDS, help="only this kind")
     comps.set_defaults(func=_components)
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=lambda a: print(__version__) or 0)
-    for p in (train, comps, version):
-        p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    for p in (train, doremi, comps, version):
+        # SUPPRESS as default: a sub-command must not reset a top-level `datasteer --debug ...`
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -88,6 +96,19 @@ def _train(args: argparse.Namespace) -> int:
     print(f"datasteer: run written to {result.output_dir}")
     for domain, m in result.domain_eval.items():
         print(f"  {domain:>12}: eval loss {m['loss']:.4f}  ppl {m['perplexity']:.2f}")
+    return 0
+
+
+def _doremi(args: argparse.Namespace) -> int:
+    from datasteer.config import load_config
+    from datasteer.workflows.doremi import DOREMI_STEPS, run_doremi
+
+    config = load_config(args.config, args.overrides)
+    result = run_doremi(config, args.step or DOREMI_STEPS)
+    for step, run in result.runs.items():
+        print(f"datasteer: DoReMi {step} run written to {run.output_dir}")
+    if result.weights:
+        print("  averaged domain weights: " + ", ".join(f"{d} {w:.4f}" for d, w in result.weights.items()))
     return 0
 
 

@@ -66,9 +66,7 @@ class SteeringConfig(StrictModel):
     """What datasteer decides while training, and when."""
 
     seed: int = Field(0, description="Seed of the sampler's stream.")
-    warmup_steps: int = Field(
-        0, ge=0, description="Steps trained on the initial mixture before the first update."
-    )
+    warmup_steps: int = Field(0, ge=0, description="Steps trained on the initial mixture before the first update.")
     update_every: int = Field(
         0, ge=0, description="Steps between updates; 0 = one update after the warmup (a one-shot decision)."
     )
@@ -81,12 +79,8 @@ class SteeringConfig(StrictModel):
         description="Samples per selection: an int, a fraction of the pool, or null = samples/step x update_every.",
     )
     mixer: ComponentSpec | None = Field(None, description="Domain mixer: a name or {name: ..., <params>}.")
-    selector: ComponentSpec | None = Field(
-        None, description="Sample selector: a name or {name: ..., <params>}."
-    )
-    weighter: ComponentSpec | None = Field(
-        None, description="Loss weighter: a name or {name: ..., <params>}."
-    )
+    selector: ComponentSpec | None = Field(None, description="Sample selector: a name or {name: ..., <params>}.")
+    weighter: ComponentSpec | None = Field(None, description="Loss weighter: a name or {name: ..., <params>}.")
 
     @field_validator("budget")
     @classmethod
@@ -184,6 +178,8 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     node = raw
     for part in parts[:-1]:
         child = node.setdefault(part, {})
+        if isinstance(child, str):  # a component given by name: `mixer: odm` -> `{name: odm}`
+            child = node[part] = {"name": child}
         if not isinstance(child, dict):
             raise ConfigError(f"Override '{item}': '{part}' is not a section.")
         node = child
