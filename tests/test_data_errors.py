@@ -67,7 +67,7 @@ def test_missing_domain_column(tmp_path: Path) -> None:
 def test_empty_domain_is_named(tmp_path: Path) -> None:
     good = jsonl(tmp_path / "good.jsonl", [{"text": "hello world " * 5}] * 3)
     blank = jsonl(tmp_path / "blank.jsonl", [{"text": ""}, {"text": "   "}])
-    with pytest.raises(ConfigError, match=r"domain 'blank' has no rows .*Add data to it"):
+    with pytest.raises(ConfigError, match=r"domain 'blank' has no usable rows \(2 read;.*Add data to it"):
         build(tmp_path, sources=[SourceConfig(path=str(good)), SourceConfig(path=str(blank))], block_size=8)
 
 
@@ -95,6 +95,8 @@ def test_config_validation_messages() -> None:
     assert "'demo.samples_per_domain'" in config_error(demo={"samples_per_domain": 0})
     assert "Did you mean 'block_size'" in config_error(demo={}, blocksize=8)
     assert "domain_column needs data.sources" in config_error(demo={}, domain_column="lang")
+    both = config_error(sources=[{"path": "a"}, {"path": "b", "domain": "x"}], domain_column="lang")
+    assert "data.sources[1].domain has no effect" in both
     assert "data.target.domain is not used" in config_error(demo={}, target={"path": "t.jsonl", "domain": "x"})
     assert "'sources.0.format'" in config_error(sources=[{"path": "a.csv", "format": "csv"}])
 

@@ -125,3 +125,17 @@ def test_sft_eval_rows_are_disjoint_from_training() -> None:
         assert train_ids.isdisjoint(ds["sample_id"])
         assert set(ds["domain_id"]) == {pool.domains.index(name)}
     assert (pool.domain_sizes == 26).all()
+
+
+def test_a_template_whose_prompt_is_not_a_prefix_is_split_at_the_common_prefix() -> None:
+    from datasteer.data.sft import _render
+
+    tok = make_tokenizer()
+    # the generation prompt says "A: " but a finished turn renders as "A:" + content
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ 'A:' + m['content'] + eos_token }}"
+        "{% else %}{{ 'U: ' + m['content'] + '\\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'A: ' }}{% endif %}"
+    )
+    head, tail = _render(tok, [{"role": "user", "content": "hi"}], "yo")
+    assert (head, tail) == ("U: hi\nA:", "yo<eos>")

@@ -72,7 +72,7 @@ def assemble(
     train_parts, eval_sets = [], {}
     for d, (name, domain_rows) in enumerate(rows.items()):
         examples = _encode(cfg, tokenizer, domain_rows, name)
-        _require_rows(examples, name, "after dropping empty or unsupervised rows")
+        _require_rows(examples, name, len(domain_rows))
         train, held = split_eval(examples, cfg.eval_per_domain, cfg.seed, name)
         if cfg.kind == "pretrain":
             train = pretrain.pack(train, cfg.block_size, id_scheme.TRAIN_BLOCK, d)
@@ -104,9 +104,12 @@ def _target(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, rows: Rows | No
     return to_dataset([(examples, None)], cfg.kind)
 
 
-def _require_rows(examples: Examples, domain: str, why: str) -> None:
+def _require_rows(examples: Examples, domain: str, read: int) -> None:
     if len(examples) == 0:
-        raise ConfigError(f"domain '{domain}' has no rows {why}. Add data to it, fix its source/column, or remove it.")
+        raise ConfigError(
+            f"domain '{domain}' has no usable rows ({read} read; empty documents and sft rows without a "
+            "supervised token are dropped). Add data to it, fix its source or columns, or remove it."
+        )
 
 
 def _require_blocks(train: Examples, domain: str, block_size: int) -> None:

@@ -23,7 +23,7 @@ class SourceConfig(StrictModel):
     domain: str | None = Field(
         None,
         description="Domain of this source's rows; defaults to the file stem or folder name. Sources that share "
-        "a name form one domain. Ignored when data.domain_column is set; not allowed on data.target.",
+        "a name form one domain. Not allowed with data.domain_column, nor on data.target.",
     )
     format: SourceFormat = Field(
         "auto",
@@ -99,8 +99,9 @@ class DataConfig(StrictModel):
     )
     target: SourceConfig | None = Field(
         None,
-        description="Target/validation set for selectors that need one (e.g. LESS), encoded like the training "
-        "rows. For demo sft data it defaults to datasteer.demo.target_set.",
+        description="Target/validation set for selectors that need one (e.g. LESS), one row per example: sft "
+        "rows are masked like the training rows, pretrain documents are cut to block_size. For demo sft data it "
+        "defaults to datasteer.demo.target_set.",
     )
     cache_dir: str | None = Field(
         ".cache/datasteer/data",
@@ -125,6 +126,12 @@ class DataConfig(StrictModel):
             )
         if self.demo is not None and self.domain_column is not None:
             raise ValueError("data.domain_column needs data.sources; the demo corpus has fixed domains")
+        named = [i for i, src in enumerate(self.sources) if src.domain is not None]
+        if self.domain_column is not None and named:
+            raise ValueError(
+                f"data.sources[{named[0]}].domain has no effect when data.domain_column is set (domains come "
+                "from the column); remove one of them"
+            )
         if self.target is not None and self.target.domain is not None:
             raise ValueError("data.target.domain is not used (a target set has no domain); remove it")
         return self
