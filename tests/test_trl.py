@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 from trainer_fixtures import make_model, make_pool, make_steering
-from transformers import default_data_collator
 
 from datasteer import ComponentSet, Schedule, SteeringMixin, registry
+from datasteer.data import Collator
+from datasteer.demo import make_tokenizer
 from datasteer.steering_log import read_events
 
 trl = pytest.importorskip("trl", reason="TRL is an optional extra (pip install 'datasteer[trl]')")
@@ -25,8 +26,14 @@ def test_steered_sft_trainer_trains_and_steers(tmp_path):
         save_strategy="steps", save_steps=4, report_to="none", use_cpu=True, disable_tqdm=True,
         dataset_kwargs={"skip_prepare_dataset": True},
     )  # fmt: skip
+    tokenizer = make_tokenizer()
     trainer = SteeredSFTTrainer(
-        model=make_model(), args=args, train_dataset=pool, data_collator=default_data_collator, steering=steering
+        model=make_model(),
+        args=args,
+        train_dataset=pool,
+        data_collator=Collator(tokenizer),  # passes sample_id/domain_id through, builds attention_mask
+        processing_class=tokenizer,  # TRL wants one; the pool is already tokenized
+        steering=steering,
     )
     trainer.train()
     train_events = [e for e in read_events(tmp_path) if e["event"] == "train"]
