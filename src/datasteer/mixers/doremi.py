@@ -1,0 +1,239 @@
+"""`doremi`: DoReMi's proxy step (Xie et al. 2023) — Group DRO over domains against a reference model.
+
+The proxy model samples at the reference proportions; its loss is reweighted per domain by α, and α follows
+the clipped excess loss over the reference model after every step. The output is the time average ᾱ, which
+`datasteer doremi` (workflows/doremi.py) hands to the final run. The reference model's per-token losses are
+computed once through `ops.per_sample_losses` (cached in the feature store) and looked up by sample id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from datasteer.components import Mixer, StepRecord
+from datasteer.errors import ConfigError, DatasteerError
+from datasteer.mixers.static import resolve_proportions
+from datasteer.ops.results import LossResult
+from datasteer.registry import register
+from datasteer.steering import SteeringContext
+
+WEIGHTS_FILE = "doremi_weights.json"
+
+
+def group_dro_step(alpha: np.ndarray, excess: np.ndarray, eta: float, smoothing: float) -> np.ndarray:
+    """α ← normalize(α · exp(η λ)), then α ← (1 − c) α + c/K. Shapes (K,)."""
+    logits = np.log(alpha) + eta * excess
+    alpha = np.exp(logits - logits.max())
+    alpha = alpha / alpha.sum()
+    return (1.0 - smoothing) * alpha + smoothing / len(alpha)
+
+
+@register("mixer", "doremi")
+class DoReMiMixer(Mixer):
+    """DoReMi's proxy run: Group DRO domain weights α against a reference model; outputs their average ᾱ.
+
+    After every step, λ_i = mean over domain i's tokens of the step (all ranks) of max(ℓ_proxy − ℓ_ref, 0);
+    a domain absent from the step keeps its last λ_i. Then α ← normalize(α · exp(η λ)) and
+    α ← (1 − c) α + c/K. Sampling stays at the reference proportions p; the proxy's loss of a domain-i sample
+    is weighted by α_i / p_i. ᾱ (the mean of α over steps) is written to `<output_dir>/doremi_weights.json`
+    at the last step.
+
+    Args:
+        reference_model: folder of the reference model (step 1); `datasteer doremi` fills it in.
+        reference_proportions: sampling proportions of the reference and proxy runs: "size" (the paper's
+            default), "uniform", a list with one weight per domain, or a mapping {domain: weight}.
+        eta: step size η of the exponentiated-gradient update of α (paper: 1).
+        smoothing: c, the share of the uniform distribution mixed into α after each update (paper: 1e-3).
+        batch_size: rows per forward pass when computing the reference losses.
+        cache_dir: feature-store folder where the reference losses are cached by content; null = no cache.
+    """
+
+    needs_token_losses = True
+
+    def __init__(
+        self,
+        reference_model: str | None = None,
+        reference_proportions: Literal["uniform", "size"] | list[float] | dict[str, float] = "size",
+        eta: float = 1.0,
+        smoothing: float = 1e-3,
+        batch_size: int = 32,
+        cache_dir: str | None = ".cache/datasteer/ops",
+    ) -> None:
+        if eta <= 0 or not 0.0 <= smoothing <= 1.0:
+            raise ValueError(f"eta must be > 0 and smoothing in [0, 1]; got eta={eta}, smoothing={smoothing}")
+        self.reference_model = reference_model
+        self.reference_proportions = reference_proportions
+        self.eta, self.smoothing = eta, smoothing
+        self.batch_size, self.cache_dir = batch_size, cache_dir
+        self.proportions: np.ndarray | None = None
+        self.alpha: np.ndarray | None = None  # (K,) current domain weights
+        self.excess: np.ndarray | None = None  # (K,) last excess loss of each domain
+        self.alpha_sum: np.ndarray | None = None
+        self.steps = 0
+        self._ref: tuple[np.ndarray, torch.Tensor, torch.Tensor] | None = None  # ids, offsets, flat losses
+
+    # ------------------------------------------------------------------------------ decisions
+    def initial_weights(self, ctx: SteeringContext) -> np.ndarray:
+        k = ctx.num_domains
+        self.proportions = resolve_proportions(self.reference_proportions, ctx.pool.domains, ctx.pool.domain_sizes)
+        if self.alpha is None:
+            self.alpha, self.excess, self.alpha_sum = np.full(k, 1.0 / k), np.zeros(k), np.zeros(k)
+        return self.proportions
+
+    def update(self, ctx: SteeringContext) -> np.ndarray:
+        return self.proportions  # sampling stays at the reference proportions; α acts on the loss
+
+    def loss_weights(self) -> torch.Tensor | None:
+        """α_i / p_i (0 where p_i = 0), normalised to sum 1; the trainer rescales them to mean 1 per step."""
+        if self.alpha is None:
+            return None
+        p = self.proportions
+        w = np.divide(self.alpha, p, out=np.zeros_like(p), where=p > 0)
+        return torch.as_tensor(w / w.sum(), dtype=torch.float32)
+
+    @property
+    def average(self) -> np.ndarray:
+        """ᾱ: the mean of α over the steps observed so far (uniform before the first)."""
+        return self.alpha_sum / self.steps if self.steps else np.full(len(self.alpha), 1.0 / len(self.alpha))
+
+    # ---------------------------------------------------------------------------- observations
+    def setup(self, ctx: SteeringContext) -> None:
+        if self._ref is None:
+            self.set_reference_losses(self._reference_losses(ctx))
+
+    def set_reference_losses(self, result: LossResult) -> None:
+        """Per-token reference losses keyed by sample id (`reduction="tokens"`); `setup` computes them itself."""
+        lengths = torch.tensor([v.numel() for v in result.values], dtype=torch.long)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        flat = torch.cat(list(result.values)).float() if result.values else torch.zeros(0)
+        self._ref = (np.asarray(result.ids, dtype=np.int64), offsets, flat)
+
+    def observe(self, ctx: SteeringContext, record: StepRecord) -> None:
+        k = ctx.num_domains
+        excess_sum, tokens = self.excess_sums(record, k)
+        present = tokens > 0
+        self.excess[present] = excess_sum[present] / tokens[present]
+        self.alpha = group_dro_step(self.alpha, self.excess, self.eta, self.smoothing)
+        self.alpha_sum += self.alpha
+        self.steps += 1
+        for name, a in zip(ctx.pool.domains, self.alpha.tolist()):
+            ctx.log.scalar(f"doremi/alpha/{name}", a)
+        if record.step >= ctx.total_steps and ctx.trainer is not None:
+            write_weights(Path(ctx.trainer.args.output_dir) / WEIGHTS_FILE, ctx.pool.domains, self)
+
+    def excess_sums(self, record: StepRecord, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Σ over each domain's tokens of max(ℓ_proxy − ℓ_ref, 0), and the token counts. Shapes (K,), (K,)."""
+        lengths = record.tokens.long()
+        ref = self._reference_tokens(record.sample_ids.numpy(), lengths)
+        excess = (record.token_losses.double() - ref.double()).clamp_min(0.0)
+        token_domain = torch.repeat_interleave(record.domain_ids.long(), lengths)
+        sums = torch.zeros(k, dtype=torch.float64).index_add_(0, token_domain, excess)
+        counts = torch.zeros(k, dtype=torch.float64).index_add_(0, token_domain, torch.ones_like(excess))
+        return sums.numpy(), counts.numpy()
+
+    def _reference_tokens(self, ids: np.ndarray, lengths: torch.Tensor) -> torch.Tensor:
+        """The reference losses of these samples' tokens, concatenated in `ids` order. Shape (sum lengths,)."""
+        if self._ref is None:
+            raise DatasteerError("doremi has no reference losses: setup() did not run (is the mixer in a Steering?)")
+        ref_ids, offsets, flat = self._ref
+        rows = np.searchsorted(ref_ids, ids).clip(max=max(len(ref_ids) - 1, 0))
+        if len(ref_ids) == 0 or not np.array_equal(ref_ids[rows], ids):
+            missing = ids[ref_ids[rows] != ids][:5].tolist() if len(ref_ids) else ids[:5].tolist()
+            raise DatasteerError(f"doremi: sample ids {missing} have no reference losses (a different pool?)")
+        rows_t = torch.as_tensor(rows)
+        ref_len = offsets[rows_t + 1] - offsets[rows_t]
+        if not torch.equal(ref_len, lengths):
+            bad = ids[(ref_len != lengths).numpy()][:5].tolist()
+            raise DatasteerError(
+                f"doremi: samples {bad} have a different number of supervised tokens under the reference pass "
+                "than in training; the reference losses were computed on different labels or another collator."
+            )
+        starts = torch.repeat_interleave(offsets[rows_t] - (lengths.cumsum(0) - lengths), lengths)
+        return flat[starts + torch.arange(int(lengths.sum()))]
+
+    def _reference_losses(self, ctx: SteeringContext) -> LossResult:
+        """Score the whole training pool once with the reference model (cached by model and data content)."""
+        if self.reference_model is None or not Path(self.reference_model).is_dir():
+            raise ConfigError(
+                f"mixer 'doremi' needs reference_model, the folder of the reference model (step 1); got "
+                f"{self.reference_model!r}. `datasteer doremi CONFIG` trains it and fills it in."
+            )
+        if ctx.trainer is None:
+            raise DatasteerError("doremi computes reference losses through the Trainer's dataset and collator")
+        return reference_token_losses(ctx, self.reference_model, self.batch_size, self.cache_dir)
+
+    # ---------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "alpha": self.alpha.tolist(),
+            "excess": self.excess.tolist(),
+            "alpha_sum": self.alpha_sum.tolist(),
+            "steps": self.steps,
+            "average": self.average.tolist(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.alpha = np.asarray(state["alpha"], dtype=np.float64)
+        self.excess = np.asarray(state["excess"], dtype=np.float64)
+        self.alpha_sum = np.asarray(state["alpha_sum"], dtype=np.float64)
+        self.steps = int(state["steps"])
+
+
+def write_weights(path: Path, domains: list[str], mixer: DoReMiMixer) -> None:
+    """Write ᾱ (and the last α) as JSON, atomically; every rank writes the same bytes, so no barrier is needed."""
+    payload = {
+        "domains": list(domains),
+        "average": dict(zip(domains, mixer.average.tolist())),
+        "final": dict(zip(domains, mixer.alpha.tolist())),
+        "steps": mixer.steps,
+        "eta": mixer.eta,
+        "smoothing": mixer.smoothing,
+        "reference_proportions": dict(zip(domains, mixer.proportions.tolist())),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)
+
+
+def reference_token_losses(ctx: SteeringContext, folder: str, batch_size: int, cache_dir: str | None) -> LossResult:
+    """Per-token losses of the training pool under the reference model, via the ops layer and its store.
+
+    Every rank decides hit-or-miss together (a rank that missed would otherwise wait alone in the op's
+    collectives), and only the main process writes the store.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from datasteer.distributed import gather_varlen
+    from datasteer.ops import FeatureStore, per_sample_losses
+
+    trainer = ctx.trainer
+    dtype = next(ctx.model.parameters()).dtype
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(trainer.args.device)
+    dataset, collate = trainer.train_dataset, trainer.data_collator
+    store = FeatureStore(cache_dir) if cache_dir else None
+    key = store.key("per_sample_losses", {"reduction": "tokens"}, model=model, dataset=dataset) if store else ""
+    hit = store.load(key) if store else None
+    if bool(gather_varlen(torch.tensor([int(hit is None)])).any()):
+        hit = per_sample_losses(
+            model, dataset, collate_fn=collate, batch_size=batch_size, reduction="tokens",
+            accelerator=ctx.accelerator, progress=ctx.log.is_main,
+        )  # fmt: skip
+        if store and ctx.log.is_main:
+            store.save(key, hit)
+    del model
+    return hit
+
+
+def read_weights(path: str | Path) -> dict[str, float]:
+    """ᾱ by domain name from a `doremi_weights.json`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasteerError(f"{path} does not exist: run DoReMi's proxy step first (datasteer doremi CONFIG).")
+    return {str(k): float(v) for k, v in json.loads(path.read_text())["average"].items()}
