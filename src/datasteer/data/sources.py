@@ -97,6 +97,12 @@ def _data_files(path: Path, fmt: str, key: str) -> tuple[Path, ...]:
 
 def read(src: ResolvedSource, hf_cache: Path) -> Dataset:
     """Load the rows with `datasets`; its intermediate arrow files go to `hf_cache`, never to $HOME."""
+    empty = [f for f in src.files if f.stat().st_size == 0]
+    if empty and src.format != "disk":
+        raise ConfigError(
+            f"{src.key}: '{empty[0]}' is empty, so domain '{src.domain}' would have no rows. "
+            "Fill the file or remove the source."
+        )
     try:
         with quiet():
             if src.format == "disk":
