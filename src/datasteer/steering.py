@@ -97,6 +97,16 @@ class SteeringContext:
     def accelerator(self) -> Any:
         return self.trainer.accelerator if self.trainer is not None else None
 
+    @property
+    def dataset(self) -> Any:
+        """The training pool's rows (a datasets.Dataset with sample_id/domain_id), for `ops` calls."""
+        return self.trainer.train_dataset if self.trainer is not None else None
+
+    @property
+    def collate_fn(self) -> Any:
+        """The Trainer's collator, to batch pool or target rows for `ops` calls."""
+        return self.trainer.data_collator if self.trainer is not None else None
+
 
 class Steering:
     """Holds and advances the steering state of one run.
