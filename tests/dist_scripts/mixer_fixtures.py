@@ -60,16 +60,21 @@ class Recorder(Component):
         self.steps.append(sorted(record.sample_ids.tolist()))
 
 
-def steered_mixer_run(out, mixer_name, params, schedule, per_device=4, max_steps=6, resume=None, **args):
-    """One tiny steered run (trainer_fixtures' Llama and 3-domain pool); returns (trainer, mixer, recorder)."""
+def steered_mixer_run(
+    out, mixer_name, params, schedule, per_device=4, max_steps=6, resume=None, model=None, eval_dataset=None, **args
+):
+    """One tiny steered run on trainer_fixtures' 3-domain pool (its Llama unless `model` is given).
+
+    Returns (trainer, mixer, recorder)."""
     pool = make_pool()
     mixer = build("mixer", mixer_name, params)
     recorder = Recorder()
     steering = make_steering(pool, ComponentSet(mixer=mixer, extra={"rec": recorder}), schedule, output_dir=str(out))
     trainer = SteeredTrainer(
-        model=make_model(),
+        model=model if model is not None else make_model(),
         args=make_args(str(out), max_steps=max_steps, per_device_train_batch_size=per_device, **args),
         train_dataset=pool,
+        eval_dataset=eval_dataset,
         data_collator=default_data_collator,
         steering=steering,
     )
