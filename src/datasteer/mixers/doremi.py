@@ -216,7 +216,7 @@ def reference_token_losses(ctx: SteeringContext, folder: str, batch_size: int, c
     trainer = ctx.trainer
     dtype = next(ctx.model.parameters()).dtype
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(trainer.args.device)
-    dataset, collate = trainer.train_dataset, trainer.data_collator
+    dataset, collate = ctx.dataset, ctx.collate_fn
     store = FeatureStore(cache_dir) if cache_dir else None
     key = store.key("per_sample_losses", {"reduction": "tokens"}, model=model, dataset=dataset) if store else ""
     hit = store.load(key) if store else None

@@ -124,7 +124,7 @@ class MoEGateMixer(Mixer):
 
     def update(self, ctx: SteeringContext) -> np.ndarray:
         loads = router_loads(
-            ctx.model, self._rows, collate_fn=ctx.trainer.data_collator, batch_size=self.batch_size,
+            ctx.model, self._rows, collate_fn=ctx.collate_fn, batch_size=self.batch_size,
             accelerator=ctx.accelerator,
         ).numpy()  # fmt: skip
         delta = load_distances(loads)
@@ -135,7 +135,7 @@ class MoEGateMixer(Mixer):
     def _held_out_sets(self, ctx: SteeringContext) -> list[Any]:
         domains = ctx.pool.domains
         if self.held_out == "train":
-            data = ctx.trainer.train_dataset
+            data = ctx.dataset
             return [data.select(np.flatnonzero(ctx.pool.domain_ids == d)) for d in range(len(domains))]
         evals = ctx.trainer.eval_dataset
         missing = [d for d in domains if not isinstance(evals, dict) or d not in evals]
