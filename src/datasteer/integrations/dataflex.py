@@ -39,6 +39,7 @@ DATAFLEX_KEYS: tuple[str, ...] = (
     "init_mixture_proportions",
     "mixture_sample_rule",
     "mixer_eval_dataset",
+    "freeze_gate",
 )
 TRAIN_TYPES: dict[str, str | None] = {
     "dynamic_select": "selector",
@@ -67,12 +68,33 @@ DROPPED_PARAMS: dict[tuple[str, str], dict[str, str]] = {
 }
 # DataFlex parameter -> datasteer parameter, where the meaning is the same and the name differs.
 RENAMED_PARAMS: dict[tuple[str, str], dict[str, str]] = {
-    ("mixer", "doremi"): {"reweight_eta": "eta", "reweight_eps": "smoothing"},
+    ("mixer", "doremi"): {
+        "reweight_eta": "eta",
+        "reweight_eps": "smoothing",
+        "reference_model_path": "reference_model",
+    },
+    ("mixer", "odm"): {"alpha": "smoothing", "initial_proportions": "initial"},
 }
-# Where a mixer takes its initial proportions (the first name its constructor accepts wins).
-INITIAL_PROPORTION_PARAMS = ("proportions", "initial_proportions", "initial_weights")
+# Where a mixer takes init_mixture_proportions / mixture_sample_rule. Unlisted mixers: the first of
+# INITIAL_PROPORTION_PARAMS their constructor accepts.
+INITIAL_PARAM = {
+    ("mixer", "static"): "proportions",
+    ("mixer", "odm"): "initial",
+    ("mixer", "doremi"): "reference_proportions",
+}
+INITIAL_PROPORTION_PARAMS = ("proportions", "initial", "initial_proportions", "initial_weights")
 # Where a weighter takes DataFlex's `warmup_step` (uniform weights during it), when it has one.
+WARMUP_PARAM = {("weighter", "loss"): "burn_in_steps"}
 WEIGHTER_WARMUP_PARAMS = ("burn_in_steps",)
+# Where datasteer's component deliberately differs from DataFlex's of the same name.
+COMPONENT_NOTES: dict[tuple[str, str], str] = {
+    ("mixer", "doremi"): (
+        "mixer 'doremi' follows the paper: the proxy run samples at the reference proportions "
+        "(init_mixture_proportions -> reference_proportions) and reweights its loss by the domain weights; "
+        "train step 3 on their time average (doremi_weights.json, 'average'), not on the last weights"
+    ),
+    ("mixer", "odm"): "mixer 'odm' rewards each domain from its own training losses, with no extra eval passes",
+}
 
 
 @dataclass
@@ -149,6 +171,10 @@ class _Translator:
             )
         self._train_step()
         self._target()
+        self._freeze_gate()
+        note = COMPONENT_NOTES.get((self.kind, self.name))
+        if note:
+            self.out.warnings.append(note + ".")
         self.steering[self.kind] = {"name": self.name, **self.params}
         self.out.steering = self.steering
 
@@ -246,7 +272,9 @@ class _Translator:
 
     def _warmup(self, steps: int) -> None:
         if self.kind == "weighter":
-            param = next((p for p in WEIGHTER_WARMUP_PARAMS if self.accepted and p in self.accepted), None)
+            param = WARMUP_PARAM.get(("weighter", self.name)) or next(
+                (p for p in WEIGHTER_WARMUP_PARAMS if self.accepted and p in self.accepted), None
+            )
             if param is not None:
                 self.params[param] = steps
                 self.out.mapping.append((f"warmup_step: {steps}", f"steering.weighter.{param}: {steps}"))
@@ -294,15 +322,17 @@ class _Translator:
 
     def _initial_proportions(self, rule: str, initial: Any) -> None:
         origin = "init_mixture_proportions" if rule == "mixture" else f"mixture_sample_rule: {rule}"
-        if self.accepted is None:
+        param = INITIAL_PARAM.get(("mixer", self.name))
+        if param is None and self.accepted is None:
             param = INITIAL_PROPORTION_PARAMS[0]
-        else:
+        elif param is None:
             param = next((p for p in INITIAL_PROPORTION_PARAMS if p in self.accepted), None)
             if param is None:
                 raise ConfigError(
                     f"{origin}: mixer '{self.name}' chooses its own initial proportions and takes no parameter for "
                     f"them (valid parameters: {', '.join(sorted(self.accepted)) or 'none'}); remove {origin}."
                 )
+        self._check_accepted(param, origin)
         previous = self.params.get(param)
         if previous is not None and previous != initial:
             self.out.warnings.append(
@@ -321,6 +351,14 @@ class _Translator:
             raise ConfigError(f"train_step ({steps}) and max_steps ({current}) disagree; keep one of them.")
         self.out.lf_updates["max_steps"] = steps
         self.out.mapping.append((f"train_step: {steps}", f"max_steps: {steps} (the HF Trainer's total steps)"))
+
+    def _freeze_gate(self) -> None:
+        if "freeze_gate" not in self.keys:
+            return
+        if (self.kind, self.name) != ("mixer", "moe_gate"):
+            raise ConfigError(f"freeze_gate applies to the moe_gate mixer (DataFlex's dynamic_moe), not {self.name}.")
+        self.params["freeze_router"] = bool(self.keys["freeze_gate"])
+        self.out.mapping.append((f"freeze_gate: {self.keys['freeze_gate']}", "steering.mixer.freeze_router"))
 
     def _target(self) -> None:
         names = self.keys.get("mixer_eval_dataset")
