@@ -18,6 +18,7 @@ from datasteer.config import load_config
 from datasteer.errors import ConfigError, DatasteerError
 from datasteer.mixers.doremi import DoReMiMixer, read_weights
 from datasteer.ops.results import LossResult
+from datasteer.steering_log import read_events
 from datasteer.workflows.doremi import check_steps, final_config, proxy_config, reference_config, reference_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,13 +87,20 @@ def test_missing_reference_model_is_a_config_error(tmp_path):
         steered_mixer_run(tmp_path, "doremi", {"cache_dir": None}, Schedule(), max_steps=1)
 
 
-def test_doremi_downweights_the_noise_domain_in_a_real_run(tmp_path):
-    """Reference trained on the size proportions, then a proxy of the same size against it: pure noise, where the
-    proxy cannot fall behind the reference, ends with a smaller ᾱ than the learnable domains."""
-    reference, _, _ = steered_mixer_run(tmp_path / "ref", "static", {"proportions": "size"}, Schedule(), max_steps=15)
-    reference.save_model(str(tmp_path / "ref" / "model"))
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> str:
+    """A reference model trained 15 steps on the size proportions (uniform here: equal domain sizes)."""
+    out = tmp_path_factory.mktemp("reference")
+    trainer, _, _ = steered_mixer_run(out, "static", {"proportions": "size"}, Schedule(), max_steps=15)
+    trainer.save_model(str(out / "model"))
+    return str(out / "model")
+
+
+def test_doremi_downweights_the_noise_domain_in_a_real_run(tmp_path, reference):
+    """A proxy of the same size trained against the reference: on pure noise the proxy cannot fall behind the
+    reference, so noise ends with a smaller ᾱ than the learnable domains."""
     cache = tmp_path / "store"
-    params = {"reference_model": str(tmp_path / "ref" / "model"), "cache_dir": str(cache)}
+    params = {"reference_model": reference, "cache_dir": str(cache)}
     proxy, mixer, _ = steered_mixer_run(tmp_path / "proxy", "doremi", params, Schedule(), max_steps=15)
     avg = dict(zip(DOMAINS, mixer.average))
     assert avg["noise"] < avg["const"] and avg["noise"] < avg["cycle"], avg
@@ -100,6 +108,21 @@ def test_doremi_downweights_the_noise_domain_in_a_real_run(tmp_path):
     assert read_weights(tmp_path / "proxy" / "doremi_weights.json") == pytest.approx(avg, rel=1e-12)
     assert all(w == pytest.approx([1 / 3] * 3) for _, w in stages(proxy))  # sampling stayed at the reference
     assert len(list(cache.glob("*.safetensors"))) == 1  # the reference losses were stored once, by content
+    weights = [e for e in read_events(tmp_path / "proxy") if e["event"] == "sample_weights"]
+    assert weights and weights[-1]["max"] > 1.5 * weights[-1]["min"]  # α reweights the proxy's loss
+
+
+def test_doremi_resume_continues_exactly_from_a_checkpoint(tmp_path, reference):
+    params = {"reference_model": reference, "cache_dir": str(tmp_path / "store")}
+    _, full, full_rec = steered_mixer_run(
+        tmp_path, "doremi", params, Schedule(), max_steps=8, save_strategy="steps", save_steps=4
+    )
+    _, resumed, resumed_rec = steered_mixer_run(  # the reference losses now come from the store
+        tmp_path, "doremi", params, Schedule(), max_steps=8, resume=str(tmp_path / "checkpoint-4")
+    )
+    assert resumed_rec.steps == full_rec.steps[4:] and resumed.steps == full.steps == 8
+    np.testing.assert_array_equal(resumed.alpha, full.alpha)  # bit-identical, like the model weights
+    np.testing.assert_array_equal(resumed.average, full.average)
 
 
 def write_config(tmp_path: Path, **steering) -> Path:

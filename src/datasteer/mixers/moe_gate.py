@@ -68,8 +68,8 @@ class MoEGateMixer(Mixer):
         samples_per_domain: rows per domain measured at each update (the same rows every time).
         batch_size: rows per forward pass.
         freeze_router: stop training the router modules named by router_modules (when training starts).
-        router_modules: router module names, matched exactly against a module's dotted name or its last part
-            ("gate" freezes `mlp.gate`, never `gate_proj` or `shared_expert_gate`).
+        router_modules: router module names (null = ["gate"]), matched exactly against a module's dotted name
+            or its last part ("gate" freezes `mlp.gate`, never `gate_proj` or `shared_expert_gate`).
         seed: seed of the choice of the measured rows.
     """
 
