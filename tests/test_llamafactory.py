@@ -234,3 +234,50 @@ def test_example_keys_are_valid_llamafactory_or_steering_keys(example):
         pytest.skip("the DataFlex components file, not a run config")
     assert lf.is_llamafactory_config(raw)
     assert not set(raw) - lf.lf_keys() - set(lf.STEERING_KEYS) - set(dataflex.DATAFLEX_KEYS)
+
+
+def test_doremi_three_steps_through_llamafactory(tmp_path, model_dir):
+    """Reference (static mixer), proxy (doremi against it), final (static on the proxy's average weights)."""
+    mix = dict(train_type="dynamic_mix", mixture_sample_rule="mixture", init_mixture_proportions=[0.5, 0.5])
+    step1 = write_config(tmp_path / "1", model_dir, "pt", component_name="static", static_mix=True, **mix)
+    assert lf.run(step1) == 0
+    reference = tmp_path / "1" / "out"
+    assert (reference / "model.safetensors").exists()  # LF saved the reference model the proxy reads
+    overrides = {"reference_model_path": str(reference), "batch_size": 4, "cache_dir": None}
+    keys = dict(component_name="doremi", update_step=1, component_overrides=overrides, **mix)
+    step2 = write_config(tmp_path / "2", model_dir, "pt", **keys)
+    assert lf.run(step2) == 0
+    weights = json.loads((tmp_path / "2" / "out" / "doremi_weights.json").read_text())
+    assert weights["steps"] == 4 and sum(weights["average"].values()) == pytest.approx(1.0)
+    final = [weights["average"][d] for d in ("letters", "digits")]
+    step3 = write_config(tmp_path / "3", model_dir, "pt", component_name="static", static_mix=True, **mix)
+    assert lf.run(step3, [f"init_mixture_proportions=[{final[0]},{final[1]}]"]) == 0
+    used = [e for e in read_events(tmp_path / "3" / "out") if e["event"] == "weights"]
+    assert list(used[0]["weights"].values()) == pytest.approx(final, abs=1e-6)
+
+
+def test_odm_updates_the_mixture_from_training_losses(tmp_path, model_dir):
+    steering = {"warmup_steps": 1, "update_every": 1, "mixer": {"name": "odm"}}
+    config = write_config(tmp_path, model_dir, "pt", steering=steering, max_steps=5)
+    assert lf.run(config) == 0
+    weights = [e["weights"] for e in read_events(tmp_path / "out") if e["event"] == "weights"]
+    assert len(weights) >= 3 and weights[-1] != weights[0]
+
+
+def test_an_example_runs_as_shipped(tmp_path, monkeypatch):
+    """examples/llamafactory/sft_native_steering.yaml with its own prepared model and data, a few steps."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import prepare
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    prepare.write(tmp_path / "prepared", samples_per_domain=40)
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tmp_path / "prepared", tmp_path / ".cache" / "examples" / "llamafactory")
+    overrides = ["max_steps=6", "save_steps=6", f"cache_dir={tmp_path / 'cache'}", "steering.warmup_steps=2"]
+    overrides += ["steering.update_every=2"]
+    assert lf.run(EXAMPLES / "sft_native_steering.yaml", overrides) == 0
+    out = tmp_path / "runs" / "llamafactory" / "sft_native_steering"
+    events = read_events(out)
+    assert [e["step"] for e in events if e["event"] == "select"] == [2, 4]
+    assert (out / "checkpoint-6" / "steering_state.pt").exists()
