@@ -155,3 +155,13 @@ def test_bad_weights_are_rejected():
         s.set_weights(0, np.ones(3))
     with pytest.raises(ValueError, match=">= 0"):
         s.set_weights(0, np.array([1.0, -1.0, 0.0, 0.0]))
+
+
+def test_domain_proportions_follow_weights_or_the_eligible_rows():
+    s = make(boundaries=(5,))
+    s.set_weights(0, None)
+    np.testing.assert_allclose(s.domain_proportions(0), np.array(SIZES) / sum(SIZES))
+    s.set_selection(5, np.array([0, 1, 2, 100]))  # 3 rows of domain 0, 1 of domain 1
+    np.testing.assert_allclose(s.domain_proportions(5), [0.75, 0.25, 0.0, 0.0])
+    s.set_weights(5, np.array([1.0, 1.0, 1.0, 1.0]))
+    np.testing.assert_allclose(s.domain_proportions(5), [0.5, 0.5, 0.0, 0.0])

@@ -115,6 +115,16 @@ class SteeredSampler(Sampler[int]):
         prev = self._stage_at(at_step)
         self._add_stage(at_step, prev.weights if prev else None, len(self.selections) - 1)
 
+    def domain_proportions(self, step: int) -> np.ndarray:
+        """Expected share of each domain in the stream at `step`: the weights, or for natural sampling the
+        eligible rows per domain (so a selection's effect on the mixture is visible in the log)."""
+        stage = self._stage_at(step)
+        if stage.weights is not None:
+            return stage.weights
+        rows = self._groups(stage.selection, True)[0]
+        counts = np.bincount(self.domain_ids[rows], minlength=self.num_domains).astype(np.float64)
+        return counts / counts.sum()
+
     def _stage_at(self, step: int) -> Stage | None:
         pos = step * self.samples_per_step
         found = [s for s in self.stages if s.start <= pos]
@@ -253,9 +263,7 @@ class SteeredSampler(Sampler[int]):
         if key not in self._perm_cache:
             if len(self._perm_cache) > 64:
                 self._perm_cache.clear()
-            rng = np.random.default_rng(
-                [self.seed, 2, stage.selection, int(stage.weights is None), gi, epoch]
-            )
+            rng = np.random.default_rng([self.seed, 2, stage.selection, int(stage.weights is None), gi, epoch])
             perm = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
             rng.shuffle(perm)
             self._perm_cache[key] = perm
@@ -307,8 +315,7 @@ class SteeredSampler(Sampler[int]):
         self.samples_per_step = int(state["samples_per_step"])
         self.selections = [_Selection(_np(s["rows"]), _np(s["probs"])) for s in state["selections"]]
         self.stages = [
-            Stage(int(s["start"]), _np(s["weights"]), int(s["selection"]), _np(s["offsets"]))
-            for s in state["stages"]
+            Stage(int(s["start"]), _np(s["weights"]), int(s["selection"]), _np(s["offsets"])) for s in state["stages"]
         ]
         self._groups_cache.clear()
         self._perm_cache.clear()

@@ -180,9 +180,8 @@ class Steering:
         updates = self.schedule.update_steps(total)
         self.sampler.bind(per_step, total, [self.schedule.effective_step(t) for t in updates])
         if not self.sampler.stages:
-            weights = self.mixer_initial_weights()
-            used = self.sampler.set_weights(0, weights)
-            self._log_weights(0, 0, used)
+            self.sampler.set_weights(0, self.mixer_initial_weights())
+            self._log_weights(0, 0)
         return self.sampler
 
     def mixer_initial_weights(self) -> np.ndarray | None:
@@ -271,8 +270,8 @@ class Steering:
             selection = selector.select(ctx, self._budget())
             self._apply_selection(step, at, selection)
         if mixer is not None:
-            used = self.sampler.set_weights(at, mixer.update(ctx))
-            self._log_weights(step, at, used)
+            self.sampler.set_weights(at, mixer.update(ctx))
+        self._log_weights(step, at)
         self.update_index += 1
 
     def _budget(self) -> int:
@@ -299,10 +298,9 @@ class Steering:
         )
         self.log.scalar("selected", float(selection.ids.size))
 
-    def _log_weights(self, step: int, at: int, weights: np.ndarray | None) -> None:
-        if weights is None:
-            sizes = self.pool.domain_sizes.astype(np.float64)
-            weights = sizes / sizes.sum()
+    def _log_weights(self, step: int, at: int) -> None:
+        """Log the domain proportions the stream follows from step `at + 1` (selection effects included)."""
+        weights = self.sampler.domain_proportions(at)
         named = dict(zip(self.pool.domains, (round(float(w), 6) for w in weights)))
         self.log.event("weights", step, effective_step=at + 1, update=self.update_index, weights=named)
         for name, w in named.items():
