@@ -110,6 +110,8 @@ def test_doremi_downweights_the_noise_domain_in_a_real_run(tmp_path, reference):
     assert len(list(cache.glob("*.safetensors"))) == 1  # the reference losses were stored once, by content
     weights = [e for e in read_events(tmp_path / "proxy") if e["event"] == "sample_weights"]
     assert weights and weights[-1]["max"] > 1.5 * weights[-1]["min"]  # α reweights the proxy's loss
+    alphas = [e for e in read_events(tmp_path / "proxy") if e["event"] == "doremi"]
+    assert [e["step"] for e in alphas] == list(range(1, 16)) and set(alphas[0]["alpha"]) == set(DOMAINS)
 
 
 def test_doremi_resume_continues_exactly_from_a_checkpoint(tmp_path, reference):

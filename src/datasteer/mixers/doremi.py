@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any, Literal
 
@@ -122,7 +123,9 @@ class DoReMiMixer(Mixer):
         self.alpha = group_dro_step(self.alpha, self.excess, self.eta, self.smoothing)
         self.alpha_sum += self.alpha
         self.steps += 1
-        for name, a in zip(ctx.pool.domains, self.alpha.tolist()):
+        named = dict(zip(ctx.pool.domains, self.alpha.round(6).tolist()))
+        ctx.log.event("doremi", record.step, alpha=named, excess=dict(zip(ctx.pool.domains, self.excess.tolist())))
+        for name, a in named.items():
             ctx.log.scalar(f"doremi/alpha/{name}", a)
         if record.step >= ctx.total_steps and ctx.trainer is not None:
             write_weights(Path(ctx.trainer.args.output_dir) / WEIGHTS_FILE, ctx.pool.domains, self)
@@ -197,7 +200,7 @@ def write_weights(path: Path, domains: list[str], mixer: DoReMiMixer) -> None:
         "reference_proportions": dict(zip(domains, mixer.proportions.tolist())),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(payload, indent=2))
     tmp.replace(path)
 
@@ -218,7 +221,8 @@ def reference_token_losses(ctx: SteeringContext, folder: str, batch_size: int, c
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(trainer.args.device)
     dataset, collate = ctx.dataset, ctx.collate_fn
     store = FeatureStore(cache_dir) if cache_dir else None
-    key = store.key("per_sample_losses", {"reduction": "tokens"}, model=model, dataset=dataset) if store else ""
+    op_config = {"reduction": "tokens", "collate_fn": type(collate).__qualname__}
+    key = store.key("per_sample_losses", op_config, model=model, dataset=dataset) if store else ""
     hit = store.load(key) if store else None
     if bool(gather_varlen(torch.tensor([int(hit is None)])).any()):
         hit = per_sample_losses(
@@ -227,7 +231,9 @@ def reference_token_losses(ctx: SteeringContext, folder: str, batch_size: int, c
         )  # fmt: skip
         if store and ctx.log.is_main:
             store.save(key, hit)
-    del model
+    del model  # the reference model is not needed again: only its losses stay (on CPU)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return hit
 
 
