@@ -160,11 +160,20 @@ def split_config(raw: dict[str, Any], source: str = "", config_dir: str | Path |
 
 
 # ---------------------------------------------------------------------------------------------- run
-def run(path: str | Path, overrides: list[str] | None = None) -> int:
-    """`datasteer train <LLaMA-Factory yaml>`: LLaMA-Factory's workflow, steered when the config asks."""
+def run(path: str | Path, overrides: list[str] | None = None, resume: str | bool | None = None) -> int:
+    """`datasteer train <LLaMA-Factory yaml>`: LLaMA-Factory's workflow, steered when the config asks.
+
+    `resume` is `datasteer train --resume [CHECKPOINT]`: a path becomes `resume_from_checkpoint`; True
+    becomes `overwrite_output_dir=false`, with which LLaMA-Factory resumes from the last checkpoint itself.
+    """
     require_llamafactory()
     from llamafactory.train.tuner import run_exp
 
+    overrides = list(overrides or [])
+    if resume is True:
+        overrides.append("overwrite_output_dir=false")
+    elif resume:
+        overrides.append(f"resume_from_checkpoint={resume}")
     raw = read_config(path, overrides)
     config = split_config(raw, str(path), Path(path).parent)
     if config.report and _is_rank_zero():
@@ -188,6 +197,10 @@ def run_steered(config: LFRun) -> None:
     folder = Path(data_args.tokenized_path or Path(training_args.output_dir) / "steering" / "tokenized")
     domains = list(data_args.dataset)
     _prepare(folder, domains, config, model_args, data_args, training_args, stage)
+    if training_args.resume_from_checkpoint is None and training_args.should_save:
+        # A fresh run in a reused output_dir: the old log would otherwise be appended to. (A resumed run
+        # truncates it to the checkpoint's step instead.)
+        (Path(training_args.output_dir) / "steering" / "events.jsonl").unlink(missing_ok=True)
     lf_args = {**config.lf_args, "tokenized_path": str(folder)}
 
     def make_steering(train_dataset: Any, args: Any) -> Any:
@@ -539,9 +552,9 @@ class SteeringCollator:
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
-        if not features or "sample_id" not in features[0]:
-            return self.inner(features)  # eval rows carry no ids
-        keys = ("sample_id", "domain_id")
+        keys = [k for k in ("sample_id", "domain_id") if features and k in features[0]]
+        if not keys:
+            return self.inner(features)  # eval rows carry no ids; target rows carry sample_id only
         batch = self.inner([{k: v for k, v in f.items() if k not in keys} for f in features])
         for key in keys:
             batch[key] = torch.tensor([int(f[key]) for f in features], dtype=torch.long)
