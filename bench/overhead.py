@@ -31,6 +31,7 @@ iterator's chunks; peak memory of the one-call plan is measured with tracemalloc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,25 +67,38 @@ TARGET_RATIO = 1.03
 
 
 class SeamClock:
-    """CPU time spent in datasteer's own code at its seams, accumulated over the run.
+    """CPU time spent in datasteer's own code at its seams, accumulated while `installed()` is active.
 
     Steering time = SteeringMixin.compute_loss minus the host compute_loss inside it, the same for
     get_batch_samples (the pre-pass under accumulation), the steering callback's on_step_end (gather,
     observe, decide, log) and the sampler's plan. The extra autograd work of a weighted loss runs inside the
-    host's backward and is not counted here (the end-to-end ratios include it).
+    host's backward, out of sight here: `weighted_backward_extra` measures it apart.
     """
 
     total = 0.0
 
     @classmethod
-    def install(cls) -> None:
-        cls._wrap(SteeringMixin, "compute_loss", Trainer, "compute_loss")
-        cls._wrap(SteeringMixin, "get_batch_samples", Trainer, "get_batch_samples")
-        cls._wrap(SteeringCallback, "on_step_end")
-        cls._wrap(SteeredSampler, "plan")
+    @contextlib.contextmanager
+    def installed(cls) -> Iterator[None]:
+        """Wrap the seams for the duration of the block; the original methods are restored after it."""
+        seams = [
+            (SteeringMixin, "compute_loss", Trainer, "compute_loss"),
+            (SteeringMixin, "get_batch_samples", Trainer, "get_batch_samples"),
+            (SteeringCallback, "on_step_end", None, ""),
+            (SteeredSampler, "plan", None, ""),
+        ]
+        saved = [(owner, name, owner.__dict__[name]) for owner, name, *_ in seams]
+        saved += [(host, name, host.__dict__[name]) for _, _, host, name in seams if host is not None]
+        try:
+            for seam in seams:
+                cls._wrap(*seam)
+            yield
+        finally:
+            for owner, name, fn in saved:
+                setattr(owner, name, fn)
 
     @classmethod
-    def _wrap(cls, owner: type, name: str, host: type | None = None, host_name: str = "") -> None:
+    def _wrap(cls, owner: type, name: str, host: type | None, host_name: str) -> None:
         inner = getattr(owner, name)
         host_fn = getattr(host, host_name) if host is not None else None
         nested = [0.0]  # host time spent inside the current steering call, subtracted from it
@@ -272,17 +287,17 @@ def bench_trainer(opts: argparse.Namespace) -> dict[str, Any]:
     tokenizer = make_tokenizer()
     data = DataConfig(kind="pretrain", demo=DemoDataConfig(samples_per_domain=300), block_size=64, cache_dir=None)
     pool = build_pool(data, tokenizer)
-    SeamClock.install()
-    todo = variants(opts.accumulation)
-    runs: dict[str, list[dict[str, float]]] = {v.name: [] for v in todo}
-    time_run(todo[0], pool, tokenizer, opts)  # one untimed run: imports, allocator and caches warm up
-    for r in range(opts.rounds):
-        for variant in todo[r % len(todo) :] + todo[: r % len(todo)]:  # rotated: no fixed position bias
-            m = time_run(variant, pool, tokenizer, opts)
-            runs[variant.name].append(m)
-            wall, cpu, steer = (m[k] * 1e3 for k in ("wall", "cpu", "steering"))
-            tag = f"round {r + 1}/{opts.rounds} {variant.name:>10}"
-            print(f"{tag}: {wall:7.2f} ms wall, {cpu:7.2f} ms cpu, {steer:5.2f} ms steering", flush=True)
+    with SeamClock.installed():
+        todo = variants(opts.accumulation)
+        runs: dict[str, list[dict[str, float]]] = {v.name: [] for v in todo}
+        time_run(todo[0], pool, tokenizer, opts)  # one untimed run: imports, allocator and caches warm up
+        for r in range(opts.rounds):
+            for variant in todo[r % len(todo) :] + todo[: r % len(todo)]:  # rotated: no fixed position bias
+                m = time_run(variant, pool, tokenizer, opts)
+                runs[variant.name].append(m)
+                wall, cpu, steer = (m[k] * 1e3 for k in ("wall", "cpu", "steering"))
+                tag = f"round {r + 1}/{opts.rounds} {variant.name:>10}"
+                print(f"{tag}: {wall:7.2f} ms wall, {cpu:7.2f} ms cpu, {steer:5.2f} ms steering", flush=True)
     extra = weighted_backward_extra(pool, tokenizer, opts)
     out: dict[str, Any] = {"variants": {}, "weighted_backward_extra_ms": 1e3 * extra}
     for v in todo:
