@@ -15,7 +15,7 @@ therefore uses `adam_exact` (per-layer per-sample gradients, exact) when a layer
 `factored_preconditioner`, which makes two approximations per layer:
   1. g² ≈ v·‖g‖²/Σv (sample i's squared gradient has the pattern of v, with its own total mass), so
      v̂_i = κ_i·v/(1-β2^t) with the per-sample scalar κ_i = (β2 + (1-β2)·‖g_i‖²/Σv)·(1-β2^t)/(1-β2^(t+1)),
-     and ‖g_i‖² is read off the (norm-preserving) projection of g_i itself;
+     and ‖g_i‖² is computed exactly from Gram matrices of δ and x (no g is formed);
   2. D = 1/(√(v/(1-β2^t)) + ε) ≈ a·bᵀ, the best rank-1 fit in log space.
 Then Γ_i ≈ κ_i^(-1/2)·c·(β1·m⊙D + (1-β1)·diag(a)·g_i·diag(b)), c = 1/(1-β1^(t+1)): both terms project exactly.
 Early in training (small t) sample i's own share of v̂ is large and approximation 1 carries most of the error;

@@ -96,10 +96,18 @@ def _layer_block(
         grads = torch.einsum("bto,bti->boi", delta.float(), x.float())
         return proj.project_matrix(name, adam_exact(grads, st))
     pre = factored_preconditioner(st)
-    sq_norms = proj.project_factors(name, delta, x).square().sum(dim=1)  # (B,) ≈ ‖g_i‖², the projection keeps norms
+    sq_norms = _sq_grad_norms(delta, x)
     const = proj.project_matrix(name, pre.const[None])  # (1, K), the same for every sample
     block = const + pre.scale * proj.project_factors(name, delta * pre.row, x * pre.col)
     return block * pre.inv_sqrt_kappa(sq_norms)[:, None]
+
+
+def _sq_grad_norms(delta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """‖Σ_t δ_t x_tᵀ‖²_F = Σ_{t,s} (δ_t·δ_s)(x_t·x_s) per sample: (B,), from two (B, T, T) Gram matrices.
+
+    Costs B·T²·(out + in) flops, about half the layer's forward for T = out·in/(out+in), and never forms g."""
+    d, a = delta.float(), x.float()
+    return ((d @ d.transpose(1, 2)) * (a @ a.transpose(1, 2))).sum(dim=(1, 2))
 
 
 def exact_grads(
@@ -143,6 +151,7 @@ def gradient_features(
     loss_reduction: Literal["mean", "sum"] = "mean",
     projection: Literal["dense", "factored", "none"] | None = None,
     kind: Kind = "rademacher",
+    block: int | None = 1,
     accelerator: Any | None = None,
     progress: bool = True,
     adam_exact_max_elements: int = ADAM_EXACT_MAX_ELEMENTS,
@@ -156,6 +165,8 @@ def gradient_features(
         mode: "fast" (hooks + factored projection) or "exact" (per-sample backward, the reference).
         optimizer: Adam/AdamW whose state preconditions the gradients (see `datasteer.ops.adam`); None: raw.
         seed, kind: the projection's seed and distribution (Rademacher or Gaussian), reproducible anywhere.
+        block: side of the Kronecker blocks of the factored projection (1: most accurate; None: one square
+            block per layer, cheapest and noisiest); see `FactoredProjection`.
         loss_reduction: each sample's own loss, "mean" or "sum" over its supervised tokens.
         projection: exact mode only: "dense" (default), "factored" (fast mode's own map), or "none" (raw grads).
         accelerator: shards rows over ranks and gathers; None computes all rows locally.
@@ -170,7 +181,7 @@ def gradient_features(
     layers = trainable_linears(net)
     if not layers:
         raise ValueError("model has no trainable nn.Linear layer: nothing to take gradients of")
-    proj = _projection(layers, proj_dim, seed, kind, projection)
+    proj = _projection(layers, proj_dim, seed, kind, projection, block)
     adam = adam_states(optimizer, {n: m.weight for n, m in layers.items()}) if optimizer is not None else None
     exact_collate = collate_fn if mode == "fast" else list  # exact mode collates each row alone, unpadded
     ids_out, vals_out = [], []
@@ -204,11 +215,11 @@ def _check(mode: str, projection: str | None, reduction: str) -> str:
 
 
 def _projection(
-    layers: dict[str, torch.nn.Linear], proj_dim: int, seed: int, kind: Kind, projection: str
+    layers: dict[str, torch.nn.Linear], proj_dim: int, seed: int, kind: Kind, projection: str, block: int | None
 ) -> FactoredProjection | DenseProjection | None:
     shapes = {n: tuple(m.weight.shape) for n, m in layers.items()}
     if projection == "factored":
-        return FactoredProjection(shapes, proj_dim, seed, kind)
+        return FactoredProjection(shapes, proj_dim, seed, kind, block)
     if projection == "dense":
         return DenseProjection(sum(o * i for o, i in shapes.values()), proj_dim, seed, kind)
     return None

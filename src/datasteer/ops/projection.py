@@ -33,66 +33,84 @@ def random_matrix(rows: int, cols: int, seed: int, kind: Kind = "rademacher") ->
 
 @dataclass(frozen=True)
 class LayerSlot:
-    """Where one layer's (k_out * k_in) block of features sits in the concatenated vector."""
+    """One layer's features: `blocks` independent (k_out x k_in) Kronecker blocks, at `offset` in the vector."""
 
+    blocks: int
     k_out: int
     k_in: int
     offset: int
 
+    @property
+    def size(self) -> int:
+        return self.blocks * self.k_out * self.k_in
+
 
 class FactoredProjection:
-    """One Kronecker projection per Linear weight; layer blocks are concatenated (zero-padded to proj_dim).
+    """Per Linear weight, R independent Kronecker blocks P_out,r ⊗ P_in,r; layers concatenated (zero-padded).
 
-    `proj_dim` is split evenly over the layers; each layer's budget b is factored as k_out·k_in with
-    k_out ≈ √b (capped by the layer's own sizes), and any budget a layer cannot use carries to the next one.
-    Accuracy: the error of a projected inner product scales like 1/k_out + 1/k_in per layer, not 1/(k_out·k_in)
-    as for a dense projection of the same size, so at equal proj_dim the factored features are noisier (the
-    benchmark reports by how much); it is the price of never forming a per-sample gradient.
+    `proj_dim` is split evenly over the layers, and any budget a layer cannot use carries to the next one.
+    `block` sets the side of each Kronecker block (k_out = k_in = block, capped by the layer's sizes) and so the
+    number of blocks R = budget / block². Accuracy: the relative variance of a projected inner product is about
+    (2·block + 1) / budget — with block = 1 (a Khatri-Rao projection: each feature is uᵀ G w) it is within a
+    small constant of a dense projection, while a single square block (block=None, k ≈ √budget, as in LoGra) is
+    noisier by ~√budget. Cost: the projection matmuls take B·T·(out + in)·budget / block flops per layer, small
+    next to the forward pass of any real model. A side kept whole (k == dim, with one block) is the identity.
     """
 
-    def __init__(self, shapes: dict[str, tuple[int, int]], proj_dim: int, seed: int = 0, kind: Kind = "rademacher"):
+    def __init__(
+        self,
+        shapes: dict[str, tuple[int, int]],
+        proj_dim: int,
+        seed: int = 0,
+        kind: Kind = "rademacher",
+        block: int | None = 1,
+    ):
         self.shapes, self.proj_dim, self.seed, self.kind = dict(shapes), proj_dim, seed, kind
-        self.slots = _allocate(self.shapes, proj_dim)
+        self.slots = _allocate(self.shapes, proj_dim, block)
         self._cache: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def matrices(self, name: str, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """(P_out (out, k_out), P_in (in, k_in)) of layer `name`, float32 on `device`."""
+        """(P_out (out, R·k_out), P_in (in, R·k_in)) of layer `name`, float32 on `device`."""
         key = (name, torch.device(device))
         if key not in self._cache:
             out, inn = self.shapes[name]
             slot, base = self.slots[name], _name_seed(self.seed, name)
-            p_out = _side(out, slot.k_out, base, self.kind)
-            p_in = _side(inn, slot.k_in, base + 1, self.kind)
+            identity = slot.blocks == 1
+            p_out = _side(out, slot.blocks * slot.k_out, base, self.kind, identity)
+            p_in = _side(inn, slot.blocks * slot.k_in, base + 1, self.kind, identity)
             self._cache[key] = (p_out.to(device), p_in.to(device))
         return self._cache[key]
 
     def project_factors(self, name: str, delta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Σ_t (P_outᵀ δ_t)(x_tᵀ P_in) per sample, without forming any (out, in) gradient.
+        """Σ_t (P_out,rᵀ δ_t)(x_tᵀ P_in,r) per sample and block, without forming any (out, in) gradient.
 
         Args:
             delta: (B, T, out) gradient of the sample losses w.r.t. the layer output.
             x: (B, T, in) layer input, zero at padded positions.
 
         Returns:
-            (B, k_out * k_in) float32.
+            (B, R * k_out * k_in) float32.
         """
+        slot = self.slots[name]
         p_out, p_in = self.matrices(name, delta.device)
-        d = delta.float() @ p_out  # (B, T, k_out)
-        a = x.float() @ p_in  # (B, T, k_in)
-        return torch.einsum("btk,btj->bkj", d, a).flatten(1)
+        d = (delta.float() @ p_out).unflatten(-1, (slot.blocks, slot.k_out))  # (B, T, R, k_out)
+        a = (x.float() @ p_in).unflatten(-1, (slot.blocks, slot.k_in))  # (B, T, R, k_in)
+        return torch.einsum("btrk,btrj->brkj", d, a).flatten(1)
 
     def project_matrix(self, name: str, grad: torch.Tensor) -> torch.Tensor:
-        """P_outᵀ G P_in for full gradients G: (B, out, in) -> (B, k_out * k_in). The same map as above."""
+        """The same map for full gradients G: P_out,rᵀ G P_in,r, (B, out, in) -> (B, R * k_out * k_in)."""
+        slot = self.slots[name]
         p_out, p_in = self.matrices(name, grad.device)
-        return torch.einsum("ok,boi,ij->bkj", p_out, grad.float(), p_in).flatten(1)
+        right = (grad.float() @ p_in).unflatten(-1, (slot.blocks, slot.k_in))  # (B, out, R, k_in)
+        return torch.einsum("ork,borj->brkj", p_out.unflatten(-1, (slot.blocks, slot.k_out)), right).flatten(1)
 
     def assemble(self, blocks: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Concatenate per-layer blocks (B, k_out*k_in) into (B, proj_dim); unused tail columns stay 0."""
+        """Concatenate per-layer blocks (B, size) into (B, proj_dim); unused tail columns stay 0."""
         first = next(iter(blocks.values()))
         out = first.new_zeros(first.shape[0], self.proj_dim)
         for name, block in blocks.items():
             slot = self.slots[name]
-            out[:, slot.offset : slot.offset + slot.k_out * slot.k_in] += block
+            out[:, slot.offset : slot.offset + slot.size] += block
         return out
 
 
@@ -121,10 +139,10 @@ class DenseProjection:
         return torch.cat([m for _, m in self.chunks(device)])
 
 
-def _side(dim: int, k: int, seed: int, kind: Kind) -> torch.Tensor:
-    """One Kronecker factor (dim, k). A side kept whole (k == dim, e.g. the rank side of a LoRA matrix) is the
-    identity: exact, so that layer's only error comes from its other side."""
-    return torch.eye(dim) if k == dim else random_matrix(dim, k, seed, kind)
+def _side(dim: int, k: int, seed: int, kind: Kind, identity_if_whole: bool) -> torch.Tensor:
+    """One Kronecker factor (dim, k). A side kept whole (k == dim, e.g. the rank side of a LoRA matrix) of a
+    single block is the identity: exact, so that layer's only error comes from its other side."""
+    return torch.eye(dim) if identity_if_whole and k == dim else random_matrix(dim, k, seed, kind)
 
 
 def _name_seed(seed: int, name: str) -> int:
@@ -132,15 +150,25 @@ def _name_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**62)
 
 
-def _allocate(shapes: dict[str, tuple[int, int]], proj_dim: int) -> dict[str, LayerSlot]:
-    """Split proj_dim into per-layer (k_out, k_in) blocks; see the class docstring."""
+def _allocate(shapes: dict[str, tuple[int, int]], proj_dim: int, block: int | None) -> dict[str, LayerSlot]:
+    """Split proj_dim into per-layer slots; see the class docstring."""
     slots, carry, offset, n = {}, 0, 0, max(len(shapes), 1)
     for j, (name, (out, inn)) in enumerate(shapes.items()):
         budget = proj_dim // n + (1 if j < proj_dim % n else 0) + carry
-        k_out = min(out, max(1, math.isqrt(budget)))
-        k_in = min(inn, budget // k_out)
-        k_out = min(out, budget // max(k_in, 1)) if k_in else 0  # a narrow input frees budget for the output
-        slots[name] = LayerSlot(k_out, k_in, offset)
-        offset += k_out * k_in
-        carry = budget - k_out * k_in
+        slot = _square_slot(out, inn, budget, offset) if block is None else _block_slot(out, inn, budget, block, offset)
+        slots[name], offset, carry = slot, offset + slot.size, budget - slot.size
     return slots
+
+
+def _square_slot(out: int, inn: int, budget: int, offset: int) -> LayerSlot:
+    """One block with k_out ≈ √budget; a narrow side frees budget for the other."""
+    k_out = min(out, max(1, math.isqrt(budget)))
+    k_in = min(inn, budget // k_out)
+    k_out = min(out, budget // max(k_in, 1)) if k_in else 0
+    return LayerSlot(1, k_out, k_in, offset)
+
+
+def _block_slot(out: int, inn: int, budget: int, block: int, offset: int) -> LayerSlot:
+    """As many (block x block) Kronecker blocks as the budget holds."""
+    k_out, k_in = min(out, block), min(inn, block)
+    return LayerSlot(budget // (k_out * k_in), k_out, k_in, offset)
