@@ -33,9 +33,7 @@ def weights_over_steps(run_dir: str | Path) -> tuple[list[str], np.ndarray, np.n
     return domains, steps, weights
 
 
-def plot_domain_weights(
-    run_dir: str | Path, out_png: str | Path, total_steps: int | None = None
-) -> Path | None:
+def plot_domain_weights(run_dir: str | Path, out_png: str | Path, total_steps: int | None = None) -> Path | None:
     """Stacked area chart of domain weights over training steps; None when the run logged no weights."""
     domains, steps, weights = weights_over_steps(run_dir)
     if not domains:

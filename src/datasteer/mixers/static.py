@@ -31,9 +31,7 @@ class StaticMixer(Mixer):
         self.temperature = temperature
 
     def initial_weights(self, ctx: SteeringContext) -> np.ndarray:
-        return resolve_proportions(
-            self.proportions, ctx.pool.domains, ctx.pool.domain_sizes, self.temperature
-        )
+        return resolve_proportions(self.proportions, ctx.pool.domains, ctx.pool.domain_sizes, self.temperature)
 
     def update(self, ctx: SteeringContext) -> np.ndarray:
         return self.initial_weights(ctx)

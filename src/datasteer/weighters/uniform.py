@@ -18,7 +18,5 @@ class UniformWeighter(Weighter):
 
     is_uniform: ClassVar[bool] = True
 
-    def weights(
-        self, ctx: SteeringContext, losses: torch.Tensor, batch: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
+    def weights(self, ctx: SteeringContext, losses: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.ones_like(losses)
