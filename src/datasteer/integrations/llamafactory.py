@@ -279,7 +279,7 @@ def _prepare(
                 f"tokenized_path {folder} holds a dataset that datasteer did not write (no {POOL_META}), so its "
                 "rows carry no stable ids. Point tokenized_path at a new folder, or remove it for this run."
             )
-        needs_target = bool(config.target_datasets) or _selector_needs_target(config.steering)
+        needs_target = bool(config.target_datasets) or _needs_target(config.steering)
         lf_inputs = (model_args, data_args, training_args)
         dataset, meta = build_pool(domains, config.target_datasets, needs_target, lf_inputs, stage)
         _save(folder, dataset, meta)
@@ -305,14 +305,18 @@ def _save(folder: Path, dataset: Any, meta: dict[str, Any]) -> None:
     tmp.rename(folder)
 
 
-def _selector_needs_target(cfg: Any) -> bool:
+def _needs_target(cfg: Any) -> bool:
+    """Whether a configured component declares `requires_target` (LESS, NEAR, TSDS, ADAPT, ...)."""
     from datasteer import registry
     from datasteer.config import split_component
 
-    if cfg.selector is None:
-        return False
-    name, _ = split_component(cfg.selector, "steering.selector")
-    return bool(registry.get("selector", name).requires_target)
+    for kind in registry.KINDS:
+        spec = getattr(cfg, kind)
+        if spec is not None:
+            name, _ = split_component(spec, f"steering.{kind}")
+            if getattr(registry.get(kind, name), "requires_target", False):
+                return True
+    return False
 
 
 def build_pool(
@@ -473,7 +477,7 @@ def _target_set(
         target = concatenate_datasets(processed_eval)
     else:
         raise ConfigError(
-            "the selector needs a target set: add target_dataset: <names from dataset_info.json>, or an "
+            "a component needs a target set: add target_dataset: <names from dataset_info.json>, or an "
             "eval_dataset / val_size (used as the target when target_dataset is not set)."
         )
     return target.add_column("sample_id", id_scheme.target_ids(len(target)).tolist())
