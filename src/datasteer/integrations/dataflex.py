@@ -149,7 +149,7 @@ def translate(raw: dict[str, Any], config_dir: str | Path | None = None) -> Tran
 
 
 class _Translator:
-    """One translation; each `_key_*` method accounts for one DataFlex key."""
+    """One translation; each method accounts for one group of DataFlex keys in the printed mapping."""
 
     def __init__(
         self, keys: dict[str, Any], kind: str, raw: dict[str, Any], config_dir: str | Path | None, out: Translation
