@@ -14,7 +14,7 @@ export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-slow test-all lint format bench clean
+.PHONY: demo test test-slow test-all test-llamafactory llamafactory-env lint format bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -40,7 +40,26 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(call run_pytest,-m slow)
 
-test-all: test test-slow
+test-all: test test-slow test-llamafactory
+
+# LLaMA-Factory needs torchvision/torchaudio, whose PyPI wheels do not import beside CPU torch 2.13; it gets
+# its own environment with torch 2.14.1 + torchvision 0.29.1 (a consistent pair on local disk). See docs/migration.md.
+LF_VENV := .cache/venv-llamafactory
+LF_STAMP := $(LF_VENV)/.installed
+
+$(LF_STAMP): pyproject.toml requirements/llamafactory.txt
+	$(PY) -m venv $(LF_VENV)
+	$(LF_VENV)/bin/pip install -q --upgrade pip
+	$(LF_VENV)/bin/pip install -q -c requirements/llamafactory.txt -r requirements/llamafactory.txt
+	$(LF_VENV)/bin/pip install -q -c requirements/llamafactory.txt -e ".[lora,trl,test]"
+	touch $(LF_STAMP)
+
+llamafactory-env: $(LF_STAMP)
+
+test-llamafactory: $(LF_STAMP)
+	DATASTEER_REQUIRE_LLAMAFACTORY=1 $(LF_VENV)/bin/python -m pytest tests/test_llamafactory.py \
+		tests/test_llamafactory_config.py tests/test_dataflex.py; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "ERROR: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

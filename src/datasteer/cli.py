@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import typing
+from pathlib import Path
 
 from datasteer import __version__, registry
 from datasteer.errors import DatasteerError
@@ -89,7 +90,11 @@ def _launch_torchrun(argv: list[str]) -> int | None:
 
 def _train(args: argparse.Namespace) -> int:
     from datasteer.config import load_config
+    from datasteer.integrations import llamafactory
     from datasteer.runner import run
+
+    if llamafactory.is_llamafactory_config(_peek_yaml(args.config)):
+        return llamafactory.run(args.config, args.overrides, resume=args.resume)
 
     config = load_config(args.config, args.overrides)
     result = run(config, resume_from_checkpoint=args.resume)
@@ -110,6 +115,16 @@ def _doremi(args: argparse.Namespace) -> int:
     if result.weights:
         print("  averaged domain weights: " + ", ".join(f"{d} {w:.4f}" for d, w in result.weights.items()))
     return 0
+
+
+def _peek_yaml(path: str) -> object:
+    """The raw YAML, only to tell a LLaMA-Factory config from a native one; load_config reports errors."""
+    import yaml
+
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
 
 
 def _components(args: argparse.Namespace) -> int:

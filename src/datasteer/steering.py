@@ -179,7 +179,8 @@ class Steering:
             total = max(1, len(self.pool.sample_ids) // per_step) * max(1, int(np.ceil(args.num_train_epochs)))
         updates = self.schedule.update_steps(total)
         self.sampler.bind(per_step, total, [self.schedule.effective_step(t) for t in updates])
-        if not self.sampler.stages:
+        if not self.sampler.stages:  # a fresh run: an earlier run's log in the same output_dir goes
+            self.log.reset()
             self.sampler.set_weights(0, self.mixer_initial_weights())
             self._log_weights(0, 0)
         return self.sampler

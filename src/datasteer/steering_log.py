@@ -37,6 +37,11 @@ class SteeringLog:
         self._scalars.clear()
         return out
 
+    def reset(self) -> None:
+        """Start an empty log (a fresh run in an output_dir that already holds one)."""
+        if self.is_main and self.path and self.path.exists():
+            self.path.unlink()
+
     def truncate_after(self, step: int) -> None:
         """On resume, drop events of steps beyond the checkpoint so the resumed run does not duplicate them."""
         if not (self.is_main and self.path and self.path.exists()):
