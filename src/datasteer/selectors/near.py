@@ -1,0 +1,269 @@
+"""`near`: the pool samples nearest to the target samples in an embedding space, round-robin over the targets.
+
+Embeddings e (pool) and t (targets) are unit-normalised (`datasteer.ops.embeddings`), so the squared
+distance ‖e_i − t_j‖² = 2 − 2 cos(e_i, t_j) ranks neighbours exactly like the cosine similarity. faiss
+finds each target's neighbours in distance order (ties: lower sample id first). Then the targets take
+turns, j = 0, 1, …, M−1, 0, 1, …: on its turn a target takes its nearest candidate that no target has
+taken yet, until `budget` samples are taken. So every target gets the same share (±1) of the selection,
+a sample is selected at most once, and a target with many near-duplicate neighbours cannot crowd out
+the others. Each selected sample is drawn once per pass through the selection.
+
+Encoders: the training model (hidden states of `layer`, pooled over real tokens) or a sentence-transformers
+encoder reading the raw text column. With the training model and `refresh`, the pool is re-embedded at
+every update, so the selection follows the model as it trains. `Embedder` is shared with `tsds`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+
+from datasteer.components import Selection, Selector
+from datasteer.distributed import broadcast_object, gather_varlen
+from datasteer.errors import ConfigError
+from datasteer.ops import EmbeddingResult, FeatureStore, dataset_fingerprint, embeddings
+from datasteer.registry import register
+from datasteer.steering import SteeringContext
+
+MODEL = "model"  # `encoder` value meaning: the training model's own hidden states
+
+
+def nearest(base: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest rows of `base` for every query row (faiss `IndexFlatL2`).
+
+    Args:
+        base: (N, D) candidate vectors.
+        queries: (M, D) query vectors.
+        k: neighbours per query, 1 <= k <= N.
+
+    Returns:
+        squared L2 distances (M, k) float64, ascending per row, and row positions in `base` (M, k) int64;
+        equal distances are ordered by position, so the result does not depend on faiss' internal order.
+    """
+    try:
+        import faiss
+    except ImportError:
+        raise ImportError("selectors near and tsds need faiss: pip install 'datasteer[embed]'") from None
+    base = np.ascontiguousarray(base, dtype=np.float32)
+    index = faiss.IndexFlatL2(base.shape[1])
+    index.add(base)
+    dist, pos = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    dist, pos = np.maximum(dist.astype(np.float64), 0.0), pos.astype(np.int64)
+    order = np.lexsort((pos, dist), axis=-1)
+    return np.take_along_axis(dist, order, -1), np.take_along_axis(pos, order, -1)
+
+
+def round_robin(neighbours: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Targets take turns; on its turn a target takes its nearest candidate not taken yet.
+
+    Args:
+        neighbours: (M, K) candidate positions, each target's row nearest first.
+        budget: how many distinct candidates to take.
+
+    Returns:
+        taken positions (n,) in the order taken, the target that took each (n,), and whether some target
+        ran out of its K neighbours on the way (then a longer neighbour list may change the result).
+    """
+    m, k = neighbours.shape
+    taken: set[int] = set()
+    picks, owners = [], []
+    cursor = np.zeros(m, dtype=np.int64)
+    ran_out = False
+    active = list(range(m))
+    while active and len(picks) < budget:
+        still = []
+        for j in active:
+            row = neighbours[j]
+            while cursor[j] < k and int(row[cursor[j]]) in taken:
+                cursor[j] += 1
+            if cursor[j] == k:
+                ran_out = True
+                continue
+            taken.add(int(row[cursor[j]]))
+            picks.append(int(row[cursor[j]]))
+            owners.append(j)
+            still.append(j)
+            if len(picks) == budget:
+                break
+        active = still
+    return np.array(picks, dtype=np.int64), np.array(owners, dtype=np.int64), ran_out
+
+
+def near_selection(pool: np.ndarray, targets: np.ndarray, budget: int, k: int | None = None) -> tuple[np.ndarray, ...]:
+    """Round-robin nearest neighbours, fetching longer neighbour lists until no target runs short.
+
+    Args:
+        pool: (N, D) pool vectors.
+        targets: (M, D) target vectors.
+        budget: number of distinct pool rows to take (at most N).
+        k: first neighbour-list length; None = 2 x budget / M + 16. Doubled (up to N) while a target runs out.
+
+    Returns:
+        positions (n,) in pick order, the picking target (n,), and the squared distance to it (n,).
+    """
+    n, m = len(pool), len(targets)
+    budget = min(budget, n)
+    k = min(n, k or 2 * -(-budget // m) + 16)
+    while True:
+        _, pos = nearest(pool, targets, k)
+        picks, owners, ran_out = round_robin(pos, budget)
+        if not ran_out or k == n:
+            break
+        k = min(n, 2 * k)
+    gap = pool[picks].astype(np.float64) - targets[owners].astype(np.float64)
+    return picks, owners, (gap**2).sum(axis=1)
+
+
+class Embedder:
+    """Pool and target embeddings for a selector, identical on every rank (gathered by sample id).
+
+    Args:
+        encoder: "model" (the training model) or a sentence-transformers model folder / name.
+        layer: hidden-state layer of the training model (-1 = last).
+        pooling: "mean" over real tokens or the "last" real token.
+        text_column: raw-text column a sentence encoder reads (the sft pool's "prompt").
+        batch_size: rows per forward pass.
+        cache_dir: feature-store folder for sentence-encoder embeddings (by content); None = no disk cache.
+    """
+
+    def __init__(
+        self, encoder: str, layer: int, pooling: str, text_column: str, batch_size: int, cache_dir: str | None
+    ) -> None:
+        if not encoder.strip():
+            raise ValueError("encoder must be 'model' or a sentence-transformers model folder")
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.encoder, self.layer, self.pooling = encoder, layer, pooling
+        self.text_column, self.batch_size, self.cache_dir = text_column, batch_size, cache_dir
+        self._sentence_encoder: Any = None
+        self._fixed: tuple[EmbeddingResult, EmbeddingResult] | None = None  # sentence encoders never change
+
+    @property
+    def uses_model(self) -> bool:
+        return self.encoder == MODEL
+
+    def check(self, ctx: SteeringContext, name: str) -> None:
+        """Fail before training: a target set must exist and a sentence encoder needs its text column."""
+        if ctx.target is None:
+            raise ConfigError(f"selector '{name}' needs a target set; set data.target (or use the demo sft data).")
+        if self.uses_model or ctx.dataset is None:
+            return
+        for what, data in (("training pool", ctx.dataset), ("target set", ctx.target)):
+            if self.text_column not in data.column_names:
+                raise ConfigError(
+                    f"selector '{name}': the {what} has no '{self.text_column}' column for the sentence encoder "
+                    f"(columns: {data.column_names}). Set text_column, or encoder: model."
+                )
+        self._load_sentence_encoder(ctx)
+
+    def __call__(self, ctx: SteeringContext) -> tuple[EmbeddingResult, EmbeddingResult]:
+        """(pool, target) embeddings, unit-normalised. A collective under DDP: every rank calls it."""
+        if ctx.trainer is None:
+            raise RuntimeError("near/tsds embed the pool through the running trainer's dataset; none is attached")
+        if self.uses_model:
+            return self._embed(ctx, ctx.model, ctx.dataset), self._embed(ctx, ctx.model, ctx.target)
+        if self._fixed is None:
+            encoder = self._load_sentence_encoder(ctx)
+            self._fixed = self._cached(ctx, encoder, ctx.dataset), self._cached(ctx, encoder, ctx.target)
+        return self._fixed
+
+    def _embed(self, ctx: SteeringContext, model: Any, data: Any) -> EmbeddingResult:
+        return embeddings(
+            model, data, collate_fn=ctx.collate_fn, layer=self.layer, pooling=self.pooling, normalize=True,
+            batch_size=self.batch_size, text_column=self.text_column, accelerator=ctx.accelerator,
+            progress=ctx.log.is_main,
+        )  # fmt: skip
+
+    def _cached(self, ctx: SteeringContext, encoder: Any, data: Any) -> EmbeddingResult:
+        """Sentence-encoder embeddings through the feature store; every rank decides hit-or-miss together."""
+        store = FeatureStore(self.cache_dir) if self.cache_dir else None
+        key = ""
+        if store is not None:
+            texts = hashlib.sha256("\0".join(data[self.text_column]).encode()).hexdigest()
+            ids = dataset_fingerprint(data, ("sample_id",))
+            key = store.key("embeddings", {"text_column": self.text_column}, model=encoder, dataset_key=ids + texts)
+        hit = store.load(key) if store is not None else None
+        if bool(gather_varlen(torch.tensor([int(hit is None)])).any()):
+            hit = self._embed(ctx, encoder, data)
+            if store is not None and ctx.log.is_main:
+                store.save(key, hit)
+        return hit
+
+    def _load_sentence_encoder(self, ctx: SteeringContext) -> Any:
+        if self._sentence_encoder is None:
+            from sentence_transformers import SentenceTransformer
+
+            device = ctx.accelerator.device if ctx.accelerator is not None else "cpu"
+            try:
+                self._sentence_encoder = SentenceTransformer(self.encoder, device=str(device))
+            except OSError as err:
+                raise ConfigError(f"cannot load the sentence encoder '{self.encoder}': {err}") from None
+        return self._sentence_encoder
+
+
+@register("selector", "near")
+class NearSelector(Selector):
+    """Nearest neighbours of the target samples (faiss), round-robin over the targets, without duplicates.
+
+    Each target in turn takes its nearest pool sample not taken yet, until `budget` samples are selected;
+    each is then drawn once per pass. Scores are the cosine similarity to the target that took the sample.
+
+    Args:
+        encoder: "model" = the training model's hidden states; otherwise a sentence-transformers model
+            folder (or hub name, when online) that embeds the raw text of text_column.
+        layer: hidden-state layer of the training model (-1 = the last, after the final norm).
+        pooling: "mean" over real tokens, or "last" (the last real token).
+        refresh: re-embed the pool and the targets at every update (the training model changes, so the
+            selection follows it); false = embed once at the first update and keep that selection.
+        text_column: raw-text column read by a sentence encoder (sft pools keep the "prompt").
+        batch_size: rows per embedding forward pass.
+        cache_dir: feature-store folder for sentence-encoder embeddings, cached by content; null = none.
+    """
+
+    requires_target: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        encoder: str = MODEL,
+        layer: int = -1,
+        pooling: Literal["mean", "last"] = "mean",
+        refresh: bool = True,
+        text_column: str = "prompt",
+        batch_size: int = 32,
+        cache_dir: str | None = ".cache/datasteer/ops",
+    ) -> None:
+        self.embedder = Embedder(encoder, layer, pooling, text_column, batch_size, cache_dir)
+        self.refresh = refresh
+        self.last: Selection | None = None
+        self.computed_at = -1  # optimizer step after which `last` was computed
+
+    def setup(self, ctx: SteeringContext) -> None:
+        self.embedder.check(ctx, "near")
+
+    def select(self, ctx: SteeringContext, budget: int) -> Selection:
+        if self.last is not None and not self.refresh and self.last.ids.size == min(budget, ctx.pool.sample_ids.size):
+            return self.last
+        pool, target = self.embedder(ctx)
+        picks, owners, dist = near_selection(pool.values.numpy(), target.values.numpy(), budget)
+        selection = Selection(ids=pool.ids[picks], scores=1.0 - dist / 2.0)  # unit vectors: cos = 1 - d²/2
+        self.last = broadcast_object(selection)  # one decision for all ranks, whatever faiss' float order
+        self.computed_at = ctx.step
+        ctx.log.scalar("near/targets_served", float(np.unique(owners).size))
+        return self.last
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.last is None:
+            return {"computed_at": self.computed_at}
+        return {
+            "computed_at": self.computed_at,
+            "ids": torch.from_numpy(self.last.ids),
+            "scores": torch.from_numpy(np.asarray(self.last.scores, dtype=np.float64)),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.computed_at = int(state.get("computed_at", -1))
+        if "ids" in state:
+            self.last = Selection(ids=state["ids"].numpy().copy(), scores=state["scores"].numpy().copy())
