@@ -4,6 +4,7 @@ irreducible-loss model (trained on holdout data) steers it away from pure noise;
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -65,6 +66,34 @@ def test_a_missing_irreducible_model_is_a_clear_error(tmp_path):
         RhoLossSelector(str(tmp_path / "nowhere")).setup(make_ctx([0], [0]))
 
 
+def trainer_ctx(model, pool):
+    """A context whose `trainer` only carries what the ops calls read: model, pool rows, collator."""
+    ctx = make_ctx(pool["sample_id"], pool["domain_id"])
+    ctx.trainer = SimpleNamespace(
+        model=model, train_dataset=pool, data_collator=default_data_collator, accelerator=None
+    )
+    return ctx
+
+
+def test_irreducible_losses_are_computed_once_and_cached(tmp_path, monkeypatch):
+    pool = make_pool(rows_per_domain=3)
+    make_model(seed=1).save_pretrained(tmp_path / "il")
+    selector = RhoLossSelector(str(tmp_path / "il"), cache_dir=str(tmp_path / "cache"))
+    selector.setup(trainer_ctx(make_model(), pool))
+    first = selector.irreducible.copy()
+    assert first.shape == (9,) and np.isfinite(first).all()
+    monkeypatch.setattr(rho_loss, "per_sample_losses", lambda *a, **k: pytest.fail("the cache was not used"))
+    selector.setup(trainer_ctx(make_model(), pool))
+    np.testing.assert_array_equal(selector.irreducible, first)
+
+
+def test_an_irreducible_model_with_another_vocabulary_is_refused(tmp_path):
+    make_model(seed=1).save_pretrained(tmp_path / "il")  # 32 tokens
+    other = demo.make_model(demo.make_tokenizer())  # 100 tokens
+    with pytest.raises(ConfigError, match="it must use the same tokenizer"):
+        RhoLossSelector(str(tmp_path / "il"), cache_dir=None).setup(trainer_ctx(other, make_pool(rows_per_domain=1)))
+
+
 def test_avoids_pure_noise(tmp_path):
     # The IL model trains on holdout rows of the same 3 domains: it learns const and cycle, and nothing can be
     # learnt from noise, so noise keeps a high irreducible loss and a reducible loss near 0.
@@ -79,7 +108,6 @@ def test_avoids_pure_noise(tmp_path):
     (event,) = selections(tmp_path / "run")
     assert event["size"] == 30 and event["per_domain"]["noise"] == 0  # from 60 candidates, ~20 of them noise
     assert {domain_of(i) for i in event["ids"]} <= {"const", "cycle"}
-    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1  # IL losses cached by content
 
 
 @pytest.mark.slow

@@ -99,8 +99,14 @@ def irreducible_losses(ctx: SteeringContext, folder: str, batch_size: int, cache
     """
     from transformers import AutoModelForCausalLM
 
-    dtype = next(ctx.model.parameters()).dtype
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(next(ctx.model.parameters()).device)
+    param = next(ctx.model.parameters())
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=param.dtype).to(param.device)
+    vocab, expected = model.get_input_embeddings().num_embeddings, ctx.model.get_input_embeddings().num_embeddings
+    if vocab != expected:
+        raise ConfigError(
+            f"rho_loss: the irreducible-loss model in {folder} has {vocab} token embeddings, the trained model "
+            f"{expected}; it must use the same tokenizer (train it with train_irreducible_model on this config)."
+        )
     store = FeatureStore(cache_dir) if cache_dir else None
     key = store.key("per_sample_losses", {"reduction": "mean"}, model=model, dataset=ctx.dataset) if store else ""
     hit = store.load(key) if store else None
@@ -150,9 +156,8 @@ def train_irreducible_model(
 
     tokenizer = load_tokenizer(config.model)
     pool = build_pool(config.data, tokenizer)
-    data = (
-        pool.target if holdout == "target" else (concatenate_datasets(list(pool.eval.values())) if pool.eval else None)
-    )
+    evals = list(pool.eval.values())
+    data = pool.target if holdout == "target" else (concatenate_datasets(evals) if evals else None)
     if data is None:
         need = "data.target (or demo sft data)" if holdout == "target" else "data.eval_per_domain > 0"
         raise ConfigError(f"train_irreducible_model(holdout={holdout!r}) has no holdout data; set {need}.")
