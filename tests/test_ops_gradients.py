@@ -48,11 +48,12 @@ def test_exact_raw_gradients_match_a_naive_backward_loop(model, pool):
     torch.testing.assert_close(raw.values, naive_grads(model, pool), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("make", [tiny_llama, tiny_lora], ids=["full", "lora"])
-def test_fast_equals_exact_under_the_same_factored_projection(make, pool):
+@pytest.mark.parametrize(("make", "block"), [(tiny_llama, 1), (tiny_lora, 1), (tiny_llama, None), (tiny_lora, 3)],
+                         ids=["full", "lora", "full-square", "lora-block3"])  # fmt: skip
+def test_fast_equals_exact_under_the_same_factored_projection(make, block, pool):
     net = make(seed=4)
-    fast = gradient_features(net, pool, proj_dim=512, batch_size=4, **KW)
-    exact = gradient_features(net, pool, proj_dim=512, mode="exact", projection="factored", **KW)
+    fast = gradient_features(net, pool, proj_dim=512, batch_size=4, block=block, **KW)
+    exact = gradient_features(net, pool, proj_dim=512, mode="exact", projection="factored", block=block, **KW)
     assert fast.ids.tolist() == exact.ids.tolist() == sorted(pool["sample_id"])
     assert fast.values.shape == (len(pool), 512)
     scale = exact.values.abs().max()
