@@ -42,6 +42,11 @@ def test_a_valid_config_loads_with_overrides(tmp_path):
     assert cfg.steering.mixer == {"name": "static"}
 
 
+def test_override_values_are_yaml_but_no_stays_a_string(tmp_path):
+    cfg = load_config(write(tmp_path, base()), ["train.eval_strategy=no", "train.use_cpu=true", "steering.budget=0.5"])
+    assert cfg.train["eval_strategy"] == "no" and cfg.train["use_cpu"] is True and cfg.steering.budget == 0.5
+
+
 def test_unknown_key_names_key_file_and_suggestion(tmp_path):
     cfg = base()
     cfg["steering"]["warmup_step"] = 3

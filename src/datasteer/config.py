@@ -183,4 +183,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"Override '{item}': '{part}' is not a section.")
         node = child
-    node[parts[-1]] = yaml.safe_load(value)
+    parsed = yaml.safe_load(value)
+    if isinstance(parsed, bool) and value.strip().lower() not in ("true", "false"):
+        parsed = value.strip()  # YAML 1.1 reads no/yes/on/off as booleans; `eval_strategy=no` means "no"
+    node[parts[-1]] = parsed
