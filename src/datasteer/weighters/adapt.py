@@ -56,8 +56,9 @@ class AdaptWeighter(Weighter):
     batch, and the training model's hidden states (requested from the training forward pass).
 
     Args:
-        tau: temperature τ of the sigmoid. Cosine similarities of LM hidden states cluster in a narrow
-            band, so small values (0.05-0.2) are needed for the weights to differ visibly.
+        tau: temperature τ of the sigmoid. LM hidden states are typically 0.7-0.95 cosine-similar to the
+            anchors, where a small τ saturates the sigmoid and flattens the weights; τ around 0.5-1 gives
+            the largest relative spread (which stays gentle: a few percent per 0.1 of similarity).
         refresh_every: recompute the anchor embeddings with the current model after every
             refresh_every-th optimizer step; 0 keeps the anchors of the initial model.
         clip_min: lower bound on the raw weight sigmoid(s/τ) (in [0, 1]), or null.
@@ -71,7 +72,7 @@ class AdaptWeighter(Weighter):
 
     def __init__(
         self,
-        tau: float = 0.1,
+        tau: float = 1.0,
         refresh_every: int = 50,
         clip_min: float | None = None,
         clip_max: float | None = None,
