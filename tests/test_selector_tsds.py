@@ -12,8 +12,9 @@ from test_selector_near import EXAMPLES, StubEmbedder, context, domain_shares, r
 from datasteer import registry
 from datasteer.config import load_config
 from datasteer.errors import ConfigError
+from datasteer.selectors import tsds
 from datasteer.selectors.near import nearest
-from datasteer.selectors.tsds import kernel_density, transport_plan, tsds_probabilities
+from datasteer.selectors.tsds import distance_unit, kernel_density, transport_plan, tsds_probabilities
 
 # One target at the origin; candidates on the axes. A and A2 are exact duplicates.
 ORIGIN = np.array([[0.0, 0.0]])
@@ -58,6 +59,18 @@ def test_the_nearest_scale_measures_distances_in_units_of_the_typical_nearest_di
         np.testing.assert_allclose(probs, expected, atol=1e-12)
     stretched, _, _ = tsds_probabilities(DUPES * 4, ORIGIN, 0.5, 2.0, 0.5, 4, 4)
     assert not np.allclose(stretched, [0.25, 0.25, 0.5, 0.0])
+
+
+def test_the_distance_unit_falls_back_when_targets_are_copies_of_pool_samples():
+    assert distance_unit(np.array([[0.0, 2.0], [0.0, 4.0], [1.0, 3.0]])) == 2.5  # median of 2, 4, 1, 3
+    assert distance_unit(np.zeros((2, 2))) == 1.0
+
+
+def test_the_density_is_computed_in_chunks_without_changing_it(monkeypatch):
+    points = np.random.default_rng(0).normal(size=(50, 3))
+    whole = kernel_density(points, np.arange(50), sigma=1.5, k=20)
+    monkeypatch.setattr(tsds, "KDE_CHUNK", 7)
+    np.testing.assert_array_equal(kernel_density(points, np.arange(50), sigma=1.5, k=20), whole)
 
 
 def test_alpha_moves_between_nearest_neighbours_and_uniform_spread():

@@ -24,7 +24,7 @@ import torch
 from datasteer.components import Selection, Selector
 from datasteer.distributed import broadcast_object, gather_varlen
 from datasteer.errors import ConfigError
-from datasteer.ops import EmbeddingResult, FeatureStore, dataset_fingerprint, embeddings
+from datasteer.ops import EmbeddingResult, FeatureStore, dataset_fingerprint, embeddings, model_fingerprint
 from datasteer.registry import register
 from datasteer.steering import SteeringContext
 
@@ -139,6 +139,7 @@ class Embedder:
         self.encoder, self.layer, self.pooling = encoder, layer, pooling
         self.text_column, self.batch_size, self.cache_dir = text_column, batch_size, cache_dir
         self._sentence_encoder: Any = None
+        self._encoder_key: str | None = None  # content hash of the sentence encoder's weights
         self._fixed: tuple[EmbeddingResult, EmbeddingResult] | None = None  # sentence encoders never change
 
     @property
@@ -184,7 +185,10 @@ class Embedder:
         if store is not None:
             texts = hashlib.sha256("\0".join(data[self.text_column]).encode()).hexdigest()
             ids = dataset_fingerprint(data, ("sample_id",))
-            key = store.key("embeddings", {"text_column": self.text_column}, model=encoder, dataset_key=ids + texts)
+            if self._encoder_key is None:  # hash the encoder's weights once, not per call
+                self._encoder_key = model_fingerprint(encoder)
+            config = {"text_column": self.text_column}
+            key = store.key("embeddings", config, model_key=self._encoder_key, dataset_key=ids + texts)
         hit = store.load(key) if store is not None else None
         if bool(gather_varlen(torch.tensor([int(hit is None)])).any()):
             hit = self._embed(ctx, encoder, data)

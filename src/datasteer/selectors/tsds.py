@@ -33,6 +33,7 @@ from datasteer.selectors.near import MODEL, Embedder, nearest
 from datasteer.steering import SteeringContext
 
 Scale = Literal["nearest", "absolute"]
+KDE_CHUNK = 4096  # candidates per density search
 
 
 def kernel_density(base: np.ndarray, rows: np.ndarray, sigma: float, k: int) -> np.ndarray:
@@ -49,8 +50,12 @@ def kernel_density(base: np.ndarray, rows: np.ndarray, sigma: float, k: int) -> 
     """
     if sigma == 0:
         return np.ones(len(rows))
-    dist2, _ = nearest(base, base[rows], min(k, len(base)))
-    return np.clip(1.0 - dist2 / sigma**2, 0.0, None).sum(axis=1)
+    k = min(k, len(base))
+    out = np.empty(len(rows))
+    for lo in range(0, len(rows), KDE_CHUNK):  # bounds the (chunk, k) distance block in memory
+        dist2, _ = nearest(base, base[rows[lo : lo + KDE_CHUNK]], k)
+        out[lo : lo + KDE_CHUNK] = np.clip(1.0 - dist2 / sigma**2, 0.0, None).sum(axis=1)
+    return out
 
 
 def transport_plan(dist: np.ndarray, density: np.ndarray, alpha: float, C: float) -> tuple[np.ndarray, float]:
