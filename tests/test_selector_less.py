@@ -10,14 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from dist_scripts.selector_grad_fixtures import demo_setup, fake_ctx
+from dist_scripts.selector_grad_fixtures import demo_setup, fake_ctx, less_reference
 from trainer_fixtures import make_pool
 
 from datasteer import registry
 from datasteer.config import load_config
 from datasteer.errors import ConfigError, DatasteerError
-from datasteer.ops import gradient_features
 from datasteer.selectors.less import combine_snapshots, subtask_cosines, subtask_index, top_budget
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "selectors"
@@ -79,17 +77,8 @@ def setup():
     return demo_setup(per_domain=6, target_rows=8)
 
 
-def reference_scores(setup, proj_dim=256) -> tuple[np.ndarray, np.ndarray]:
-    """The LESS score of every pool row straight from the ops: cos(Adam train feature, SGD target feature)."""
-    kw = dict(collate_fn=setup.collate, proj_dim=proj_dim, seed=0, progress=False)
-    train = gradient_features(setup.model, setup.pool.train, optimizer=setup.optimizer, **kw)
-    target = gradient_features(setup.model, setup.pool.target, **kw)
-    cos = F.normalize(train.values.double(), dim=1) @ F.normalize(target.values.double(), dim=1).T
-    return train.ids, cos.mean(dim=1).numpy()
-
-
 def test_selection_is_the_top_budget_of_the_ops_scores(setup):
-    ids, ref = reference_scores(setup)
+    ids, ref = less_reference(setup)
     less = registry.build("selector", "less", {"proj_dim": 256})
     ctx = fake_ctx(setup)
     less.setup(ctx)

@@ -11,11 +11,14 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from datasteer import demo
 from datasteer.data import Collator, build_pool
 from datasteer.data.config import DataConfig, DemoDataConfig
+from datasteer.ops import gradient_features
 from datasteer.steering import PoolIndex
 
 DOMAINS = list(demo.DOMAINS)
@@ -71,3 +74,12 @@ def fake_ctx(setup: Setup, update_index: int = 0, step: int = 0, **extra: Any) -
         log=None,
     )
     return SimpleNamespace(**{**fields, **extra})
+
+
+def less_reference(setup: Setup, proj_dim: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, score) of every pool row straight from the ops: mean cos(Adam train feature, SGD target feature)."""
+    kw = dict(collate_fn=setup.collate, proj_dim=proj_dim, seed=0, progress=False)
+    train = gradient_features(setup.model, setup.pool.train, optimizer=setup.optimizer, **kw)
+    target = gradient_features(setup.model, setup.pool.target, **kw)
+    cos = F.normalize(train.values.double(), dim=1) @ F.normalize(target.values.double(), dim=1).T
+    return train.ids, cos.mean(dim=1).numpy()
