@@ -26,6 +26,10 @@ reported as an attributed ratio. The target is a ratio <= 1.03.
 Sampler part. `SteeredSampler` over a pool of `--sampler-samples` rows in 5 domains with domain weights:
 building it, planning the whole stream of the same length in one call, and advancing through it in the
 iterator's chunks; peak memory of the one-call plan is measured with tracemalloc (numpy reports to it).
+
+Decisions part. The per-step cost of deciding every step (ODM with `update_every: 1`) as runs get longer
+(`--decision-steps`): the sampler with a new stage every step, and `Schedule.update_steps`, which the
+steering consults after every step. The trainer part's 40-step runs are too short to show this growth.
 """
 
 from __future__ import annotations
@@ -378,6 +382,37 @@ def bench_sampler(n: int, plan_len: int) -> dict[str, Any]:
     }
 
 
+def bench_decisions(run_lengths: tuple[int, ...]) -> dict[str, Any]:
+    """Per-step cost of a run that decides every step (ODM with update_every: 1), as the run gets longer.
+
+    The trainer part runs too few steps to show it: the sampler's iterator with a new stage every step
+    (16 samples per step, lag 1), and the schedule's list of update steps that `Steering.end_step` consults
+    after every step. A cost per step that grows with the run's length means a quadratic total.
+    """
+    out: dict[str, Any] = {"sampler_ms_per_step": {}, "schedule_lookup_ms": {}}
+    domain_ids = np.repeat(np.arange(5), 1000)
+    weights = np.full(5, 0.2)
+    for steps in run_lengths:
+        sampler = SteeredSampler(domain_ids, 5, seed=0)
+        sampler.bind(16, steps, list(range(1, steps)))
+        sampler.set_weights(0, weights)
+        it = iter(sampler)
+        for _ in range(16):
+            next(it)
+        c0 = time.process_time()
+        for step in range(1, steps):  # the decision for a step is in place before the loader reaches it
+            sampler.set_weights(step, weights)
+            for _ in range(16):
+                next(it)
+        out["sampler_ms_per_step"][steps] = 1e3 * (time.process_time() - c0) / (steps - 1)
+    schedule = Schedule(warmup_steps=0, update_every=1)
+    for steps in (10_000, 100_000):
+        c0 = time.process_time()
+        schedule.update_steps(steps)
+        out["schedule_lookup_ms"][steps] = 1e3 * (time.process_time() - c0)
+    return out
+
+
 def machine() -> dict[str, Any]:
     return {
         "platform": platform.platform(),
@@ -392,7 +427,7 @@ def machine() -> dict[str, Any]:
 
 
 def write_markdown(path: Path, result: dict[str, Any], command: str) -> None:
-    t, s, m = result["trainer"], result["sampler"], result["machine"]
+    t, s, m, d = result["trainer"], result["sampler"], result["machine"], result["decisions"]
     o = result["options"]
     lines = [
         "# Steering overhead",
@@ -449,6 +484,22 @@ def write_markdown(path: Path, result: dict[str, Any], command: str) -> None:
         "",
         f"Drawn domain proportions match the weights to within {s['max_abs_proportion_error']:.1e}.",
         "",
+        "## Deciding every step (ODM with `update_every: 1`), as runs get longer",
+        "",
+        "CPU ms per step, beyond the trainer part's few steps: the sampler with a new stage every step, and the "
+        "schedule's update-step list that `Steering.end_step` rebuilds after every step. Growth with the run "
+        "length means a total that is quadratic in the number of steps.",
+        "",
+        "| | " + " | ".join(f"{n:,} steps" for n in d["sampler_ms_per_step"]) + " |",
+        "|---|" + "---:|" * len(d["sampler_ms_per_step"]),
+        "| sampler, per step | " + " | ".join(f"{v:.3f}" for v in d["sampler_ms_per_step"].values()) + " |",
+        "",
+        "| | " + " | ".join(f"{n:,} steps" for n in d["schedule_lookup_ms"]) + " |",
+        "|---|" + "---:|" * len(d["schedule_lookup_ms"]),
+        "| `Schedule.update_steps`, per call (once per step) | "
+        + " | ".join(f"{v:.2f}" for v in d["schedule_lookup_ms"].values())
+        + " |",
+        "",
     ]
     path.write_text("\n".join(lines))
 
@@ -466,6 +517,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--layers", type=int, help="model depth (default: the quickstart model's 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 = least noisy)")
     parser.add_argument("--sampler-samples", type=int, default=10_000_000, help="pool rows and plan length")
+    parser.add_argument(
+        "--decision-steps", type=int, nargs="+", default=[500, 2000], help="run lengths for the per-step decision cost"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for overhead.json and overhead.md")
     opts = parser.parse_args(argv)
     if opts.warmup >= opts.steps:
@@ -485,6 +539,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     result: dict[str, Any] = {"options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(opts).items()}}
     result["sampler"] = bench_sampler(opts.sampler_samples, opts.sampler_samples)
+    result["decisions"] = bench_decisions(tuple(opts.decision_steps))
     result["trainer"] = bench_trainer(opts)
     result["machine"] = machine()
     result["wall_s"] = time.perf_counter() - t0
