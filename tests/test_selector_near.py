@@ -236,3 +236,37 @@ def test_a_sentence_encoder_needs_its_text_column(tmp_path):
     selector = registry.build("selector", "near", {"encoder": str(minilm.get_model_path()), "text_column": "text"})
     with pytest.raises(ConfigError, match="has no 'text' column"):
         selector.setup(ctx)
+
+
+def steered_run(out: Path, name: str, resume: str | None = None):
+    """A 6-step run of `name` on trainer_fixtures' 3-domain pool with a `cycle`-shaped target, checkpoint at 3."""
+    from dist_scripts.selector_loss_fixtures import LocalIdsTrainer, selections
+    from dist_scripts.weighter_fixtures import make_target
+    from trainer_fixtures import DOMAINS, make_args, make_model, make_pool
+    from transformers import default_data_collator
+
+    from datasteer import ComponentSet, Steering
+
+    pool = make_pool()
+    selector = registry.build("selector", name, {"cache_dir": None})
+    steering = Steering(
+        PoolIndex.from_dataset(pool, DOMAINS), ComponentSet(selector=selector),
+        Schedule(warmup_steps=2, update_every=2), budget=12, target=make_target(6), output_dir=str(out),
+    )  # fmt: skip
+    trainer = LocalIdsTrainer(
+        model=make_model(), train_dataset=pool, data_collator=default_data_collator, steering=steering,
+        args=make_args(str(out), max_steps=6, save_strategy="steps", save_steps=3),
+    )  # fmt: skip
+    trainer.train(resume_from_checkpoint=resume)
+    return selections(out), trainer.local
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["near", "tsds"])
+def test_a_resumed_run_selects_and_trains_like_the_uninterrupted_one(tmp_path, name):
+    """refresh: true re-embeds with the restored model after step 4, so it must match the uninterrupted run."""
+    events, local = steered_run(tmp_path, name)
+    assert [e["step"] for e in events] == [2, 4]
+    again, resumed_local = steered_run(tmp_path, name, resume=str(tmp_path / "checkpoint-3"))
+    assert [e["ids"] for e in again] == [e["ids"] for e in events]
+    assert resumed_local == local[3:]  # steps 4-6 trained on the same samples
