@@ -23,6 +23,7 @@ iterator raises instead of silently desynchronising a resumed run.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -66,6 +67,8 @@ class SteeredSampler(Sampler[int]):
         self.samples_per_step = 0
         self.total_steps = 0
         self.boundaries: set[int] = set()
+        self._boundary_list: list[int] = []
+        self._start_cache: list[int] = []
         self.stages: list[Stage] = []
         self.selections: list[_Selection] = [_Selection(None, None)]
         self.epoch = 0
@@ -86,6 +89,7 @@ class SteeredSampler(Sampler[int]):
         self.samples_per_step = int(samples_per_step)
         self.total_steps = int(total_steps)
         self.boundaries = {int(s) * self.samples_per_step for s in boundary_steps if s > 0}
+        self._boundary_list = sorted(self.boundaries)
 
     def __len__(self) -> int:
         return self.total_steps * self.samples_per_step
@@ -125,10 +129,18 @@ class SteeredSampler(Sampler[int]):
         counts = np.bincount(self.domain_ids[rows], minlength=self.num_domains).astype(np.float64)
         return counts / counts.sum()
 
+    def _stage_index(self, pos: int) -> int:
+        """Index of the stage covering stream position `pos` (-1 before the first); stages are sorted."""
+        return bisect.bisect_right(self._starts(), pos) - 1
+
+    def _starts(self) -> list[int]:
+        if len(self._start_cache) != len(self.stages):
+            self._start_cache = [s.start for s in self.stages]
+        return self._start_cache
+
     def _stage_at(self, step: int) -> Stage | None:
-        pos = step * self.samples_per_step
-        found = [s for s in self.stages if s.start <= pos]
-        return found[-1] if found else None
+        i = self._stage_index(step * self.samples_per_step)
+        return self.stages[i] if i >= 0 else None
 
     def _add_stage(self, at_step: int, weights: np.ndarray | None, selection: int) -> np.ndarray | None:
         start = int(at_step) * self.samples_per_step
@@ -138,7 +150,9 @@ class SteeredSampler(Sampler[int]):
                 f"that step (position {start} <= {self.high_water}). Increase steering.lag_steps or lower "
                 "dataloader_num_workers / dataloader_prefetch_factor."
             )
-        self.stages = [s for s in self.stages if s.start < start]
+        while self.stages and self.stages[-1].start >= start:
+            self.stages.pop()
+        self._start_cache = []
         groups = self._groups(selection, weights is None)
         if weights is not None:
             weights = self._checked_weights(weights, groups)
@@ -212,7 +226,10 @@ class SteeredSampler(Sampler[int]):
         if not self.stages:
             raise RuntimeError("the sampler has no stage yet; the trainer sets the initial one")
         parts = []
-        for i, stage in enumerate(self.stages):
+        for i in range(max(self._stage_index(start), 0), len(self.stages)):
+            stage = self.stages[i]
+            if stage.start >= stop:
+                break
             end = self.stages[i + 1].start if i + 1 < len(self.stages) else max(stop, stage.start)
             lo, hi = max(start, stage.start), min(stop, end)
             if lo < hi:
@@ -273,8 +290,9 @@ class SteeredSampler(Sampler[int]):
         length = len(self)
         pos, stop = self.epoch * length, (self.epoch + 1) * length
         while pos < stop:
-            nxt = min(stop, pos + CHUNK, *(b for b in self.boundaries if b > pos), stop)
-            if pos in self.boundaries and not any(s.start == pos for s in self.stages):
+            later = bisect.bisect_right(self._boundary_list, pos)
+            nxt = min(stop, pos + CHUNK, *self._boundary_list[later : later + 1])
+            if pos in self.boundaries and self.stages[self._stage_index(pos)].start != pos:
                 raise RuntimeError(
                     f"the data loader reached step {pos // self.samples_per_step + 1} before the steering "
                     "decision for it was made. Increase steering.lag_steps or lower dataloader prefetching."
@@ -320,6 +338,7 @@ class SteeredSampler(Sampler[int]):
         self._groups_cache.clear()
         self._perm_cache.clear()
         self._count_cache.clear()
+        self._start_cache = []
         self.high_water = -1
 
 

@@ -142,6 +142,7 @@ class Steering:
         self.sampler = SteeredSampler(pool.domain_ids, len(pool.domains), seed=seed)
         self.update_index = 0
         self.step = 0
+        self._update_steps: set[int] = set()
         self._is_setup = False
         self._pending: dict[str, Any] | None = None
         self._buffer: list[tuple[torch.Tensor, ...]] = []
@@ -178,6 +179,7 @@ class Steering:
         else:
             total = max(1, len(self.pool.sample_ids) // per_step) * max(1, int(np.ceil(args.num_train_epochs)))
         updates = self.schedule.update_steps(total)
+        self._update_steps = set(updates)
         self.sampler.bind(per_step, total, [self.schedule.effective_step(t) for t in updates])
         if not self.sampler.stages:  # a fresh run: an earlier run's log in the same output_dir goes
             self.log.reset()
@@ -217,7 +219,7 @@ class Steering:
             for name, comp in self.components.items():
                 comp.load_state_dict(self._pending["components"].get(name, {}))
             self._pending = None
-        elif step == 0 and 0 in self.schedule.update_steps(self.sampler.total_steps):
+        elif step == 0 and 0 in self._update_steps:
             self.update(0)
 
     @property
@@ -252,7 +254,7 @@ class Steering:
                 comp.observe(ctx, record)
             self._log_record(record)
         self._log_weight_stats(step)
-        if step in self.schedule.update_steps(self.sampler.total_steps):
+        if step in self._update_steps:
             self.update(step)
         self._overhead += time.perf_counter() - t0
         self.log.scalar("overhead_s", time.perf_counter() - t0)
