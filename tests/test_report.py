@@ -1,0 +1,120 @@
+"""`write_report` on two real tiny runs (an ODM mixer run; a loss selector + loss weighter run), compared.
+
+The page must hold every section's chart, embedded, and still render when a run lacks most of its files.
+A headless Chromium (Debian's `chromium`) loads it through file:// and must decode every image.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from datasteer.config import load_config
+from datasteer.report import jaccard, load_run, selection_stats, write_report
+from datasteer.runner import run
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+COMMON = [
+    "data.demo.samples_per_domain=24", "data.eval_per_domain=4", "train.max_steps=6",
+    "train.per_device_train_batch_size=8", "train.logging_steps=3", "train.eval_strategy=steps",
+    "train.eval_steps=3", "train.save_strategy=no", "train.disable_tqdm=true", "steering.warmup_steps=2",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("runs")
+    mixer = [*COMMON, f"train.output_dir={root / 'odm'}", f"data.cache_dir={root / 'data'}", "data.block_size=32"]
+    run(load_config(ROOT / "examples" / "quickstart.yaml", mixer))
+    selector = [
+        *COMMON, f"train.output_dir={root / 'loss'}", f"data.cache_dir={root / 'data'}", "data.max_length=64",
+        "steering.update_every=2", "steering.budget=24", "steering.selector.mode=topk",
+        "steering.weighter={name: loss, burn_in_steps: 1}",
+    ]  # fmt: skip
+    run(load_config(ROOT / "examples" / "selectors" / "loss.yaml", selector))
+    return {"odm": root / "odm", "loss": root / "loss"}
+
+
+@pytest.fixture(scope="module")
+def report(runs, tmp_path_factory) -> Path:
+    return write_report([runs["odm"], runs["loss"]], tmp_path_factory.mktemp("report"))
+
+
+def _images(page: str) -> dict[str, bytes]:
+    found = re.findall(r'<img class="chart" alt="([^"]+)" src="data:image/png;base64,([^"]+)"', page)
+    return {alt: base64.b64decode(data) for alt, data in found}
+
+
+def test_both_runs_logged_what_the_report_needs(runs):
+    odm, loss = load_run(runs["odm"]), load_run(runs["loss"])
+    assert odm.of("weights") and odm.of("train") and odm.of("eval")
+    assert loss.of("select") and loss.of("sample_weights") and loss.of("eval")
+    stats = selection_stats(loss)
+    assert stats["updates"] >= 2 and len(stats["jaccard"]) == stats["updates"] - 1
+    assert sum(stats["per_domain"].values()) == 24 * stats["updates"]
+
+
+def test_report_holds_every_chart_embedded_and_beside_the_page(report):
+    page = report.read_text()
+    images = _images(page)
+    expected = {"domain_weights", "train_loss", "eval_loss", "selection", "sample_weights", "step_time"}
+    assert set(images) == expected
+    for name, data in images.items():
+        assert data[:8] == PNG and len(data) > 3000, name
+        assert (report.parent / f"{name}.png").read_bytes() == data
+    for section in ("config", "domain-weights", "losses", "selection", "sample-weights", "step-time"):
+        assert f'<section id="{section}">' in page
+    assert "odm" in page and "name: loss" in page  # config summaries of both runs
+    assert "mean Jaccard" in page and "overhead share" in page
+    assert "http://" not in page and "https://" not in page  # nothing to fetch
+
+
+def test_missing_logs_become_notes_not_errors(runs, tmp_path):
+    bare = tmp_path / "bare"
+    (bare / "steering").mkdir(parents=True)
+    broken = tmp_path / "broken"
+    (broken / "steering").mkdir(parents=True)
+    (broken / "steering" / "events.jsonl").write_text('{"event": "train"}\n')
+    page = write_report([bare, broken, tmp_path / "absent"], tmp_path / "out").read_text()
+    assert not _images(page)
+    assert "bare: no `weights` events" in page and "no datasteer_config.yaml" in page
+    assert "could not render" in page  # the malformed `train` event (no step) cost one section only
+
+
+def test_jaccard():
+    assert jaccard({1, 2, 3}, {2, 3, 4}) == 0.5
+    assert jaccard(set(), set()) == 1.0
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="headless check needs Debian's chromium at /usr/bin/chromium")
+def test_chromium_renders_every_image(report, tmp_path):
+    # A copy of the page with a probe appended: after load it writes each image's decoded size into the
+    # DOM, which --dump-dom prints. A broken or blocked image has naturalWidth 0.
+    probe = tmp_path / "probe.html"
+    script = (
+        "<pre id='sizes'></pre><script>window.addEventListener('load', () => {"
+        "document.getElementById('sizes').textContent = [...document.images]"
+        ".map(i => i.alt + '=' + i.naturalWidth + 'x' + i.naturalHeight).join(';');});</script>"
+    )
+    probe.write_text(report.read_text().replace("</body>", script + "</body>"))
+    proc = subprocess.run(
+        [
+            str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--virtual-time-budget=5000", f"--user-data-dir={tmp_path / 'profile'}",
+            "--dump-dom", probe.as_uri(),
+        ],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sizes = dict(item.split("=") for item in re.search(r'<pre id="sizes">([^<]*)</pre>', proc.stdout)[1].split(";"))
+    assert set(sizes) == set(_images(report.read_text()))
+    for name, size in sizes.items():
+        width, height = map(int, size.split("x"))
+        assert width > 100 and height > 100, (name, size)
