@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-BLOCK = 1 << 16  # positions per RNG block; draws never depend on how the iterator chunks the stream
+BLOCK = 1 << 12  # positions per RNG block; draws never depend on how the iterator chunks the stream
 CHUNK = 1 << 16  # positions generated per vectorised call while iterating
 
 
@@ -152,7 +152,7 @@ class SteeredSampler(Sampler[int]):
             )
         while self.stages and self.stages[-1].start >= start:
             self.stages.pop()
-        self._start_cache = []
+        del self._start_cache[len(self.stages) :]
         groups = self._groups(selection, weights is None)
         if weights is not None:
             weights = self._checked_weights(weights, groups)
@@ -161,6 +161,8 @@ class SteeredSampler(Sampler[int]):
         if prev is not None and prev.selection == selection and (prev.weights is None) == (weights is None):
             offsets = prev.offsets + self._counts(len(self.stages) - 1, start - prev.start)
         self.stages.append(Stage(start, weights, selection, offsets))
+        if len(self._start_cache) == len(self.stages) - 1:  # keep the sorted starts in step, O(1)
+            self._start_cache.append(start)
         self._count_cache.pop(len(self.stages) - 1, None)
         return weights
 
