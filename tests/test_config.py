@@ -180,3 +180,10 @@ def test_config_reference_is_generated_from_the_schema():
     assert current == reference_markdown(), (
         "docs/config.md is stale: python -m datasteer.config_reference > docs/config.md"
     )
+
+
+def test_a_selector_without_target_fails_before_any_data_is_read(tmp_path):
+    cfg = base()
+    cfg["steering"] = {"selector": "less"}
+    msg = error_of(tmp_path, cfg)
+    assert "selector 'less' needs a target set" in msg and "data.target" in msg

@@ -226,3 +226,17 @@ def test_token_losses_are_recorded_when_a_component_asks(tmp_path):
         assert [t.numel() for t in per_sample] == record.tokens.long().tolist()
         means = torch.stack([t.mean() for t in per_sample])
         torch.testing.assert_close(means, record.losses, atol=1e-6, rtol=0)
+
+
+def test_selections_are_logged_and_kept_in_the_checkpoint(tmp_path):
+    selector = registry.build("selector", "random", {"seed": 2})
+    trainer = steered_run(
+        tmp_path, ComponentSet(selector=selector), schedule=Schedule(2, 2), max_steps=6, save_strategy="steps",
+        save_steps=6,
+    )  # fmt: skip
+    state = torch.load(tmp_path / "steered" / "checkpoint-6" / "steering_state.pt", weights_only=True)
+    assert [s["step"] for s in state["selections"]] == [2, 4]
+    assert all(s["size"] == 8 for s in state["selections"])  # budget = 4 samples/step x update_every 2
+    events = [e for e in read_events(tmp_path / "steered") if e["event"] == "select"]
+    assert [len(e["ids"]) for e in events] == [8, 8]
+    assert trainer.steering.selection_log == state["selections"]

@@ -139,6 +139,19 @@ class Config(StrictModel):
         return v
 
 
+def _selector_needs_target(config: Config) -> None:
+    """A selector that needs a target set fails here, before any data is read or model loaded."""
+    if config.steering.selector is None:
+        return
+    name, _ = split_component(config.steering.selector, "steering.selector")
+    has_target = config.data.target is not None or (config.data.demo is not None and config.data.kind == "sft")
+    if registry.get("selector", name).requires_target and not has_target:
+        raise ConfigError(
+            f"selector '{name}' needs a target set: set data.target (a file of target examples); the demo sft "
+            "data has one built in."
+        )
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **data: Any) -> Config:
     """Read a YAML file (or keyword sections), apply `a.b=value` overrides, and validate."""
     raw: dict[str, Any] = dict(data)
@@ -162,7 +175,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def validate(raw: dict[str, Any], source: str = "") -> Config:
     try:
-        return Config.model_validate(raw)
+        config = Config.model_validate(raw)
+        _selector_needs_target(config)
+        return config
     except ValidationError as err:
         raise format_validation_error(err, Config, source) from None
     except ConfigError as err:

@@ -143,6 +143,7 @@ class Steering:
         self.update_index = 0
         self.step = 0
         self._update_steps: set[int] = set()
+        self.selection_log: list[dict[str, Any]] = []  # every selection's summary, kept in checkpoints
         self._is_setup = False
         self._pending: dict[str, Any] | None = None
         self._buffer: list[tuple[torch.Tensor, ...]] = []
@@ -290,6 +291,8 @@ class Steering:
         rows = self.pool.indices_of(selection.ids)
         self.sampler.set_selection(at, rows, selection.probs)
         per_domain = np.bincount(self.pool.domain_ids[rows], minlength=len(self.pool.domains))
+        summary = {"step": step, "effective_step": at + 1, "update": self.update_index, **selection.summary()}
+        self.selection_log.append(summary)
         self.log.event(
             "select",
             step,
@@ -384,6 +387,7 @@ class Steering:
             "update_index": self.update_index,
             "overhead_s": self._overhead,
             "sampler": self.sampler.state_dict(),
+            "selections": list(self.selection_log),
             "components": {name: comp.state_dict() for name, comp in self.components.items()},
         }
 
@@ -393,6 +397,7 @@ class Steering:
         self.step = int(state["step"])
         self.update_index = int(state["update_index"])
         self._overhead = float(state.get("overhead_s", 0.0))
+        self.selection_log = list(state.get("selections", []))
         self._pending = state
         self.log.truncate_after(self.step)
 
