@@ -65,6 +65,11 @@ DROPPED_PARAMS: dict[tuple[str, str], dict[str, str]] = {
         "num_eval_samples": "datasteer's odm rewards domains from the training losses, with no extra eval passes",
         "eval_batch_size": "datasteer's odm rewards domains from the training losses, with no extra eval passes",
     },
+    ("selector", "tsds"): {
+        "sample_size": "the window's draws are steering.budget",
+        "seed": "draws come from the sampler's seeded stream (steering.seed)",
+    },
+    ("selector", "near"): {"indices_path": "near computes its neighbours itself at each update"},
 }
 # DataFlex parameter -> datasteer parameter, where the meaning is the same and the name differs.
 RENAMED_PARAMS: dict[tuple[str, str], dict[str, str]] = {
@@ -74,6 +79,7 @@ RENAMED_PARAMS: dict[tuple[str, str], dict[str, str]] = {
         "reference_model_path": "reference_model",
     },
     ("mixer", "odm"): {"alpha": "smoothing", "initial_proportions": "initial"},
+    ("selector", "tsds"): {"model_name": "encoder"},
 }
 # Where a mixer takes init_mixture_proportions / mixture_sample_rule. Unlisted mixers: the first of
 # INITIAL_PROPORTION_PARAMS their constructor accepts.
