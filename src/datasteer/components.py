@@ -98,6 +98,7 @@ class Component:
     """Shared life cycle. Every method is called on every rank with identical inputs."""
 
     registered_name: ClassVar[str] = ""
+    requires_target: ClassVar[bool] = False  # True: config fails early when the run has no target set
     needs_token_losses: ClassVar[bool] = False  # True: StepRecord carries every supervised token's loss
 
     def setup(self, ctx: SteeringContext) -> None:
@@ -133,8 +134,6 @@ class Mixer(Component):
 
 class Selector(Component):
     """Decides which samples of the pool are eligible in the next window."""
-
-    requires_target: ClassVar[bool] = False
 
     def select(self, ctx: SteeringContext, budget: int) -> Selection:
         """Return the selection for the next window; `budget` is the number of samples it should hold."""

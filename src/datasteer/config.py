@@ -139,17 +139,19 @@ class Config(StrictModel):
         return v
 
 
-def _selector_needs_target(config: Config) -> None:
-    """A selector that needs a target set fails here, before any data is read or model loaded."""
-    if config.steering.selector is None:
-        return
-    name, _ = split_component(config.steering.selector, "steering.selector")
+def _components_need_target(config: Config) -> None:
+    """A component that needs a target set fails here, before any data is read or model loaded."""
     has_target = config.data.target is not None or (config.data.demo is not None and config.data.kind == "sft")
-    if registry.get("selector", name).requires_target and not has_target:
-        raise ConfigError(
-            f"selector '{name}' needs a target set: set data.target (a file of target examples); the demo sft "
-            "data has one built in."
-        )
+    for kind in registry.KINDS:
+        spec = getattr(config.steering, kind)
+        if spec is None or has_target:
+            continue
+        name, _ = split_component(spec, f"steering.{kind}")
+        if registry.get(kind, name).requires_target:
+            raise ConfigError(
+                f"{kind} '{name}' needs a target set: set data.target (a file of target examples); the demo sft "
+                "data has one built in."
+            )
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **data: Any) -> Config:
@@ -176,7 +178,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def validate(raw: dict[str, Any], source: str = "") -> Config:
     try:
         config = Config.model_validate(raw)
-        _selector_needs_target(config)
+        _components_need_target(config)
         return config
     except ValidationError as err:
         raise format_validation_error(err, Config, source) from None

@@ -160,11 +160,11 @@ class Steering:
                 self.sampler._checked_weights(mixer.initial_weights(self.context()), self.sampler._groups(0, False))
             except ValueError as err:
                 raise ConfigError(f"steering.mixer '{mixer.registered_name}': {err}") from None
-        sel = self.components.selector
-        if sel is not None and sel.requires_target and self.target is None:
-            raise ConfigError(
-                f"selector '{sel.registered_name}' needs a target set; set data.target (or use the demo sft data)."
-            )
+        for kind, comp in self.components.items():
+            if comp.requires_target and self.target is None:
+                raise ConfigError(
+                    f"{kind} '{comp.registered_name}' needs a target set; set data.target (or use the demo sft data)."
+                )
 
     # ------------------------------------------------------------------------------ geometry
     def bind(self, trainer: Trainer) -> SteeredSampler:

@@ -217,7 +217,8 @@ def _check(mode: str, projection: str | None, reduction: str) -> str:
 def _projection(
     layers: dict[str, torch.nn.Linear], proj_dim: int, seed: int, kind: Kind, projection: str, block: int | None
 ) -> FactoredProjection | DenseProjection | None:
-    shapes = {n: tuple(m.weight.shape) for n, m in layers.items()}
+    # DeepSpeed ZeRO-3 partitions weights in place (local shape (0,)); ds_shape is the full one
+    shapes = {n: tuple(getattr(m.weight, "ds_shape", m.weight.shape)) for n, m in layers.items()}
     if projection == "factored":
         return FactoredProjection(shapes, proj_dim, seed, kind, block)
     if projection == "dense":
