@@ -118,3 +118,13 @@ def test_chromium_renders_every_image(report, tmp_path):
     for name, size in sizes.items():
         width, height = map(int, size.split("x"))
         assert width > 100 and height > 100, (name, size)
+
+
+def test_cli_report_verb(runs, tmp_path):
+    from datasteer import cli
+
+    if "report" not in cli._parser()._subparsers._group_actions[0].choices:
+        pytest.skip("cli.py has no `report` subcommand yet")
+    assert cli.main(["report", str(runs["odm"]), str(runs["loss"]), "--out", str(tmp_path / "r")]) == 0
+    assert set(_images((tmp_path / "r" / "report.html").read_text())) >= {"domain_weights", "selection"}
+    assert cli.main(["report", str(tmp_path / "nope")]) == 2  # a user error: one line, exit code 2

@@ -121,7 +121,13 @@ def _unique_names(run_dirs: list[Path]) -> list[str]:
     """Run labels: the folder name, or parent/name when two runs share a folder name."""
     names = [p.name for p in run_dirs]
     counts = Counter(names)
-    return [f"{p.parent.name}/{p.name}" if counts[p.name] > 1 else p.name for p in run_dirs]
+    names = [f"{p.parent.name}/{p.name}" if counts[p.name] > 1 else p.name for p in run_dirs]
+    seen: Counter[str] = Counter()
+    out = []
+    for name in names:  # the same folder passed twice still gets two labels
+        seen[name] += 1
+        out.append(name if seen[name] == 1 else f"{name} ({seen[name]})")
+    return out
 
 
 # ---------------------------------------------------------------------------------------- sections
@@ -281,6 +287,8 @@ def section_selection(runs: list[Run], out: Path) -> Section:
             ax_jac.plot(s["steps"][1:], s["jaccard"], "o-", label=name)
     ax_dom.set_xticks(np.arange(len(domains)) + 0.4 - width / 2, domains, fontsize=8)
     ax_dom.set(title="samples chosen per domain (all updates)", ylabel="samples")
+    all_times = sorted({t for s in stats.values() for t in s["times_chosen"]})
+    ax_cnt.set_xticks(np.array(all_times) + 0.4 - width / 2, [str(t) for t in all_times])
     ax_cnt.set(title="samples by times chosen", xlabel="times chosen", ylabel="distinct samples")
     ax_jac.set(title="Jaccard overlap with previous selection", xlabel="step of update", ylim=(0, 1.05))
     ax_dom.legend(fontsize=7)
