@@ -1,5 +1,7 @@
-"""Real 2-process runs on CPU (torchrun): DDP and FSDP on gloo in the default suite, DeepSpeed ZeRO-2/3
-(CPU accelerator) as slow tests. On every engine: identical decisions on all ranks, disjoint shards, a
+"""Real 2-process steered runs (torchrun): DDP on gloo in the default suite, DeepSpeed ZeRO-2/3 (CPU
+accelerator) as slow tests, and the Trainer's FSDP where accelerate applies it (GPU only: on CPU the
+Trainer's `fsdp=` arguments fall back to DDP; real FSDP2 sharding on CPU is covered for the ops in
+test_distributed_ops_engines.py). On every engine: identical decisions on all ranks, disjoint shards, a
 gathered record that is exactly the union of the ranks' samples, the steering state in every checkpoint,
 and a resume that continues the same stream."""
 
@@ -13,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPTS = Path(__file__).parent / "dist_scripts"
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +72,7 @@ def test_ddp(tmp_path):
 
 
 @pytest.mark.distributed
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="accelerate applies the Trainer's fsdp= on GPUs only")
 def test_fsdp(tmp_path):
     check_engine(tmp_path, "fsdp")
 

@@ -97,10 +97,7 @@ def test_trainer_fsdp_ops_equal_one_rank(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limitation: under FSDP / ZeRO-3 every forward is collective, but the ops batch each rank's "
-    "shard separately, so shards needing different batch counts (13 rows, 2 ranks, batch 3: 3 vs 2) mismatch",
-)
-def test_fsdp2_ops_uneven_shards_known_failure(tmp_path):
+def test_fsdp2_ops_with_uneven_shards_stay_in_lockstep(tmp_path):
+    # Under FSDP / ZeRO-3 every forward is collective; 13 rows on 2 ranks at batch 3 need 3 vs 2 batches, so
+    # the shorter rank runs a filler batch (ids -1, dropped when gathering) instead of leaving the other waiting.
     check(tmp_path, "fsdp", "FSDPLlamaForCausalLM", n_rows=N_ROWS + 1, timeout=240)

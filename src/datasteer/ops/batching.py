@@ -46,17 +46,37 @@ def iter_batches(
     *,
     progress: bool = False,
     desc: str = "",
+    world: int = 1,
 ) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
     """Yield (sample_ids (B,) int64, collated batch) over `indices`, bucketed by length.
 
     Ids are read from each row's `sample_id` (the row index when the dataset has none), not from the
     collator, so any collator works.
+
+    With `world > 1` every rank yields the same number of batches: under FSDP or ZeRO-3 each forward
+    gathers parameters collectively, so a rank whose shard needs fewer batches would leave the others
+    waiting (a hang on NCCL, a "collective mismatch" on gloo). Such a rank runs filler batches whose ids
+    are -1; `gather_rows` drops them.
     """
     batches = bucket(indices, row_lengths(dataset, indices), batch_size) if len(indices) else []
+    fillers = agreed_batch_count(len(batches), world) - len(batches)
+    filler_row = int(indices[0]) if len(indices) else 0
     for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
         rows = [dataset[int(i)] for i in idx]
         ids = np.array([int(r["sample_id"]) if "sample_id" in r else int(i) for r, i in zip(rows, idx)])
         yield ids, collate_fn(rows)
+    for _ in range(fillers):
+        yield np.full(1, -1, dtype=np.int64), collate_fn([dataset[filler_row]])
+
+
+def agreed_batch_count(n: int, world: int) -> int:
+    """The largest batch count over the ranks (n itself without a process group)."""
+    if world <= 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return n
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else None
+    count = torch.tensor([n], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+    return int(count.item())
 
 
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -51,6 +51,8 @@ def gather_rows(
         values = _gather_list(values) if isinstance(values, list) else _gather_2d(values)
     all_ids = ids_t.cpu().numpy()
     uniq, first = np.unique(all_ids, return_index=True)
+    keep = uniq >= 0  # -1: rows of filler batches that kept the ranks in lockstep (batching.iter_batches)
+    uniq, first = uniq[keep], first[keep]
     if isinstance(values, list):
         return uniq, [values[i].cpu() for i in first]
     return uniq, values.cpu()[torch.as_tensor(first, dtype=torch.long)]

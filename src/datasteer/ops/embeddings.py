@@ -96,7 +96,10 @@ def _encode_tokens(
     device = device_of(net)
     ids_out, vals_out = [np.zeros(0, np.int64)], []
     with eval_mode(net), torch.no_grad(), autocast(accelerator):
-        for ids, batch in iter_batches(dataset, indices, collate_fn, batch_size, progress=show, desc="embeddings"):
+        batches = iter_batches(
+            dataset, indices, collate_fn, batch_size, progress=show, desc="embeddings", world=rank_world(accelerator)[1]
+        )
+        for ids, batch in batches:
             inputs = model_inputs(batch, device)
             hidden = net(**inputs, output_hidden_states=True).hidden_states[layer]  # (B, T, D)
             mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))

@@ -188,7 +188,7 @@ def gradient_features(
     with eval_mode(net):
         for ids, batch in iter_batches(
             dataset, shard(len(dataset), rank, world), exact_collate, batch_size,
-            progress=is_main(rank, progress), desc=f"gradient features ({mode})",
+            progress=is_main(rank, progress), desc=f"gradient features ({mode})", world=world,
         ):  # fmt: skip
             if mode == "fast":
                 feats = fast_batch(net, layers, proj, batch, loss_reduction, adam, adam_exact_max_elements)

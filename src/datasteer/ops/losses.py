@@ -80,7 +80,13 @@ def per_sample_losses(
     indices = shard(len(dataset), rank, world)
     with eval_mode(net), torch.no_grad(), autocast(accelerator):
         for ids, batch in iter_batches(
-            dataset, indices, collate_fn, batch_size, progress=is_main(rank, progress), desc="per-sample losses"
+            dataset,
+            indices,
+            collate_fn,
+            batch_size,
+            progress=is_main(rank, progress),
+            desc="per-sample losses",
+            world=world,
         ):
             logits = net(**model_inputs(batch, device)).logits  # (B, T, V)
             losses, mask = token_losses(logits, batch["labels"].to(device))  # (B, T-1) each

@@ -69,12 +69,15 @@ def router_loads(
         for dataset in datasets:
             total = None
             batches = iter_batches(
-                dataset, shard(len(dataset), rank, world), collate_fn, batch_size, progress=is_main(rank, progress)
-            )
-            for _, batch in batches:
+                dataset, shard(len(dataset), rank, world), collate_fn, batch_size, progress=is_main(rank, progress),
+                world=world,
+            )  # fmt: skip
+            for ids, batch in batches:
                 logits = net(**model_inputs(batch, device_of(net)), output_router_logits=True).router_logits
                 if not logits:
                     raise ValueError(f"{type(net).__name__} returns no router logits: is it an MoE model?")
+                if (ids < 0).all():  # a filler batch that only keeps the ranks in lockstep
+                    continue
                 mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
                 c = expert_counts(logits, mask, k)
                 total = c if total is None else total + c
