@@ -1,4 +1,4 @@
-"""`datasteer train | doremi | components | version`.
+"""`datasteer train | doremi | report | components | version`.
 
 User errors (bad config, missing file, ...) print one paragraph and exit with code 2; the traceback is
 shown only with `--debug`.
@@ -53,9 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     comps = sub.add_parser("components", help="list registered components with their parameters")
     comps.add_argument("kind", nargs="?", choices=registry.KINDS, help="only this kind")
     comps.set_defaults(func=_components)
+    report = sub.add_parser("report", help="HTML report (+ PNGs) of one run, or of several runs compared")
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (train.output_dir)")
+    report.add_argument("--out", help="output folder (default: RUN_DIR/report for one run, ./report for several)")
+    report.set_defaults(func=_report)
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=lambda a: print(__version__) or 0)
-    for p in (train, doremi, comps, version):
+    for p in (train, doremi, comps, report, version):
         # SUPPRESS as default: a sub-command must not reset a top-level `datasteer --debug ...`
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
@@ -114,6 +118,19 @@ def _doremi(args: argparse.Namespace) -> int:
         print(f"datasteer: DoReMi {step} run written to {run.output_dir}")
     if result.weights:
         print("  averaged domain weights: " + ", ".join(f"{d} {w:.4f}" for d, w in result.weights.items()))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from datasteer.report import write_report
+
+    runs = [Path(r) for r in args.runs]
+    missing = [str(r) for r in runs if not r.is_dir()]
+    if missing:
+        raise DatasteerError(f"not a run folder: {', '.join(missing)} (pass the train.output_dir of a run).")
+    out = Path(args.out) if args.out else runs[0] / "report" if len(runs) == 1 else Path("report")
+    page = write_report(runs, out)
+    print(f"datasteer: report written to {page}")
     return 0
 
 

@@ -93,6 +93,7 @@ def run(config: Config, resume_from_checkpoint: str | bool | None = None) -> Run
     out.mkdir(parents=True, exist_ok=True)
     (out / "datasteer_config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    trainer.save_metrics("train", result.metrics)  # train_results.json: the report's step-time split
     domain_eval = evaluate_domains(trainer, pool)  # a collective: every rank evaluates
     if trainer.is_world_process_zero():
         write_domain_table(out, domain_eval)
