@@ -14,7 +14,7 @@ export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-slow test-all test-llamafactory llamafactory-env lint format bench clean
+.PHONY: chromium demo test test-slow test-all test-llamafactory llamafactory-env lint format bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -32,7 +32,13 @@ define run_pytest
 	if [ $$rc -eq 5 ]; then echo "ERROR: pytest collected no tests for '$(1)'" >&2; exit 1; fi; exit $$rc
 endef
 
-test: $(STAMP)
+# The report's browser test renders the page in Debian's headless Chromium; install it when we can.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "warning: could not install chromium; the report's browser test will be skipped" >&2
+
+test: $(STAMP) chromium
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(call run_pytest,-m "not slow")
