@@ -113,8 +113,10 @@ def test_a_sentence_encoder_embeds_the_raw_prompts(setup):
 
 @pytest.mark.slow
 def test_cluster_less_on_the_demo_sft_data_prefers_arith_to_noise(tmp_path):
-    # 10 warmup steps: after 5 the pooled hidden states of the char-level model barely separate the domains
+    # 10 warmup steps: after 5 the pooled hidden states of the char-level model barely separate the domains.
+    # Budget 48 of 120: arith and kv score alike (both answer in digits) and whole clusters are taken, so a
+    # budget of one domain's size would pick one of them by a hair.
     overrides = ("steering.selector.num_clusters=10", "steering.warmup_steps=10", "train.max_steps=13")
-    event = demo_selection(tmp_path, "cluster_less", *overrides)
+    event = demo_selection(tmp_path, "cluster_less", *overrides, "steering.budget=48")
     counts = event["per_domain"]
-    assert counts["arith"] > counts["noise"] and counts["arith"] >= 8, counts
+    assert counts["arith"] > counts["noise"] and counts["arith"] >= 12, counts
