@@ -111,7 +111,6 @@ def test_a_sentence_encoder_embeds_the_raw_prompts(setup):
     assert np.mean(purity) > 0.7, purity
 
 
-@pytest.mark.slow
 def test_cluster_less_on_the_demo_sft_data_prefers_arith_to_noise(tmp_path):
     # 10 warmup steps: after 5 the pooled hidden states of the char-level model barely separate the domains.
     # Budget 48 of 120: arith and kv score alike (both answer in digits) and whole clusters are taken, so a

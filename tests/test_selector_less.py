@@ -180,9 +180,53 @@ def demo_selection(tmp_path, name: str, *extra: str) -> dict:
     return event
 
 
-@pytest.mark.slow
 def test_less_on_the_demo_sft_data_prefers_arith_to_noise(tmp_path):
     event = demo_selection(tmp_path, "less")
     counts = event["per_domain"]
     assert event["size"] == 24 and event["effective_step"] == 7
     assert counts["arith"] > counts["noise"] and counts["arith"] >= 6, counts  # random: 4.8 expected
+
+
+# ------------------------------------------------------------------------------------- resume in a run
+def test_a_resumed_run_scores_selects_and_trains_like_the_uninterrupted_one(tmp_path):
+    from trainer_fixtures import DOMAINS, make_args, make_model
+    from transformers import default_data_collator
+
+    from datasteer import ComponentSet, PoolIndex, Schedule, SteeredTrainer, Steering
+    from datasteer.components import Component
+
+    class Recorder(Component):
+        def __init__(self):
+            self.steps = {}
+
+        def observe(self, ctx, record):
+            self.steps[record.step] = record.sample_ids.tolist()
+
+    pool = make_pool(rows_per_domain=12)
+    target = make_pool(rows_per_domain=3, seed=9).filter(lambda r: r["domain_id"] == 1).remove_columns("domain_id")
+
+    def run(resume=None):
+        less = registry.build("selector", "less", {"proj_dim": 64, "exclude_selected": True})
+        rec = Recorder()
+        steering = Steering(
+            PoolIndex.from_dataset(pool, DOMAINS), ComponentSet(selector=less, extra={"rec": rec}),
+            Schedule(warmup_steps=2, update_every=3), budget=8, target=target, output_dir=str(tmp_path),
+        )  # fmt: skip
+        args = make_args(str(tmp_path), max_steps=10, save_strategy="steps", save_steps=5, lr_scheduler_type="linear")
+        trainer = SteeredTrainer(
+            model=make_model(), args=args, train_dataset=pool, data_collator=default_data_collator, steering=steering
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return less, rec, steering
+
+    full, full_rec, full_steering = run()
+    resumed, resumed_rec, resumed_steering = run(str(tmp_path / "checkpoint-5"))
+    assert len(full.snapshots) == len(resumed.snapshots) == 3  # after steps 2, 5 (both in the checkpoint) and 8
+    assert len(set(full.lrs)) == 3  # a decaying schedule: each snapshot has its own weight
+    np.testing.assert_allclose(resumed.lrs, full.lrs, rtol=1e-12)
+    for a, b in zip(full.snapshots, resumed.snapshots):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6, equal_nan=True)
+    rows = [s.rows.tolist() for s in full_steering.sampler.selections if s.rows is not None]
+    assert rows == [s.rows.tolist() for s in resumed_steering.sampler.selections if s.rows is not None]
+    assert len(rows) == 3 and len({r for sel in rows for r in sel}) == 24  # three disjoint selections of 8
+    assert {k: v for k, v in full_rec.steps.items() if k > 5} == resumed_rec.steps

@@ -153,7 +153,6 @@ def test_select_scores_pool_samples_and_needs_prompts_and_a_tokenizer(setup):
         nice.target_features(fake_ctx(setup, target=setup.pool.target.remove_columns("prompt")))
 
 
-@pytest.mark.slow
 def test_nice_with_a_digit_reward_on_the_demo_sft_data_prefers_arith_to_noise(tmp_path):
     overrides = (
         "steering.selector.reward=callable", f"steering.selector.reward_path={HERE}.digit_fraction",

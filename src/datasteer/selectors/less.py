@@ -243,7 +243,7 @@ class LessSelector(Selector):
         ids = ctx.pool.sample_ids
         if self.exclude_selected and self.selected:
             scores = np.where(np.isin(ids, np.fromiter(self.selected, dtype=np.int64)), np.nan, scores)
-        pos = top_budget(scores, budget, [self.seed, ctx.update_index])
+        pos = top_budget(scores, budget, [self.seed, ctx.seed, ctx.update_index])
         chosen, chosen_scores = broadcast_object((ids[pos], scores[pos]))
         if len(chosen) == 0:
             raise DatasteerError(f"selector '{self.name}' has no sample left to select")
