@@ -3,6 +3,11 @@
 Prompts are split into fixed chunks of `batch_size` in id order and chunk c goes to rank c mod W; each chunk is
 sampled under its own seed (seed, c), so the responses do not depend on the number of ranks. Every prompt of a
 chunk is left-padded and sampled `num_samples` times in one `generate` call, in eval mode (restored after).
+
+With several ranks every rank makes the same number of `generate` calls (a rank with fewer chunks repeats its
+last one and drops the result) with `synced_gpus`, so the ranks' forwards stay in lockstep until all of them
+have finished: what FSDP / ZeRO-3, whose forwards gather parameters collectively, need (see
+`batching.iter_batches`). Only DDP and single-process runs are tested.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import numpy as np
 import torch
 from transformers import GenerationConfig
 
-from datasteer.ops.batching import device_of, eval_mode, unwrap
+from datasteer.ops.batching import agreed_batch_count, device_of, eval_mode, unwrap
 from datasteer.ops.distributed import gather_rows, rank_world
 from datasteer.ops.results import OpResult
 
@@ -50,8 +55,7 @@ def generate(
     """Sample `num_samples` responses to each prompt, gathered from all ranks.
 
     Args:
-        model: causal LM with `generate` (DDP/accelerate wrappers are unwrapped). Under ZeRO-3/FSDP generation
-            would need synchronised ranks; not supported.
+        model: causal LM with `generate` (DDP/accelerate wrappers are unwrapped).
         prompts: token ids of each prompt (already formatted, e.g. with the chat template's generation prompt).
         ids: (N,) unique int64 id of each prompt.
         num_samples: responses per prompt (K).
@@ -70,11 +74,17 @@ def generate(
         do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
         num_return_sequences=num_samples, pad_token_id=pad_token_id, eos_token_id=eos_token_id,
     )  # fmt: skip
+    mine = list(range(rank, len(chunks), world))
+    calls = agreed_batch_count(len(mine), world)
+    synced = world > 1 and calls > 0
     out_ids, out_vals = [np.zeros(0, np.int64)], []
     with eval_mode(net), torch.no_grad():
-        for c in range(rank, len(chunks), world):
+        for n in range(calls):
+            c = mine[min(n, len(mine) - 1)] if mine else 0  # a rank out of chunks repeats one (result dropped)
             rows = chunks[c]
-            responses = _sample(net, [prompts[i] for i in rows], config, pad_token_id, eos_token_id, [seed, c])
+            responses = _sample(net, [prompts[i] for i in rows], config, eos_token_id, [seed, c], synced)
+            if n >= len(mine):
+                continue
             for j, i in enumerate(rows):
                 out_ids.append(ids[i : i + 1])
                 out_vals.append(_pack(responses[j * num_samples : (j + 1) * num_samples]))
@@ -86,14 +96,14 @@ def _sample(
     net: torch.nn.Module,
     prompts: list[list[int]],
     config: GenerationConfig,
-    pad: int,
     eos: int | None,
     seed: list[int],
+    synced: bool,
 ) -> list[torch.Tensor]:
     """Generate for one chunk: (B*K) response tensors, prompt-major (prompt 0's K samples first)."""
     device = device_of(net)
     width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    input_ids = torch.full((len(prompts), width), config.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(input_ids)
     for r, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
         input_ids[r, width - len(p) :] = torch.as_tensor(p)
@@ -101,7 +111,9 @@ def _sample(
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
-        out = net.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=config)
+        out = net.generate(
+            input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=config, synced_gpus=synced
+        )
     return [_cut(row, eos) for row in out[:, width:].cpu()]
 
 
