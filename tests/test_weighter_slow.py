@@ -23,8 +23,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "overhead.py"
 def adapt_run(out: Path, resume: str | None = None) -> tuple[SteeredTrainer, RecordingAdaptWeighter]:
     pool = make_pool()
     weighter = RecordingAdaptWeighter(tau=0.05, refresh_every=2, anchor_batch_size=4)
-    steering = make_steering(pool, ComponentSet(weighter=weighter), output_dir=str(out))
-    steering.target = make_target(6)
+    steering = make_steering(pool, ComponentSet(weighter=weighter), output_dir=str(out), target=make_target(6))
     trainer = SteeredTrainer(
         model=make_model(),
         args=make_args(str(out), max_steps=6, save_strategy="steps", save_steps=3),

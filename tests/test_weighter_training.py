@@ -118,8 +118,7 @@ def test_adapt_uses_the_training_forward_and_no_second_forward(tmp_path):
     forwards = []
     model.register_forward_hook(lambda *_: forwards.append(1))
     pool = make_pool()
-    steering = make_steering(pool, ComponentSet(weighter=weighter), output_dir=str(tmp_path))
-    steering.target = target
+    steering = make_steering(pool, ComponentSet(weighter=weighter), output_dir=str(tmp_path), target=target)
     trainer = CapturingSteeredTrainer(
         model=model,
         args=make_args(str(tmp_path), max_steps=2),

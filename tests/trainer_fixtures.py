@@ -76,5 +76,7 @@ def make_steering(
     schedule: Schedule | None = None,
     output_dir: str | None = None,
     seed: int = 0,
+    target: Dataset | None = None,
 ) -> Steering:
-    return Steering(PoolIndex.from_dataset(pool, DOMAINS), components, schedule, seed=seed, output_dir=output_dir)
+    index = PoolIndex.from_dataset(pool, DOMAINS)
+    return Steering(index, components, schedule, seed=seed, target=target, output_dir=output_dir)

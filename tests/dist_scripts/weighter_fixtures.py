@@ -117,8 +117,7 @@ class CapturingSteeredTrainer(SteeredTrainer):
 def run(out, components, schedule=None, target=None, **args) -> CapturingSteeredTrainer:
     """One real steered run on the 3-domain pool (const / cycle / noise) with the tiny Llama."""
     pool = make_pool()
-    steering = make_steering(pool, components, schedule, output_dir=str(out))
-    steering.target = target
+    steering = make_steering(pool, components, schedule, output_dir=str(out), target=target)
     trainer = CapturingSteeredTrainer(
         model=make_model(),
         args=make_args(str(out), **args),
