@@ -402,6 +402,7 @@ class Steering:
         self.log.truncate_after(self.step)
 
     def save(self, checkpoint_dir: str | Path) -> None:
+        self.log.flush()
         path = Path(checkpoint_dir) / STATE_FILE
         tmp = path.with_suffix(".tmp")
         torch.save(self.state_dict(), tmp)

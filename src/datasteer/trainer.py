@@ -49,6 +49,9 @@ class SteeringCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.steering.end_step(state.global_step)
 
+    def on_train_end(self, args, state, control, **kwargs):
+        self.steering.log.flush()
+
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
@@ -157,6 +160,7 @@ class SteeringMixin:
         }
         if perplexities:
             self.steering.log.event("eval", self.state.global_step, **logs, **perplexities)
+            self.steering.log.flush()  # evaluations also happen after training ends
         super().log({**logs, **perplexities}, *args, **kwargs)
 
 
