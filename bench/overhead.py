@@ -486,9 +486,9 @@ def write_markdown(path: Path, result: dict[str, Any], command: str) -> None:
         "",
         "## Deciding every step (ODM with `update_every: 1`), as runs get longer",
         "",
-        "CPU ms per step, beyond the trainer part's few steps: the sampler with a new stage every step, and the "
-        "schedule's update-step list that `Steering.end_step` rebuilds after every step. Growth with the run "
-        "length means a total that is quadratic in the number of steps.",
+        "CPU ms per step of the sampler with a new stage every step (flat in the run length: stage lookups are "
+        "bisections), and the cost of building the schedule's update-step list, which `Steering.bind` does "
+        "once per run (it is then a set lookup per step).",
         "",
         "| | " + " | ".join(f"{n:,} steps" for n in d["sampler_ms_per_step"]) + " |",
         "|---|" + "---:|" * len(d["sampler_ms_per_step"]),
@@ -496,7 +496,7 @@ def write_markdown(path: Path, result: dict[str, Any], command: str) -> None:
         "",
         "| | " + " | ".join(f"{n:,} steps" for n in d["schedule_lookup_ms"]) + " |",
         "|---|" + "---:|" * len(d["schedule_lookup_ms"]),
-        "| `Schedule.update_steps`, per call (once per step) | "
+        "| `Schedule.update_steps`, one call (once per run) | "
         + " | ".join(f"{v:.2f}" for v in d["schedule_lookup_ms"].values())
         + " |",
         "",
