@@ -15,6 +15,7 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))
 
+import torch
 from trainer_fixtures import make_args, make_model, make_pool, make_steering
 from transformers import default_data_collator
 
@@ -79,6 +80,9 @@ def main(out: str, engine: str, resume: str | None = None) -> None:
     }
     name = f"rank{rank}.resumed.json" if resume else f"rank{rank}.json"
     (Path(out) / name).write_text(json.dumps(result))
+    if torch.distributed.is_initialized():  # a clean teardown: exiting with a live group can abort the process
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
