@@ -1,16 +1,19 @@
 """Small-scale reproduction of the papers' claims on the demo corpus, on CPU, over several seeds.
 
-    python bench/quality.py            # 3 seeds, the full comparison (sized for <= 30 min on 2 idle cores; unmeasured)
+    python bench/quality.py            # 3 seeds, every group (about 30 min on 2 cores, mostly the selection group)
     python bench/quality.py --quick    # 1 seed, a few steps: a ~3-min smoke that every path still runs
+    python bench/quality.py --groups selection --name quality_selection   # one group, its own output files
     python bench/quality.py --seeds 0 1 --steps 40 --out /tmp/q   # anything in between
 
-Writes `bench/results/quality.json` and `quality.md` (the tables, the command and the machine). Three groups,
-each at equal training steps and batch size within the group:
+Writes `bench/results/<name>.json` and `<name>.md` (name: `quality` unless `--name`; the tables, the command
+and the machine). Three groups, each at equal training steps (300 mixture, 60 selection, 200 reweighting)
+and batch size within the group:
 
 - Mixture (demo pretrain corpus, 64-token blocks): the static mixer at the default size proportions vs DoReMi
   (reference run, Group DRO proxy run, final run on the averaged weights; the final run is the one compared, so
   DoReMi spends three times the compute) vs ODM (an EXP3 bandit updated every step). Reported: the mean and
-  the worst per-domain eval log-perplexity (= eval loss in nats per token).
+  the worst per-domain eval log-perplexity (= eval loss in nats per token), over all domains and over the
+  learnable ones (without the pure-noise domain, whose floor no mixture can move), and the noise domain's own.
 - Selection (demo sft corpus, which carries a target set: arithmetic with operands outside the training range):
   random, static (the full pool), loss, delta_loss, less, near, tsds and rho_loss, all with the same warmup,
   update cadence and budget (samples per selection). Reported: the target-set loss of the final model and the
@@ -33,7 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +59,15 @@ EXAMPLES = ROOT / "examples"
 SELECTORS = ("random", "static", "loss", "delta_loss", "less", "near", "tsds", "rho_loss")
 WEIGHTERS = ("uniform", "loss", "adapt")
 MIXERS = ("default", "doremi", "odm")
+UNLEARNABLE = ("noise",)  # demo domains of uniformly random characters
 
 
 @dataclass
 class Settings:
     seeds: list[int]
-    steps: int  # optimizer steps of every compared run
+    steps: int  # optimizer steps of every compared selection run
+    mixture_steps: int  # ... of every mixture run (each DoReMi step too)
+    reweighting_steps: int  # ... of every reweighting run
     batch: int  # per_device_train_batch_size
     samples_per_domain: int
     eval_per_domain: int
@@ -73,11 +79,11 @@ class Settings:
 
 
 FULL = Settings(
-    seeds=[0, 1, 2], steps=60, batch=16, samples_per_domain=150, eval_per_domain=16,
-    warmup=10, update_every=10, budget=160, il_steps=60,
+    seeds=[0, 1, 2], steps=60, mixture_steps=300, reweighting_steps=200, batch=16, samples_per_domain=150,
+    eval_per_domain=16, warmup=10, update_every=10, budget=160, il_steps=60,
 )  # fmt: skip
 QUICK = Settings(
-    seeds=[0], steps=6, batch=8, samples_per_domain=40, eval_per_domain=4,
+    seeds=[0], steps=6, mixture_steps=6, reweighting_steps=6, batch=8, samples_per_domain=40, eval_per_domain=4,
     warmup=2, update_every=2, budget=24, il_steps=6,
 )  # fmt: skip
 
@@ -155,9 +161,14 @@ def weighter_config(s: Settings, name: str, seed: int, out: Path, cache: Path) -
 
 # ------------------------------------------------------------------------------------------- metrics
 def domain_metrics(domain_eval: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Mean and worst per-domain eval log-perplexity (eval loss, nats per token)."""
+    """Mean and worst per-domain eval log-perplexity (eval loss, nats per token), over all domains and over the
+    learnable ones: the demo's pure-noise domain has a floor no data choice can move, so it is always the worst
+    domain and a mixture that spends fewer steps on it looks worse there while learning more elsewhere."""
     losses = [m["loss"] for m in domain_eval.values()]
+    learnable = [m["loss"] for d, m in domain_eval.items() if d not in UNLEARNABLE]
     out = {"mean_log_ppl": statistics.fmean(losses), "worst_log_ppl": max(losses)}
+    if learnable:
+        out.update(learnable_mean_log_ppl=statistics.fmean(learnable), learnable_worst_log_ppl=max(learnable))
     out.update({f"log_ppl/{d}": m["loss"] for d, m in domain_eval.items()})
     return out
 
@@ -195,6 +206,7 @@ def _timed(group: str, name: str, seed: int, fn, notes: list[str]) -> Result | N
 def run_mixtures(s: Settings, root: Path, notes: list[str]) -> list[Result | None]:
     from datasteer.workflows.doremi import run_doremi
 
+    s = replace(s, steps=s.mixture_steps)
     results = []
     for seed in s.seeds:
         for name in MIXERS:
@@ -231,6 +243,7 @@ def run_selection(s: Settings, root: Path, notes: list[str]) -> list[Result | No
 
 
 def run_reweighting(s: Settings, root: Path, notes: list[str]) -> list[Result | None]:
+    s = replace(s, steps=s.reweighting_steps)
     available = registry.components("weighter")
     names = [n for n in WEIGHTERS if n in available]
     notes += [f"weighter `{n}` is not registered here; skipped." for n in WEIGHTERS if n not in available]
@@ -298,7 +311,11 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     tables = report["table"]
     specs = [
-        ("mixture", "Mixture (pretrain)", ["mean_log_ppl", "worst_log_ppl"]),
+        (
+            "mixture",
+            "Mixture (pretrain)",
+            ["mean_log_ppl", "worst_log_ppl", "learnable_mean_log_ppl", "learnable_worst_log_ppl", "log_ppl/noise"],
+        ),
         ("selection", "Selection at equal budget (sft)", ["target_loss", "mean_log_ppl", "worst_log_ppl"]),
         ("reweighting", "Reweighting (sft)", ["target_loss", "mean_log_ppl", "worst_log_ppl"]),
     ]
@@ -317,14 +334,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, a few steps: a smoke test of every path")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2; --quick: 0)")
-    parser.add_argument("--steps", type=int, help="optimizer steps per run")
+    parser.add_argument("--steps", type=int, help="optimizer steps per run, in every group")
     parser.add_argument("--groups", nargs="+", choices=("mixture", "selection", "reweighting"))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="folder for quality.{json,md}")
     parser.add_argument("--workdir", type=Path, help="where the runs go (default: a temp dir)")
+    parser.add_argument("--name", default="quality", help="file stem of the outputs in --out (default: quality)")
     args = parser.parse_args(argv)
     s = Settings(**asdict(QUICK if args.quick else FULL))
     s.seeds = args.seeds or s.seeds
-    s.steps = args.steps or s.steps
+    if args.steps:
+        s.steps = s.mixture_steps = s.reweighting_steps = args.steps
     groups = args.groups or ["mixture", "selection", "reweighting"]
     root = args.workdir or Path(tempfile.mkdtemp(prefix="datasteer-quality-"))
     notes: list[str] = []
@@ -348,8 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         "notes": notes,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "quality.md").write_text(markdown(report))
+    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / f"{args.name}.md").write_text(markdown(report))
     print(markdown(report))
     return 0
 
