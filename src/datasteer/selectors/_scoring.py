@@ -6,6 +6,8 @@
 - `focus_weights`: low / medium / high loss bins with a focus weight and a temperature (DataFlex's rule).
 - `draw_distinct`: k distinct rows, drawn one after another with probability proportional to weights.
 - `ScoredSelector`: keeps each selection's score summary in the selector state, so in every checkpoint.
+- `dataset_losses` / `precomputed_scores`: the same scores computed offline (`datasteer score`) or read back
+  from a score file (`datasteer.scores`), in pool row order.
 
 Everything here is a pure function of its inputs and of a generator the caller seeds with
 `selector_rng` — never the global RNG — so selections are identical on every rank and after a resume.
@@ -20,6 +22,7 @@ import numpy as np
 from datasteer.components import Selection, Selector
 from datasteer.errors import DatasteerError
 from datasteer.ops import per_sample_losses
+from datasteer.scores import ScoringInputs, align_scores, pool_fingerprint, read_scores
 from datasteer.steering import SteeringContext
 
 Focus = Literal["low", "medium", "high"]
@@ -39,17 +42,35 @@ def pool_losses(ctx: SteeringContext, rows: np.ndarray | None = None, batch_size
     """
     if ctx.trainer is None or ctx.model is None:
         raise DatasteerError("this selector scores the pool with the training model; it needs a running trainer")
-    dataset = ctx.dataset if rows is None else ctx.dataset.select(np.asarray(rows).tolist())
-    ids = ctx.pool.sample_ids if rows is None else ctx.pool.sample_ids[rows]
+    inputs = ScoringInputs.from_context(ctx)
+    if rows is not None:
+        inputs.dataset = ctx.dataset.select(np.asarray(rows).tolist())
+        inputs.pool_ids = ctx.pool.sample_ids[rows]
+    return dataset_losses(inputs, batch_size)
+
+
+def dataset_losses(inputs: ScoringInputs, batch_size: int = 32) -> np.ndarray:
+    """Token-mean loss of every row of `inputs.dataset`, in the order of `inputs.pool_ids`: (N,) float64."""
     result = per_sample_losses(
-        ctx.model,
-        dataset,
-        collate_fn=ctx.collate_fn,
+        inputs.model,
+        inputs.dataset,
+        collate_fn=inputs.collate_fn,
         batch_size=batch_size,
-        accelerator=ctx.accelerator,
-        progress=ctx.log.is_main,
+        accelerator=inputs.accelerator,
+        progress=inputs.is_main,
     )
-    return result.lookup(ids).double().numpy()
+    return result.lookup(inputs.pool_ids).double().numpy()
+
+
+def precomputed_scores(ctx: SteeringContext, path: str, method: str) -> np.ndarray:
+    """The scores of score file `path` in pool row order, (N,) float64; errors name any id mismatch.
+
+    Read at setup, before training, so a wrong file fails at once; every rank reads the same file.
+    """
+    fingerprint = pool_fingerprint(ctx.dataset) if ctx.dataset is not None else None
+    return align_scores(
+        read_scores(path, f"selector '{method}': scores_file"), ctx.pool.sample_ids, method, fingerprint
+    )
 
 
 def top_k(scores: np.ndarray, ids: np.ndarray, k: int, largest: bool = True) -> np.ndarray:

@@ -11,7 +11,8 @@ at the loss quantiles q1, q2 (tertiles by default) into low / medium / high bins
 - `mode: topk`: the `budget` samples nearest the focus: highest losses, lowest losses, or closest to the
   median; ties go to the smaller sample id.
 
-See docs/selectors.md for where this differs from DataFlex.
+With `scores_file` the losses come from a file written offline by `datasteer score loss CONFIG` (e.g. with a
+reference model) instead of the training model. See docs/selectors.md for where this differs from DataFlex.
 """
 
 from __future__ import annotations
@@ -23,13 +24,16 @@ import torch
 
 from datasteer.components import Selection, StepRecord
 from datasteer.registry import register
+from datasteer.scores import ScoringInputs
 from datasteer.selectors._scoring import (
     Focus,
     ScoredSelector,
+    dataset_losses,
     draw_distinct,
     focus_top_k,
     focus_weights,
     pool_losses,
+    precomputed_scores,
     selector_rng,
 )
 from datasteer.steering import SteeringContext
@@ -70,6 +74,8 @@ class LossSelector(ScoredSelector):
         source: "pass" scores the whole pool with the training model at each update (exact, one forward of
             the pool); "observed" uses each sample's loss from the step it was last trained on (free, but
             stale; never-seen samples take their domain's mean).
+        scores_file: a score file from `datasteer score loss CONFIG --out FILE`: fixed losses computed offline
+            (by the model that config loads) replace the pass; its ids must be the pool's. Needs source "pass".
         batch_size: rows per forward pass of the "pass".
         seed: seed of the selector's draws (mixed with steering.seed and the update index).
     """
@@ -83,6 +89,7 @@ class LossSelector(ScoredSelector):
         quantiles: tuple[float, float] = (1 / 3, 2 / 3),
         replacement: bool = False,
         source: Literal["pass", "observed"] = "pass",
+        scores_file: str | None = None,
         batch_size: int = 32,
         seed: int = 0,
     ) -> None:
@@ -95,12 +102,20 @@ class LossSelector(ScoredSelector):
             raise ValueError("replacement applies to mode 'sample' only; topk takes budget distinct samples")
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if scores_file is not None and source == "observed":
+            raise ValueError("scores_file replaces the pass; it cannot be combined with source 'observed'")
         self.focus, self.mode = focus, mode
         self.focus_weight, self.temperature = float(focus_weight), float(temperature)
         self.quantiles = (float(quantiles[0]), float(quantiles[1]))
-        self.replacement, self.source = replacement, source
+        self.replacement, self.source, self.scores_file = replacement, source, scores_file
         self.batch_size, self.seed = batch_size, seed
         self.observed: np.ndarray | None = None  # (N,) last observed loss per pool row, NaN = never seen
+        self.precomputed: np.ndarray | None = None  # (N,) the scores_file's losses, in pool order
+
+    def setup(self, ctx: SteeringContext) -> None:
+        """Read and check the score file before training, so a file of another pool fails at once."""
+        if self.scores_file is not None:
+            self.precomputed = precomputed_scores(ctx, self.scores_file, "loss")
 
     def observe(self, ctx: SteeringContext, record: StepRecord) -> None:
         """Remember each trained sample's loss (observed source only; the record is the same on all ranks)."""
@@ -112,10 +127,16 @@ class LossSelector(ScoredSelector):
 
     def losses(self, ctx: SteeringContext) -> np.ndarray:
         """The loss of every pool row, (N,) float64, from the configured source."""
+        if self.precomputed is not None:
+            return self.precomputed
         if self.source == "pass":
             return pool_losses(ctx, batch_size=self.batch_size)
         observed = self.observed if self.observed is not None else np.full(len(ctx.pool.sample_ids), np.nan)
         return impute_by_domain(observed, ctx.pool.domain_ids, ctx.num_domains)
+
+    def offline_scores(self, inputs: ScoringInputs) -> np.ndarray:
+        """`datasteer score loss`: the token-mean loss of every pool row under `inputs.model`, (N,) pool order."""
+        return dataset_losses(inputs, self.batch_size)
 
     def select(self, ctx: SteeringContext, budget: int) -> Selection:
         losses = self.losses(ctx)

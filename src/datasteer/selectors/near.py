@@ -11,6 +11,10 @@ the others. Each selected sample is drawn once per pass through the selection.
 Encoders: the training model (hidden states of `layer`, pooled over real tokens) or a sentence-transformers
 encoder reading the raw text column. With the training model and `refresh`, the pool is re-embedded at
 every update, so the selection follows the model as it trains. `Embedder` is shared with `tsds`.
+
+Offline (`datasteer score near CONFIG`) the round robin runs over the whole pool and each sample's score is its
+priority 1 − r/N (r = its turn, 0 first), so the `budget` highest scores of that file (`scores_file`) are
+exactly the round-robin selection of that budget with those embeddings.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from datasteer.distributed import broadcast_object, gather_varlen
 from datasteer.errors import ConfigError
 from datasteer.ops import EmbeddingResult, FeatureStore, dataset_fingerprint, embeddings, model_fingerprint
 from datasteer.registry import register
+from datasteer.scores import ScoringInputs
+from datasteer.selectors._scoring import precomputed_scores, top_k
 from datasteer.steering import SteeringContext
 
 MODEL = "model"  # `encoder` value meaning: the training model's own hidden states
@@ -146,7 +152,7 @@ class Embedder:
     def uses_model(self) -> bool:
         return self.encoder == MODEL
 
-    def check(self, ctx: SteeringContext, name: str) -> None:
+    def check(self, ctx: SteeringContext | ScoringInputs, name: str) -> None:
         """Fail before training: a target set must exist and a sentence encoder needs its text column."""
         if ctx.target is None:
             raise ConfigError(f"selector '{name}' needs a target set; set data.target (or use the demo sft data).")
@@ -160,25 +166,27 @@ class Embedder:
                 )
         self._load_sentence_encoder(ctx)
 
-    def __call__(self, ctx: SteeringContext) -> tuple[EmbeddingResult, EmbeddingResult]:
-        """(pool, target) embeddings, unit-normalised. A collective under DDP: every rank calls it."""
-        if ctx.trainer is None:
-            raise RuntimeError("near/tsds embed the pool through the running trainer's dataset; none is attached")
+    def __call__(self, source: SteeringContext | ScoringInputs) -> tuple[EmbeddingResult, EmbeddingResult]:
+        """(pool, target) embeddings, unit-normalised, of a running trainer's context or of offline inputs.
+
+        A collective under DDP: every rank calls it.
+        """
+        inputs = source if isinstance(source, ScoringInputs) else ScoringInputs.from_context(source)
         if self.uses_model:
-            return self._embed(ctx, ctx.model, ctx.dataset), self._embed(ctx, ctx.model, ctx.target)
+            return self._embed(inputs, inputs.model, inputs.dataset), self._embed(inputs, inputs.model, inputs.target)
         if self._fixed is None:
-            encoder = self._load_sentence_encoder(ctx)
-            self._fixed = self._cached(ctx, encoder, ctx.dataset), self._cached(ctx, encoder, ctx.target)
+            encoder = self._load_sentence_encoder(inputs)
+            self._fixed = self._cached(inputs, encoder, inputs.dataset), self._cached(inputs, encoder, inputs.target)
         return self._fixed
 
-    def _embed(self, ctx: SteeringContext, model: Any, data: Any) -> EmbeddingResult:
+    def _embed(self, inputs: ScoringInputs, model: Any, data: Any) -> EmbeddingResult:
         return embeddings(
-            model, data, collate_fn=ctx.collate_fn, layer=self.layer, pooling=self.pooling, normalize=True,
-            batch_size=self.batch_size, text_column=self.text_column, accelerator=ctx.accelerator,
-            progress=ctx.log.is_main,
+            model, data, collate_fn=inputs.collate_fn, layer=self.layer, pooling=self.pooling, normalize=True,
+            batch_size=self.batch_size, text_column=self.text_column, accelerator=inputs.accelerator,
+            progress=inputs.is_main,
         )  # fmt: skip
 
-    def _cached(self, ctx: SteeringContext, encoder: Any, data: Any) -> EmbeddingResult:
+    def _cached(self, inputs: ScoringInputs, encoder: Any, data: Any) -> EmbeddingResult:
         """Sentence-encoder embeddings through the feature store; every rank decides hit-or-miss together."""
         store = FeatureStore(self.cache_dir) if self.cache_dir else None
         key = ""
@@ -191,16 +199,16 @@ class Embedder:
             key = store.key("embeddings", config, model_key=self._encoder_key, dataset_key=ids + texts)
         hit = store.load(key) if store is not None else None
         if bool(gather_varlen(torch.tensor([int(hit is None)])).any()):
-            hit = self._embed(ctx, encoder, data)
-            if store is not None and ctx.log.is_main:
+            hit = self._embed(inputs, encoder, data)
+            if store is not None and inputs.is_main:
                 store.save(key, hit)
         return hit
 
-    def _load_sentence_encoder(self, ctx: SteeringContext) -> Any:
+    def _load_sentence_encoder(self, source: SteeringContext | ScoringInputs) -> Any:
         if self._sentence_encoder is None:
             from sentence_transformers import SentenceTransformer
 
-            device = ctx.accelerator.device if ctx.accelerator is not None else "cpu"
+            device = source.accelerator.device if source.accelerator is not None else "cpu"
             try:
                 self._sentence_encoder = SentenceTransformer(self.encoder, device=str(device))
             except OSError as err:
@@ -225,6 +233,8 @@ class NearSelector(Selector):
         text_column: raw-text column read by a sentence encoder (sft pools keep the "prompt").
         batch_size: rows per embedding forward pass.
         cache_dir: feature-store folder for sentence-encoder embeddings, cached by content; null = none.
+        scores_file: a score file from `datasteer score near CONFIG --out FILE` (round-robin priorities computed
+            offline): the budget highest are selected, nothing is embedded. Its ids must be the pool's.
     """
 
     requires_target: ClassVar[bool] = True
@@ -238,16 +248,33 @@ class NearSelector(Selector):
         text_column: str = "prompt",
         batch_size: int = 32,
         cache_dir: str | None = ".cache/datasteer/ops",
+        scores_file: str | None = None,
     ) -> None:
         self.embedder = Embedder(encoder, layer, pooling, text_column, batch_size, cache_dir)
-        self.refresh = refresh
+        self.refresh, self.scores_file = refresh, scores_file
+        self.precomputed: np.ndarray | None = None  # (N,) the scores_file's priorities, in pool order
         self.last: Selection | None = None
         self.computed_at = -1  # optimizer step after which `last` was computed
 
     def setup(self, ctx: SteeringContext) -> None:
-        self.embedder.check(ctx, "near")
+        if self.scores_file is not None:
+            self.precomputed = precomputed_scores(ctx, self.scores_file, "near")
+        else:
+            self.embedder.check(ctx, "near")
+
+    def offline_scores(self, inputs: ScoringInputs) -> np.ndarray:
+        """`datasteer score near`: each row's round-robin priority 1 − r/N over the whole pool, (N,) pool order."""
+        self.embedder.check(inputs, "near")
+        pool, target = self.embedder(inputs)
+        picks, _, _ = near_selection(pool.values.numpy(), target.values.numpy(), len(pool.ids))
+        priority = np.full(len(pool.ids), np.nan)
+        priority[picks] = 1.0 - np.arange(len(picks)) / len(picks)
+        return priority[pool.rows(inputs.pool_ids)]
 
     def select(self, ctx: SteeringContext, budget: int) -> Selection:
+        if self.precomputed is not None:
+            rows = top_k(self.precomputed, ctx.pool.sample_ids, budget)
+            return Selection(ids=ctx.pool.sample_ids[rows], scores=self.precomputed[rows])
         if self.last is not None and not self.refresh and self.last.ids.size == min(budget, ctx.pool.sample_ids.size):
             return self.last
         pool, target = self.embedder(ctx)

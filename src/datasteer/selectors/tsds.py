@@ -16,7 +16,8 @@ s) at which (α/C) · Σ_j cost_j >= (1 − α) · M. This is the closed form th
 with a heap; here it is one sort over all kinks (same order: by s, then k, then j). Each target only looks
 at its `max_K` nearest neighbours, which bounds s by min_j Σ_k 1/ρ_jk (every target must fit its mass).
 
-The sampler then draws i.i.d. from p (with replacement, as in the paper). See docs/selectors.md.
+The sampler then draws i.i.d. from p (with replacement, as in the paper). p can also be computed offline by
+`datasteer score tsds CONFIG` (each row's score is p_i) and read back with `scores_file`. See docs/selectors.md.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ import torch
 
 from datasteer.components import Selection, Selector
 from datasteer.distributed import broadcast_object
+from datasteer.errors import DatasteerError
 from datasteer.registry import register
+from datasteer.scores import ScoringInputs
+from datasteer.selectors._scoring import precomputed_scores
 from datasteer.selectors.near import MODEL, Embedder, nearest
 from datasteer.steering import SteeringContext
 
@@ -157,6 +161,8 @@ class TsdsSelector(Selector):
         text_column: raw-text column read by a sentence encoder (sft pools keep the "prompt").
         batch_size: rows per embedding forward pass.
         cache_dir: feature-store folder for sentence-encoder embeddings, cached by content; null = none.
+        scores_file: a score file from `datasteer score tsds CONFIG --out FILE` (the probabilities computed
+            offline): the window is drawn from them, nothing is embedded. Its ids must be the pool's.
     """
 
     requires_target: ClassVar[bool] = True
@@ -176,6 +182,7 @@ class TsdsSelector(Selector):
         text_column: str = "prompt",
         batch_size: int = 32,
         cache_dir: str | None = ".cache/datasteer/ops",
+        scores_file: str | None = None,
     ) -> None:
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -186,22 +193,39 @@ class TsdsSelector(Selector):
         self.alpha, self.C, self.sigma, self.scale = alpha, C, sigma, scale
         self.max_K, self.kde_K = max_K, kde_K
         self.embedder = Embedder(encoder, layer, pooling, text_column, batch_size, cache_dir)
-        self.refresh = refresh
+        self.refresh, self.scores_file = refresh, scores_file
         self.last: Selection | None = None
         self.computed_at = -1  # optimizer step after which `last` was computed
 
     def setup(self, ctx: SteeringContext) -> None:
-        self.embedder.check(ctx, "tsds")
+        if self.scores_file is None:
+            self.embedder.check(ctx, "tsds")
+            return
+        probs = precomputed_scores(ctx, self.scores_file, "tsds")
+        support = np.flatnonzero(probs > 0)  # NaN > 0 is False
+        if support.size == 0:
+            raise DatasteerError(f"selector 'tsds': scores_file '{self.scores_file}' gives no sample a probability > 0")
+        ids = ctx.pool.sample_ids[support]
+        self.last = Selection(ids=ids, probs=probs[support], scores=probs[support])
+        self.refresh = False  # fixed probabilities: every update keeps them
+
+    def offline_scores(self, inputs: ScoringInputs) -> np.ndarray:
+        """`datasteer score tsds`: p_i of every pool row (0 outside the support), (N,) in pool order."""
+        self.embedder.check(inputs, "tsds")
+        pool, target = self.embedder(inputs)
+        probs, _, _ = self.probabilities(pool.values.numpy(), target.values.numpy())
+        return probs[pool.rows(inputs.pool_ids)]
+
+    def probabilities(self, pool: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, float, float]:
+        """`tsds_probabilities` with this selector's parameters: p (N,), level s, distance unit λ."""
+        return tsds_probabilities(pool, target, self.alpha, self.C, self.sigma, self.max_K, self.kde_K, self.scale)
 
     def select(self, ctx: SteeringContext, budget: int) -> Selection:
         """The probabilities do not depend on the budget: it is the number of draws the window makes."""
         if self.last is not None and not self.refresh:
             return self.last
         pool, target = self.embedder(ctx)
-        probs, level, unit = tsds_probabilities(
-            pool.values.numpy(), target.values.numpy(), self.alpha, self.C, self.sigma, self.max_K, self.kde_K,
-            self.scale,
-        )  # fmt: skip
+        probs, level, unit = self.probabilities(pool.values.numpy(), target.values.numpy())
         support = np.flatnonzero(probs > 0)
         selection = Selection(ids=pool.ids[support], probs=probs[support], scores=probs[support])
         self.last = broadcast_object(selection)  # one decision for all ranks, whatever faiss' float order
