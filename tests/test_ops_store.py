@@ -1,13 +1,21 @@
-"""FeatureStore: content keys (model weights, pool tokens, op config), atomic files, damaged files recomputed."""
+"""FeatureStore: content keys (model weights, pool tokens, op config), atomic files, damaged files recomputed,
+interrupted passes resumed."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from dist_scripts.ops_fixtures import tiny_llama, tiny_pool
+from dist_scripts.ops_fixtures import collate, tiny_llama, tiny_pool
 
-from datasteer.ops import FeatureResult, FeatureStore, LossResult, dataset_fingerprint, model_fingerprint
+from datasteer.ops import (
+    FeatureResult,
+    FeatureStore,
+    LossResult,
+    dataset_fingerprint,
+    gradient_features,
+    model_fingerprint,
+)
 
 CONFIG = {"proj_dim": 64, "mode": "fast", "seed": 0}
 
@@ -98,3 +106,60 @@ def test_per_token_losses_round_trip(store):
 def test_key_needs_exactly_one_model_and_one_dataset_source(store):
     with pytest.raises(ValueError, match="exactly one"):
         store.key("x", CONFIG, model_key="a", dataset_key=None)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def count_rows(model, stop_after: int | None = None) -> tuple[list[int], object]:
+    """Rows of every forward pass of `model`; raise Interrupt at forward number `stop_after` + 1."""
+    rows: list[int] = []
+
+    def hook(_module, _args, kwargs):
+        if stop_after is not None and len(rows) == stop_after:
+            raise Interrupt
+        rows.append(int(kwargs["input_ids"].shape[0]))
+
+    return rows, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_an_interrupted_pass_resumes_where_it_stopped(store):
+    model, pool = tiny_llama(seed=1), tiny_pool(n=24, seed=3)
+    kw = {"collate_fn": collate, "progress": False, "proj_dim": 64, "batch_size": 2, "chunk_batches": 2}
+    key = store.key("gradient_features", kw | {"collate_fn": "pad-right"}, model=model, dataset=pool)
+    whole = gradient_features(model, pool, **kw)  # 12 batches, 6 chunks of 2
+    rows, handle = count_rows(model, stop_after=5)  # chunks 0 and 1 complete, chunk 2 half done
+    with pytest.raises(Interrupt):
+        gradient_features(model, pool, store=store, store_key=key, **kw)
+    handle.remove()
+    assert len(list(store.root.glob(f"{key}-part-*"))) == 2
+    rows, handle = count_rows(model)
+    resumed = gradient_features(model, pool, store=store, store_key=key, **kw)
+    handle.remove()
+    assert sum(rows) == 24 - 8  # only the rows of the four missing chunks
+    assert resumed.ids.tolist() == whole.ids.tolist()
+    torch.testing.assert_close(resumed.values, whole.values, atol=1e-6, rtol=1e-5)
+    assert list(store.root.iterdir()) == [store.path(key)]  # parts assembled and deleted
+    rows, handle = count_rows(model)
+    assert torch.equal(gradient_features(model, pool, store=store, store_key=key, **kw).values, resumed.values)
+    handle.remove()
+    assert rows == []  # a finished pass is a hit
+
+
+def test_a_stale_key_never_resumes(store):
+    model, pool = tiny_llama(seed=1), tiny_pool(n=12, seed=3)
+    kw = {"collate_fn": collate, "progress": False, "proj_dim": 64, "batch_size": 2, "chunk_batches": 1}
+    key = store.key("gradient_features", {"proj_dim": 64}, model=model, dataset=pool)
+    rows, handle = count_rows(model, stop_after=4)
+    with pytest.raises(Interrupt):
+        gradient_features(model, pool, store=store, store_key=key, **kw)
+    handle.remove()
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(1.01)  # the model moved on: its key changes
+    new_key = store.key("gradient_features", {"proj_dim": 64}, model=model, dataset=pool)
+    rows, handle = count_rows(model)
+    fresh = gradient_features(model, pool, store=store, store_key=new_key, **kw)
+    handle.remove()
+    assert new_key != key and sum(rows) == 12  # every row recomputed
+    torch.testing.assert_close(fresh.values, gradient_features(model, pool, **kw).values, atol=1e-6, rtol=1e-5)

@@ -38,6 +38,45 @@ def bucket(indices: np.ndarray, lengths: np.ndarray, batch_size: int) -> list[np
     return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
+def plan_batches(dataset: Sequence, indices: np.ndarray, batch_size: int, world: int = 1) -> list[np.ndarray]:
+    """Row indices of each batch over `indices`, bucketed by length, then filler batches (empty arrays).
+
+    With `world > 1` every rank gets the same number of batches: under FSDP or ZeRO-3 each forward gathers
+    parameters collectively, so a rank whose shard needs fewer batches would leave the others waiting (a hang
+    on NCCL, a "collective mismatch" on gloo). Such a rank runs filler batches (empty here, one row with id -1
+    when run); `gather_rows` drops them. A plan is deterministic, so a resumed pass can name its chunks.
+    """
+    batches = bucket(indices, row_lengths(dataset, indices), batch_size) if len(indices) else []
+    fillers = agreed_batch_count(len(batches), world) - len(batches)
+    return batches + [np.zeros(0, dtype=np.int64)] * fillers
+
+
+def run_plan(
+    dataset: Sequence,
+    plan: list[np.ndarray],
+    collate_fn: Collate,
+    *,
+    filler_row: int = 0,
+    skip: frozenset[int] | set[int] = frozenset(),
+    progress: bool = False,
+    desc: str = "",
+) -> Iterator[tuple[int, np.ndarray, dict[str, torch.Tensor]]]:
+    """Yield (position in plan, sample_ids (B,) int64, collated batch) for every batch not in `skip`.
+
+    Ids are read from each row's `sample_id` (the row index when the dataset has none), not from the
+    collator, so any collator works. A filler batch is `dataset[filler_row]` with id -1.
+    """
+    for pos, idx in enumerate(tqdm(plan, desc=desc, disable=not progress, leave=False)):
+        if pos in skip:
+            continue
+        if not len(idx):
+            yield pos, np.full(1, -1, dtype=np.int64), collate_fn([dataset[filler_row]])
+            continue
+        rows = [dataset[int(i)] for i in idx]
+        ids = np.array([int(r["sample_id"]) if "sample_id" in r else int(i) for r, i in zip(rows, idx)])
+        yield pos, ids, collate_fn(rows)
+
+
 def iter_batches(
     dataset: Sequence,
     indices: np.ndarray,
@@ -48,25 +87,11 @@ def iter_batches(
     desc: str = "",
     world: int = 1,
 ) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
-    """Yield (sample_ids (B,) int64, collated batch) over `indices`, bucketed by length.
-
-    Ids are read from each row's `sample_id` (the row index when the dataset has none), not from the
-    collator, so any collator works.
-
-    With `world > 1` every rank yields the same number of batches: under FSDP or ZeRO-3 each forward
-    gathers parameters collectively, so a rank whose shard needs fewer batches would leave the others
-    waiting (a hang on NCCL, a "collective mismatch" on gloo). Such a rank runs filler batches whose ids
-    are -1; `gather_rows` drops them.
-    """
-    batches = bucket(indices, row_lengths(dataset, indices), batch_size) if len(indices) else []
-    fillers = agreed_batch_count(len(batches), world) - len(batches)
+    """Yield (sample_ids (B,) int64, collated batch) over `indices`: `plan_batches`, then `run_plan`."""
+    plan = plan_batches(dataset, indices, batch_size, world)
     filler_row = int(indices[0]) if len(indices) else 0
-    for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        rows = [dataset[int(i)] for i in idx]
-        ids = np.array([int(r["sample_id"]) if "sample_id" in r else int(i) for r, i in zip(rows, idx)])
-        yield ids, collate_fn(rows)
-    for _ in range(fillers):
-        yield np.full(1, -1, dtype=np.int64), collate_fn([dataset[filler_row]])
+    for _, ids, batch in run_plan(dataset, plan, collate_fn, filler_row=filler_row, progress=progress, desc=desc):
+        yield ids, batch
 
 
 def agreed_batch_count(n: int, world: int) -> int:

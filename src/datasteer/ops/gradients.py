@@ -10,24 +10,31 @@ fast: one batched forward, and `torch.autograd.grad` with respect to each Linear
 With x_t the layer input and δ_t the output gradient at position t, the weight gradient of sample i is
 Σ_t δ_t x_tᵀ, so its Kronecker projection is Σ_t (P_outᵀ δ_t)(x_tᵀ P_in): no per-sample gradient is formed, no
 weight-gradient matmul runs, and `.grad` is never written — so no DDP all-reduce hook can fire.
-exact: one backward per sample (batch size 1, no padding), full per-sample gradient, then a dense projection
-(or the same factored projection, or none). It is the reference the fast mode is tested against.
+exact: torch.func `vmap(grad)` over the rows of a batch (each row its own batch of one, so nothing mixes samples),
+full per-sample gradients, then a dense projection (or the same factored projection, or none). It is the
+reference the fast mode is tested against.
+
+With a `FeatureStore` and a key, a pass saves its completed chunks and a rerun resumes (`datasteer.ops.resume`).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
 import numpy as np
 import torch
+from torch.func import functional_call, grad, vmap
 
 from datasteer.ops.adam import AdamState, adam_exact, adam_states, factored_preconditioner
-from datasteer.ops.batching import Collate, device_of, eval_mode, is_main, iter_batches, model_inputs, unwrap
+from datasteer.ops.batching import Collate, device_of, eval_mode, is_main, model_inputs, plan_batches, run_plan, unwrap
 from datasteer.ops.distributed import gather_rows, rank_world, shard
 from datasteer.ops.projection import DenseProjection, FactoredProjection, Kind
 from datasteer.ops.results import FeatureResult
+from datasteer.ops.resume import ResumablePass
+from datasteer.ops.store import FeatureStore
 from datasteer.ops.token_losses import token_losses
 
 ADAM_EXACT_MAX_ELEMENTS = 2**24  # B·out·in floats (64 MiB): below it fast mode forms the layer's per-sample grads
@@ -111,16 +118,34 @@ def _sq_grad_norms(delta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def exact_grads(
-    net: torch.nn.Module, layers: dict[str, torch.nn.Linear], rows: list[dict], collate_fn: Collate, reduction: str
+    net: torch.nn.Module, layers: dict[str, torch.nn.Linear], batch: dict[str, torch.Tensor], reduction: str
 ) -> dict[str, torch.Tensor]:
-    """Per-sample weight gradients, one unpadded backward per row: {name: (B, out, in)}."""
-    weights = [m.weight for m in layers.values()]
-    per_row = []
-    for row in rows:
-        with torch.enable_grad():
-            loss = sample_losses(net, collate_fn([row]), reduction).sum()
-            per_row.append(torch.autograd.grad(loss, weights))
-    return {name: torch.stack([g[j] for g in per_row]) for j, name in enumerate(layers)}
+    """Per-sample weight gradients of one right-padded batch, `vmap(grad)` over its rows: {name: (B, out, in)}.
+
+    The attention mask is not passed: under vmap HF's mask construction would branch on the data, and with right
+    padding it is not needed — a causal model's real positions never attend to the pads after them, and the
+    pads' labels are -100, so each row's loss is over its own real tokens exactly as if it were unpadded.
+    """
+    device = device_of(net)
+    mask = batch.get("attention_mask")
+    if mask is not None and bool((mask[:, 1:] > mask[:, :-1]).any()):
+        raise ValueError("exact mode needs right-padded batches (a real token follows a pad); pad on the right")
+    weights = {f"{name}.weight": name for name in layers}
+    params = {k: p.detach() for k, p in net.named_parameters() if k in weights}
+    extra = {k: batch[k].to(device) for k in ("position_ids",) if k in batch}
+
+    def own_loss(p: dict[str, torch.Tensor], ids: torch.Tensor, labels: torch.Tensor, kw: dict) -> torch.Tensor:
+        logits = functional_call(net, p, (ids[None],), {k: v[None] for k, v in kw.items()}).logits  # (1, T, V)
+        losses, keep = token_losses(logits, labels[None])
+        total = (losses * keep).sum()
+        return total / keep.sum().clamp(min=1) if reduction == "mean" else total
+
+    with torch.no_grad(), warnings.catch_warnings():  # no graph for the frozen parameters; grad() ignores no_grad
+        warnings.filterwarnings("ignore", message=".*batching rule.*")  # SDPA on CPU: vmap loops it (correct)
+        grads = vmap(grad(own_loss), in_dims=(None, 0, 0, 0))(
+            params, batch["input_ids"].to(device), batch["labels"].to(device), extra
+        )
+    return {weights[k]: g for k, g in grads.items()}
 
 
 def exact_batch(
@@ -155,6 +180,9 @@ def gradient_features(
     accelerator: Any | None = None,
     progress: bool = True,
     adam_exact_max_elements: int = ADAM_EXACT_MAX_ELEMENTS,
+    store: FeatureStore | None = None,
+    store_key: str | None = None,
+    chunk_batches: int = 8,
 ) -> FeatureResult:
     """Projected (optionally Adam-preconditioned) per-sample gradients of every sample, gathered by id.
 
@@ -162,7 +190,7 @@ def gradient_features(
         model: causal LM; DDP/accelerate wrappers are unwrapped. Runs in eval mode (dropout off), mode restored.
         dataset: rows with `input_ids`, `labels`, `sample_id`; collate_fn must pad on the right.
         proj_dim: feature size; split over the Linear layers (fast / "factored") or one dense matrix ("dense").
-        mode: "fast" (hooks + factored projection) or "exact" (per-sample backward, the reference).
+        mode: "fast" (hooks + factored projection) or "exact" (vmap(grad) per sample, the reference).
         optimizer: Adam/AdamW whose state preconditions the gradients (see `datasteer.ops.adam`); None: raw.
         seed, kind: the projection's seed and distribution (Rademacher or Gaussian), reproducible anywhere.
         block: side of the Kronecker blocks of the factored projection (1: most accurate; None: one square
@@ -171,11 +199,18 @@ def gradient_features(
         projection: exact mode only: "dense" (default), "factored" (fast mode's own map), or "none" (raw grads).
         accelerator: shards rows over ranks and gathers; None computes all rows locally.
         adam_exact_max_elements: fast mode forms a layer's per-sample grads for exact Adam when B·out·in ≤ this.
+        store, store_key: cache the result under `store_key` (build it with `FeatureStore.key` from the model, the
+            dataset and every argument above — including the optimizer's state when preconditioning); a hit is
+            returned at once, and an interrupted pass resumes from its saved chunks of `chunk_batches` batches.
 
     Returns:
         FeatureResult: ids (N,) sorted ascending, values (N, proj_dim) float32 on CPU.
     """
     projection = _check(mode, projection, loss_reduction)
+    if (store is None) != (store_key is None):
+        raise ValueError("give both store and store_key, or neither")
+    if store is not None and (hit := store.load(store_key)) is not None:
+        return hit
     rank, world = rank_world(accelerator)
     net = unwrap(model, accelerator)
     layers = trainable_linears(net)
@@ -183,22 +218,31 @@ def gradient_features(
         raise ValueError("model has no trainable nn.Linear layer: nothing to take gradients of")
     proj = _projection(layers, proj_dim, seed, kind, projection, block)
     adam = adam_states(optimizer, {n: m.weight for n, m in layers.items()}) if optimizer is not None else None
-    exact_collate = collate_fn if mode == "fast" else list  # exact mode collates each row alone, unpadded
-    ids_out, vals_out = [], []
+    indices = shard(len(dataset), rank, world)
+    plan = plan_batches(dataset, indices, batch_size, world)
+    resume = ResumablePass(store, store_key, plan, chunk_batches, rank, world) if store is not None else None
+    skip, parts = resume.restore() if resume is not None else (set(), [])
+    ids_out, vals_out = [i for i, _ in parts], [v for _, v in parts]
+    batches = run_plan(dataset, plan, collate_fn, filler_row=int(indices[0]) if len(indices) else 0, skip=skip,
+                       progress=is_main(rank, progress), desc=f"gradient features ({mode})")  # fmt: skip
     with eval_mode(net):
-        for ids, batch in iter_batches(
-            dataset, shard(len(dataset), rank, world), exact_collate, batch_size,
-            progress=is_main(rank, progress), desc=f"gradient features ({mode})", world=world,
-        ):  # fmt: skip
+        for pos, ids, batch in batches:
             if mode == "fast":
                 feats = fast_batch(net, layers, proj, batch, loss_reduction, adam, adam_exact_max_elements)
             else:
-                feats = exact_batch(exact_grads(net, layers, batch, collate_fn, loss_reduction), projection, proj, adam)
+                feats = exact_batch(exact_grads(net, layers, batch, loss_reduction), projection, proj, adam)
             ids_out.append(ids)
             vals_out.append(feats.detach().float().cpu())
+            if resume is not None:
+                resume.add(pos, ids, vals_out[-1])
     values = torch.cat(vals_out) if vals_out else torch.zeros(0, proj_dim)
     ids, values = gather_rows(np.concatenate(ids_out) if ids_out else np.zeros(0, np.int64), values, world)
-    return FeatureResult(ids=ids, values=values)
+    result = FeatureResult(ids=ids, values=values)
+    if resume is not None:
+        if rank == 0:
+            store.save(store_key, result)
+        resume.finish()
+    return result
 
 
 def _check(mode: str, projection: str | None, reduction: str) -> str:
