@@ -1,4 +1,4 @@
-"""`datasteer train | doremi | report | components | version`.
+"""`datasteer train | doremi | score | report | components | version`.
 
 User errors (bad config, missing file, ...) print one paragraph and exit with code 2; the traceback is
 shown only with `--debug`.
@@ -13,9 +13,16 @@ import subprocess
 import sys
 import typing
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from datasteer import __version__, registry
 from datasteer.errors import DatasteerError
+
+if TYPE_CHECKING:
+    from datasteer.components import Selector
+    from datasteer.config import Config
+    from datasteer.data import Pool
+    from datasteer.scores import ScoringInputs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
         "--step", action="append", choices=("reference", "proxy", "final"), help="run only this step (repeatable)"
     )
     doremi.set_defaults(func=_doremi)
+    score = sub.add_parser("score", help="compute a selector's per-sample scores offline, keyed by sample id")
+    score.add_argument("method", help="a selector that can score offline: ifd, loss, near, tsds")
+    score.add_argument("config", help="YAML config: its model scores its pool (and target set)")
+    score.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. model.name_or_path=small")
+    score.add_argument("--out", required=True, help="parquet file to write (columns sample_id, score)")
+    score.set_defaults(func=_score)
     comps = sub.add_parser("components", help="list registered components with their parameters")
     comps.add_argument("kind", nargs="?", choices=registry.KINDS, help="only this kind")
     comps.set_defaults(func=_components)
@@ -59,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     report.set_defaults(func=_report)
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=lambda a: print(__version__) or 0)
-    for p in (train, doremi, comps, report, version):
+    for p in (train, doremi, score, comps, report, version):
         # SUPPRESS as default: a sub-command must not reset a top-level `datasteer --debug ...`
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
@@ -119,6 +132,71 @@ def _doremi(args: argparse.Namespace) -> int:
     if result.weights:
         print("  averaged domain weights: " + ", ".join(f"{d} {w:.4f}" for d, w in result.weights.items()))
     return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    """Score every pool row with the method's selector (its parameters from steering.selector when it is the
+    same method) under the config's model, in this one process, and write a score file (`datasteer.scores`)."""
+    import numpy as np
+
+    from datasteer.config import load_config
+    from datasteer.scores import config_hash, pool_fingerprint, write_scores
+
+    config = load_config(args.config, args.overrides)
+    selector, params = _offline_scorer(args.method, config)
+    inputs, pool = _scoring_inputs(config)
+    if selector.requires_target and pool.target is None:
+        raise DatasteerError(f"'{args.method}' scores against a target set; set data.target in {args.config}.")
+    scores = selector.offline_scores(inputs)
+    digest = config_hash(
+        {"model": config.model.model_dump(mode="json"), "data": config.data.model_dump(mode="json"),
+         "method": args.method, "params": params}
+    )  # fmt: skip
+    meta = {
+        "method": args.method,
+        "params": params,
+        "config": str(args.config),
+        "config_hash": digest,
+        "pool_fingerprint": pool_fingerprint(pool.train),
+        "pool_key": pool.fingerprint,
+        "model": config.model.name_or_path or ("demo" if config.model.demo else "from config"),
+    }
+    path = write_scores(args.out, pool.sample_ids, scores, meta)
+    missing = int(np.isnan(scores).sum())
+    print(f"datasteer: {len(scores)} '{args.method}' scores ({missing} without a score) written to {path}")
+    return 0
+
+
+def _offline_scorer(method: str, config: Config) -> tuple[Selector, dict[str, Any]]:
+    """The selector that scores `method`, built with steering.selector's parameters when it names `method`."""
+    from datasteer.config import split_component
+    from datasteer.errors import unknown_choice
+
+    scorers = {n for n, cls in registry.components("selector").items() if hasattr(cls, "offline_scores")}
+    if method not in scorers:
+        raise unknown_choice("scoring method", method, scorers, where="datasteer score")
+    params: dict[str, Any] = {}
+    spec = config.steering.selector
+    if spec is not None:
+        name, given = split_component(spec, "steering.selector")
+        if name == method:  # score exactly as the configured selector would (but never from a file)
+            params = {k: v for k, v in given.items() if k != "scores_file"}
+    return registry.build("selector", method, params, where="steering.selector"), params
+
+
+def _scoring_inputs(config: Config) -> tuple[ScoringInputs, Pool]:
+    """Tokenizer, pool and model loaded as `datasteer train` loads them, on the train section's device."""
+    from datasteer.data import Collator, build_pool
+    from datasteer.model import load_model, load_tokenizer
+    from datasteer.runner import training_arguments
+    from datasteer.scores import ScoringInputs
+
+    device = training_arguments(config.train).device
+    tokenizer = load_tokenizer(config.model)
+    pool = build_pool(config.data, tokenizer)
+    model = load_model(config.model, tokenizer).to(device)
+    inputs = ScoringInputs(model, pool.train, pool.sample_ids, Collator(tokenizer), pool.target, tokenizer)
+    return inputs, pool
 
 
 def _report(args: argparse.Namespace) -> int:

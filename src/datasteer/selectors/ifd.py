@@ -88,17 +88,20 @@ class IfdSelector(ScoredSelector):
         if self.scores_file is not None:
             self.scores = precomputed_scores(ctx, self.scores_file, "ifd")
             return
-        inputs = ScoringInputs.from_context(ctx)
-        if not self.prompted(inputs).any():
+        self.prompted(ScoringInputs.from_context(ctx))
+
+    def prompted(self, inputs: ScoringInputs) -> np.ndarray:
+        """(N,) bool in pool order: the row has a prompt (computed once: the pool does not change).
+
+        A pool without a single prompt (pretraining blocks) is a ConfigError: IFD is undefined for all of it.
+        """
+        if self._prompted is None:
+            self._prompted = has_prompt(inputs.dataset, start_tokens(inputs.tokenizer))
+        if not self._prompted.any():
             raise ConfigError(
                 f"selector 'ifd' needs prompt/response rows (data.kind: sft), but none of the {len(inputs.pool_ids)} "
                 "pool rows has a prompt before its supervised tokens."
             )
-
-    def prompted(self, inputs: ScoringInputs) -> np.ndarray:
-        """(N,) bool in pool order: the row has a prompt (computed once: the pool does not change)."""
-        if self._prompted is None:
-            self._prompted = has_prompt(inputs.dataset, start_tokens(inputs.tokenizer))
         return self._prompted
 
     def offline_scores(self, inputs: ScoringInputs) -> np.ndarray:
@@ -106,13 +109,13 @@ class IfdSelector(ScoredSelector):
 
         A collective when `inputs.accelerator` spans several ranks: every rank must call it.
         """
-        start = start_tokens(inputs.tokenizer)
+        start, prompted = start_tokens(inputs.tokenizer), self.prompted(inputs)
         cond, uncond = prompt_conditioning_losses(
             inputs.model, inputs.dataset, start_ids=start, collate_fn=inputs.collate_fn, batch_size=self.batch_size,
             accelerator=inputs.accelerator, progress=inputs.is_main,
         )  # fmt: skip
         ids = inputs.pool_ids
-        return ifd_scores(cond.lookup(ids).numpy(), uncond.lookup(ids).numpy(), self.prompted(inputs))
+        return ifd_scores(cond.lookup(ids).numpy(), uncond.lookup(ids).numpy(), prompted)
 
     def select(self, ctx: SteeringContext, budget: int) -> Selection:
         if self.scores is None or (self.refresh and self.scores_file is None):
