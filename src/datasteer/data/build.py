@@ -93,7 +93,8 @@ def _encode(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, rows: Rows, nam
 
 
 def _target(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, rows: Rows | None) -> Dataset | None:
-    """The target set, one row per target example (pretrain documents are cut to block_size)."""
+    """The target set, one row per target example (pretrain documents are cut to block_size), with the
+    `data.target_columns` of the rows that survived encoding (matched by id, so dropped rows drop theirs)."""
     if rows is None:
         return None
     examples = _encode(cfg, tokenizer, rows, "target")
@@ -101,7 +102,15 @@ def _target(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, rows: Rows | No
         examples = pretrain.truncate(examples, cfg.block_size)
     if len(examples) == 0:
         raise ConfigError("data.target has no usable row (all empty, or no supervised token). Check its file.")
-    return to_dataset([(examples, None)], cfg.kind)
+    dataset = to_dataset([(examples, None)], cfg.kind)
+    kept = np.searchsorted(rows.ids, examples.sample_id)  # target ids are ascending
+    for name in cfg.target_columns:
+        values = [rows.columns[name][i] for i in kept]
+        try:
+            dataset = dataset.add_column(name, values)
+        except Exception as err:  # a user-data boundary: arrow cannot type the column (e.g. mixed types)
+            raise ConfigError(f"data.target_columns: cannot keep column '{name}' of data.target: {err}") from None
+    return dataset
 
 
 def _require_rows(examples: Examples, domain: str, read: int) -> None:

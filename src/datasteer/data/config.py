@@ -14,6 +14,7 @@ from datasteer.errors import unknown_choice
 from datasteer.validation import StrictModel
 
 SourceFormat = Literal["auto", "jsonl", "json", "parquet", "disk", "text"]
+RESERVED_COLUMNS = ("input_ids", "labels", "sample_id", "domain_id", "prompt")  # what the pool's rows hold
 
 
 class SourceConfig(StrictModel):
@@ -103,6 +104,12 @@ class DataConfig(StrictModel):
         "rows are masked like the training rows, pretrain documents are cut to block_size. For demo sft data it "
         "defaults to datasteer.demo.target_set.",
     )
+    target_columns: list[str] = Field(
+        default_factory=list,
+        description="Extra columns of the data.target file kept on the target set, values unchanged, e.g. "
+        "[subtask] for the max over target subtasks of less / nice / cluster_less (their subtask_column). A "
+        "column missing from the file is an error. Needs data.target.",
+    )
     cache_dir: str | None = Field(
         ".cache/datasteer/data",
         description="Where tokenized pools are cached by content (sources, tokenizer, these settings); "
@@ -134,4 +141,19 @@ class DataConfig(StrictModel):
             )
         if self.target is not None and self.target.domain is not None:
             raise ValueError("data.target.domain is not used (a target set has no domain); remove it")
+        if self.target_columns and self.target is None:
+            raise ValueError("data.target_columns names columns of the data.target file; set data.target too")
         return self
+
+    @field_validator("target_columns")
+    @classmethod
+    def _target_columns(cls, v: list[str]) -> list[str]:
+        if any(not c.strip() for c in v) or len(set(v)) != len(v):
+            raise ValueError("data.target_columns must be non-empty column names without repeats")
+        taken = sorted(set(v) & set(RESERVED_COLUMNS))
+        if taken:
+            raise ValueError(
+                f"data.target_columns may not name {taken}: the target set builds those columns itself "
+                f"({', '.join(RESERVED_COLUMNS)}). Rename the column in the file."
+            )
+        return v

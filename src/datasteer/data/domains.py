@@ -37,10 +37,15 @@ def collect(cfg: DataConfig, sources: list[ResolvedSource], hf_cache: Path) -> d
 
 
 def collect_target(cfg: DataConfig, source: ResolvedSource | None, hf_cache: Path) -> Rows | None:
-    """The target set's rows (ids in the target range), the demo target for demo sft, or None."""
+    """The target set's rows (ids in the target range), the demo target for demo sft, or None.
+
+    The file's `data.target_columns` ride along under their own names (see `build._target`).
+    """
     if source is not None:
         ds = read(source, hf_cache)
-        return Rows(id_scheme.target_ids(len(ds)), extract(ds, cfg, source))
+        _require(ds, cfg.target_columns, source, "data.target_columns")
+        columns = {**extract(ds, cfg, source), **{name: _column(ds, name) for name in cfg.target_columns}}
+        return Rows(id_scheme.target_ids(len(ds)), columns)
     if cfg.demo is not None and cfg.kind == "sft":
         rows = demo.target_set()
         return Rows(
