@@ -1,0 +1,100 @@
+"""`ifd` in a real 2-process torchrun (gloo, CPU): both ranks compute the same IFD of every pool row (the two loss
+passes are sharded and gathered by id), select the same rows without a broadcast, and train on disjoint shares of
+them. This file is also the torchrun worker (run as a script).
+
+Pool: the demo sft pool (5 domains x 8 rows) with the demo tokenizer and tiny Llama; decisions after steps 1 and 3;
+2 ranks x 2 samples per step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE / "dist_scripts")]
+BUDGET = 8
+
+
+def worker(out: str) -> None:
+    """One steered DDP run; each rank writes <out>/rank<r>.json with its selections, IFDs and trained ids."""
+    from selector_loss_fixtures import LocalIdsTrainer
+    from trainer_fixtures import make_args
+
+    from datasteer import ComponentSet, PoolIndex, Schedule, Steering, demo
+    from datasteer.data import Collator, build_pool
+    from datasteer.data.config import DataConfig, DemoDataConfig
+    from datasteer.selectors.ifd import IfdSelector
+
+    tok = demo.make_tokenizer()
+    pool = build_pool(DataConfig(kind="sft", demo=DemoDataConfig(samples_per_domain=8), cache_dir=None), tok)
+    selector = IfdSelector(batch_size=4)
+    calls, select = [], selector.select
+
+    def recording(ctx, budget):
+        selection = select(ctx, budget)
+        calls.append({"step": ctx.step, "ids": selection.ids.tolist(), "ifd": selector.scores.tolist()})
+        return selection
+
+    selector.select = recording
+    steering = Steering(
+        PoolIndex(pool.sample_ids, pool.domain_ids, pool.domains), ComponentSet(selector=selector),
+        Schedule(warmup_steps=1, update_every=2), budget=BUDGET, output_dir=out,
+    )  # fmt: skip
+    trainer = LocalIdsTrainer(
+        model=demo.make_model(tok, seed=0), train_dataset=pool.train, data_collator=Collator(tok),
+        processing_class=tok, steering=steering,
+        args=make_args(out, max_steps=5, per_device_train_batch_size=2, ddp_backend="gloo", learning_rate=3e-3),
+    )  # fmt: skip
+    trainer.train()
+    result = {
+        "world": trainer.args.world_size,
+        "calls": calls,
+        "starts": [s.start for s in steering.sampler.stages],
+        "local": trainer.local,
+    }
+    Path(out, f"rank{trainer.args.process_index}.json").write_text(json.dumps(result))
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("ifd_ddp")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+        f"--master_port={port}", __file__, str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.distributed
+def test_both_ranks_score_and_select_the_same_rows_and_train_on_disjoint_shares(ranks):
+    a, b = ranks
+    assert a["world"] == 2
+    assert a["calls"] == b["calls"] and a["starts"] == b["starts"]  # the IFDs too, to the last bit
+    assert [c["step"] for c in a["calls"]] == [1, 3]
+    for call in a["calls"]:
+        assert len(call["ids"]) == len(set(call["ids"])) == BUDGET
+        finite = [s for s in call["ifd"] if not math.isnan(s)]
+        assert len(finite) == 40  # every demo row has a prompt: the gathered passes cover the whole pool
+    for step, (mine, theirs) in enumerate(zip(a["local"], b["local"]), start=1):
+        assert not set(mine) & set(theirs), f"ranks overlap at step {step}"
+        if step >= 3:  # decided after step 1, in force from step 3; after step 3, from step 5
+            in_force = a["calls"][0] if step < 5 else a["calls"][1]
+            assert set(mine + theirs) <= set(in_force["ids"])
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])
