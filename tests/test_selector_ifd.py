@@ -52,20 +52,32 @@ def test_ifd_is_the_ratio_and_nan_where_it_is_undefined():
 
 
 def test_selection_is_the_highest_ifd_below_max_ifd():
-    selector = IfdSelector(max_ifd=1.0, scores_file="unused")  # scores set by hand below, never refreshed
+    selector = IfdSelector(max_ifd=1.0, refresh=False)  # scores set by hand below, never rescored
     selector.scores = np.array([0.5, 2.0, NAN, 0.99, 1.0, 0.75, 0.75])
     ctx = make_ctx([10, 20, 30, 40, 50, 60, 45], [0, 0, 0, 1, 1, 1, 2])
     # eligible (< 1): 0.5 (id 10), 0.99 (id 40), 0.75 (id 60), 0.75 (id 45): 0.99 first, then the tie by id
     assert selector.select(ctx, 3).ids.tolist() == [40, 45, 60]
     assert selector.select(ctx, 10).ids.tolist() == [40, 45, 60, 10]  # never IFD >= 1 (2.0, 1.0) nor NaN
     assert selector.history[-1]["score_max"] == pytest.approx(0.99)
-    lenient = IfdSelector(max_ifd=2.5, scores_file="unused")
+    lenient = IfdSelector(max_ifd=2.5, refresh=False)
     lenient.scores = selector.scores
     assert lenient.select(ctx, 2).ids.tolist() == [20, 50]
-    strict = IfdSelector(max_ifd=0.1, scores_file="unused")
+    strict = IfdSelector(max_ifd=0.1, refresh=False)
     strict.scores = selector.scores
     with pytest.raises(DatasteerError, match=r"no pool row has an IFD below max_ifd=0.1 \(1 rows have no IFD"):
         strict.select(ctx, 2)
+
+
+def test_scores_kept_without_refresh_survive_a_resume():
+    selector = IfdSelector(refresh=False)
+    selector.scores = np.array([0.5, NAN, 0.9])
+    ctx = make_ctx([1, 2, 3], [0, 1, 2])
+    first = selector.select(ctx, 1)
+    resumed = IfdSelector(refresh=False)
+    resumed.load_state_dict(selector.state_dict())
+    np.testing.assert_array_equal(resumed.scores, selector.scores)  # NaN included
+    assert resumed.select(ctx, 1).ids.tolist() == first.ids.tolist() == [3]
+    assert resumed.history[0] == selector.history[0]
 
 
 def demo_inputs(per_domain: int = 6) -> tuple[ScoringInputs, object]:
