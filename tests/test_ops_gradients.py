@@ -6,7 +6,7 @@ import pytest
 import torch
 from dist_scripts.ops_fixtures import collate, stepped_adam, tiny_llama, tiny_lora, tiny_pool
 
-from datasteer.ops import gradient_features, trainable_linears
+from datasteer.ops import FactoredProjection, gradient_features, trainable_linears
 
 KW = {"collate_fn": collate, "progress": False}
 
@@ -48,16 +48,35 @@ def test_exact_raw_gradients_match_a_naive_backward_loop(model, pool):
     torch.testing.assert_close(raw.values, naive_grads(model, pool), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("make", "block"), [(tiny_llama, 1), (tiny_lora, 1), (tiny_llama, None), (tiny_lora, 3)],
-                         ids=["full", "lora", "full-square", "lora-block3"])  # fmt: skip
-def test_fast_equals_exact_under_the_same_factored_projection(make, block, pool):
+@pytest.mark.parametrize(
+    ("make", "block", "layout"),
+    [(tiny_llama, 16, "sum"), (tiny_lora, 16, "sum"), (tiny_llama, 1, "split"), (tiny_llama, None, "sum"),
+     (tiny_lora, 3, "split"), (tiny_lora, None, "split")],
+    ids=["full", "lora", "full-split-1", "full-square", "lora-split-3", "lora-split-square"],
+)  # fmt: skip
+def test_fast_equals_exact_under_the_same_factored_projection(make, block, layout, pool):
     net = make(seed=4)
-    fast = gradient_features(net, pool, proj_dim=512, batch_size=4, block=block, **KW)
-    exact = gradient_features(net, pool, proj_dim=512, mode="exact", projection="factored", block=block, **KW)
+    kw = {"proj_dim": 512, "block": block, "layout": layout, **KW}
+    fast = gradient_features(net, pool, batch_size=4, **kw)
+    exact = gradient_features(net, pool, mode="exact", projection="factored", **kw)
     assert fast.ids.tolist() == exact.ids.tolist() == sorted(pool["sample_id"])
     assert fast.values.shape == (len(pool), 512)
     scale = exact.values.abs().max()
     torch.testing.assert_close(fast.values / scale, exact.values / scale, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("block", "layout"), [(16, "sum"), (1, "split"), (None, "sum")])
+def test_factored_projection_is_unbiased(block, layout):
+    """E‖P g‖² = ‖g‖² over seeds, for every layer layout (the blocks' scales add up to 1)."""
+    shapes = {"a": (48, 8), "b": (24, 40), "c": (8, 24)}
+    grads = {n: torch.randn(1, *s, generator=torch.Generator().manual_seed(len(n))) for n, s in shapes.items()}
+    total = sum(float(g.square().sum()) for g in grads.values())
+    ratios = []
+    for seed in range(64):
+        proj = FactoredProjection(shapes, 256, seed=seed, block=block, layout=layout)
+        feats = proj.assemble({n: proj.project_matrix(n, g) for n, g in grads.items()})
+        ratios.append(float(feats.square().sum()) / total)
+    assert abs(sum(ratios) / len(ratios) - 1) < 0.1
 
 
 def test_lora_features_cover_only_the_adapters():

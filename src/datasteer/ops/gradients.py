@@ -31,7 +31,7 @@ from torch.func import functional_call, grad, vmap
 from datasteer.ops.adam import AdamState, adam_exact, adam_states, factored_preconditioner
 from datasteer.ops.batching import Collate, device_of, eval_mode, is_main, model_inputs, plan_batches, run_plan, unwrap
 from datasteer.ops.distributed import gather_rows, rank_world, shard
-from datasteer.ops.projection import DenseProjection, FactoredProjection, Kind
+from datasteer.ops.projection import DenseProjection, FactoredProjection, Kind, Layout
 from datasteer.ops.results import FeatureResult
 from datasteer.ops.resume import ResumablePass
 from datasteer.ops.store import FeatureStore
@@ -176,7 +176,8 @@ def gradient_features(
     loss_reduction: Literal["mean", "sum"] = "mean",
     projection: Literal["dense", "factored", "none"] | None = None,
     kind: Kind = "rademacher",
-    block: int | None = 1,
+    block: int | None = 16,
+    layout: Layout = "sum",
     accelerator: Any | None = None,
     progress: bool = True,
     adam_exact_max_elements: int = ADAM_EXACT_MAX_ELEMENTS,
@@ -193,8 +194,9 @@ def gradient_features(
         mode: "fast" (hooks + factored projection) or "exact" (vmap(grad) per sample, the reference).
         optimizer: Adam/AdamW whose state preconditions the gradients (see `datasteer.ops.adam`); None: raw.
         seed, kind: the projection's seed and distribution (Rademacher or Gaussian), reproducible anywhere.
-        block: side of the Kronecker blocks of the factored projection (1: most accurate; None: one square
-            block per layer, cheapest and noisiest); see `FactoredProjection`.
+        block, layout: the factored projection's Kronecker block side (smaller: more accurate and slower; None:
+            one square block per layer) and how layers share proj_dim ("sum": each layer maps into all of it, the
+            accurate default; "split": each gets proj_dim / L); see `FactoredProjection`.
         loss_reduction: each sample's own loss, "mean" or "sum" over its supervised tokens.
         projection: exact mode only: "dense" (default), "factored" (fast mode's own map), or "none" (raw grads).
         accelerator: shards rows over ranks and gathers; None computes all rows locally.
@@ -216,7 +218,7 @@ def gradient_features(
     layers = trainable_linears(net)
     if not layers:
         raise ValueError("model has no trainable nn.Linear layer: nothing to take gradients of")
-    proj = _projection(layers, proj_dim, seed, kind, projection, block)
+    proj = _projection(layers, proj_dim, seed, kind, projection, block, layout)
     adam = adam_states(optimizer, {n: m.weight for n, m in layers.items()}) if optimizer is not None else None
     indices = shard(len(dataset), rank, world)
     plan = plan_batches(dataset, indices, batch_size, world)
@@ -259,12 +261,18 @@ def _check(mode: str, projection: str | None, reduction: str) -> str:
 
 
 def _projection(
-    layers: dict[str, torch.nn.Linear], proj_dim: int, seed: int, kind: Kind, projection: str, block: int | None
+    layers: dict[str, torch.nn.Linear],
+    proj_dim: int,
+    seed: int,
+    kind: Kind,
+    projection: str,
+    block: int | None,
+    layout: Layout,
 ) -> FactoredProjection | DenseProjection | None:
     # DeepSpeed ZeRO-3 partitions weights in place (local shape (0,)); ds_shape is the full one
     shapes = {n: tuple(getattr(m.weight, "ds_shape", m.weight.shape)) for n, m in layers.items()}
     if projection == "factored":
-        return FactoredProjection(shapes, proj_dim, seed, kind, block)
+        return FactoredProjection(shapes, proj_dim, seed, kind, block, layout)
     if projection == "dense":
         return DenseProjection(sum(o * i for o, i in shapes.values()), proj_dim, seed, kind)
     return None
