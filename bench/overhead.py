@@ -30,6 +30,8 @@ iterator's chunks; peak memory of the one-call plan is measured with tracemalloc
 Decisions part. The per-step cost of deciding every step (ODM with `update_every: 1`) as runs get longer
 (`--decision-steps`): the sampler with a new stage every step, and `Schedule.update_steps`, which the
 steering consults after every step. The trainer part's 40-step runs are too short to show this growth.
+
+The cost of a selection update as the pool grows (1k, 10k, 100k samples) is `bench/selector_updates.py`.
 """
 
 from __future__ import annotations
