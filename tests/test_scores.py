@@ -71,7 +71,7 @@ def test_same_ids_but_other_tokens_warn_and_use_the_scores_by_id(tmp_path, caplo
 
 
 def test_unreadable_files_name_the_file_and_the_fix(tmp_path):
-    with pytest.raises(DatasteerError, match="does not exist. Write it with `datasteer score"):
+    with pytest.raises(DatasteerError, match=r"does not exist\. Write it with `datasteer score"):
         read_scores(tmp_path / "none.parquet")
     (tmp_path / "text.parquet").write_text("not parquet")
     with pytest.raises(DatasteerError, match="not a readable parquet score file"):

@@ -9,7 +9,7 @@ something, as when a tokenizer encodes the response on its own), with the same s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -58,14 +58,20 @@ def has_prompt(dataset: Sequence, start_ids: Sequence[int]) -> np.ndarray:
     False for a row without leading unsupervised tokens (a pretraining block), without any supervised token,
     or whose prompt is exactly `start_ids` (an empty prompt: both encodings would be the same sequence).
     """
-    columns = dataset.select_columns(["input_ids", "labels"])[:] if hasattr(dataset, "select_columns") else None
-    rows = zip(columns["input_ids"], columns["labels"]) if columns else ((r["input_ids"], r["labels"]) for r in dataset)
     start = [int(t) for t in start_ids]
     out = []
-    for ids, labels in rows:
+    for ids, labels in _token_rows(dataset):
         cut = prompt_length(labels)
         out.append(0 < cut < len(labels) and [int(t) for t in ids[:cut]] != start)
     return np.array(out, dtype=bool)
+
+
+def _token_rows(dataset: Sequence) -> Iterator[tuple[Sequence[int], Sequence[int]]]:
+    """(input_ids, labels) of every row; a `datasets.Dataset` is read column-wise (no per-row decoding)."""
+    if hasattr(dataset, "select_columns"):
+        columns = dataset.select_columns(["input_ids", "labels"])[:]
+        return zip(columns["input_ids"], columns["labels"])
+    return ((row["input_ids"], row["labels"]) for row in dataset)
 
 
 def prompt_conditioning_losses(
