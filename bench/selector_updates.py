@@ -19,6 +19,7 @@ A cell that took longer than `--max-seconds` stops that selector's larger sizes 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -51,6 +52,11 @@ PARAMS: dict[str, dict[str, Any]] = {  # the quality bench's sizes; defaults els
     "near": {"encoder": "model", "refresh": True},
     "tsds": {"encoder": "model", "max_K": 500, "kde_K": 200},
 }
+
+TRAIN: dict[str, Any] = {
+    "max_steps": 4, "per_device_train_batch_size": 16, "learning_rate": 3e-3, "use_cpu": True, "seed": 0,
+    "report_to": "none", "disable_tqdm": True, "eval_strategy": "no", "save_strategy": "no", "logging_steps": 1000,
+}  # fmt: skip
 
 
 @contextmanager
@@ -86,12 +92,11 @@ def config(name: str, size: int, root: Path, il_model: Path | None) -> Config:
             "eval_per_domain": 4,
             "cache_dir": str(root / "data"),
         },
-        train={
-            "output_dir": str(root / f"{name}-{size}"), "max_steps": 4, "per_device_train_batch_size": 16,
-            "learning_rate": 3e-3, "use_cpu": True, "seed": 0, "report_to": "none", "disable_tqdm": True,
-            "eval_strategy": "no", "save_strategy": "no", "logging_steps": 1000,
+        train=TRAIN | {"output_dir": str(root / f"{name}-{size}")},
+        steering={
+            "seed": 0, "warmup_steps": 1, "update_every": 1, "updates": 2, "budget": max(size // 10, 16),
+            "selector": spec,
         },  # fmt: skip
-        steering={"seed": 0, "warmup_steps": 1, "update_every": 1, "updates": 2, "budget": max(size // 10, 16), "selector": spec},
     )
 
 
@@ -127,7 +132,7 @@ def exponents(cells: dict[int, Any], key: str) -> list[float | None]:
     """log-log slopes of `cells[size][key]` between consecutive sizes that both ran."""
     sizes = sorted(cells)
     out: list[float | None] = []
-    for a, b in zip(sizes, sizes[1:]):
+    for a, b in itertools.pairwise(sizes):
         ta, tb = cells[a], cells[b]
         ok = ta is not None and tb is not None and ta[key] > 0
         out.append(math.log(tb[key] / ta[key]) / math.log(b / a) if ok else None)
@@ -166,9 +171,7 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for name, cells in result["cells"].items():
         by_size = {int(k): v for k, v in cells.items()}
-        times = [
-            f"{c['seconds']:.2f} / {c['next_seconds']:.2f}" if (c := by_size.get(n)) else "not run" for n in sizes
-        ]
+        times = [f"{c['seconds']:.2f} / {c['next_seconds']:.2f}" if (c := by_size.get(n)) else "not run" for n in sizes]
         slopes = ", ".join("–" if e is None else f"{e:.2f}" for e in exponents(by_size, "next_cpu_seconds"))
         lines.append(f"| {name} | " + " | ".join(times) + f" | {slopes} |")
     return "\n".join(lines) + "\n"
