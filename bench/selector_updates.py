@@ -94,9 +94,13 @@ def config(name: str, size: int, root: Path, il_model: Path | None) -> Config:
         },
         train=TRAIN | {"output_dir": str(root / f"{name}-{size}")},
         steering={
-            "seed": 0, "warmup_steps": 1, "update_every": 1, "updates": 2, "budget": max(size // 10, 16),
+            "seed": 0,
+            "warmup_steps": 1,
+            "update_every": 1,
+            "updates": 2,
+            "budget": max(size // 10, 16),
             "selector": spec,
-        },  # fmt: skip
+        },
     )
 
 
