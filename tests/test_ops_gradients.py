@@ -79,6 +79,18 @@ def test_factored_projection_is_unbiased(block, layout):
     assert abs(sum(ratios) / len(ratios) - 1) < 0.1
 
 
+@pytest.mark.parametrize("shape", [(8, 48), (48, 8), (40, 40)], ids=["lora-A", "lora-B", "square"])
+def test_both_routes_of_project_outer_agree(shape):
+    """Through the tokens or through the formed gradient: the same linear map of Σ_t δ_t x_tᵀ."""
+    gen = torch.Generator().manual_seed(0)
+    delta, x = torch.randn(3, 7, shape[0], generator=gen), torch.randn(3, 7, shape[1], generator=gen)
+    proj = FactoredProjection({"w": shape}, 256, seed=1)
+    by_tokens = proj.project_factors("w", delta, x)
+    by_matrix = proj.project_matrix("w", torch.einsum("bto,bti->boi", delta, x))
+    torch.testing.assert_close(by_tokens, by_matrix, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(proj.project_outer("w", delta, x), by_tokens, atol=1e-4, rtol=1e-4)
+
+
 def test_lora_features_cover_only_the_adapters():
     names = list(trainable_linears(tiny_lora()))
     assert names and all("lora_A" in n or "lora_B" in n for n in names)

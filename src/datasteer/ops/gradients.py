@@ -8,8 +8,9 @@ since samples never interact in a causal LM forward.
 
 fast: one batched forward, and `torch.autograd.grad` with respect to each Linear's *output* (never its weight).
 With x_t the layer input and δ_t the output gradient at position t, the weight gradient of sample i is
-Σ_t δ_t x_tᵀ, so its Kronecker projection is Σ_t (P_outᵀ δ_t)(x_tᵀ P_in): no per-sample gradient is formed, no
-weight-gradient matmul runs, and `.grad` is never written — so no DDP all-reduce hook can fire.
+Σ_t δ_t x_tᵀ, so its Kronecker projection is Σ_t (P_outᵀ δ_t)(x_tᵀ P_in): no full per-sample gradient is formed and
+`.grad` is never written — so no DDP all-reduce hook can fire. Only a narrow or small layer (LoRA's A and B),
+where it is cheaper, forms its own small (out, in) per-sample gradient before projecting (`project_outer`).
 exact: torch.func `vmap(grad)` over the rows of a batch (each row its own batch of one, so nothing mixes samples),
 full per-sample gradients, then a dense projection (or the same factored projection, or none). It is the
 reference the fast mode is tested against.
@@ -98,14 +99,14 @@ def _layer_block(
 ) -> torch.Tensor:
     """One layer's (B, k_out*k_in) block; delta (B, T, out), x (B, T, in) masked."""
     if st is None:
-        return proj.project_factors(name, delta, x)
+        return proj.project_outer(name, delta, x)
     if delta.shape[0] * delta.shape[-1] * x.shape[-1] <= limit:  # small layer: exact Adam on real grads
         grads = torch.einsum("bto,bti->boi", delta.float(), x.float())
         return proj.project_matrix(name, adam_exact(grads, st))
     pre = factored_preconditioner(st)
     sq_norms = _sq_grad_norms(delta, x)
     const = proj.project_matrix(name, pre.const[None])  # (1, K), the same for every sample
-    block = const + pre.scale * proj.project_factors(name, delta * pre.row, x * pre.col)
+    block = const + pre.scale * proj.project_outer(name, delta * pre.row, x * pre.col)
     return block * pre.inv_sqrt_kappa(sq_norms)[:, None]
 
 

@@ -9,6 +9,7 @@ from (seed, layer name), so any process reproduces them.
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ import torch
 
 Kind = Literal["rademacher", "gaussian"]
 Layout = Literal["sum", "split"]
+MATRIX_ROUTE_MAX_ELEMENTS = 2**26  # B·out·in floats (256 MiB): the most `project_outer` forms at once
 
 
 def random_matrix(rows: int, cols: int, seed: int, kind: Kind = "rademacher") -> torch.Tensor:
@@ -87,12 +89,32 @@ class FactoredProjection:
         key = (name, torch.device(device))
         if key not in self._cache:
             out, inn = self.shapes[name]
-            slot, base = self.slots[name], _name_seed(self.seed, name)
-            identity = slot.blocks == 1
-            p_out = _side(out, slot.blocks * slot.k_out, base, self.kind, identity) * math.sqrt(slot.blocks)
-            p_in = _side(inn, slot.blocks * slot.k_in, base + 1, self.kind, identity)
+            slot = self.slots[name]
+            p_out, p_in = _layer_matrices(out, inn, slot.blocks, slot.k_out, slot.k_in, self.seed, name, self.kind)
             self._cache[key] = (p_out.to(device), p_in.to(device))
         return self._cache[key]
+
+    def project_outer(self, name: str, delta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The projection of each sample's gradient Σ_t δ_t x_tᵀ, by the cheaper of two exact routes.
+
+        Through the tokens (`project_factors`) costs T·(out·R·k_out + in·R·k_in) per sample, and R·k_in ≥
+        budget / out: for a narrow layer such as LoRA's A (out = rank) that is a full in x budget matmul per token.
+        Forming the (out, in) gradient first (`project_matrix`) collapses the tokens before projecting, and wins
+        for such layers and for small ones; for wide layers the token route is far cheaper and never forms g.
+
+        Args:
+            delta: (B, T, out) gradient of the sample losses w.r.t. the layer output.
+            x: (B, T, in) layer input, zero at padded positions.
+
+        Returns:
+            (B, R * k_out * k_in) float32.
+        """
+        slot, (out, inn), (b, t) = self.slots[name], self.shapes[name], delta.shape[:2]
+        tokens = t * (out * slot.blocks * slot.k_out + inn * slot.blocks * slot.k_in + slot.size)
+        matrix = t * out * inn + out * inn * slot.blocks * min(slot.k_in, slot.k_out) + min(out, inn) * slot.size
+        if matrix < tokens and b * out * inn <= MATRIX_ROUTE_MAX_ELEMENTS:
+            return self.project_matrix(name, torch.einsum("bto,bti->boi", delta.float(), x.float()))
+        return self.project_factors(name, delta, x)
 
     def project_factors(self, name: str, delta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Σ_t (P_out,rᵀ δ_t)(x_tᵀ P_in,r) per sample and block, without forming any (out, in) gradient.
@@ -111,11 +133,17 @@ class FactoredProjection:
         return torch.einsum("btrk,btrj->brkj", d, a).flatten(1)
 
     def project_matrix(self, name: str, grad: torch.Tensor) -> torch.Tensor:
-        """The same map for full gradients G: P_out,rᵀ G P_in,r, (B, out, in) -> (B, R * k_out * k_in)."""
-        slot = self.slots[name]
+        """The same map for full gradients G: P_out,rᵀ G P_in,r, (B, out, in) -> (B, R * k_out * k_in).
+
+        Multiplies the larger side of G first (out·in·R·k per sample), then the small block products."""
+        slot, (out, inn) = self.slots[name], self.shapes[name]
         p_out, p_in = self.matrices(name, grad.device)
-        right = (grad.float() @ p_in).unflatten(-1, (slot.blocks, slot.k_in))  # (B, out, R, k_in)
-        return torch.einsum("ork,borj->brkj", p_out.unflatten(-1, (slot.blocks, slot.k_out)), right).flatten(1)
+        p_out = p_out.unflatten(-1, (slot.blocks, slot.k_out))  # (out, R, k_out)
+        if out <= inn:
+            right = (grad.float() @ p_in).unflatten(-1, (slot.blocks, slot.k_in))  # (B, out, R, k_in)
+            return torch.einsum("ork,borj->brkj", p_out, right).flatten(1)
+        left = torch.einsum("ork,boi->brki", p_out, grad.float())  # (B, R, k_out, in)
+        return (left @ p_in.unflatten(-1, (slot.blocks, slot.k_in)).transpose(0, 1)).flatten(1)  # (B, R, k_out, k_in)
 
     def assemble(self, blocks: dict[str, torch.Tensor]) -> torch.Tensor:
         """Add per-layer blocks (B, size) into (B, proj_dim) at their offsets; unused columns stay 0."""
@@ -150,6 +178,18 @@ class DenseProjection:
     def materialize(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """The whole (dim, proj_dim) matrix (what a LESS-style baseline keeps in memory)."""
         return torch.cat([m for _, m in self.chunks(device)])
+
+
+@functools.lru_cache(maxsize=4096)
+def _layer_matrices(
+    out: int, inn: int, blocks: int, k_out: int, k_in: int, seed: int, name: str, kind: Kind
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's (P_out, P_in) on CPU, scaled as in the module docstring. Cached across passes (an op is called
+    again for every checkpoint and every target set, and generating them can cost as much as a small model's
+    pass); the cache holds host memory only, (out + in)·budget / block floats per layer, never device memory."""
+    base = _name_seed(seed, name)
+    p_out = _side(out, blocks * k_out, base, kind, blocks == 1) * math.sqrt(blocks)
+    return p_out, _side(inn, blocks * k_in, base + 1, kind, blocks == 1)
 
 
 def _side(dim: int, k: int, seed: int, kind: Kind, identity_if_whole: bool) -> torch.Tensor:
