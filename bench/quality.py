@@ -6,8 +6,9 @@
     python bench/quality.py --seeds 0 1 --steps 40 --out /tmp/q   # anything in between
 
 Writes `bench/results/<name>.json` and `<name>.md` (name: `quality` unless `--name`; the tables, the command
-and the machine). Three groups, each at equal training steps (300 mixture, 60 selection, 200 reweighting)
-and batch size within the group:
+and the machine). Three groups, each at equal training steps and batch size within the group. The mixture
+and reweighting pools are large enough that a run sees each domain about once (DoReMi's and the loss
+weighter's claims are about a single pass; on a pool repeated many times, up-weighting a domain overfits it):
 
 - Mixture (demo pretrain corpus, 64-token blocks): the static mixer at the default size proportions vs DoReMi
   (reference run, Group DRO proxy run, final run on the averaged weights; the final run is the one compared, so
@@ -68,6 +69,8 @@ class Settings:
     steps: int  # optimizer steps of every compared selection run
     mixture_steps: int  # ... of every mixture run (each DoReMi step too)
     reweighting_steps: int  # ... of every reweighting run
+    mixture_samples_per_domain: int  # documents per domain: enough that no mixture repeats a domain's blocks
+    reweighting_samples_per_domain: int  # rows per domain: about one epoch in reweighting_steps
     batch: int  # per_device_train_batch_size
     samples_per_domain: int
     eval_per_domain: int
@@ -80,10 +83,12 @@ class Settings:
 
 FULL = Settings(
     seeds=[0, 1, 2], steps=60, mixture_steps=300, reweighting_steps=200, batch=16, samples_per_domain=150,
-    eval_per_domain=16, warmup=10, update_every=10, budget=160, il_steps=60,
+    mixture_samples_per_domain=1000, reweighting_samples_per_domain=700, eval_per_domain=16, warmup=10,
+    update_every=10, budget=160, il_steps=60,
 )  # fmt: skip
 QUICK = Settings(
-    seeds=[0], steps=6, mixture_steps=6, reweighting_steps=6, batch=8, samples_per_domain=40, eval_per_domain=4,
+    seeds=[0], steps=6, mixture_steps=6, reweighting_steps=6, batch=8, samples_per_domain=40,
+    mixture_samples_per_domain=40, reweighting_samples_per_domain=40, eval_per_domain=4,
     warmup=2, update_every=2, budget=24, il_steps=6,
 )  # fmt: skip
 
@@ -206,7 +211,7 @@ def _timed(group: str, name: str, seed: int, fn, notes: list[str]) -> Result | N
 def run_mixtures(s: Settings, root: Path, notes: list[str]) -> list[Result | None]:
     from datasteer.workflows.doremi import run_doremi
 
-    s = replace(s, steps=s.mixture_steps)
+    s = replace(s, steps=s.mixture_steps, samples_per_domain=s.mixture_samples_per_domain)
     results = []
     for seed in s.seeds:
         for name in MIXERS:
@@ -243,7 +248,7 @@ def run_selection(s: Settings, root: Path, notes: list[str]) -> list[Result | No
 
 
 def run_reweighting(s: Settings, root: Path, notes: list[str]) -> list[Result | None]:
-    s = replace(s, steps=s.reweighting_steps)
+    s = replace(s, steps=s.reweighting_steps, samples_per_domain=s.reweighting_samples_per_domain)
     available = registry.components("weighter")
     names = [n for n in WEIGHTERS if n in available]
     notes += [f"weighter `{n}` is not registered here; skipped." for n in WEIGHTERS if n not in available]
