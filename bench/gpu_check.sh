@@ -15,6 +15,9 @@
 #   train-ddp / train-zero2 / train-zero3 / train-fsdp: `FORCE_TORCHRUN=1 NPROC_PER_NODE=NPROC datasteer train`
 #       on the quickstart (demo model, 20 steps, ODM mixer), one run dir with the steering state in checkpoint-10.
 #   cpu-suite (CPU_SUITE=1 only): the CPU distributed tests (DDP/FSDP gloo, DeepSpeed CPU accelerator).
+#   grad-features (GRAD_BENCH=1 only): bench/grad_features.py on cuda:0 with the ~20M and the "large" (~270M)
+#       Llama, LoRA and full; results in $OUT/grad_features/grad_features.{json,md}. Give it GRAD_TIMEOUT seconds
+#       (default 1200): the exact Gram matrix of the large model alone is ~10 TFLOP plus ~60 GB of host memory.
 # Budget: about 8 checks of 0.5-2 min each once the machine is up (CHECK_TIMEOUT caps each).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -92,6 +95,10 @@ if [ "$NGPU" -ge 1 ]; then
     'train.fsdp_config={"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "version": 2}'
 else
   skip_check gpu "no CUDA device visible to torch"
+fi
+if [ "${GRAD_BENCH:-0}" = 1 ] && [ "$NGPU" -ge 1 ]; then
+  CHECK_TIMEOUT=${GRAD_TIMEOUT:-1200} run_check grad-features "$PYTHON" bench/grad_features.py --device cuda \
+    --models 20m,large --threads 8 --row-cap 0 --hold-mib 0 --base-samples 64 --out "$OUT/grad_features"
 fi
 if [ "${CPU_SUITE:-0}" = 1 ]; then  # the CPU distributed tests (already run on CPU machines), a few minutes
   run_check cpu-suite env DS_ACCELERATOR=cpu "$PYTHON" -m pytest -q -p no:cacheprovider -m distributed \

@@ -2,7 +2,8 @@
 
 - `per_sample_losses`: one loss (or per-token losses) per sample, no grad.
 - `embeddings`: pooled hidden states of the model, or a sentence-transformers encoder.
-- `gradient_features`: projected (optionally Adam-preconditioned) per-sample gradients; fast factored mode.
+- `gradient_features`: projected (optionally Adam-preconditioned) per-sample gradients; fast factored mode, exact
+  vmap mode; with a `FeatureStore` a pass is cached and an interrupted one resumes from its saved chunks.
 - `generate`: batched sampling of responses (NICE), seeded per chunk so results do not depend on ranks.
 - `FeatureStore`: results cached by content (model weights, pool tokens, op config).
 
