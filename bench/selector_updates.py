@@ -165,17 +165,20 @@ def markdown(result: dict[str, Any]) -> str:
         f"Wall time: {result['wall_s']:.0f} s.",
         "",
         "Seconds of a selection update on the demo sft corpus with the demo tiny Llama, budget a tenth of the "
-        "pool: first update / next update, wall time (see the module docstring of `bench/selector_updates.py` for "
-        "what is inside the timer and why the first differs). Exponents = log-log slopes of the next update's CPU "
-        "time (less disturbed by other processes than wall time; in the JSON) between consecutive sizes: 1 is "
-        "linear in the pool.",
+        "pool: first update / next update, in CPU seconds of this process (one torch thread; less disturbed by "
+        "other processes on a shared machine than wall time, which is in the JSON). See the module docstring of "
+        "`bench/selector_updates.py` for what is inside the timer and why the first update differs. Exponents = "
+        "log-log slopes of the next update's time between consecutive sizes: 1 is linear in the pool.",
         "",
         "| selector | " + " | ".join(f"{n:,} samples" for n in sizes) + " | exponents |",
         "|---|" + "---:|" * len(sizes) + "---|",
     ]
     for name, cells in result["cells"].items():
         by_size = {int(k): v for k, v in cells.items()}
-        times = [f"{c['seconds']:.2f} / {c['next_seconds']:.2f}" if (c := by_size.get(n)) else "not run" for n in sizes]
+        times = [
+            f"{c['cpu_seconds']:.2f} / {c['next_cpu_seconds']:.2f}" if (c := by_size.get(n)) else "not run"
+            for n in sizes
+        ]
         slopes = ", ".join("–" if e is None else f"{e:.2f}" for e in exponents(by_size, "next_cpu_seconds"))
         lines.append(f"| {name} | " + " | ".join(times) + f" | {slopes} |")
     return "\n".join(lines) + "\n"
