@@ -104,7 +104,7 @@ def test_projection_preserves_inner_products_like_a_dense_one(model, pool):
     for mode, projection in (("fast", None), ("exact", "dense")):
         feats = gradient_features(model, pool, proj_dim=2048, mode=mode, projection=projection, seed=7, **KW).values
         cos = torch.nn.functional.normalize(feats, dim=1) @ torch.nn.functional.normalize(feats, dim=1).T
-        assert pearson(feats @ feats.T, true_gram) > (0.9 if mode == "fast" else 0.98), mode
+        assert pearson(feats @ feats.T, true_gram) > (0.95 if mode == "fast" else 0.98), mode
         assert (off_diagonal(cos) - off_diagonal(true_cos)).abs().mean() < (0.12 if mode == "fast" else 0.05), mode
 
 

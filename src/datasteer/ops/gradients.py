@@ -205,6 +205,8 @@ def gradient_features(
         store, store_key: cache the result under `store_key` (build it with `FeatureStore.key` from the model, the
             dataset and every argument above — including the optimizer's state when preconditioning); a hit is
             returned at once, and an interrupted pass resumes from its saved chunks of `chunk_batches` batches.
+            With several ranks every rank must see the same store root (a shared folder), as rank 0 writes the
+            result that all of them look up.
 
     Returns:
         FeatureResult: ids (N,) sorted ascending, values (N, proj_dim) float32 on CPU.
