@@ -19,7 +19,7 @@ entries generated per group), (a) and (b) run on `--base-samples` rows, and abov
 projection time is measured on the first `--row-cap` rows and scaled by P / row-cap (generation and matmul are
 both linear in the rows); their features are then incomplete and their fidelity is not reported.
 
-    python bench/grad_features.py            # tiny + ~20M Llama, LoRA + full, 256 samples: ~15 min, 1 CPU thread
+    python bench/grad_features.py            # tiny + ~20M Llama, LoRA + full, 256 samples: ~12 min, 1 CPU thread
     python bench/grad_features.py --quick    # smoke: tiny model, 32 samples, every code path, ~1 min
     python bench/grad_features.py --device cuda --models large --threads 8   # GPU (see bench/gpu_check.sh)
 """
@@ -307,7 +307,8 @@ def run_variant(args, preset: str, lora: bool, device: torch.device) -> dict:
     sub = pool.select(range(n_base))
     feats, s, mib = measure(lambda: baseline(model, sub, dense), device)
     held, r = "held" if dense.held is not None else "chunked", fidelity(feats, gram) if dense.complete else None
-    row["baseline"] = stats(n_base, s, mib, r, dense=held, setup_s=round(dense.setup_s, 2),
+    held_mib = round(dense.held.numel() * 4 / 2**20) if dense.held is not None else 0
+    row["baseline"] = stats(n_base, s, mib, r, dense=held, setup_s=round(dense.setup_s, 2), held_matrix_mib=held_mib,
                             projection_time_scaled_from_rows=dense.row_cap)  # fmt: skip
     feats, s, mib = measure(lambda: exact_vmap(model, sub, dense, {**kw, "batch_size": args.exact_batch}), device)
     row["exact_vmap"] = stats(n_base, s, mib, fidelity(feats, gram) if dense.complete else None)
@@ -371,7 +372,7 @@ def write(results: dict, out: Path, name: str) -> None:
         + ". Fidelity: Pearson r of pairwise inner products vs the exact unprojected per-sample gradients, over all "
         "the samples a method ran on (— : projection measured on a slice of the matrix, features incomplete). "
         "Memory: peak above the level at the method's start (RSS on CPU); a held dense matrix is allocated "
-        "before and comes on top (4·P·proj_dim bytes).",
+        "before and comes on top ('+ N held', 4·P·proj_dim bytes).",
         "",
         "| model | variant | trainable params | method | samples run | samples/s | peak MiB | fidelity r | fast speedup"
         " |",
@@ -388,8 +389,9 @@ def write(results: dict, out: Path, name: str) -> None:
             note = ""
             if method != "fast" and v["baseline"]["projection_time_scaled_from_rows"]:
                 note = f" (proj. time x P/{v['baseline']['projection_time_scaled_from_rows']:,} rows)"
+            mem = f"{s['peak_mem_mib']}" + (f" + {s['held_matrix_mib']:,} held" if s.get("held_matrix_mib") else "")
             lines.append(f"| {model} | {variant} | {v['trainable_params']:,} | {method}{note} | {s['samples']} "
-                         f"| {s['samples_per_s']} | {s['peak_mem_mib']} | {r} | {speed.get(method, '')} |")  # fmt: skip
+                         f"| {s['samples_per_s']} | {mem} | {r} | {speed.get(method, '')} |")  # fmt: skip
     adam = {k: v["adam"] for k, v in results["variants"].items() if "adam" in v}
     if adam:
         lines += ["", "Adam preconditioning (fast mode vs exact Γ(g_i) = m̂/(√v̂+ε) of each sample's gradient):", "",
@@ -412,7 +414,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="fast mode (and the exact Gram pass)")
     parser.add_argument("--exact-batch", type=int, default=16)
     parser.add_argument("--block", type=int, default=16, help="Kronecker block side of the fast projection")
-    parser.add_argument("--hold-mib", type=int, default=2560, help="hold the dense matrix when it fits")
+    parser.add_argument("--hold-mib", type=int, default=8192, help="hold the dense matrix when it fits")
     parser.add_argument("--row-cap", type=int, default=1_000_000, help="project at most this many rows, scale time")
     parser.add_argument("--stack-mib", type=int, default=1024, help="stack full per-sample grads below this")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (recorded); 1 on a shared box")
