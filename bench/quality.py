@@ -16,7 +16,7 @@ weighter's claims are about a single pass; on a pool repeated many times, up-wei
   the worst per-domain eval log-perplexity (= eval loss in nats per token), over all domains and over the
   learnable ones (without the pure-noise domain, whose floor no mixture can move), and the noise domain's own.
 - Selection (demo sft corpus, which carries a target set: arithmetic with operands outside the training range):
-  random, static (the full pool), loss, delta_loss, less, near, tsds and rho_loss, all with the same warmup,
+  random, static (the full pool), loss, delta_loss, less, near, tsds, rho_loss and ifd, with the same warmup,
   update cadence and budget (samples per selection). Reported: the target-set loss of the final model and the
   mean per-domain eval loss. A selector not registered when the bench runs is skipped with a note; rho_loss
   first trains its irreducible-loss model on the target set (extra compute, as in the paper).
@@ -57,7 +57,7 @@ from datasteer.runner import run
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-SELECTORS = ("random", "static", "loss", "delta_loss", "less", "near", "tsds", "rho_loss")
+SELECTORS = ("random", "static", "loss", "delta_loss", "less", "near", "tsds", "rho_loss", "ifd")
 WEIGHTERS = ("uniform", "loss", "adapt")
 MIXERS = ("default", "doremi", "odm")
 UNLEARNABLE = ("noise",)  # demo domains of uniformly random characters
