@@ -9,30 +9,21 @@ slice, or averaged by a gradient reduce-scatter, would differ from the 1-rank re
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from dist_scripts.ops_fixtures import collate, tiny_llama, tiny_pool
+from torchrun_launch import torchrun
 
 from datasteer.ops import gradient_features, per_sample_losses
 
 SCRIPT = Path(__file__).parent / "dist_scripts" / "engine_ops_run.py"
-ROOT = Path(__file__).resolve().parents[1]
 N_ROWS = 12  # even, so both ranks run the same number of forwards (sharded engines gather collectively per forward)
 PROJ_DIM = 256
 DEVICE = os.environ.get("DATASTEER_TEST_DEVICE", "cpu")  # bench/gpu_check.sh sets "cuda"
 NPROC = int(os.environ.get("DATASTEER_TEST_NPROC", "2"))
 TOL = 1e-5 if DEVICE == "cpu" else 1e-4  # CUDA kernels sum in another order
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def reference(n_rows: int = N_ROWS) -> dict:
@@ -50,17 +41,8 @@ def reference(n_rows: int = N_ROWS) -> dict:
 def check(
     tmp_path: Path, engine: str, expected_engine: str, nproc: int = NPROC, n_rows: int = N_ROWS, timeout: int = 600
 ) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", str(SCRIPT), str(tmp_path), engine, str(n_rows)]  # fmt: skip
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(sys.path),
-        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu" if DEVICE == "cpu" else "cuda"),
-        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions")),
-    }
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    accelerator = os.environ.get("DS_ACCELERATOR", "cpu" if DEVICE == "cpu" else "cuda")
+    torchrun(SCRIPT, tmp_path, engine, n_rows, nproc=nproc, timeout=timeout, DS_ACCELERATOR=accelerator)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
     expected_ids = sorted(tiny_pool(n=n_rows, seed=1)["sample_id"])
     for name, (ref_ids, ref_values) in reference(n_rows).items():

@@ -5,33 +5,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from torchrun_launch import torchrun
 from trainer_fixtures import make_model
 
 SCRIPT = Path(__file__).parent / "dist_scripts" / "mixer_ddp.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(*args: str, nproc: int = 2, timeout: int = 600) -> None:
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}", str(SCRIPT), *args,
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
 
 
 def single_process(out: Path, reference: str) -> dict:
@@ -46,7 +27,7 @@ def single_process(out: Path, reference: str) -> dict:
 def test_odm_and_doremi_decide_identically_on_two_ranks_and_as_one_process(tmp_path):
     reference = tmp_path / "reference"
     make_model(seed=1).save_pretrained(reference)
-    torchrun(str(tmp_path / "ddp"), str(reference))
+    torchrun(SCRIPT, tmp_path / "ddp", reference)
     ranks = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["world"] == 2
     assert ranks[0] == ranks[1]  # bit-identical decisions, rewards, α and ᾱ file on both ranks

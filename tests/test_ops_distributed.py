@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 from dist_scripts.ops_fixtures import collate, tiny_llama, tiny_pool
+from torchrun_launch import torchrun
 
 from datasteer.ops import embeddings, gradient_features, per_sample_losses
 
 SCRIPT = Path(__file__).parent / "dist_scripts" / "ops_ddp.py"
 N_ROWS = 13  # odd: the two shards are uneven (7 and 6 rows)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def single_process() -> dict:
@@ -42,11 +33,7 @@ def single_process() -> dict:
 def test_two_ranks_equal_one_rank_with_one_value_per_id(tmp_path):
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("torch.distributed with the gloo backend is not available in this build")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", str(SCRIPT), str(tmp_path), str(N_ROWS)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    torchrun(SCRIPT, tmp_path, N_ROWS)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     reference = single_process()
     expected_ids = sorted(tiny_pool(n=N_ROWS, seed=1)["sample_id"])

@@ -10,16 +10,13 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from dist_scripts.selector_loss_fixtures import run, selections
+from torchrun_launch import torchrun
 from trainer_fixtures import DOMAINS, make_model, make_pool
 
 from datasteer import ComponentSet, PoolIndex, Schedule, Selection, Selector, Steering, registry
@@ -91,23 +88,10 @@ def test_a_selector_that_needs_a_target_fails_before_training_without_one():
                 Steering(index, ComponentSet(selector=registry.build("selector", name)))
 
 
-def torchrun(*args: str, nproc: int = 2, timeout: int = 600) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-        f"--master_port={port}", str(SCRIPT), *args,
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-
-
 @pytest.mark.distributed
 def test_selections_are_identical_on_all_ranks(tmp_path):
     make_model(seed=1).save_pretrained(tmp_path / "il")  # any model will do as the IL model here
-    torchrun(str(tmp_path), str(tmp_path / "il"))
+    torchrun(SCRIPT, tmp_path, tmp_path / "il")
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     pool_ids = np.asarray(make_pool()["sample_id"])
     expected_sizes = {"loss": [30, 30], "delta_loss": [4, 4], "rho_loss": [6]}

@@ -8,13 +8,11 @@ Decisions before step 1 (no warmup) and after step 2; 2 ranks x 2 samples per st
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from torchrun_launch import torchrun
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE / "dist_scripts")]
@@ -68,16 +66,7 @@ def worker(out: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("near_tsds_ddp")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-        f"--master_port={port}", __file__, str(out),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    torchrun(Path(__file__), out)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
@@ -102,4 +91,6 @@ def test_both_ranks_select_the_same_samples_and_train_on_disjoint_shares_of_them
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1])
+    from torchrun_launch import run_worker
+
+    run_worker(worker, sys.argv[1])

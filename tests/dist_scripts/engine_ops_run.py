@@ -108,4 +108,6 @@ def main(out: Path, engine: str, n_rows: int) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]))
+    from torchrun_launch import run_worker
+
+    run_worker(main, Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]))

@@ -47,4 +47,6 @@ def main(out: str, reference: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    from torchrun_launch import run_worker
+
+    run_worker(main, sys.argv[1], sys.argv[2])

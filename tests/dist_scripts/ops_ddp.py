@@ -41,4 +41,6 @@ def main(out: Path, n_rows: int) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]))
+    from torchrun_launch import run_worker
+
+    run_worker(main, Path(sys.argv[1]), int(sys.argv[2]))

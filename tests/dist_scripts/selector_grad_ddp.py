@@ -62,9 +62,9 @@ def main(out: Path) -> None:
     import torch.distributed as dist
 
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(results))
-    dist.barrier()
-    dist.destroy_process_group()  # a clean teardown: exiting with a live gloo group can abort the process
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    from torchrun_launch import run_worker
+
+    run_worker(main, Path(sys.argv[1]))

@@ -53,4 +53,6 @@ def main(out: str, il_folder: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    from torchrun_launch import run_worker
+
+    run_worker(main, sys.argv[1], sys.argv[2])

@@ -15,7 +15,6 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))
 
-import torch
 from trainer_fixtures import make_args, make_model, make_pool, make_steering
 from transformers import default_data_collator
 
@@ -80,10 +79,9 @@ def main(out: str, engine: str, resume: str | None = None) -> None:
     }
     name = f"rank{rank}.resumed.json" if resume else f"rank{rank}.json"
     (Path(out) / name).write_text(json.dumps(result))
-    if torch.distributed.is_initialized():  # a clean teardown: exiting with a live group can abort the process
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    from torchrun_launch import run_worker
+
+    run_worker(main, *sys.argv[1:])

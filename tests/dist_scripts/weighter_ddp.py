@@ -76,4 +76,6 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    from torchrun_launch import run_worker
+
+    run_worker(main, sys.argv[1])
