@@ -234,7 +234,7 @@ class SteeredSampler(Sampler[int]):
                 break
             end = self.stages[i + 1].start if i + 1 < len(self.stages) else max(stop, stage.start)
             lo, hi = max(start, stage.start), min(stop, end)
-            for a in range(lo, hi, CHUNK):  # chunks keep the gathers cache-sized: 1.5x faster at 10M
+            for a in range(lo, hi, CHUNK):  # cache-sized pieces; the rows are those of one call
                 parts.append(self._plan_stage(i, a - stage.start, min(a + CHUNK, hi) - stage.start))
         return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
 
