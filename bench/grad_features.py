@@ -45,6 +45,7 @@ import torch
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from datasteer.data import Collator
 from datasteer.ops import gradient_features, trainable_linears
 from datasteer.ops.adam import adam_exact, adam_states
 from datasteer.ops.gradients import capture_linears, sample_losses
@@ -147,15 +148,8 @@ def make_pool(n: int, vocab: int, max_len: int, domains: int = 4) -> Dataset:
     return Dataset.from_dict({"input_ids": ids, "labels": labels, "sample_id": list(range(n))})
 
 
-def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
-    """Right padding (the ops' contract)."""
-    width = max(len(r["input_ids"]) for r in rows)
-    pad = [width - len(r["input_ids"]) for r in rows]
-    return {
-        "input_ids": torch.tensor([r["input_ids"] + [0] * p for r, p in zip(rows, pad)]),
-        "labels": torch.tensor([r["labels"] + [-100] * p for r, p in zip(rows, pad)]),
-        "attention_mask": torch.tensor([[1] * (width - p) + [0] * p for p in pad]),
-    }
+collate = Collator(pad_token_id=0)  # right padding (the ops' contract); sample_id passes through
+LM_KEYS = ("input_ids", "attention_mask", "labels")
 
 
 def exact_gram(model: torch.nn.Module, pool: Dataset, batch_size: int) -> torch.Tensor:
@@ -237,7 +231,8 @@ def baseline(model: torch.nn.Module, pool: Dataset, dense: Dense, group: int = 1
     for i, row in enumerate(pool):
         start = time.perf_counter()
         model.zero_grad(set_to_none=True)
-        model(**{k: v.to(device) for k, v in collate([row]).items()}).loss.backward()
+        batch = collate([row])
+        model(**{k: batch[k].to(device) for k in LM_KEYS}).loss.backward()
         pending.append(torch.cat([p.grad.flatten() for p in params]))
         sync(device)
         seconds += time.perf_counter() - start
@@ -333,7 +328,7 @@ def adam_fidelity(model, pool, raw: torch.Tensor, kw: dict, args) -> dict:
     device = next(model.parameters()).device
     for s in range(5):
         batch = collate([pool[(8 * s + j) % len(pool)] for j in range(8)])
-        model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
+        model(**{k: batch[k].to(device) for k in LM_KEYS}).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     layers = trainable_linears(model)

@@ -23,6 +23,7 @@ BUDGET = 8
 
 def worker(out: str) -> None:
     """One steered DDP run; each rank writes <out>/rank<r>.json with its selections, IFDs and trained ids."""
+    from selection_ddp import rank_summary, record_selections
     from selector_loss_fixtures import LocalIdsTrainer
     from trainer_fixtures import make_args
 
@@ -34,14 +35,7 @@ def worker(out: str) -> None:
     tok = demo.make_tokenizer()
     pool = build_pool(DataConfig(kind="sft", demo=DemoDataConfig(samples_per_domain=8), cache_dir=None), tok)
     selector = IfdSelector(batch_size=4)
-    calls, select = [], selector.select
-
-    def recording(ctx, budget):
-        selection = select(ctx, budget)
-        calls.append({"step": ctx.step, "ids": selection.ids.tolist(), "ifd": selector.scores.tolist()})
-        return selection
-
-    selector.select = recording
+    calls = record_selections(selector, lambda _: {"ifd": selector.scores.tolist()})
     steering = Steering(
         PoolIndex(pool.sample_ids, pool.domain_ids, pool.domains), ComponentSet(selector=selector),
         Schedule(warmup_steps=1, update_every=2), budget=BUDGET, output_dir=out,
@@ -52,12 +46,7 @@ def worker(out: str) -> None:
         args=make_args(out, max_steps=5, per_device_train_batch_size=2, ddp_backend="gloo", learning_rate=3e-3),
     )  # fmt: skip
     trainer.train()
-    result = {
-        "world": trainer.args.world_size,
-        "calls": calls,
-        "starts": [s.start for s in steering.sampler.stages],
-        "local": trainer.local,
-    }
+    result = rank_summary(trainer, steering, calls)
     Path(out, f"rank{trainer.args.process_index}.json").write_text(json.dumps(result))
 
 
@@ -70,19 +59,14 @@ def ranks(tmp_path_factory) -> list[dict]:
 
 @pytest.mark.distributed
 def test_both_ranks_score_and_select_the_same_rows_and_train_on_disjoint_shares(ranks):
+    from selection_ddp import check_two_ranks
+
     a, b = ranks
-    assert a["world"] == 2
-    assert a["calls"] == b["calls"] and a["starts"] == b["starts"]  # the IFDs too, to the last bit
-    assert [c["step"] for c in a["calls"]] == [1, 3]
+    check_two_ranks(a, b, decision_steps=[1, 3], label="ifd")  # the recorded IFDs too, to the last bit
     for call in a["calls"]:
         assert len(call["ids"]) == len(set(call["ids"])) == BUDGET
         finite = [s for s in call["ifd"] if not math.isnan(s)]
         assert len(finite) == 40  # every demo row has a prompt: the gathered passes cover the whole pool
-    for step, (mine, theirs) in enumerate(zip(a["local"], b["local"]), start=1):
-        assert not set(mine) & set(theirs), f"ranks overlap at step {step}"
-        if step >= 3:  # decided after step 1, in force from step 3; after step 3, from step 5
-            in_force = a["calls"][0] if step < 5 else a["calls"][1]
-            assert set(mine + theirs) <= set(in_force["ids"])
 
 
 if __name__ == "__main__":

@@ -21,42 +21,9 @@ BUDGET = 12  # = the draws of steps 1-3 (2 ranks x 2 x 3): no sample repeats ins
 
 
 def worker(out: str) -> None:
-    """One steered DDP run per selector; each rank writes <out>/rank<r>.json."""
-    from selector_loss_fixtures import LocalIdsTrainer
-    from trainer_fixtures import DOMAINS, make_args, make_model, make_pool
-    from transformers import default_data_collator
+    from selection_ddp import run_cases
 
-    from datasteer import ComponentSet, PoolIndex, Schedule, Steering, registry
-
-    result: dict = {}
-    for name, params in CASES.items():
-        selector = registry.build("selector", name, params)
-        calls, select = [], selector.select
-
-        def recording(ctx, budget, select=select, calls=calls):
-            selection = select(ctx, budget)
-            calls.append({"step": ctx.step, "ids": selection.ids.tolist()})
-            return selection
-
-        selector.select = recording
-        pool = make_pool()
-        steering = Steering(
-            PoolIndex.from_dataset(pool, DOMAINS), ComponentSet(selector=selector),
-            Schedule(warmup_steps=0, update_every=2), budget=BUDGET, output_dir=f"{out}/{name}",
-        )  # fmt: skip
-        trainer = LocalIdsTrainer(
-            model=make_model(), train_dataset=pool, data_collator=default_data_collator, steering=steering,
-            args=make_args(f"{out}/{name}", max_steps=4, per_device_train_batch_size=2, ddp_backend="gloo"),
-        )  # fmt: skip
-        trainer.train()
-        result[name] = {
-            "world": trainer.args.world_size,
-            "calls": calls,
-            "starts": [s.start for s in steering.sampler.stages],
-            "local": trainer.local,
-        }
-        result["rank"] = trainer.args.process_index
-    Path(out, f"rank{result['rank']}.json").write_text(json.dumps(result))
+    run_cases(out, CASES, BUDGET)
 
 
 @pytest.fixture(scope="module")
@@ -69,18 +36,14 @@ def ranks(tmp_path_factory) -> list[dict]:
 @pytest.mark.distributed
 @pytest.mark.parametrize("name", list(CASES))
 def test_both_ranks_select_the_same_samples_and_train_on_disjoint_shares_of_them(ranks, name):
+    from selection_ddp import check_two_ranks
+
     a, b = ranks[0][name], ranks[1][name]
-    assert a["world"] == 2
-    assert a["calls"] == b["calls"] and a["starts"] == b["starts"]
-    assert [c["step"] for c in a["calls"]] == [0, 2]
+    check_two_ranks(a, b, decision_steps=[0, 2], label=name)
     sizes = [len(set(c["ids"])) for c in a["calls"]]
     assert sizes == ([120, 120] if name == "static" else [BUDGET, BUDGET])
     if name == "random":
         assert a["calls"][0]["ids"] != a["calls"][1]["ids"]  # a new draw per update
-    for step, (mine, theirs) in enumerate(zip(a["local"], b["local"]), start=1):
-        assert not set(mine) & set(theirs), f"{name}: ranks overlap at step {step}"
-        in_force = a["calls"][0] if step < 4 else a["calls"][1]  # decided after step 2, in force from step 4
-        assert set(mine + theirs) <= set(in_force["ids"])
 
 
 if __name__ == "__main__":

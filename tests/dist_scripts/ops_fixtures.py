@@ -6,6 +6,8 @@ import torch
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from datasteer.data import Collator
+
 VOCAB = 96
 
 
@@ -53,16 +55,7 @@ def tiny_pool(n: int = 12, seed: int = 0, min_len: int = 4, max_len: int = 20, i
     return Dataset.from_dict(rows)
 
 
-def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
-    """Right-pad input_ids (0), labels (-100) and attention_mask; pass sample_id through."""
-    width = max(len(r["input_ids"]) for r in rows)
-    pad = [width - len(r["input_ids"]) for r in rows]
-    return {
-        "input_ids": torch.tensor([r["input_ids"] + [0] * p for r, p in zip(rows, pad)]),
-        "labels": torch.tensor([r["labels"] + [-100] * p for r, p in zip(rows, pad)]),
-        "attention_mask": torch.tensor([[1] * len(r["input_ids"]) + [0] * p for r, p in zip(rows, pad)]),
-        "sample_id": torch.tensor([r["sample_id"] for r in rows]),
-    }
+collate = Collator(pad_token_id=0)  # right-pads input_ids (0), labels (-100), attention_mask; ids pass through
 
 
 def stepped_adam(
