@@ -30,7 +30,7 @@ def test_second_build_hits_the_cache_with_identical_content(tmp_path: Path) -> N
     second = build_pool(cfg, tok)
     assert not first.from_cache and second.from_cache
     assert first.fingerprint == second.fingerprint
-    assert os.listdir(tmp_path / "c") == [first.fingerprint]  # no leftovers from reading or writing
+    assert os.listdir(tmp_path / "c") == [first.folder.name]  # no leftovers from reading or writing
     assert second.train.to_dict() == first.train.to_dict()
     assert second.eval["web"].to_dict() == first.eval["web"].to_dict()
     assert second.domains == first.domains and second.sample_ids.tolist() == first.sample_ids.tolist()

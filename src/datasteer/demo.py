@@ -19,7 +19,7 @@ import random
 import string
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -37,6 +37,9 @@ CHAT_TEMPLATE = (
     "{% if m['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\\n' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
 )
+if TYPE_CHECKING:
+    from datasteer.data.sources import ResolvedSource
+
 Kind = Literal["pretrain", "sft"]
 Row = dict[str, str]
 
@@ -256,3 +259,28 @@ def write_corpus(directory: str | Path, kind: Kind, samples_per_domain: int = 40
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
         paths.append(path)
     return paths
+
+
+def write_sources(
+    directory: Path, kind: Kind, samples_per_domain: int, seed: int, domains: list[str] | None
+) -> tuple[list[tuple[int, ResolvedSource]], ResolvedSource | None]:
+    """The demo corpus as ordinary jsonl sources for `datasteer.data.build_pool` (and the sft target set).
+
+    Each domain keeps its position in `DOMAINS` as its id index, so a subset of domains keeps its ids.
+    """
+    from datasteer.data.config import SourceConfig
+    from datasteer.data.sources import resolve
+
+    rows = corpus(kind, samples_per_domain, seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    sources = []
+    for name in domains or DOMAINS:
+        path = directory / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows[name]))
+        sources.append((DOMAINS.index(name), resolve(SourceConfig(path=str(path)), f"data.demo ({name})")))
+    if kind != "sft":
+        return sources, None
+    target = directory / "target" / "target.jsonl"
+    target.parent.mkdir()
+    target.write_text("".join(json.dumps(row) + "\n" for row in target_set()))
+    return sources, resolve(SourceConfig(path=str(target)), "data.target (demo)")

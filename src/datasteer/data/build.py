@@ -1,150 +1,217 @@
-"""`build_pool`: config + tokenizer -> `Pool`, tokenizing only when the content cache misses.
+"""`build_pool`: config + tokenizer -> `Pool`, encoding only when the content cache misses.
 
 The steps, in order (each in its own module):
-1. resolve the sources (`sources.py`) and compute the content key (`cache.py`); on a hit, load and return;
-2. read rows and group them by domain, assigning stable ids before anything is dropped (`domains.py`);
-3. encode: tokenize + eos (`pretrain.py`) or format + mask (`sft.py`), dropping unusable rows;
-4. hold out `eval_per_domain` rows per domain (`split.py`), then pack pretraining documents into
-   domain-pure blocks, so no token of a held-out document reaches training;
-5. assemble `datasets.Dataset`s and store them in the cache.
+1. resolve the sources (`sources.py`) and compute the content key (`cache.py`); on a hit, open and return;
+2. stream rows in batches, grouped by domain, with stable ids assigned before anything is dropped
+   (`domains.py`); pre-tokenized engine outputs are copied as they are (`pretokenized.py`);
+3. encode in `data.num_proc` worker processes (`workers.py`): tokenize + eos into the token store
+   (`pretrain.py`, `token_store.py`) or format + mask into arrow files (`sft.py`, `row_store.py`);
+4. publish the folder atomically, then open it: hold out `eval_per_domain` rows per domain by a hash of
+   their ids (`split.py`) and lay out domain-pure blocks that skip them (`blocks.py`).
+
+Memory stays flat in the corpus size: batches are streamed through bounded queues to disk, and the pool is
+read back through memory maps.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
+import weakref
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from datasets import Dataset, Features, Sequence, Value
 from transformers import PreTrainedTokenizerBase
 
-from datasteer.data import cache, pretrain, sft
+from datasteer.data import cache, pretokenized, pretrain, row_store, sft, workers
 from datasteer.data import ids as id_scheme
 from datasteer.data.config import DataConfig
-from datasteer.data.domains import collect, collect_target
-from datasteer.data.pool import Pool
-from datasteer.data.records import Examples, Rows
-from datasteer.data.sources import resolve
-from datasteer.data.split import split_eval
+from datasteer.data.domains import target_tasks, tasks
+from datasteer.data.pool import Pool, open_pool
+from datasteer.data.sources import ResolvedSource, resolve
+from datasteer.data.token_store import TokenStoreWriter, token_dtype
 from datasteer.errors import ConfigError
 
 logger = logging.getLogger(__name__)
+COPY_DOCS = 4096  # documents per copied batch of a pre-tokenized source
 
 
 def build_pool(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Pool:
-    """Build (or load from the cache) the training pool, per-domain eval sets and target set."""
-    sources = [resolve(s, f"data.sources[{i}]") for i, s in enumerate(cfg.sources)]
-    target = resolve(cfg.target, "data.target") if cfg.target is not None else None
-    key = cache.pool_key(cfg, tokenizer, sources, target)
-    folder = Path(cfg.cache_dir) / key if cfg.cache_dir is not None else None
-    if folder is not None and (hit := cache.load(folder)) is not None:
-        logger.info("data: loaded the tokenized pool from %s", folder)
-        return hit
-    if folder is not None:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-    # `datasets` writes arrow copies of what it reads; our own cache makes them useless after this call
-    with tempfile.TemporaryDirectory(prefix=".read-", dir=cfg.cache_dir) as tmp:
-        rows = collect(cfg, sources, Path(tmp))
-        target_rows = collect_target(cfg, target, Path(tmp))
-    pool = assemble(cfg, tokenizer, rows, target_rows, key)
+    """Build (or open from the cache) the training pool, per-domain eval sets and target set."""
+    root = Path(cfg.cache_dir) if cfg.cache_dir is not None else None
+    if root is not None:
+        root.mkdir(parents=True, exist_ok=True)
+    # `datasets` writes arrow copies of what it reads (and the demo corpus is written here): temporary
+    with tempfile.TemporaryDirectory(prefix=".read-", dir=root) as tmp:
+        sources, target = _sources(cfg, Path(tmp))
+        key = cache.pool_key(cfg, tokenizer, sources, target)
+        folder = root / key if root is not None else None
+        if folder is not None and (meta := cache.read_meta(folder)) is not None:
+            logger.info("data: opened the encoded pool in %s", folder)
+            return open_pool(folder, meta, cfg, key, from_cache=True)
+        build_to = cache.staging(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="datasteer-pool-"))
+        try:
+            meta = _write(cfg, tokenizer, sources, target, build_to, Path(tmp))
+        except BaseException:
+            shutil.rmtree(build_to, ignore_errors=True)  # a failed build (full disk, kill) leaves nothing behind
+            raise
     if folder is None:
+        cache.write_meta(build_to, meta)
+        pool = open_pool(build_to, meta, cfg, key, from_cache=False)
+        weakref.finalize(pool, shutil.rmtree, build_to, True)  # no cache: the files live as long as the pool
         return pool
-    try:
-        cache.save(pool, folder)
-    except OSError as err:
-        logger.warning("data: could not cache the pool in %s (%s); continuing without the cache", folder, err)
-        return pool
-    loaded = cache.load(folder)  # serve the memory-mapped copy, so a miss and a hit behave the same
-    assert loaded is not None
-    loaded.from_cache = False
-    return loaded
+    _clear_stale(folder)
+    cache.publish(build_to, folder, meta)
+    return open_pool(folder, cache.read_meta(folder) or meta, cfg, key, from_cache=False)
 
 
-def assemble(
+def _sources(cfg: DataConfig, tmp: Path) -> tuple[list[tuple[int, ResolvedSource]], ResolvedSource | None]:
+    """(id index, source) pairs and the target; the demo corpus is written to `tmp` as jsonl sources."""
+    target = resolve(cfg.target, "data.target") if cfg.target is not None else None
+    if cfg.demo is not None:
+        from datasteer.demo import write_sources  # the demo is a client of the data layer, not part of it
+
+        demo = cfg.demo
+        sources, demo_target = write_sources(tmp / "demo", cfg.kind, demo.samples_per_domain, demo.seed, demo.domains)
+        return sources, target or demo_target
+    return [(i, resolve(s, f"data.sources[{i}]")) for i, s in enumerate(cfg.sources)], target
+
+
+def _clear_stale(folder: Path) -> None:
+    """A folder of another code version under the same key is moved aside, so the new one can take its place."""
+    if folder.exists():
+        folder.rename(folder.with_name(f".stale-{folder.name}-{np.random.randint(1 << 30)}"))
+
+
+def _write(
     cfg: DataConfig,
     tokenizer: PreTrainedTokenizerBase,
-    rows: dict[str, Rows],
-    target_rows: Rows | None,
-    key: str,
-) -> Pool:
-    """Encode, split and pack every domain, then build the Datasets of the pool."""
-    train_parts, eval_sets = [], {}
-    for d, (name, domain_rows) in enumerate(rows.items()):
-        examples = _encode(cfg, tokenizer, domain_rows, name)
-        _require_rows(examples, name, len(domain_rows))
-        train, held = split_eval(examples, cfg.eval_per_domain, cfg.seed, name)
+    sources: list[tuple[int, ResolvedSource]],
+    target: ResolvedSource | None,
+    folder: Path,
+    hf_cache: Path,
+) -> dict[str, Any]:
+    """Encode every source into `folder`; returns the metadata that `open_pool` reads."""
+    input_bytes = sum(f.stat().st_size for _, s in sources for f in s.files)
+    num_proc = workers.resolve_num_proc(cfg.num_proc, input_bytes)
+    state = {"tokenizer": tokenizer, "max_length": cfg.max_length, "dtype": token_dtype(len(tokenizer))}
+    if cfg.kind == "pretrain":
+        state["eos"] = pretrain.require_eos(tokenizer)
+        domains, files = _write_store(cfg, sources, folder / "tokens", hf_cache, num_proc, state)
+    else:
+        domains, files = _write_rows(cfg, sources, folder / "rows", hf_cache, num_proc, state)
+    meta: dict[str, Any] = {"kind": cfg.kind, "domains": domains, "dtype": state["dtype"].str, "has_target": False}
+    if target is not None:
+        files.update(_write_target(cfg, target, folder / "target", hf_cache, state))
+        meta["has_target"] = True
+    return {**meta, "files": files}
+
+
+def _write_store(
+    cfg: DataConfig,
+    sources: list[tuple[int, ResolvedSource]],
+    folder: Path,
+    hf_cache: Path,
+    num_proc: int,
+    state: dict[str, Any],
+) -> tuple[list[str], dict[str, Any]]:
+    """Pretraining: every document's tokens + eos into the per-domain token files."""
+    writer, dropped, kept = TokenStoreWriter(folder, state["dtype"]), Counter(), Counter()
+    text_sources = [(i, s) for i, s in sources if s.format not in pretokenized.FORMATS]
+    for task, keep, lengths, tokens in workers.ordered_map(
+        pretrain.encode_task, tasks(cfg, text_sources, hf_cache), num_proc, state
+    ):
+        writer.append(task.domain, task.ids[keep], lengths, tokens)
+        dropped[task.domain] += len(task.ids) - len(keep)
+        kept[task.domain] += len(keep)
+    for i, src in sources:
+        if src.format in pretokenized.FORMATS:
+            kept[src.domain] += _copy_pretokenized(writer, i, src, len(state["tokenizer"]))
+    _warn_dropped(dropped, "empty document(s)")
+    order = sorted(writer.domains) if cfg.domain_column else _config_order(sources, writer.domains)
+    _require_rows(order, kept, dropped)
+    return order, {f"tokens/{k}": v for k, v in writer.close(order).items()}
+
+
+def _copy_pretokenized(writer: TokenStoreWriter, index: int, src: ResolvedSource, vocab_size: int) -> int:
+    """A Megatron/datatrove source: its documents' tokens copied as they are (never re-tokenized).
+    Returns the number of documents."""
+    row = 0
+    for docs in pretokenized.open_documents(src.path, src.format, src.key):
+        n = len(docs.offsets) - 1
+        for start in range(0, n, COPY_DOCS):
+            stop = min(start + COPY_DOCS, n)
+            lo, hi = int(docs.offsets[start]), int(docs.offsets[stop])
+            tokens = np.asarray(docs.tokens[lo:hi])
+            if len(tokens):
+                pretokenized.check_vocab(int(tokens.max()), vocab_size, docs.files[0], src.key)
+            lengths = np.diff(np.asarray(docs.offsets[start : stop + 1], dtype=np.int64))
+            writer.append(src.domain, id_scheme.row_ids(index, stop - start, row + start), lengths, tokens)
+        row += n
+    return row
+
+
+def _write_rows(
+    cfg: DataConfig,
+    sources: list[tuple[int, ResolvedSource]],
+    folder: Path,
+    hf_cache: Path,
+    num_proc: int,
+    state: dict[str, Any],
+) -> tuple[list[str], dict[str, Any]]:
+    """SFT: every row's ids and masked labels into per-domain arrow files."""
+    writer, dropped = row_store.RowWriter(folder), Counter()
+    for task, keep, ids, labels, prompts in workers.ordered_map(
+        sft.encode_task, tasks(cfg, sources, hf_cache), num_proc, state
+    ):
+        writer.append(task.domain, task.ids[keep], ids, labels, prompts)
+        dropped[task.domain] += len(task.ids) - len(keep)
+    _warn_dropped(dropped, f"row(s) with no supervised token (no response, or prompt >= {cfg.max_length} tokens)")
+    order = sorted(writer.domains) if cfg.domain_column else _config_order(sources, writer.domains)
+    _require_rows(order, Counter(writer.rows), dropped)
+    return order, {f"rows/{k}": v for k, v in writer.close(order).items()}
+
+
+def _write_target(
+    cfg: DataConfig, target: ResolvedSource, folder: Path, hf_cache: Path, state: dict[str, Any]
+) -> dict[str, Any]:
+    """The target set, one row per example (pretrain documents cut to block_size), its extra columns kept."""
+    writer = row_store.RowWriter(folder)
+    encode = pretrain.encode_task if cfg.kind == "pretrain" else sft.encode_task
+    for task, keep, *encoded in workers.ordered_map(encode, target_tasks(cfg, target, hf_cache), 1, state):
         if cfg.kind == "pretrain":
-            train = pretrain.pack(train, cfg.block_size, id_scheme.TRAIN_BLOCK, d)
-            _require_blocks(train, name, cfg.block_size)
-            if held is not None:
-                held = pretrain.pack(held, cfg.block_size, id_scheme.EVAL_BLOCK, d, keep_tail=True)
-        train_parts.append((train, d))
-        if held is not None:
-            eval_sets[name] = to_dataset([(held, d)], cfg.kind)
-    target = _target(cfg, tokenizer, target_rows)
-    return Pool(to_dataset(train_parts, cfg.kind), eval_sets, list(rows), target, fingerprint=key)
-
-
-def _encode(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, rows: Rows, name: str) -> Examples:
-    if cfg.kind == "pretrain":
-        return pretrain.tokenize_documents(rows, tokenizer, name)
-    return sft.encode(rows, tokenizer, cfg.max_length, name)
-
-
-def _target(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, rows: Rows | None) -> Dataset | None:
-    """The target set, one row per target example (pretrain documents are cut to block_size), with the
-    `data.target_columns` of the rows that survived encoding (matched by id, so dropped rows drop theirs)."""
-    if rows is None:
-        return None
-    examples = _encode(cfg, tokenizer, rows, "target")
-    if cfg.kind == "pretrain":
-        examples = pretrain.truncate(examples, cfg.block_size)
-    if len(examples) == 0:
+            lengths, tokens = encoded
+            starts = np.cumsum(lengths) - lengths
+            rows = [tokens[s : s + min(n, cfg.block_size)].tolist() for s, n in zip(starts, lengths)]
+            labels, prompts = rows, None
+        else:
+            rows, labels, prompts = encoded
+        extra = task.extra.take(keep) if task.extra is not None else None
+        writer.append("target", task.ids[keep], rows, labels, prompts, extra)
+    if not writer.rows.get("target"):
         raise ConfigError("data.target has no usable row (all empty, or no supervised token). Check its file.")
-    dataset = to_dataset([(examples, None)], cfg.kind)
-    kept = np.searchsorted(rows.ids, examples.sample_id)  # target ids are ascending
-    for name in cfg.target_columns:
-        values = [rows.columns[name][i] for i in kept]
-        try:
-            dataset = dataset.add_column(name, values)
-        except Exception as err:  # a user-data boundary: arrow cannot type the column (e.g. mixed types)
-            raise ConfigError(f"data.target_columns: cannot keep column '{name}' of data.target: {err}") from None
-    return dataset
+    return {f"target/{k}": v for k, v in writer.close(["target"]).items()}
 
 
-def _require_rows(examples: Examples, domain: str, read: int) -> None:
-    if len(examples) == 0:
-        raise ConfigError(
-            f"domain '{domain}' has no usable rows ({read} read; empty documents and sft rows without a "
-            "supervised token are dropped). Add data to it, fix its source or columns, or remove it."
-        )
+def _config_order(sources: list[tuple[int, ResolvedSource]], seen: list[str]) -> list[str]:
+    """Domains in the order their first source appears in the config (sources sharing a name form one)."""
+    order = list(dict.fromkeys(src.domain for _, src in sources))
+    return [name for name in order if name in seen] + [name for name in seen if name not in order]
 
 
-def _require_blocks(train: Examples, domain: str, block_size: int) -> None:
-    if len(train) == 0:
-        raise ConfigError(
-            f"domain '{domain}' has fewer training tokens than data.block_size={block_size}, so packing "
-            f"yields no block. Lower data.block_size or data.eval_per_domain, or add documents to '{domain}'."
-        )
+def _warn_dropped(dropped: Counter, what: str) -> None:
+    for domain, n in dropped.items():
+        if n:
+            logger.warning("domain '%s': dropped %d %s", domain, n, what)
 
 
-def to_dataset(parts: list[tuple[Examples, int | None]], kind: str) -> Dataset:
-    """One Dataset from (examples, domain index) parts; a None domain index omits `domain_id` (target)."""
-    features = {
-        "input_ids": Sequence(Value("int32")),
-        "labels": Sequence(Value("int32")),
-        "sample_id": Value("int64"),
-    }
-    columns: dict[str, list] = {
-        "input_ids": [x for ex, _ in parts for x in ex.input_ids],
-        "labels": [x for ex, _ in parts for x in ex.labels],
-        "sample_id": np.concatenate([ex.sample_id for ex, _ in parts]).tolist(),
-    }
-    if parts[0][1] is not None:
-        features["domain_id"] = Value("int64")
-        columns["domain_id"] = [d for ex, d in parts for _ in range(len(ex))]
-    if kind == "sft":
-        features["prompt"] = Value("string")
-        columns["prompt"] = [p for ex, _ in parts for p in ex.prompt or []]
-    return Dataset.from_dict(columns, features=Features(features))
+def _require_rows(order: list[str], kept: Counter, dropped: Counter) -> None:
+    for name in order:
+        if kept[name] == 0:
+            raise ConfigError(
+                f"domain '{name}' has no usable rows ({dropped[name]} read; empty documents and sft rows without "
+                "a supervised token are dropped). Add data to it, fix its source or columns, or remove it."
+            )

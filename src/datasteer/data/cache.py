@@ -1,52 +1,66 @@
-"""Tokenize once: pools are cached on disk under a key derived from everything that shapes them.
+"""Tokenize once: pool folders are keyed by content, checked on every open, and published atomically.
 
 Why by content and not by path or step: the reference implementation keyed caches by step, so a new
 dataset or tokenizer silently reused stale results. Here the key hashes the source bytes (or a
-`save_to_disk` fingerprint), the demo corpus itself, the tokenizer (vocab, specials, chat template),
-every data setting that changes the output, and `CODE_VERSION`, which is bumped whenever this
-package's output changes for the same inputs. Writes go to a temp folder renamed into place, so
-concurrent ranks never read a half-written pool.
+`save_to_disk` fingerprint), the tokenizer (vocab, specials, chat template), the data settings that change
+the *encoded* rows, and `CODE_VERSION`, which is bumped whenever this package's output changes for the
+same inputs. Settings that only change the layout (`block_size` for pretraining, `eval_per_domain`,
+`seed`) are applied when a pool is opened, so changing them never re-tokenizes.
+
+A folder is built under a temporary name and renamed into place once `meta.json` (written last) is in it,
+so concurrent ranks never read a half-written pool and a failed build (a full disk, a kill) leaves no
+entry a later run would load. `meta.json` records every file's size and xxh3-128 checksum; a folder that
+no longer matches is moved aside with a warning and rebuilt, never trained on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from datasteer import demo
 from datasteer.data.config import DataConfig
-from datasteer.data.pool import Pool
-from datasteer.data.sources import ResolvedSource, digest, quiet
+from datasteer.data.sources import ResolvedSource, digest
+from datasteer.data.token_store import CorruptStore, file_checksum
 
-CODE_VERSION = "datasteer.data/1"
+CODE_VERSION = "datasteer.data/2"
+META = "meta.json"
+LAYOUT_KEYS = ("eval_per_domain", "seed", "cache_dir", "num_proc", "sources", "target", "demo")
+logger = logging.getLogger(__name__)
 
 
 def pool_key(
     cfg: DataConfig,
     tokenizer: PreTrainedTokenizerBase,
-    sources: list[ResolvedSource],
+    sources: list[tuple[int, ResolvedSource]],
     target: ResolvedSource | None,
 ) -> str:
-    """The content key of the pool `build_pool` would build (a sha256 hex digest)."""
+    """The content key of the encoded rows `build_pool` would write (a sha256 hex digest)."""
+    layout_only = set(LAYOUT_KEYS) | ({"block_size", "max_length"} if cfg.kind == "pretrain" else set())
     desc: dict[str, Any] = {
         "version": CODE_VERSION,
-        "config": cfg.model_dump(mode="json", exclude={"cache_dir", "sources", "target"}),
-        "sources": [_source(s) for s in sources],
+        "config": cfg.model_dump(mode="json", exclude=layout_only),
+        "sources": [{"index": i, **_source(s)} for i, s in sources],
         "target": _source(target) if target is not None else None,
+        "target_block_size": cfg.block_size if cfg.kind == "pretrain" and target is not None else None,
         "tokenizer": tokenizer_digest(tokenizer),
     }
-    if cfg.demo is not None:
-        rows = demo.corpus(cfg.kind, cfg.demo.samples_per_domain, cfg.demo.seed)
-        desc["demo"] = _sha(json.dumps([rows, demo.target_set()], sort_keys=True))
     return _sha(json.dumps(desc, sort_keys=True))
+
+
+def layout_key(cfg: DataConfig, key: str) -> str:
+    """The pool's fingerprint: its content key plus the settings applied when it is opened."""
+    return _sha(
+        json.dumps({"content": key, "block_size": cfg.block_size, "eval": cfg.eval_per_domain, "seed": cfg.seed})
+    )
 
 
 def _source(src: ResolvedSource) -> dict[str, str]:
@@ -70,38 +84,63 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def load(path: Path) -> Pool | None:
-    """The cached pool at `path`, or None when there is none (or it was written by another code version)."""
-    meta_file = path / "meta.json"
-    if not meta_file.is_file():
+def read_meta(folder: Path) -> dict[str, Any] | None:
+    """The checked metadata of a complete pool folder, or None when there is none (or it is stale/corrupt).
+
+    A corrupt folder is moved aside (renamed, so processes that already opened it keep their mappings).
+    """
+    try:
+        meta = json.loads((folder / META).read_text())
+    except FileNotFoundError:
         return None
-    meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as err:
+        return _set_aside(folder, f"its {META} is unreadable ({err})")
     if meta.get("version") != CODE_VERSION:
         return None
-    evals = {name: Dataset.load_from_disk(str(path / "eval" / str(i))) for i, name in enumerate(meta["eval"])}
-    target = Dataset.load_from_disk(str(path / "target")) if meta["has_target"] else None
-    train = Dataset.load_from_disk(str(path / "train"))
-    return Pool(train, evals, meta["domains"], target, fingerprint=meta["fingerprint"], from_cache=True)
-
-
-def save(pool: Pool, path: Path) -> None:
-    """Write `pool` under `path` atomically; if another process got there first, keep its copy."""
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    with quiet():
-        pool.train.save_to_disk(str(tmp / "train"))
-        for i, ds in enumerate(pool.eval.values()):
-            ds.save_to_disk(str(tmp / "eval" / str(i)))
-        if pool.target is not None:
-            pool.target.save_to_disk(str(tmp / "target"))
-    meta = {
-        "version": CODE_VERSION,
-        "fingerprint": pool.fingerprint,
-        "domains": pool.domains,
-        "eval": list(pool.eval),
-        "has_target": pool.target is not None,
-    }
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     try:
-        os.rename(tmp, path)
+        for name, check in meta["files"].items():
+            verify(folder / name, check)
+    except CorruptStore as err:
+        return _set_aside(folder, str(err))
+    return meta
+
+
+def verify(path: Path, check: dict[str, Any]) -> None:
+    """Size always, then the checksum: a truncated or altered file is never read as tokens."""
+    if not path.is_file():
+        raise CorruptStore(f"{path} is missing")
+    size = path.stat().st_size
+    if size != check["bytes"]:
+        raise CorruptStore(f"{path} has {size} bytes, {META} says {check['bytes']} (truncated?)")
+    if file_checksum(path) != check["xxh3_128"]:
+        raise CorruptStore(f"{path} does not match its checksum (altered or corrupted)")
+
+
+def _set_aside(folder: Path, why: str) -> None:
+    """Rename a damaged folder out of the way (processes that mapped it keep their files) and log why."""
+    aside = folder.with_name(f".corrupt-{folder.name}-{uuid.uuid4().hex[:8]}")
+    logger.warning("data: the cached pool in %s is damaged: %s; moved it to %s and rebuilding", folder, why, aside)
+    with contextlib.suppress(OSError):  # another process moved it first
+        os.rename(folder, aside)
+    return None
+
+
+def staging(folder: Path) -> Path:
+    """A fresh temporary folder beside `folder` to build into."""
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_meta(folder: Path, meta: dict[str, Any]) -> None:
+    """`meta.json` is written last: its presence marks a complete folder."""
+    (folder / META).write_text(json.dumps({"version": CODE_VERSION, **meta}, indent=1))
+
+
+def publish(tmp: Path, folder: Path, meta: dict[str, Any]) -> None:
+    """Write `meta.json` last, then rename into place; if another process got there first, keep its copy."""
+    write_meta(tmp, meta)
+    try:
+        os.rename(tmp, folder)
     except OSError:  # lost the race to a concurrent writer: its pool is identical by construction
         shutil.rmtree(tmp, ignore_errors=True)

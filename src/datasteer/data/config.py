@@ -13,7 +13,8 @@ from pydantic import Field, field_validator, model_validator
 from datasteer.errors import unknown_choice
 from datasteer.validation import StrictModel
 
-SourceFormat = Literal["auto", "jsonl", "json", "parquet", "disk", "text"]
+SourceFormat = Literal["auto", "jsonl", "json", "parquet", "disk", "text", "megatron", "datatrove"]
+PRETOKENIZED = ("megatron", "datatrove")
 RESERVED_COLUMNS = ("input_ids", "labels", "sample_id", "domain_id", "prompt")  # what the pool's rows hold
 
 
@@ -30,7 +31,10 @@ class SourceConfig(StrictModel):
         "auto",
         description="How to read the path. auto: by suffix (.jsonl/.json -> json, .parquet, .txt/.text/.md -> "
         "text); a folder with state.json, dataset_info.json or dataset_dict.json -> disk (datasets.load_from_disk, "
-        "split 'train' of a DatasetDict). text: one document per non-empty line.",
+        "split 'train' of a DatasetDict). text: one document per non-empty line. megatron: a Megatron-LM "
+        "indexed dataset (path = the prefix, its .bin or .idx, or a folder of them); datatrove: datatrove "
+        "tokenized shards (a .ds file or a folder of them). The last two are pre-tokenized (pretrain only): "
+        "their tokens are used as they are, so they must come from the run's tokenizer.",
     )
 
     @field_validator("path")
@@ -110,6 +114,12 @@ class DataConfig(StrictModel):
         "[subtask] for the max over target subtasks of less / nice / cluster_less (their subtask_column). A "
         "column missing from the file is an error. Needs data.target.",
     )
+    num_proc: int | None = Field(
+        None,
+        ge=1,
+        description="Processes that encode the sources. null = the machine's cores, or 1 for inputs under 4 MiB "
+        "(forking costs more than it saves there).",
+    )
     cache_dir: str | None = Field(
         ".cache/datasteer/data",
         description="Where tokenized pools are cached by content (sources, tokenizer, these settings); "
@@ -143,7 +153,23 @@ class DataConfig(StrictModel):
             raise ValueError("data.target.domain is not used (a target set has no domain); remove it")
         if self.target_columns and self.target is None:
             raise ValueError("data.target_columns names columns of the data.target file; set data.target too")
+        self._check_pretokenized()
         return self
+
+    def _check_pretokenized(self) -> None:
+        engines = [i for i, src in enumerate(self.sources) if src.format in PRETOKENIZED]
+        if engines and self.kind != "pretrain":
+            raise ValueError(
+                f"data.sources[{engines[0]}] is pre-tokenized ({self.sources[engines[0]].format}), which only "
+                "data.kind pretrain can use; give sft rows as jsonl/json/parquet/disk"
+            )
+        if engines and self.domain_column is not None:
+            raise ValueError(
+                f"data.sources[{engines[0]}] is pre-tokenized and has no columns, so data.domain_column cannot "
+                "apply; use one domain per source (data.sources[i].domain)"
+            )
+        if self.target is not None and self.target.format in PRETOKENIZED:
+            raise ValueError("data.target must be a row file (jsonl/json/parquet/disk/text), not pre-tokenized")
 
     @field_validator("target_columns")
     @classmethod

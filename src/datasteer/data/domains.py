@@ -1,106 +1,98 @@
-"""Turn sources (or the demo corpus) into raw rows grouped by domain, each row with its stable id.
+"""Turn sources into a stream of encoding tasks: batches of raw rows of one domain, each row with its stable id.
 
 Why here: domain assignment and id assignment must happen together and before any filtering, so that
 a row's id and domain depend only on where it came from (see `ids.py`). Columns are checked as soon as
-a source is read, so a misspelt column name fails with the file and the columns it does have.
+a source is opened, so a misspelt column name fails with the file and the columns it does have. Rows are
+streamed in batches (`sources.stream`), so no source is ever held whole in Python objects.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from datasets import Dataset
 
-from datasteer import demo
 from datasteer.data import ids as id_scheme
 from datasteer.data.config import DataConfig
-from datasteer.data.records import Rows
-from datasteer.data.sources import ResolvedSource, read
+from datasteer.data.sources import ResolvedSource, read, stream
 from datasteer.errors import ConfigError
 
-
-def collect(cfg: DataConfig, sources: list[ResolvedSource], hf_cache: Path) -> dict[str, Rows]:
-    """Rows per domain, in domain order: config order of the sources (or demo domains), or the sorted
-    values of `domain_column`."""
-    if cfg.demo is not None:
-        return _demo_rows(cfg)
-    out: dict[str, Rows] = {}
-    for i, src in enumerate(sources):
-        ds = read(src, hf_cache)
-        columns = extract(ds, cfg, src)
-        ids = id_scheme.row_ids(i, len(ds))
-        for name, idx in _groups(ds, cfg, src).items():
-            out.setdefault(name, Rows()).extend(ids[idx], {k: [v[j] for j in idx] for k, v in columns.items()})
-    return {k: out[k] for k in sorted(out)} if cfg.domain_column else out
+ROWS_PER_TASK = 1000  # rows per encoding task: large enough to amortise a worker round trip, small in memory
 
 
-def collect_target(cfg: DataConfig, source: ResolvedSource | None, hf_cache: Path) -> Rows | None:
-    """The target set's rows (ids in the target range), the demo target for demo sft, or None.
+@dataclass
+class Task:
+    """Raw rows of one domain: pretrain columns `text`; sft columns `prompt`, `messages`, `response`.
 
-    The file's `data.target_columns` ride along under their own names (see `build._target`).
+    A sft row uses one style, the other column holds None; `extra` holds kept `data.target_columns`.
     """
-    if source is not None:
-        ds = read(source, hf_cache)
-        _require(ds, cfg.target_columns, source, "data.target_columns")
-        columns = {**extract(ds, cfg, source), **{name: _column(ds, name) for name in cfg.target_columns}}
-        return Rows(id_scheme.target_ids(len(ds)), columns)
-    if cfg.demo is not None and cfg.kind == "sft":
-        rows = demo.target_set()
-        return Rows(
-            id_scheme.target_ids(len(rows)), _sft_plain([r["prompt"] for r in rows], [r["response"] for r in rows])
-        )
-    return None
+
+    domain: str
+    ids: np.ndarray
+    columns: dict[str, list[Any]]
+    extra: Any = None  # an arrow table of the rows' data.target_columns (target set only)
 
 
-def _demo_rows(cfg: DataConfig) -> dict[str, Rows]:
-    """Demo domains keep their position in `demo.DOMAINS` as source index, so a subset keeps its ids."""
-    corpus = demo.corpus(cfg.kind, cfg.demo.samples_per_domain, cfg.demo.seed)
-    out = {}
-    for name in cfg.demo.domains or demo.DOMAINS:
-        rows = corpus[name]
-        ids = id_scheme.row_ids(demo.DOMAINS.index(name), len(rows))
-        if cfg.kind == "pretrain":
-            columns = {"text": [r["text"] for r in rows]}
-        else:
-            columns = _sft_plain([r["prompt"] for r in rows], [r["response"] for r in rows])
-        out[name] = Rows(ids, columns)
-    return out
+def tasks(cfg: DataConfig, sources: list[tuple[int, ResolvedSource]], hf_cache: Path) -> Iterator[Task]:
+    """Tasks of every source, in source order and row order; `sources` pairs each with its id index."""
+    for index, src in sources:
+        ds = read(src, hf_cache)
+        needed = _needed_columns(ds, cfg, src)
+        start = 0
+        for batch in stream(ds, needed, ROWS_PER_TASK):
+            ids = id_scheme.row_ids(index, batch.num_rows, start)
+            columns = _normalise({c: batch.column(c).to_pylist() for c in needed}, cfg)
+            yield from _by_domain(cfg, src, ids, columns, batch, start)
+            start += batch.num_rows
 
 
-def extract(ds: Dataset, cfg: DataConfig, src: ResolvedSource) -> dict[str, list[Any]]:
-    """The columns encoding needs, normalised (see `Rows`); a missing column is a ConfigError."""
+def target_tasks(cfg: DataConfig, source: ResolvedSource, hf_cache: Path) -> Iterator[Task]:
+    """Tasks of the target set (ids in the target range); `data.target_columns` ride along as arrow."""
+    ds = read(source, hf_cache)
+    _require(ds, cfg.target_columns, source, "data.target_columns")
+    needed = _needed_columns(ds, cfg, source)
+    start = 0
+    for batch in stream(ds, needed + [c for c in cfg.target_columns if c not in needed], ROWS_PER_TASK):
+        ids = id_scheme.target_ids(batch.num_rows) + start  # target id = tag | row index
+        columns = _normalise({c: batch.column(c).to_pylist() for c in needed}, cfg)
+        yield Task("target", ids, columns, batch.select(cfg.target_columns) if cfg.target_columns else None)
+        start += batch.num_rows
+
+
+def _needed_columns(ds: Dataset, cfg: DataConfig, src: ResolvedSource) -> list[str]:
+    """The columns encoding reads; a missing one is a ConfigError that lists the file's columns."""
     present = set(ds.column_names)
     if cfg.kind == "pretrain":
         _require(ds, [cfg.text_column], src, "data.text_column")
-        return {"text": _column(ds, cfg.text_column)}
-    if {cfg.prompt_column, cfg.response_column} <= present:
-        return _sft_plain(_column(ds, cfg.prompt_column), _column(ds, cfg.response_column))
-    if cfg.messages_column in present:
-        return _sft_chat(_column(ds, cfg.messages_column))
-    raise ConfigError(
-        f"{src.key} ('{src.path}') has neither the columns '{cfg.prompt_column}' + '{cfg.response_column}' "
-        f"(data.prompt_column / data.response_column) nor '{cfg.messages_column}' (data.messages_column). "
-        f"Its columns are: {', '.join(ds.column_names)}. Set those keys to the names your file uses."
-    )
+        needed = [cfg.text_column]
+    elif {cfg.prompt_column, cfg.response_column} <= present:
+        needed = [cfg.prompt_column, cfg.response_column]
+    elif cfg.messages_column in present:
+        needed = [cfg.messages_column]
+    else:
+        raise ConfigError(
+            f"{src.key} ('{src.path}') has neither the columns '{cfg.prompt_column}' + '{cfg.response_column}' "
+            f"(data.prompt_column / data.response_column) nor '{cfg.messages_column}' (data.messages_column). "
+            f"Its columns are: {', '.join(ds.column_names)}. Set those keys to the names your file uses."
+        )
+    if cfg.domain_column is not None and not src.key.startswith("data.target"):
+        _require(ds, [cfg.domain_column], src, "data.domain_column")
+        needed.append(cfg.domain_column)
+    return needed
 
 
-def _column(ds: Dataset, name: str) -> list[Any]:
-    return ds.select_columns([name]).to_dict()[name]
-
-
-def _require(ds: Dataset, names: list[str], src: ResolvedSource, key: str) -> None:
-    for name in names:
-        if name not in ds.column_names:
-            raise ConfigError(
-                f"{src.key} ('{src.path}') has no column '{name}' (named by {key}). Its columns are: "
-                f"{', '.join(ds.column_names)}. Set {key} to one of them."
-            )
-
-
-def _sft_plain(prompts: list[Any], responses: list[Any]) -> dict[str, list[Any]]:
-    return {"prompt": prompts, "messages": [None] * len(prompts), "response": responses}
+def _normalise(raw: dict[str, list[Any]], cfg: DataConfig) -> dict[str, list[Any]]:
+    """The columns encoding needs, under the names of `Task` (see there)."""
+    if cfg.kind == "pretrain":
+        return {"text": raw[cfg.text_column]}
+    if cfg.prompt_column in raw:
+        prompts = raw[cfg.prompt_column]
+        return {"prompt": prompts, "messages": [None] * len(prompts), "response": raw[cfg.response_column]}
+    return _sft_chat(raw[cfg.messages_column])
 
 
 def _sft_chat(conversations: list[Any]) -> dict[str, list[Any]]:
@@ -114,17 +106,30 @@ def _sft_chat(conversations: list[Any]) -> dict[str, list[Any]]:
     return {"prompt": [None] * len(conversations), "messages": contexts, "response": responses}
 
 
-def _groups(ds: Dataset, cfg: DataConfig, src: ResolvedSource) -> dict[str, np.ndarray]:
-    """Row positions per domain name within one source."""
+def _by_domain(
+    cfg: DataConfig, src: ResolvedSource, ids: np.ndarray, columns: dict[str, list[Any]], batch: Any, start: int
+) -> Iterator[Task]:
+    """One task per domain present in the batch (one task when domains come from the sources)."""
     if cfg.domain_column is None:
-        return {src.domain: np.arange(len(ds))}
-    _require(ds, [cfg.domain_column], src, "data.domain_column")
-    values = _column(ds, cfg.domain_column)
+        yield Task(src.domain, ids, columns)
+        return
+    values = batch.column(cfg.domain_column).to_pylist()
     if any(v is None for v in values):
-        row = values.index(None)
+        row = start + values.index(None)
         raise ConfigError(
             f"{src.key} ('{src.path}'): row {row} has no value in the domain column '{cfg.domain_column}'. "
             "Give every row a domain, or drop data.domain_column to use one domain per source."
         )
     names = np.asarray([str(v) for v in values], dtype=object)
-    return {name: np.flatnonzero(names == name) for name in sorted(set(names))}
+    for name in sorted(set(names)):
+        idx = np.flatnonzero(names == name)
+        yield Task(name, ids[idx], {k: [v[j] for j in idx] for k, v in columns.items()})
+
+
+def _require(ds: Dataset, names: list[str], src: ResolvedSource, key: str) -> None:
+    for name in names:
+        if name not in ds.column_names:
+            raise ConfigError(
+                f"{src.key} ('{src.path}') has no column '{name}' (named by {key}). Its columns are: "
+                f"{', '.join(ds.column_names)}. Set {key} to one of them."
+            )

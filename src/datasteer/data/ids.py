@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from datasteer.errors import DatasteerError
+
 ROW_BITS = 40
 TAG_SHIFT = 61
 MAX_SOURCES = 1 << (TAG_SHIFT - ROW_BITS)
@@ -63,3 +65,38 @@ def describe(sample_id: int) -> str:
     if tag == TARGET:
         return f"target row {low}"
     return f"{_TAG_NAMES.get(tag, 'block')} {low} of domain {middle}"
+
+
+def positions(
+    sorted_ids: np.ndarray,
+    order: np.ndarray | None,
+    wanted: np.ndarray | list[int],
+    *,
+    within: str = "the training pool",
+    hint: str = "was it held out for eval, dropped, or from another pool?",
+) -> np.ndarray:
+    """Positions of the `wanted` ids in an id array; an unknown id is an error, never silently dropped.
+
+    Why one function: every id → row lookup (the pool, the steering's `PoolIndex`, DoReMi's reference losses)
+    answers the same question, and at millions of rows a dict over the ids costs ~100 bytes a row, while
+    sorted ids and a binary search cost the 16 bytes of the two arrays.
+
+    Args:
+        sorted_ids: (N,) int64 ids sorted ascending (the id array permuted by `order`).
+        order: (N,) the permutation that sorts the id array (`np.argsort(ids, kind="stable")`), or None when
+            the id array is already sorted and positions are positions in `sorted_ids` itself.
+        wanted: the ids to look up, any shape (flattened).
+        within, hint: name the id array and suggest a cause in the error message.
+
+    Returns:
+        (len(wanted),) int64 positions in the unsorted id array.
+    """
+    want = np.asarray(wanted, dtype=np.int64).reshape(-1)
+    n = len(sorted_ids)
+    pos = np.clip(np.searchsorted(sorted_ids, want), 0, max(n - 1, 0))
+    found = sorted_ids[pos] == want if n else np.zeros(len(want), dtype=bool)
+    if not found.all():
+        bad, unknown = int(want[~found][0]), int((~found).sum())
+        what = f"sample id {bad} ({describe(bad)})"
+        raise DatasteerError(f"{what} is not in {within} ({unknown} unknown id(s) in all); {hint}")
+    return pos.astype(np.int64) if order is None else np.asarray(order[pos], dtype=np.int64)

@@ -12,21 +12,24 @@ newlines; earlier assistant turns are part of the prompt, only the last reply is
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from datasteer.data.records import Examples, Rows
+from datasteer.data import workers
+from datasteer.data.domains import Task
 
-logger = logging.getLogger(__name__)
 IGNORE = -100
 
 
-def encode(rows: Rows, tokenizer: PreTrainedTokenizerBase, max_length: int, domain: str) -> Examples:
-    """Token ids and masked labels per row; rows with no supervised token left are dropped (ids stay)."""
+def encode_task(task: Task) -> tuple[Task, np.ndarray, list[list[int]], list[list[int]], list[str]]:
+    """(task, kept row positions, token ids, masked labels, raw prompts) of the rows that keep a supervised
+    token. Runs in a worker: reads the tokenizer and `max_length` from `workers.state()`."""
+    st = workers.state()
+    tokenizer, max_length = st["tokenizer"], st["max_length"]
     chat = bool(getattr(tokenizer, "chat_template", None))
-    parts = [_texts(rows, i, tokenizer, chat) for i in range(len(rows))]
+    parts = [_texts(task.columns, i, tokenizer, chat) for i in range(len(task.ids))]
     keep = [i for i, p in enumerate(parts) if p is not None]
     prompts = _tokenize([parts[i][0] for i in keep], tokenizer, specials=not chat)
     responses = _tokenize([parts[i][1] for i in keep], tokenizer, specials=False)
@@ -39,15 +42,9 @@ def encode(rows: Rows, tokenizer: PreTrainedTokenizerBase, max_length: int, doma
             out_ids.append(ids)
             out_labels.append(labels)
             out_rows.append(row)
-    if len(out_rows) < len(rows):
-        logger.warning(
-            "domain '%s': dropped %d of %d row(s) with no supervised token (no response, or prompt >= %d tokens)",
-            domain,
-            len(rows) - len(out_rows),
-            len(rows),
-            max_length,
-        )
-    return Examples(rows.ids[out_rows], out_ids, out_labels, [parts[i][2] for i in out_rows])
+    raw = [parts[i][2] for i in out_rows]
+    task.columns = {}  # the text need not travel back to the parent
+    return task, np.asarray(out_rows, dtype=np.int64), out_ids, out_labels, raw
 
 
 def _tokenize(texts: list[str], tokenizer: PreTrainedTokenizerBase, specials: bool) -> list[list[int]]:
@@ -56,14 +53,16 @@ def _tokenize(texts: list[str], tokenizer: PreTrainedTokenizerBase, specials: bo
     return list(tokenizer(texts, add_special_tokens=specials)["input_ids"])
 
 
-def _texts(rows: Rows, i: int, tokenizer: PreTrainedTokenizerBase, chat: bool) -> tuple[str, str, str] | None:
+def _texts(
+    columns: dict[str, list[Any]], i: int, tokenizer: PreTrainedTokenizerBase, chat: bool
+) -> tuple[str, str, str] | None:
     """(prompt text to tokenize, response text to tokenize, raw prompt), or None when there is no response."""
-    response = rows.columns["response"][i]
+    response = columns["response"][i]
     if not isinstance(response, str) or not response:
         return None
-    context = rows.columns["messages"][i]
+    context = columns["messages"][i]
     if context is None:
-        prompt = rows.columns["prompt"][i] or ""
+        prompt = columns["prompt"][i] or ""
         raw = str(prompt)
         context = [{"role": "user", "content": raw}]
         if not chat:

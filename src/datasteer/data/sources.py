@@ -8,15 +8,17 @@ key on something other than what is actually read.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+import xxhash
 from datasets import Dataset, DatasetDict, load_from_disk
 from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
+from datasteer.data import pretokenized
 from datasteer.data.config import SourceConfig
 from datasteer.errors import ConfigError
 
@@ -30,6 +32,7 @@ SUFFIX_FORMATS = {
 }
 DISK_MARKERS = ("state.json", "dataset_info.json", "dataset_dict.json")
 FORMAT_FAMILY = {"jsonl": "json", "json": "json", "parquet": "parquet", "text": "text", "disk": "disk"}
+FORMAT_FAMILY.update({name: name for name in pretokenized.FORMATS})
 SUPPORTED = "a .jsonl/.json/.parquet/.txt file, a folder of such files, or a datasets.save_to_disk folder"
 
 
@@ -47,6 +50,10 @@ class ResolvedSource:
 def resolve(src: SourceConfig, key: str) -> ResolvedSource:
     """Check that the path exists and work out its format and files; errors name `key`."""
     path = Path(src.path).expanduser()
+    if src.format in pretokenized.FORMATS:  # a Megatron prefix names files, not a path of its own
+        files = pretokenized.data_files(path, src.format, key)
+        domain = src.domain or (path.name if path.is_dir() else files[0].name.split(".")[0])
+        return ResolvedSource(key, path, src.format, files, domain)
     if not path.exists():
         raise ConfigError(
             f"{key}.path = '{src.path}' does not exist (looked in {path.absolute()}). Fix {key}.path or remove "
@@ -115,6 +122,25 @@ def read(src: ResolvedSource, hf_cache: Path) -> Dataset:
         raise ConfigError(f"{src.key}: could not read '{src.path}' as {src.format}: {err}") from err
 
 
+def stream(ds: Dataset, columns: list[str], rows: int) -> Iterator[pa.RecordBatch]:
+    """Record batches of `columns`, at most `rows` rows each, in row order.
+
+    Why not `ds.iter`: that reads through the memory map, and every page it touches stays resident, so a
+    build's memory would grow with the corpus. Reading datasets' own arrow files as streams allocates each
+    batch and frees it after use (the file stays in the page cache, which the kernel reclaims).
+    """
+    files = [f["filename"] for f in ds.cache_files]
+    if not files or ds._indices is not None:  # an in-memory or re-indexed dataset: nothing to stream from
+        yield from ds.select_columns(columns).with_format("arrow").iter(rows)
+        return
+    for name in files:
+        with pa.OSFile(name) as fh:
+            for batch in pa.ipc.open_stream(fh):
+                batch = batch.select(columns)
+                for start in range(0, batch.num_rows, rows):
+                    yield batch.slice(start, rows)
+
+
 @contextmanager
 def quiet() -> Iterator[None]:
     """Silence `datasets` progress bars for small internal reads/writes, restoring the caller's setting."""
@@ -142,9 +168,10 @@ def digest(src: ResolvedSource) -> str:
     """Content hash of what `read` reads: file bytes, or a disk folder's fingerprint.
 
     A `save_to_disk` folder is keyed by its json metadata (state.json holds the datasets fingerprint)
-    and its files' names and sizes, so large arrow files are not re-hashed on every run.
+    and its files' names and sizes, so large arrow files are not re-hashed on every run. File bytes are
+    hashed with xxh3-128 (several GB/s), so keying a multi-GB corpus costs seconds, not minutes.
     """
-    h = hashlib.sha256(src.format.encode())
+    h = xxhash.xxh3_128(src.format.encode())
     if src.format == "disk":
         for file in sorted(p for p in src.path.rglob("*") if p.is_file()):
             h.update(str(file.relative_to(src.path)).encode())
@@ -152,6 +179,7 @@ def digest(src: ResolvedSource) -> str:
         return h.hexdigest()
     for file in src.files:
         h.update(str(file.relative_to(src.path) if src.path.is_dir() else file.name).encode())
+        h.update(str(file.stat().st_size).encode())
         with open(file, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)

@@ -15,7 +15,10 @@ MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
 
 
 def row_lengths(dataset: Sequence, indices: np.ndarray) -> np.ndarray:
-    """Token count of each row in `indices`: (n,) int64. Reads the arrow column when it can (no row decoding)."""
+    """Token count of each row in `indices`: (n,) int64. Reads the arrow column when it can (no row decoding);
+    a dataset that knows its row lengths (`lengths(indices)`, e.g. packed blocks) is asked directly."""
+    if hasattr(dataset, "lengths"):
+        return np.asarray(dataset.lengths(indices), dtype=np.int64)
     try:
         import pyarrow.compute as pc
         from datasets import Dataset

@@ -58,6 +58,8 @@ def has_prompt(dataset: Sequence, start_ids: Sequence[int]) -> np.ndarray:
     False for a row without leading unsupervised tokens (a pretraining block), without any supervised token,
     or whose prompt is exactly `start_ids` (an empty prompt: both encodings would be the same sequence).
     """
+    if "labels" not in getattr(dataset, "column_names", ["labels"]):  # packed blocks: every token supervised
+        return np.zeros(len(dataset), dtype=bool)
     start = [int(t) for t in start_ids]
     out = []
     for ids, labels in _token_rows(dataset):
@@ -71,7 +73,7 @@ def _token_rows(dataset: Sequence) -> Iterator[tuple[Sequence[int], Sequence[int
     if hasattr(dataset, "select_columns"):
         columns = dataset.select_columns(["input_ids", "labels"])[:]
         return zip(columns["input_ids"], columns["labels"])
-    return ((row["input_ids"], row["labels"]) for row in dataset)
+    return ((row["input_ids"], row.get("labels", row["input_ids"])) for row in dataset)
 
 
 def prompt_conditioning_losses(

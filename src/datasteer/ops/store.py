@@ -41,7 +41,13 @@ def model_fingerprint(model: torch.nn.Module, *, trainable_only: bool = False) -
 
 
 def dataset_fingerprint(dataset: Sequence, columns: Sequence[str] = DATASET_COLUMNS) -> str:
-    """sha256 of the row count and the contents of `columns` (those present), in row order."""
+    """sha256 of the row count and the contents of `columns` (those present), in row order.
+
+    A dataset with a `fingerprint` attribute (packed blocks: a content key of the token store, the layout and
+    the rows) is keyed by it instead, so a pool of millions of blocks is never read to key a cache entry.
+    """
+    if isinstance(getattr(dataset, "fingerprint", None), str):
+        return hashlib.sha256(f"{dataset.fingerprint}:{','.join(columns)}".encode()).hexdigest()
     h = hashlib.sha256(f"rows={len(dataset)}".encode())
     try:
         from datasets import Dataset

@@ -149,15 +149,14 @@ def train_irreducible_model(
     paper's holdout from the training distribution). Optimizer keys of `config.train` carry over;
     `train_args` (e.g. max_steps=200) override them.
     """
-    from datasets import concatenate_datasets
-
     from datasteer.data import Collator, build_pool
+    from datasteer.data.pool import concat_rows
     from datasteer.model import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(config.model)
     pool = build_pool(config.data, tokenizer)
     evals = list(pool.eval.values())
-    data = pool.target if holdout == "target" else (concatenate_datasets(evals) if evals else None)
+    data = pool.target if holdout == "target" else (concat_rows(evals) if evals else None)
     if data is None:
         need = "data.target (or demo sft data)" if holdout == "target" else "data.eval_per_domain > 0"
         raise ConfigError(f"train_irreducible_model(holdout={holdout!r}) has no holdout data; set {need}.")
