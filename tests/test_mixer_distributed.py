@@ -35,6 +35,8 @@ def test_odm_and_doremi_decide_identically_on_two_ranks_and_as_one_process(tmp_p
     one = single_process(tmp_path / "single", str(reference))
     assert one["world"] == 1
     assert one["odm_records"] == ranks[0]["odm_records"] and one["doremi_records"] == ranks[0]["doremi_records"]
+    drawn = sorted({i for step in ranks[0]["doremi_records"] for i in step})
+    assert one["doremi_reference_ids"] == ranks[0]["doremi_reference_ids"] == drawn  # the plan, on every rank
     for (s1, w1), (s2, w2) in zip(one["odm_stages"], ranks[0]["odm_stages"]):
         assert s1 == s2
         np.testing.assert_allclose(w1, w2, rtol=1e-5)

@@ -78,7 +78,7 @@ def test_reference_losses_must_match_the_training_tokens():
     mixer.initial_weights(ctx)
     with pytest.raises(DatasteerError, match="different number of supervised tokens"):
         mixer.observe(ctx, make_record(1, [(0, 0, [2.0, 1.0, 0.5])]))  # 3 tokens, the reference has 2
-    with pytest.raises(DatasteerError, match=r"sample ids \[7\] have no reference losses"):
+    with pytest.raises(DatasteerError, match=r"sample id 7 .* is not in doremi.s reference losses"):
         mixer.observe(ctx, make_record(1, [(7, 0, [2.0])]))
 
 
@@ -114,17 +114,38 @@ def test_doremi_downweights_the_noise_domain_in_a_real_run(tmp_path, reference):
     assert [e["step"] for e in alphas] == list(range(1, 16)) and set(alphas[0]["alpha"]) == set(DOMAINS)
 
 
-def test_doremi_resume_continues_exactly_from_a_checkpoint(tmp_path, reference):
+@pytest.mark.parametrize("schedule", [Schedule(), Schedule(update_every=2)], ids=["one-shot", "every-2"])
+def test_doremi_resume_continues_exactly_from_a_checkpoint(tmp_path, reference, schedule):
     params = {"reference_model": reference, "cache_dir": str(tmp_path / "store")}
     _, full, full_rec = steered_mixer_run(
-        tmp_path, "doremi", params, Schedule(), max_steps=8, save_strategy="steps", save_steps=4
+        tmp_path, "doremi", params, schedule, max_steps=8, save_strategy="steps", save_steps=4
     )
     _, resumed, resumed_rec = steered_mixer_run(  # the reference losses now come from the store
-        tmp_path, "doremi", params, Schedule(), max_steps=8, resume=str(tmp_path / "checkpoint-4")
+        tmp_path, "doremi", params, schedule, max_steps=8, resume=str(tmp_path / "checkpoint-4")
     )
     assert resumed_rec.steps == full_rec.steps[4:] and resumed.steps == full.steps == 8
     np.testing.assert_array_equal(resumed.alpha, full.alpha)  # bit-identical, like the model weights
     np.testing.assert_array_equal(resumed.average, full.average)
+    np.testing.assert_array_equal(resumed.reference_ids, full.reference_ids)  # the same plan, from step 0
+    assert len(list((tmp_path / "store").glob("*.safetensors"))) == 1  # ... so the resumed run hit the store
+
+
+def test_reference_losses_cover_exactly_the_drawn_rows_and_give_the_whole_pool_alpha(tmp_path, reference):
+    """Decisions every 2 steps keep the proportions, so the plan made at the start holds for the whole run; the
+    planned rows' reference losses are the whole-pool pass's numbers, so α is bit-identical."""
+    runs = {}
+    for rows in ("planned", "pool"):
+        params = {"reference_model": reference, "cache_dir": str(tmp_path / "store"), "reference_rows": rows}
+        _, mixer, rec = steered_mixer_run(tmp_path / rows, "doremi", params, Schedule(update_every=2), max_steps=10)
+        runs[rows] = (mixer, rec)
+    (planned, planned_rec), (pool, pool_rec) = runs["planned"], runs["pool"]
+    assert planned_rec.steps == pool_rec.steps  # the same stream either way
+    drawn = sorted({i for step in planned_rec.steps for i in step})
+    assert planned.reference_ids.tolist() == drawn  # exactly the rows the sampler yielded, no more
+    assert len(pool.reference_ids) == 3 * 40 > len(drawn)
+    np.testing.assert_array_equal(planned.alpha, pool.alpha)
+    np.testing.assert_array_equal(planned.average, pool.average)
+    assert len(list((tmp_path / "store").glob("*.safetensors"))) == 2  # keyed by the scored rows' contents
 
 
 def write_config(tmp_path: Path, **steering) -> Path:

@@ -165,3 +165,47 @@ def test_domain_proportions_follow_weights_or_the_eligible_rows():
     np.testing.assert_allclose(s.domain_proportions(5), [0.75, 0.25, 0.0, 0.0])
     s.set_weights(5, np.array([1.0, 1.0, 1.0, 1.0]))
     np.testing.assert_allclose(s.domain_proportions(5), [0.5, 0.5, 0.0, 0.0])
+
+
+def test_a_decision_that_keeps_the_mixture_continues_the_stream():
+    """Same weights at steps 5 and 40 (e.g. DoReMi's fixed proportions): the stream is the one without them, and
+    a checkpoint holding those stages (or written before stages had keys) reproduces it."""
+    w = np.array([0.1, 0.2, 0.3, 0.4])
+    plain, kept = make(), make(boundaries=(5, 40))
+    plain.set_weights(0, w)
+    for at in (0, 5, 40):
+        kept.set_weights(at, w * 3)  # normalised to the same weights
+    assert len(kept.stages) == 3 and [s.key for s in kept.stages] == [0, 0, 0]
+    stream = np.fromiter(iter(plain), dtype=np.int64)
+    np.testing.assert_array_equal(np.fromiter(iter(kept), dtype=np.int64), stream)
+    restored = SteeredSampler(DOMAINS, 4)
+    restored.load_state_dict(kept.state_dict())
+    restored.bind(8, 100, [5, 40])
+    np.testing.assert_array_equal(np.fromiter(iter(restored), dtype=np.int64), stream)
+    changed = make(boundaries=(5,))
+    changed.set_weights(0, w)
+    changed.set_weights(5, w[::-1])  # a real change starts a stream of its own
+    assert changed.stages[1].key == 1
+    legacy = changed.state_dict()
+    for stage in legacy["stages"]:
+        del stage["key"], stage["shift"]
+    old = SteeredSampler(DOMAINS, 4)
+    old.load_state_dict(legacy)
+    old.bind(8, 100, [5])
+    np.testing.assert_array_equal(np.fromiter(iter(old), dtype=np.int64), np.fromiter(iter(changed), dtype=np.int64))
+
+
+@pytest.mark.parametrize("selection", [None, np.arange(0, 180, 7)])
+def test_planned_rows_are_exactly_the_rows_the_steps_draw(selection):
+    s = make(steps=30, boundaries=(10,))
+    s.set_weights(0, np.array([0.1, 0.2, 0.3, 0.4]))
+    if selection is not None:
+        s.set_selection(0, selection)
+    s.set_weights(10, np.array([0.4, 0.3, 0.2, 0.1]))
+    planned = s.planned_rows(0, 30)
+    stream = np.fromiter(iter(s), dtype=np.int64)  # 30 steps of 8
+    np.testing.assert_array_equal(planned, np.unique(stream))
+    np.testing.assert_array_equal(s.planned_rows(12, 20), np.unique(stream[12 * 8 : 20 * 8]))
+    assert planned.size < len(DOMAINS)  # 240 draws over 180 rows leave some unseen
+    with pytest.raises(RuntimeError, match="bind"):
+        SteeredSampler(DOMAINS, 4).planned_rows(0, 1)

@@ -14,6 +14,10 @@ class ConfigError(DatasteerError):
     """A configuration key, value, component or file is wrong."""
 
 
+class NonFiniteLossError(DatasteerError):
+    """A training loss became NaN or inf: the run stops before the step is observed, decided on or saved."""
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """Return " Did you mean 'x'?" for the closest choice, or "" when none is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)

@@ -12,7 +12,10 @@ Inside a stage, position p first draws a group (a domain, or the single natural 
 an i.i.d. draw from the selection's probabilities. A domain that runs out is therefore reshuffled on its
 own, a zero-weight domain is never drawn, and an eligible set smaller than a window simply cycles.
 Per-group draw counters continue across stages that keep the same eligible set, so re-weighting does not
-restart a domain's permutation.
+restart a domain's permutation. A stage that changes nothing (same weights, same eligible set) continues the
+previous stage's draws, so a decision that keeps the mixture leaves the stream as it was; `planned_rows`
+therefore knows, at the start of a run, every row the run will draw unless a later decision changes the
+sampling.
 
 Every rank builds the same stream; accelerate's `BatchSamplerShard` deals it out disjointly (batch i
 goes to rank i mod world). Because the stream is derived, `state_dict()` holds only the stages, and a
@@ -49,6 +52,8 @@ class Stage:
     weights: np.ndarray | None  # (K,) group weights over domains, or None for natural sampling
     selection: int  # index into the sampler's selections
     offsets: np.ndarray  # (G,) draws per group made before this stage with the same grouping
+    key: int = 0  # RNG key of the group draws: the stage's index, or the key of the stage it continues
+    shift: int = 0  # positions of that key's stream drawn before this stage (0 unless it continues one)
 
 
 class SteeredSampler(Sampler[int]):
@@ -158,9 +163,12 @@ class SteeredSampler(Sampler[int]):
             weights = self._checked_weights(weights, groups)
         prev = self.stages[-1] if self.stages else None
         offsets = np.zeros(len(groups), dtype=np.int64)
+        key, shift = len(self.stages), 0
         if prev is not None and prev.selection == selection and (prev.weights is None) == (weights is None):
             offsets = prev.offsets + self._counts(len(self.stages) - 1, start - prev.start)
-        self.stages.append(Stage(start, weights, selection, offsets))
+            if weights is None or np.array_equal(weights, prev.weights):  # nothing changes: continue its draws
+                key, shift = prev.key, prev.shift + start - prev.start
+        self.stages.append(Stage(start, weights, selection, offsets, key, shift))
         if len(self._start_cache) == len(self.stages) - 1:  # keep the sorted starts in step, O(1)
             self._start_cache.append(start)
         self._count_cache.pop(len(self.stages) - 1, None)
@@ -192,12 +200,14 @@ class SteeredSampler(Sampler[int]):
         return self._groups_cache[key]
 
     def _uniforms(self, stage_idx: int, rel_start: int, rel_stop: int, stream: int) -> np.ndarray:
-        """Uniforms for relative positions [rel_start, rel_stop) of a stage, keyed by block."""
+        """Uniforms for relative positions [rel_start, rel_stop) of a stage, keyed by (stage key, block)."""
+        stage = self.stages[stage_idx]
+        a, b = rel_start + stage.shift, rel_stop + stage.shift
         out = []
-        for block in range(rel_start // BLOCK, (rel_stop - 1) // BLOCK + 1):
-            u = np.random.default_rng([self.seed, stream, stage_idx, block]).random(BLOCK)
-            lo = max(rel_start - block * BLOCK, 0)
-            hi = min(rel_stop - block * BLOCK, BLOCK)
+        for block in range(a // BLOCK, (b - 1) // BLOCK + 1):
+            u = np.random.default_rng([self.seed, stream, stage.key, block]).random(BLOCK)
+            lo = max(a - block * BLOCK, 0)
+            hi = min(b - block * BLOCK, BLOCK)
             out.append(u[lo:hi])
         return np.concatenate(out) if out else np.empty(0)
 
@@ -237,6 +247,22 @@ class SteeredSampler(Sampler[int]):
             for a in range(lo, hi, CHUNK):  # cache-sized pieces; the rows are those of one call
                 parts.append(self._plan_stage(i, a - stage.start, min(a + CHUNK, hi) - stage.start))
         return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+    def planned_rows(self, start_step: int, end_step: int) -> np.ndarray:
+        """Sorted distinct pool rows that optimizer steps start_step+1 .. end_step draw under the current stages.
+
+        Why: the stream is a pure function of (seed, stages), so a component that needs a per-row quantity
+        only for the rows a run will see (DoReMi's reference losses) can compute exactly those, the same on
+        every rank. A later decision that changes the weights or the selection changes the plan; one that
+        keeps them does not (the stage continues). Memory: one flag per pool row, whatever the run's length.
+        """
+        if self.samples_per_step <= 0:
+            raise RuntimeError("the sampler has no geometry yet; bind() sets samples per step")
+        seen = np.zeros(len(self.domain_ids), dtype=bool)
+        stop = end_step * self.samples_per_step
+        for pos in range(start_step * self.samples_per_step, stop, CHUNK):
+            seen[self.plan(pos, min(pos + CHUNK, stop))] = True
+        return np.flatnonzero(seen)
 
     def _plan_stage(self, stage_idx: int, rel_start: int, rel_stop: int) -> np.ndarray:
         stage = self.stages[stage_idx]
@@ -324,6 +350,8 @@ class SteeredSampler(Sampler[int]):
                     "weights": None if s.weights is None else torch.from_numpy(s.weights),
                     "selection": s.selection,
                     "offsets": torch.from_numpy(s.offsets),
+                    "key": s.key,
+                    "shift": s.shift,
                 }
                 for s in self.stages
             ],
@@ -335,14 +363,18 @@ class SteeredSampler(Sampler[int]):
         self.seed = int(state["seed"])
         self.samples_per_step = int(state["samples_per_step"])
         self.selections = [_Selection(_np(s["rows"]), _np(s["probs"])) for s in state["selections"]]
-        self.stages = [
-            Stage(int(s["start"]), _np(s["weights"]), int(s["selection"]), _np(s["offsets"])) for s in state["stages"]
-        ]
+        self.stages = [_stage(i, s) for i, s in enumerate(state["stages"])]
         self._groups_cache.clear()
         self._perm_cache.clear()
         self._count_cache.clear()
         self._start_cache = []
         self.high_water = -1
+
+
+def _stage(index: int, s: dict[str, Any]) -> Stage:
+    """A saved stage; one saved before stages had RNG keys used its own index as key, with no shift."""
+    offsets, key, shift = _np(s["offsets"]), int(s.get("key", index)), int(s.get("shift", 0))
+    return Stage(int(s["start"]), _np(s["weights"]), int(s["selection"]), offsets, key, shift)
 
 
 def _np(t: torch.Tensor | None) -> np.ndarray | None:

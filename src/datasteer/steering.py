@@ -18,7 +18,7 @@ import torch
 
 from datasteer.components import ComponentSet, Selection, StepRecord
 from datasteer.distributed import gather_varlen
-from datasteer.errors import ConfigError, DatasteerError
+from datasteer.errors import ConfigError, DatasteerError, NonFiniteLossError
 from datasteer.sampling import SteeredSampler
 from datasteer.schedule import Schedule
 from datasteer.steering_log import SteeringLog
@@ -31,12 +31,16 @@ STATE_FILE = "steering_state.pt"
 
 @dataclass
 class PoolIndex:
-    """What the steering needs to know about the training pool: ids and domains of its rows."""
+    """What the steering needs to know about the training pool: ids and domains of its rows.
+
+    Id → row lookups go through sorted ids and a binary search (`datasteer.data.ids.positions`), built on
+    first use: 16 bytes a row, where a dict over millions of ids would cost ~100.
+    """
 
     sample_ids: np.ndarray  # (N,) int64 stable ids
     domain_ids: np.ndarray  # (N,) int64
     domains: list[str]
-    _row_of: dict[int, int] = field(default_factory=dict, repr=False)
+    _sorted: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)  # sorted ids, order
 
     @classmethod
     def from_dataset(cls, dataset: Any, domains: list[str] | None = None) -> PoolIndex:
@@ -47,8 +51,9 @@ class PoolIndex:
                 f"the training dataset lacks the column(s) {sorted(missing)}; datasteer.data.build_pool adds "
                 "them, or add a stable int64 'sample_id' and a 'domain_id' column yourself."
             )
-        ids = np.asarray(dataset["sample_id"], dtype=np.int64)
-        doms = np.asarray(dataset["domain_id"], dtype=np.int64)
+        table = dataset.with_format("numpy") if hasattr(dataset, "with_format") else dataset
+        ids = np.asarray(table["sample_id"], dtype=np.int64).reshape(-1)
+        doms = np.asarray(table["domain_id"], dtype=np.int64).reshape(-1)
         names = domains or [str(i) for i in range(int(doms.max()) + 1)]
         return cls(ids, doms, list(names))
 
@@ -56,14 +61,14 @@ class PoolIndex:
     def domain_sizes(self) -> np.ndarray:
         return np.bincount(self.domain_ids, minlength=len(self.domains))
 
-    def indices_of(self, ids: np.ndarray) -> np.ndarray:
+    def indices_of(self, ids: np.ndarray | list[int]) -> np.ndarray:
         """Row positions of stable ids; an unknown id is an error, never silently dropped."""
-        if not self._row_of:
-            self._row_of = {int(i): r for r, i in enumerate(self.sample_ids.tolist())}
-        try:
-            return np.array([self._row_of[int(i)] for i in np.asarray(ids).tolist()], dtype=np.int64)
-        except KeyError as err:
-            raise DatasteerError(f"sample id {err.args[0]} is not in the training pool") from None
+        from datasteer.data.ids import positions  # here: datasteer.data's package init loads the whole pipeline
+
+        if self._sorted is None:
+            order = np.argsort(self.sample_ids, kind="stable")
+            self._sorted = (self.sample_ids[order], order)
+        return positions(*self._sorted, ids)
 
 
 @dataclass
@@ -80,6 +85,7 @@ class SteeringContext:
     total_steps: int
     log: SteeringLog
     target: Any = None  # a target/validation dataset for selectors that need one
+    sampler: SteeredSampler | None = None  # the run's sampler, e.g. for its `planned_rows` (read, never set)
 
     @property
     def num_domains(self) -> int:
@@ -185,7 +191,8 @@ class Steering:
         if not self.sampler.stages:  # a fresh run: an earlier run's log in the same output_dir goes
             self.log.reset()
             self.sampler.set_weights(0, self.mixer_initial_weights())
-            self._log_weights(0, 0)
+            if 0 not in self._update_steps:  # otherwise the update at step 0 logs the weights it applies
+                self._log_weights(0, 0)
         return self.sampler
 
     def mixer_initial_weights(self) -> np.ndarray | None:
@@ -205,6 +212,7 @@ class Steering:
             total_steps=s.total_steps,
             log=self.log,
             target=self.target,
+            sampler=s,
         )
 
     # ------------------------------------------------------------------------- the run's events
@@ -250,6 +258,7 @@ class Steering:
         self.step = step
         if self._buffer:
             record = self._gather(step)
+            self._check_finite(step, record.losses, record.domain_ids)
             ctx = self.context()
             for _, comp in self.components.items():
                 comp.observe(ctx, record)
@@ -259,6 +268,18 @@ class Steering:
             self.update(step)
         self._overhead += time.perf_counter() - t0
         self.log.scalar("overhead_s", time.perf_counter() - t0)
+
+    def _check_finite(self, step: int, losses: torch.Tensor, domain_ids: torch.Tensor) -> None:
+        """Stop before any component sees a NaN/inf loss: it would poison every later decision silently."""
+        bad = ~torch.isfinite(losses)
+        if bool(bad.any()):
+            names = sorted({self.pool.domains[int(d)] for d in domain_ids[bad].tolist()})
+            raise NonFiniteLossError(
+                f"the training loss is not finite (NaN or inf) at step {step} in domain(s) {', '.join(names)} "
+                f"({int(bad.sum())} of {bad.numel()} samples). The run stopped without saving this step; its last "
+                "checkpoint is intact. Lower train.learning_rate or set train.max_grad_norm, or check those "
+                "domains' data, then resume."
+            )
 
     def _gather(self, step: int) -> StepRecord:
         cols = [gather_varlen(torch.cat(c)).cpu() for c in zip(*self._buffer)]
@@ -346,6 +367,7 @@ class Steering:
         is rescaled to mean 1 so the weighted loss stays on the scale of the unweighted one. The result
         is kept for `lookup_weights` (by sample id) and summarised for the log without a host sync.
         """
+        self._check_finite(self.step + 1, losses, domains)
         w = torch.ones_like(losses)
         weighter, mixer = self.components.weighter, self.components.mixer
         if weighter is not None and not weighter.is_uniform:

@@ -34,6 +34,7 @@ def decisions(out: Path, reference: str, per_device: int, **args) -> dict:
         "doremi_alpha": doremi.alpha.tolist(),
         "doremi_average": doremi.average.tolist(),
         "doremi_records": doremi_rec.steps,
+        "doremi_reference_ids": doremi.reference_ids.tolist(),  # every rank scored the same planned rows
         "doremi_file": json.loads((out / "doremi" / "doremi_weights.json").read_text())["average"],
     }
 

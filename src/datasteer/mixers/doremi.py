@@ -3,7 +3,9 @@
 The proxy model samples at the reference proportions; its loss is reweighted per domain by α, and α follows
 the clipped excess loss over the reference model after every step. The output is the time average ᾱ, which
 `datasteer doremi` (workflows/doremi.py) hands to the final run. The reference model's per-token losses are
-computed once through `ops.per_sample_losses` (cached in the feature store) and looked up by sample id.
+computed once, before the proxy run, through `ops.per_sample_losses` (cached in the feature store) and looked up
+by sample id. Because the proxy samples at fixed proportions, its whole stream is known at the start
+(`SteeredSampler.planned_rows`), so only the rows it will draw are scored, not the whole pool.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from torch.utils.data import Subset
 
 from datasteer.components import Mixer, StepRecord
+from datasteer.data.ids import positions
 from datasteer.errors import ConfigError, DatasteerError
 from datasteer.mixers.static import resolve_proportions
 from datasteer.ops.results import LossResult
@@ -25,6 +29,11 @@ from datasteer.registry import register
 from datasteer.steering import SteeringContext
 
 WEIGHTS_FILE = "doremi_weights.json"
+_MISS_HINT = (
+    "they cover the rows the proxy run was planned to draw at its start (reference_rows: planned); if another "
+    "component changes the sampling during the run (e.g. a selector), set reference_rows: pool. Otherwise the "
+    "losses came from a different pool."
+)
 
 
 def group_dro_step(alpha: np.ndarray, excess: np.ndarray, eta: float, smoothing: float) -> np.ndarray:
@@ -51,6 +60,9 @@ class DoReMiMixer(Mixer):
             default), "uniform", a list with one weight per domain, or a mapping {domain: weight}.
         eta: step size η of the exponentiated-gradient update of α (paper: 1).
         smoothing: c, the share of the uniform distribution mixed into α after each update (paper: 1e-3).
+        reference_rows: which rows get reference losses: "planned" (the rows the proxy run will draw, known
+            from the sampler at the start) or "pool" (every row; needed only when another component, e.g. a
+            selector, changes the sampling during the run).
         batch_size: rows per forward pass when computing the reference losses.
         cache_dir: feature-store folder where the reference losses are cached by content; null = no cache.
     """
@@ -63,14 +75,18 @@ class DoReMiMixer(Mixer):
         reference_proportions: Literal["uniform", "size"] | list[float] | dict[str, float] = "size",
         eta: float = 1.0,
         smoothing: float = 1e-3,
+        reference_rows: Literal["planned", "pool"] = "planned",
         batch_size: int = 32,
         cache_dir: str | None = ".cache/datasteer/ops",
     ) -> None:
         if eta <= 0 or not 0.0 <= smoothing <= 1.0:
             raise ValueError(f"eta must be > 0 and smoothing in [0, 1]; got eta={eta}, smoothing={smoothing}")
+        if reference_rows not in ("planned", "pool"):
+            raise ValueError(f"reference_rows must be 'planned' or 'pool'; got {reference_rows!r}")
         self.reference_model = reference_model
         self.reference_proportions = reference_proportions
         self.eta, self.smoothing = eta, smoothing
+        self.reference_rows = reference_rows
         self.batch_size, self.cache_dir = batch_size, cache_dir
         self.proportions: np.ndarray | None = None
         self.alpha: np.ndarray | None = None  # (K,) current domain weights
@@ -102,6 +118,11 @@ class DoReMiMixer(Mixer):
     def average(self) -> np.ndarray:
         """ᾱ: the mean of α over the steps observed so far (uniform before the first)."""
         return self.alpha_sum / self.steps if self.steps else np.full(len(self.alpha), 1.0 / len(self.alpha))
+
+    @property
+    def reference_ids(self) -> np.ndarray:
+        """Sorted sample ids that have reference losses (empty before `setup`)."""
+        return self._ref[0] if self._ref is not None else np.zeros(0, dtype=np.int64)
 
     # ---------------------------------------------------------------------------- observations
     def setup(self, ctx: SteeringContext) -> None:
@@ -145,11 +166,7 @@ class DoReMiMixer(Mixer):
         if self._ref is None:
             raise DatasteerError("doremi has no reference losses: setup() did not run (is the mixer in a Steering?)")
         ref_ids, offsets, flat = self._ref
-        rows = np.searchsorted(ref_ids, ids).clip(max=max(len(ref_ids) - 1, 0))
-        if len(ref_ids) == 0 or not np.array_equal(ref_ids[rows], ids):
-            missing = ids[ref_ids[rows] != ids][:5].tolist() if len(ref_ids) else ids[:5].tolist()
-            raise DatasteerError(f"doremi: sample ids {missing} have no reference losses (a different pool?)")
-        rows_t = torch.as_tensor(rows)
+        rows_t = torch.as_tensor(positions(ref_ids, None, ids, within="doremi's reference losses", hint=_MISS_HINT))
         ref_len = offsets[rows_t + 1] - offsets[rows_t]
         if not torch.equal(ref_len, lengths):
             bad = ids[(ref_len != lengths).numpy()][:5].tolist()
@@ -161,7 +178,7 @@ class DoReMiMixer(Mixer):
         return flat[starts + torch.arange(int(lengths.sum()))]
 
     def _reference_losses(self, ctx: SteeringContext) -> LossResult:
-        """Score the whole training pool once with the reference model (cached by model and data content)."""
+        """Score the rows the run will draw (or the whole pool) once with the reference model, cached by content."""
         if self.reference_model is None or not Path(self.reference_model).is_dir():
             raise ConfigError(
                 f"mixer 'doremi' needs reference_model, the folder of the reference model (step 1); got "
@@ -169,7 +186,15 @@ class DoReMiMixer(Mixer):
             )
         if ctx.trainer is None:
             raise DatasteerError("doremi computes reference losses through the Trainer's dataset and collator")
-        return reference_token_losses(ctx, self.reference_model, self.batch_size, self.cache_dir)
+        rows = self.planned_rows(ctx)
+        return reference_token_losses(ctx, self.reference_model, self.batch_size, self.cache_dir, rows)
+
+    def planned_rows(self, ctx: SteeringContext) -> np.ndarray | None:
+        """The pool rows the proxy run draws over all its steps (from step 0, so a resumed run plans, and hits the
+        cache, exactly as the interrupted one); None = the whole pool ("pool", or no sampler to ask)."""
+        if self.reference_rows == "pool" or ctx.sampler is None:
+            return None
+        return ctx.sampler.planned_rows(0, ctx.total_steps)
 
     # ---------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -205,11 +230,15 @@ def write_weights(path: Path, domains: list[str], mixer: DoReMiMixer) -> None:
     tmp.replace(path)
 
 
-def reference_token_losses(ctx: SteeringContext, folder: str, batch_size: int, cache_dir: str | None) -> LossResult:
-    """Per-token losses of the training pool under the reference model, via the ops layer and its store.
+def reference_token_losses(
+    ctx: SteeringContext, folder: str, batch_size: int, cache_dir: str | None, rows: np.ndarray | None = None
+) -> LossResult:
+    """Per-token losses of training rows `rows` (None: the whole pool) under the reference model, via the ops layer.
 
-    Every rank decides hit-or-miss together (a rank that missed would otherwise wait alone in the op's
-    collectives), and only the main process writes the store.
+    The ops layer shards the rows over ranks and gathers them by id, so every rank must pass the same `rows`
+    (the sampler's plan is). The store key hashes the scored rows' contents (ids, tokens, labels), so another
+    plan or pool never reuses an entry. Every rank decides hit-or-miss together (a rank that missed would
+    otherwise wait alone in the op's collectives), and only the main process writes the store.
     """
     from transformers import AutoModelForCausalLM
 
@@ -219,7 +248,7 @@ def reference_token_losses(ctx: SteeringContext, folder: str, batch_size: int, c
     trainer = ctx.trainer
     dtype = next(ctx.model.parameters()).dtype
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(trainer.args.device)
-    dataset, collate = ctx.dataset, ctx.collate_fn
+    dataset, collate = _rows_of(ctx.dataset, rows), ctx.collate_fn
     store = FeatureStore(cache_dir) if cache_dir else None
     op_config = {"reduction": "tokens", "collate_fn": type(collate).__qualname__}
     key = store.key("per_sample_losses", op_config, model=model, dataset=dataset) if store else ""
@@ -235,6 +264,15 @@ def reference_token_losses(ctx: SteeringContext, folder: str, batch_size: int, c
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return hit
+
+
+def _rows_of(dataset: Any, rows: np.ndarray | None) -> Any:
+    """The dataset restricted to `rows` (a datasets.Dataset's `select`, else a torch Subset)."""
+    if rows is None:
+        return dataset
+    if hasattr(dataset, "select"):
+        return dataset.select(rows)
+    return Subset(dataset, rows.tolist())
 
 
 def read_weights(path: str | Path) -> dict[str, float]:
