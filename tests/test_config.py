@@ -187,3 +187,48 @@ def test_a_selector_without_target_fails_before_any_data_is_read(tmp_path):
     cfg["steering"] = {"selector": "less"}
     msg = error_of(tmp_path, cfg)
     assert "selector 'less' needs a target set" in msg and "data.target" in msg
+
+
+def test_train_values_are_coerced_to_trainingarguments_types(tmp_path):
+    cfg = base()
+    cfg["train"].update(learning_rate="1e-4", max_steps="7")  # what YAML reads from `learning_rate: 1e-4`
+    train = load_config(write(tmp_path, cfg)).train
+    assert train["learning_rate"] == 1e-4 and train["max_steps"] == 7
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.learning_rate=fast", "train.learning_rate: 'fast' is not a valid value"),
+        ("train.max_steps=true", "train.max_steps: True is not a valid value"),  # never taken as 1
+        ("train.per_device_train_batch_size=0", "train.per_device_train_batch_size must be at least 1"),
+        ("train.max_steps=-2", "train.max_steps must be a positive number of steps, or -1"),
+        ("steering.budget=true", "budget must be a number"),
+    ],
+)
+def test_bad_train_and_steering_values_name_the_key(tmp_path, override, expected):
+    assert expected in error_of(tmp_path, base(), override)
+
+
+def test_lag_at_least_max_steps_is_refused_when_decisions_come_after_step_0(tmp_path):
+    msg = error_of(tmp_path, base(), "steering.update_every=1", "steering.lag_steps=2")
+    assert "steering.lag_steps (2) must be below train.max_steps (2)" in msg
+    load_config(write(tmp_path, base()), ["steering.lag_steps=2"])  # a one-shot decision at step 0 has no lag
+
+
+def test_resume_from_checkpoint_takes_a_path_or_true(tmp_path):
+    assert load_config(write(tmp_path, base()), ["train.resume_from_checkpoint=true"]).train["resume_from_checkpoint"]
+    cfg = load_config(write(tmp_path, base()), ["train.resume_from_checkpoint=runs/x/checkpoint-2"])
+    assert cfg.train["resume_from_checkpoint"] == "runs/x/checkpoint-2"
+
+
+def test_a_duplicate_yaml_key_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("model: {demo: true}\ntrain:\n  output_dir: a\ndata: {}\ntrain:\n  max_steps: 3\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: duplicate key 'train' at line 5 \(first at line 2\)"):
+        load_config(path)
+
+
+def test_an_unparsable_override_value_names_the_override(tmp_path):
+    msg = error_of(tmp_path, base(), "train.max_steps=[1,")
+    assert "Override 'train.max_steps=[1,': the value '[1,' is not valid YAML" in msg

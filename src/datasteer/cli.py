@@ -48,7 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a steered run from a YAML config")
     train.add_argument("config", help="YAML config file")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=20")
-    train.add_argument("--resume", nargs="?", const=True, default=None, help="resume from a checkpoint (or the last)")
+    train.add_argument(
+        "--resume", nargs="?", const=True, default=None, help="resume from a checkpoint (or the last complete one)"
+    )
+    train.add_argument("--force", action="store_true", help="resume even though the steering section has changed")
     train.set_defaults(func=_train)
     doremi = sub.add_parser("doremi", help="DoReMi: reference run, proxy run (Group DRO), final run on ᾱ")
     doremi.add_argument("config", help="YAML config whose steering.mixer is doremi")
@@ -113,8 +116,10 @@ def _train(args: argparse.Namespace) -> int:
     if llamafactory.is_llamafactory_config(_peek_yaml(args.config)):
         return llamafactory.run(args.config, args.overrides, resume=args.resume)
 
+    if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
+        args.overrides, args.resume = [*args.overrides, args.resume], True  # `--resume a.b=c`: an override
     config = load_config(args.config, args.overrides)
-    result = run(config, resume_from_checkpoint=args.resume)
+    result = run(config, resume_from_checkpoint=args.resume, force=args.force)
     print(f"datasteer: run written to {result.output_dir}")
     for domain, m in result.domain_eval.items():
         print(f"  {domain:>12}: eval loss {m['loss']:.4f}  ppl {m['perplexity']:.2f}")

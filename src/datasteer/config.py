@@ -8,11 +8,14 @@ error that names it, the file, the valid choices and the closest match. Nothing 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import typing
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from datasteer import registry
 from datasteer.data.config import DataConfig
@@ -82,6 +85,14 @@ class SteeringConfig(StrictModel):
     selector: ComponentSpec | None = Field(None, description="Sample selector: a name or {name: ..., <params>}.")
     weighter: ComponentSpec | None = Field(None, description="Loss weighter: a name or {name: ..., <params>}.")
 
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget_not_bool(cls, v: Any) -> Any:
+        """YAML's `true` would pass as the int 1 (a budget of one sample): refuse it."""
+        if isinstance(v, bool):
+            raise ValueError("budget must be a number (an int, or a fraction in (0, 1]), not a boolean")
+        return v
+
     @field_validator("budget")
     @classmethod
     def _budget(cls, v: int | float | None) -> int | float | None:
@@ -124,19 +135,77 @@ class Config(StrictModel):
 
     @field_validator("train")
     @classmethod
-    def _train_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from transformers import TrainingArguments
+    def _train_section(cls, v: dict[str, Any]) -> dict[str, Any]:
+        """Keys, types and ranges of `train:` at load time, before a model or data is loaded.
 
-        valid = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+        Values are coerced to the TrainingArguments field types (`learning_rate: 1e-4`, which YAML reads
+        as a string, becomes a float); a value that does not fit is an error naming the key.
+        """
+        hints = _training_argument_types()
         for key in v:
-            if key not in valid:
+            if key not in hints:
                 raise ValueError(
-                    f"'{key}' is not a transformers.TrainingArguments key.{did_you_mean(key, valid)} "
+                    f"'{key}' is not a transformers.TrainingArguments key.{did_you_mean(key, hints)} "
                     "See https://huggingface.co/docs/transformers/main_classes/trainer#transformers.TrainingArguments"
                 )
         if "output_dir" not in v:
             raise ValueError("train.output_dir is required (where checkpoints and the steering log go)")
-        return v
+        coerced = {key: _coerce_train_value(key, value, hints[key]) for key, value in v.items()}
+        _check_train_ranges(coerced)
+        return coerced
+
+    @model_validator(mode="after")
+    def _lag_fits_the_run(self) -> Config:
+        """A decision after step 0 applies `lag_steps` steps later: with lag >= max_steps none would ever apply."""
+        s, max_steps = self.steering, self.train.get("max_steps", -1)
+        decides_later = (s.mixer is not None or s.selector is not None) and (s.warmup_steps or s.update_every)
+        if decides_later and 0 < max_steps <= s.lag_steps:
+            raise ConfigError(
+                f"steering.lag_steps ({s.lag_steps}) must be below train.max_steps ({max_steps}): a decision "
+                "takes effect lag_steps steps after it is made, so no update after step 0 would reach training. "
+                "Lower steering.lag_steps or raise train.max_steps."
+            )
+        return self
+
+
+@functools.cache
+def _training_argument_types() -> dict[str, Any]:
+    """TrainingArguments' init fields and their declared types (resume_from_checkpoint also takes `true`)."""
+    from transformers import TrainingArguments
+
+    hints = typing.get_type_hints(TrainingArguments)
+    types = {f.name: hints[f.name] for f in dataclasses.fields(TrainingArguments) if f.init}
+    types["resume_from_checkpoint"] = str | bool | None
+    return types
+
+
+@functools.cache
+def _adapter(annotation: Any) -> TypeAdapter:
+    return TypeAdapter(annotation)
+
+
+def _coerce_train_value(key: str, value: Any, annotation: Any) -> Any:
+    """The value as its field's type; a boolean is never taken for a number (`max_steps: true` is refused)."""
+    try:
+        return _adapter(annotation).validate_python(value, strict=isinstance(value, bool) or None)
+    except ValidationError as err:
+        expected = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+        raise ConfigError(
+            f"train.{key}: {value!r} is not a valid value: {err.errors()[0]['msg']}. TrainingArguments declares "
+            f"it as {expected}; give a value of that type."
+        ) from None
+
+
+def _check_train_ranges(train: dict[str, Any]) -> None:
+    """Values TrainingArguments accepts but that end in a crash or a silently different run later."""
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if key in train and train[key] < 1:
+            raise ConfigError(f"train.{key} must be at least 1 (got {train[key]}).")
+    if train.get("max_steps", -1) < -1:
+        raise ConfigError(
+            f"train.max_steps must be a positive number of steps, or -1 to train for num_train_epochs "
+            f"(got {train['max_steps']})."
+        )
 
 
 def _components_need_target(config: Config) -> None:
@@ -164,15 +233,36 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"Config file {path} does not exist. Pass the path of a YAML file.")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.load(path.read_text(), Loader=UniqueKeyLoader) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping with the sections model, data, train, steering.")
         raw = {**loaded, **raw}
     for item in overrides or []:
         apply_override(raw, item)
     return validate(raw, source)
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a repeated key is an error: plain YAML keeps the last and drops the first silently."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if not isinstance(key, Hashable):
+                continue  # the safe loader's own error names an unhashable key
+            if key in seen:
+                raise ConfigError(
+                    f"duplicate key '{key}' at line {line} (first at line {seen[key]}); YAML would keep only the "
+                    "last one and silently drop the other. Merge them into one."
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def validate(raw: dict[str, Any], source: str = "") -> Config:
@@ -200,7 +290,14 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"Override '{item}': '{part}' is not a section.")
         node = child
-    parsed = yaml.safe_load(value)
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or "unparsable"
+        raise ConfigError(
+            f"Override '{item}': the value {value!r} is not valid YAML ({problem}). Write a plain value "
+            f"(e.g. {key}=20), a complete list ({key}=[1,2]) or quote a string ({key}='...')."
+        ) from None
     if isinstance(parsed, bool) and value.strip().lower() not in ("true", "false"):
         parsed = value.strip()  # YAML 1.1 reads no/yes/on/off as booleans; `eval_strategy=no` means "no"
     node[parts[-1]] = parsed

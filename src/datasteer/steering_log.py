@@ -4,17 +4,26 @@ Events are JSON lines written by the main process only, in batches (every `FLUSH
 every checkpoint and at the end of training) so a per-step event costs no file I/O in the hot path.
 Scalars for `report_to` integrations are buffered between two Trainer logging calls and averaged (TRL's
 `_metrics` scheme), so logging costs no host synchronisation per micro-step.
+
+A process killed during a flush leaves a torn last line: readers drop it with a warning, and the resume
+rewrite (`truncate_after`) goes through a temporary file and `os.replace`, so a second kill cannot lose
+the log. Non-finite numbers are written as `null`: bare `NaN` is not JSON.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from datasteer.errors import DatasteerError
+
 FLUSH_EVERY = 64
+log = logging.getLogger(__name__)
 
 
 class SteeringLog:
@@ -28,7 +37,7 @@ class SteeringLog:
         """Queue one decision or observation for events.jsonl (main process only)."""
         if not (self.is_main and self.path):
             return
-        self._pending.append(json.dumps({"event": kind, "step": step, **fields}) + "\n")
+        self._pending.append(to_json_line({"event": kind, "step": step, **fields}))
         if len(self._pending) >= FLUSH_EVERY:
             self.flush()
 
@@ -57,15 +66,58 @@ class SteeringLog:
             self.path.unlink()
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop events of steps beyond the checkpoint so the resumed run does not duplicate them."""
+        """On resume, drop events of steps beyond the checkpoint so the resumed run does not duplicate them.
+
+        The rewrite is atomic (temporary file + `os.replace`): a kill during it leaves the old log whole.
+        """
         self.flush()
         if not (self.is_main and self.path and self.path.exists()):
             return
-        kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [e for e in parse_events(self.path) if e["step"] <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(to_json_line(e) for e in kept))
+        os.replace(tmp, self.path)
+
+
+def to_json_line(event: dict[str, Any]) -> str:
+    """One JSON line; a NaN or inf (e.g. an eval loss that diverged) becomes null, which stays valid JSON."""
+    try:
+        return json.dumps(event, allow_nan=False) + "\n"
+    except ValueError:
+        return json.dumps(_finite_or_none(event), allow_nan=False) + "\n"
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def parse_events(path: Path) -> list[dict[str, Any]]:
+    """Parse events.jsonl; a torn last line (a kill during a flush) is dropped with a warning.
+
+    A malformed line anywhere else is not a kill's trace but damage: an error naming the line.
+    """
+    lines = path.read_text(errors="replace").splitlines()
+    events = []
+    for number, line in enumerate(lines, 1):
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise DatasteerError(
+                    f"{path} line {number} is not a JSON event: the log is damaged. Delete that line (or the "
+                    "file, to lose the run's event history) and run again."
+                ) from None
+            log.warning("%s: dropped a torn last line (the run was killed while writing it)", path)
+    return events
 
 
 def read_events(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """Load a run's events (used by the report and the tests)."""
     path = Path(output_dir) / "steering" / "events.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return parse_events(path) if path.exists() else []

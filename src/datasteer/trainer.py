@@ -20,21 +20,63 @@ dataset must carry `sample_id` and `domain_id`; the collator must pass them thro
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import re
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from datasteer.distributed import gather_varlen
-from datasteer.errors import DatasteerError
+from datasteer.errors import DatasteerError, NonFiniteLossError
 from datasteer.ops.pooling import mean_pool
 from datasteer.ops.token_losses import batch_losses, token_losses
-from datasteer.steering import Steering
+from datasteer.steering import STATE_FILE, Steering
 
 STEERING_COLUMNS = ("sample_id", "domain_id")
+log = logging.getLogger(__name__)
+
+
+def read_steering_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint's steering state; a missing or unreadable file is one error naming it, not a traceback."""
+    path = Path(checkpoint) / STATE_FILE
+    if not Path(checkpoint).is_dir():
+        raise DatasteerError(f"checkpoint folder {checkpoint} does not exist. Check the path given to resume from.")
+    if not path.is_file():
+        raise DatasteerError(
+            f"{checkpoint} has no {STATE_FILE}: it was not written by a steered run, or the run was killed while "
+            "saving it, so resuming would restart the steering from scratch. Resume from a complete checkpoint "
+            "(--resume alone picks the last complete one)."
+        )
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as err:  # torch raises pickle, zip, EOF and runtime errors for a damaged file
+        raise DatasteerError(
+            f"{path} is damaged and cannot be read ({type(err).__name__}: {str(err).split('.')[0]}). Resume from an "
+            "earlier checkpoint (--resume alone skips damaged ones), or delete this checkpoint folder."
+        ) from None
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest `checkpoint-N` whose steering state reads back; newer half-written ones are skipped, with a warning.
+
+    `steering_state.pt` is the last file a save writes (HF's files come first), so a kill during a save leaves
+    a checkpoint without it, or a torn one: resuming from it would mix a new model with an old steering.
+    """
+    folders = [p for p in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir()]
+    numbered = [p for p in folders if re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", p.name)]
+    for folder in sorted(numbered, key=lambda p: int(p.name.rsplit("-", 1)[1]), reverse=True):
+        try:
+            read_steering_state(folder)
+        except DatasteerError as err:
+            log.warning("skipping the incomplete checkpoint %s: %s", folder, err)
+            continue
+        return str(folder)
+    return None
 
 
 class SteeringCallback(TrainerCallback):
@@ -47,7 +89,11 @@ class SteeringCallback(TrainerCallback):
         self.steering.begin(state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.steering.end_step(state.global_step)
+        try:
+            self.steering.end_step(state.global_step)
+        except NonFiniteLossError:  # keep the events of the good steps for the diagnosis; save nothing more
+            self.steering.log.flush()
+            raise
 
     def on_train_end(self, args, state, control, **kwargs):
         self.steering.log.flush()
@@ -139,15 +185,22 @@ class SteeringMixin:
         return 1.0 / tokens.sum().clamp_min(1)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
-        """HF `train`, restoring the steering state first when resuming."""
+        """HF `train`, restoring the steering state first when resuming.
+
+        `True` means the last *complete* checkpoint (HF's own choice would be the newest folder, even a
+        half-written one), and HF is handed that same path.
+        """
         path = resume_from_checkpoint
         if path is True:
-            path = get_last_checkpoint(self.args.output_dir)
+            path = last_complete_checkpoint(self.args.output_dir)
             if path is None:
-                raise DatasteerError(f"resume_from_checkpoint=True but {self.args.output_dir} has no checkpoint.")
+                raise DatasteerError(
+                    f"resume_from_checkpoint=True but {self.args.output_dir} has no complete checkpoint. "
+                    "Start a fresh run (drop --resume / train.resume_from_checkpoint)."
+                )
         if path:
-            self.steering.load(path)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+            self.steering.load_state_dict(read_steering_state(path))
+        return super().train(path or None, *args, **kwargs)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Merge the buffered `steer/...` scalars (and per-domain eval perplexities) into the log line."""
