@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[all,test]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[all,test,test-engines]"
 	touch $(STAMP)
 
 demo: $(STAMP)

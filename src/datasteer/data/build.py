@@ -33,7 +33,7 @@ from datasteer.data.domains import target_tasks, tasks
 from datasteer.data.pool import Pool, open_pool
 from datasteer.data.sources import ResolvedSource, resolve
 from datasteer.data.token_store import TokenStoreWriter, token_dtype
-from datasteer.errors import ConfigError
+from datasteer.errors import ConfigError, DatasteerError
 
 logger = logging.getLogger(__name__)
 COPY_DOCS = 4096  # documents per copied batch of a pre-tokenized source
@@ -47,16 +47,23 @@ def build_pool(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Pool:
     # `datasets` writes arrow copies of what it reads (and the demo corpus is written here): temporary
     with tempfile.TemporaryDirectory(prefix=".read-", dir=root) as tmp:
         sources, target = _sources(cfg, Path(tmp))
-        key = cache.pool_key(cfg, tokenizer, sources, target)
+        evals = [(len(sources) + j, resolve(s, f"data.eval[{j}]")) for j, s in enumerate(cfg.eval)]
+        key = cache.pool_key(cfg, tokenizer, sources, target, evals)
         folder = root / key if root is not None else None
         if folder is not None and (meta := cache.read_meta(folder)) is not None:
             logger.info("data: opened the encoded pool in %s", folder)
             return open_pool(folder, meta, cfg, key, from_cache=True)
         build_to = cache.staging(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="datasteer-pool-"))
         try:
-            meta = _write(cfg, tokenizer, sources, target, build_to, Path(tmp))
+            meta = _write(cfg, tokenizer, sources, evals, target, build_to, Path(tmp))
+        except OSError as err:  # a full disk or quota: nothing half-written may stay where a later run looks
+            shutil.rmtree(build_to, ignore_errors=True)
+            raise DatasteerError(
+                f"data: could not write the encoded pool to {build_to.parent} ({err}); nothing was kept. Free disk "
+                "space or set data.cache_dir to a disk with room (a pretraining pool takes about 2 bytes per token)."
+            ) from None
         except BaseException:
-            shutil.rmtree(build_to, ignore_errors=True)  # a failed build (full disk, kill) leaves nothing behind
+            shutil.rmtree(build_to, ignore_errors=True)  # a failed build (bad row, kill) leaves nothing behind
             raise
     if folder is None:
         cache.write_meta(build_to, meta)
@@ -90,6 +97,7 @@ def _write(
     cfg: DataConfig,
     tokenizer: PreTrainedTokenizerBase,
     sources: list[tuple[int, ResolvedSource]],
+    evals: list[tuple[int, ResolvedSource]],
     target: ResolvedSource | None,
     folder: Path,
     hf_cache: Path,
@@ -100,10 +108,15 @@ def _write(
     state = {"tokenizer": tokenizer, "max_length": cfg.max_length, "dtype": token_dtype(len(tokenizer))}
     if cfg.kind == "pretrain":
         state["eos"] = pretrain.require_eos(tokenizer)
-        domains, files = _write_store(cfg, sources, folder / "tokens", hf_cache, num_proc, state)
-    else:
-        domains, files = _write_rows(cfg, sources, folder / "rows", hf_cache, num_proc, state)
+    write = _write_store if cfg.kind == "pretrain" else _write_rows
+    domains, files = write(
+        cfg, sources, folder / ("tokens" if cfg.kind == "pretrain" else "rows"), hf_cache, num_proc, state
+    )
     meta: dict[str, Any] = {"kind": cfg.kind, "domains": domains, "dtype": state["dtype"].str, "has_target": False}
+    if evals:
+        _require_known_domains(evals, domains)
+        meta["eval_domains"], eval_files = write(cfg, evals, folder / "eval", hf_cache, num_proc, state, domains)
+        files.update(eval_files)
     if target is not None:
         files.update(_write_target(cfg, target, folder / "target", hf_cache, state))
         meta["has_target"] = True
@@ -117,8 +130,10 @@ def _write_store(
     hf_cache: Path,
     num_proc: int,
     state: dict[str, Any],
+    domain_order: list[str] | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
-    """Pretraining: every document's tokens + eos into the per-domain token files."""
+    """Pretraining: every document's tokens + eos into the per-domain token files (in `domain_order`, else in
+    config order, or sorted with data.domain_column)."""
     writer, dropped, kept = TokenStoreWriter(folder, state["dtype"]), Counter(), Counter()
     text_sources = [(i, s) for i, s in sources if s.format not in pretokenized.FORMATS]
     for task, keep, lengths, tokens in workers.ordered_map(
@@ -131,9 +146,9 @@ def _write_store(
         if src.format in pretokenized.FORMATS:
             kept[src.domain] += _copy_pretokenized(writer, i, src, len(state["tokenizer"]))
     _warn_dropped(dropped, "empty document(s)")
-    order = sorted(writer.domains) if cfg.domain_column else _config_order(sources, writer.domains)
+    order = _order(cfg, sources, writer.domains, domain_order)
     _require_rows(order, kept, dropped)
-    return order, {f"tokens/{k}": v for k, v in writer.close(order).items()}
+    return order, {f"{folder.name}/{k}": v for k, v in writer.close(order).items()}
 
 
 def _copy_pretokenized(writer: TokenStoreWriter, index: int, src: ResolvedSource, vocab_size: int) -> int:
@@ -161,8 +176,9 @@ def _write_rows(
     hf_cache: Path,
     num_proc: int,
     state: dict[str, Any],
+    domain_order: list[str] | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
-    """SFT: every row's ids and masked labels into per-domain arrow files."""
+    """SFT: every row's ids and masked labels into per-domain arrow files (domains ordered as `_write_store`)."""
     writer, dropped = row_store.RowWriter(folder), Counter()
     for task, keep, ids, labels, prompts in workers.ordered_map(
         sft.encode_task, tasks(cfg, sources, hf_cache), num_proc, state
@@ -170,9 +186,9 @@ def _write_rows(
         writer.append(task.domain, task.ids[keep], ids, labels, prompts)
         dropped[task.domain] += len(task.ids) - len(keep)
     _warn_dropped(dropped, f"row(s) with no supervised token (no response, or prompt >= {cfg.max_length} tokens)")
-    order = sorted(writer.domains) if cfg.domain_column else _config_order(sources, writer.domains)
+    order = _order(cfg, sources, writer.domains, domain_order)
     _require_rows(order, Counter(writer.rows), dropped)
-    return order, {f"rows/{k}": v for k, v in writer.close(order).items()}
+    return order, {f"{folder.name}/{k}": v for k, v in writer.close(order).items()}
 
 
 def _write_target(
@@ -196,10 +212,27 @@ def _write_target(
     return {f"target/{k}": v for k, v in writer.close(["target"]).items()}
 
 
-def _config_order(sources: list[tuple[int, ResolvedSource]], seen: list[str]) -> list[str]:
-    """Domains in the order their first source appears in the config (sources sharing a name form one)."""
+def _order(
+    cfg: DataConfig, sources: list[tuple[int, ResolvedSource]], seen: list[str], domain_order: list[str] | None
+) -> list[str]:
+    """The domains written, in `domain_order` (eval files follow the training domains), in sorted order for
+    data.domain_column, else in the order their first source appears in the config."""
+    if domain_order is not None:
+        return [name for name in domain_order if name in seen]
+    if cfg.domain_column:
+        return sorted(seen)
     order = list(dict.fromkeys(src.domain for _, src in sources))
     return [name for name in order if name in seen] + [name for name in seen if name not in order]
+
+
+def _require_known_domains(evals: list[tuple[int, ResolvedSource]], domains: list[str]) -> None:
+    """Every eval file must name a training domain (a typo would otherwise evaluate nothing, silently)."""
+    for _, src in evals:
+        if src.domain not in domains:
+            raise ConfigError(
+                f"{src.key} ('{src.path}') is for domain '{src.domain}', which has no training data. Training "
+                f"domains: {', '.join(domains)}. Set {src.key}.domain to one of them."
+            )
 
 
 def _warn_dropped(dropped: Counter, what: str) -> None:

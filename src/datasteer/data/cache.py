@@ -33,7 +33,7 @@ from datasteer.data.token_store import CorruptStore, file_checksum
 
 CODE_VERSION = "datasteer.data/2"
 META = "meta.json"
-LAYOUT_KEYS = ("eval_per_domain", "seed", "cache_dir", "num_proc", "sources", "target", "demo")
+LAYOUT_KEYS = ("eval_per_domain", "seed", "cache_dir", "num_proc", "sources", "eval", "target", "demo")
 logger = logging.getLogger(__name__)
 
 
@@ -42,6 +42,7 @@ def pool_key(
     tokenizer: PreTrainedTokenizerBase,
     sources: list[tuple[int, ResolvedSource]],
     target: ResolvedSource | None,
+    evals: list[tuple[int, ResolvedSource]] = (),
 ) -> str:
     """The content key of the encoded rows `build_pool` would write (a sha256 hex digest)."""
     layout_only = set(LAYOUT_KEYS) | ({"block_size", "max_length"} if cfg.kind == "pretrain" else set())
@@ -50,6 +51,7 @@ def pool_key(
         "config": cfg.model_dump(mode="json", exclude=layout_only),
         "sources": [{"index": i, **_source(s)} for i, s in sources],
         "target": _source(target) if target is not None else None,
+        "eval": [{"index": i, **_source(s)} for i, s in evals],
         "target_block_size": cfg.block_size if cfg.kind == "pretrain" and target is not None else None,
         "tokenizer": tokenizer_digest(tokenizer),
     }

@@ -102,6 +102,12 @@ class DataConfig(StrictModel):
         description="Rows held out per domain for evaluation, chosen by a seeded permutation before packing; "
         "they never enter the training pool.",
     )
+    eval: list[SourceConfig] = Field(
+        default_factory=list,
+        description="Held-out eval files, encoded like the training rows, as an alternative to eval_per_domain: "
+        "each source's domain (its `domain`, the file stem, or data.domain_column) must be a training domain; "
+        "domains without an eval file get no eval set. They never enter the training pool.",
+    )
     target: SourceConfig | None = Field(
         None,
         description="Target/validation set for selectors that need one (e.g. LESS), one row per example: sft "
@@ -153,20 +159,28 @@ class DataConfig(StrictModel):
             raise ValueError("data.target.domain is not used (a target set has no domain); remove it")
         if self.target_columns and self.target is None:
             raise ValueError("data.target_columns names columns of the data.target file; set data.target too")
+        if self.eval and self.eval_per_domain:
+            raise ValueError(
+                "set one of data.eval (held-out files) or data.eval_per_domain (rows held out of the training "
+                "sources), not both"
+            )
+        if self.eval and self.demo is not None:
+            raise ValueError("data.eval needs data.sources; for the demo corpus use data.eval_per_domain")
         self._check_pretokenized()
         return self
 
     def _check_pretokenized(self) -> None:
-        engines = [i for i, src in enumerate(self.sources) if src.format in PRETOKENIZED]
+        named = [(f"data.{k}[{i}]", src) for k in ("sources", "eval") for i, src in enumerate(getattr(self, k))]
+        engines = [(key, src) for key, src in named if src.format in PRETOKENIZED]
         if engines and self.kind != "pretrain":
             raise ValueError(
-                f"data.sources[{engines[0]}] is pre-tokenized ({self.sources[engines[0]].format}), which only "
-                "data.kind pretrain can use; give sft rows as jsonl/json/parquet/disk"
+                f"{engines[0][0]} is pre-tokenized ({engines[0][1].format}), which only data.kind pretrain can use; "
+                "give sft rows as jsonl/json/parquet/disk"
             )
         if engines and self.domain_column is not None:
             raise ValueError(
-                f"data.sources[{engines[0]}] is pre-tokenized and has no columns, so data.domain_column cannot "
-                "apply; use one domain per source (data.sources[i].domain)"
+                f"{engines[0][0]} is pre-tokenized and has no columns, so data.domain_column cannot apply; use one "
+                "domain per source (data.sources[i].domain)"
             )
         if self.target is not None and self.target.format in PRETOKENIZED:
             raise ValueError("data.target must be a row file (jsonl/json/parquet/disk/text), not pre-tokenized")

@@ -18,7 +18,7 @@ from datasets import Dataset, concatenate_datasets
 
 from datasteer.data import ids as id_scheme
 from datasteer.data import pretrain, row_store
-from datasteer.data.blocks import TokenBlocks
+from datasteer.data.blocks import TokenBlocks, domain_blocks
 from datasteer.data.cache import layout_key
 from datasteer.data.config import DataConfig
 from datasteer.data.split import held_out, train_positions
@@ -95,18 +95,40 @@ def open_pool(folder: Path, meta: dict[str, Any], cfg: DataConfig, key: str, fro
         dtype = np.dtype(meta["dtype"])
         parts = [open_domain(folder / "tokens", d, dtype) for d in range(len(domains))]
         train, evals = pretrain.layout(parts, domains, cfg.block_size, cfg.eval_per_domain, cfg.seed, key)
+        if "eval_domains" in meta:
+            evals = _pretrain_eval_files(folder / "eval", meta["eval_domains"], domains, dtype, cfg, key)
     else:
         train, evals = _sft_layout(folder / "rows", domains, cfg)
+        if "eval_domains" in meta:
+            evals = {name: _with_domain(row_store.open_rows(folder / "eval", j), domains.index(name))
+                     for j, name in enumerate(meta["eval_domains"])}  # fmt: skip
     target = row_store.open_rows(folder / "target", 0) if meta["has_target"] else None
     return Pool(train, evals, domains, target, layout_key(cfg, key), from_cache, folder)
+
+
+def _pretrain_eval_files(
+    folder: Path, names: list[str], domains: list[str], dtype: np.dtype, cfg: DataConfig, key: str
+) -> dict[str, TokenBlocks]:
+    """Each `data.eval` file's documents packed into eval blocks of its domain, the tail kept."""
+    evals = {}
+    for j, name in enumerate(names):
+        tokens = open_domain(folder, j, dtype).tokens
+        path = Path(tokens.filename) if isinstance(tokens, np.memmap) else None
+        d, no_holes = domains.index(name), np.zeros((0, 2), dtype=np.int64)
+        blocks = domain_blocks(path, tokens, no_holes, cfg.block_size, id_scheme.EVAL_BLOCK, d, keep_tail=True)
+        evals[name] = TokenBlocks([blocks], key=f"{key}:eval-file:{j}:{cfg.block_size}")
+    return evals
+
+
+def _with_domain(rows: Dataset, d: int) -> Dataset:
+    return rows.add_column("domain_id", np.full(len(rows), d, dtype=np.int64))
 
 
 def _sft_layout(folder: Path, domains: list[str], cfg: DataConfig) -> tuple[Dataset, dict[str, Dataset]]:
     """Each domain's rows minus its held-out ones (by hashed id), concatenated; the held-out rows per domain."""
     parts, train_rows, evals, base = [], [], {}, 0
     for d, name in enumerate(domains):
-        rows = row_store.open_rows(folder, d)
-        rows = rows.add_column("domain_id", np.full(len(rows), d, dtype=np.int64))
+        rows = _with_domain(row_store.open_rows(folder, d), d)
         held = held_out(id_column(rows, "sample_id"), cfg.eval_per_domain, cfg.seed, name)
         if len(held):
             evals[name] = rows.select(held)

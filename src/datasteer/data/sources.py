@@ -118,8 +118,8 @@ def read(src: ResolvedSource, hf_cache: Path) -> Dataset:
             return reader[src.format]([str(f) for f in src.files], cache_dir=str(hf_cache))
     except ConfigError:
         raise
-    except Exception as err:  # a user-data boundary: malformed JSON, bad parquet, ...
-        raise ConfigError(f"{src.key}: could not read '{src.path}' as {src.format}: {err}") from err
+    except Exception as err:  # a user-data boundary: malformed JSON, bad parquet, a full disk under the reader
+        raise ConfigError(f"{src.key}: could not read '{src.path}' as {src.format}: {_root_cause(err)}") from err
 
 
 def stream(ds: Dataset, columns: list[str], rows: int) -> Iterator[pa.RecordBatch]:
@@ -139,6 +139,14 @@ def stream(ds: Dataset, columns: list[str], rows: int) -> Iterator[pa.RecordBatc
                 batch = batch.select(columns)
                 for start in range(0, batch.num_rows, rows):
                     yield batch.slice(start, rows)
+
+
+def _root_cause(err: BaseException) -> str:
+    """`datasets` wraps the real failure ("An error occurred while generating the dataset"): name both."""
+    root = err
+    while root.__cause__ is not None or root.__context__ is not None:
+        root = root.__cause__ or root.__context__
+    return str(err) if root is err else f"{err} (cause: {type(root).__name__}: {root})"
 
 
 @contextmanager
