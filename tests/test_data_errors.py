@@ -123,3 +123,21 @@ def test_unknown_sample_id_is_named(tmp_path: Path) -> None:
     assert pool.indices_of([2, 0]).tolist() == [2, 0]
     with pytest.raises(DatasteerError, match=r"sample id 1099511627776 \(source 1, row 0\) is not in the training"):
         pool.indices_of([1, 1 << 40])
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "txt"])
+def test_non_utf8_text_names_the_file_the_line_and_the_fix(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"latin.{suffix}"
+    first = '{"text": "fine"}\n' if suffix == "jsonl" else "fine\n"
+    path.write_bytes(first.encode() + b'{"text": "caf\xe9"}\n' if suffix == "jsonl" else first.encode() + b"caf\xe9\n")
+    with pytest.raises(
+        ConfigError, match=rf"data.sources\[0\]: '.*latin.{suffix}' is not UTF-8 \(line 2: byte 0xe9.*iconv"
+    ):
+        build(tmp_path, sources=[SourceConfig(path=str(path))])
+
+
+def test_malformed_jsonl_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "web.jsonl"
+    path.write_text('{"text": "a"}\n\n{"text": "b"}\n{"text": broken}\n')
+    with pytest.raises(ConfigError, match=r"web.jsonl' line 4 is not valid JSON .*'\{\"text\": broken\}'"):
+        build(tmp_path, sources=[SourceConfig(path=str(path))])

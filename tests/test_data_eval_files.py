@@ -80,3 +80,44 @@ def test_an_eval_file_for_an_unknown_domain_is_named(tmp_path: Path) -> None:
 def test_eval_files_and_eval_per_domain_exclude_each_other(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not both"):
         DataConfig(sources=[SourceConfig(path="a.jsonl")], eval=[SourceConfig(path="b.jsonl")], eval_per_domain=2)
+
+
+def sft_rows(prefix: str, n: int) -> list[dict]:
+    return [{"prompt": f"{prefix} {i}+{i}=", "response": str(2 * i)} for i in range(n)]
+
+
+def test_target_eval_is_a_separate_held_out_split_with_its_own_ids(tmp_path: Path) -> None:
+    pool_file = jsonl(tmp_path / "pool.jsonl", sft_rows("pool", 20))
+    target = jsonl(tmp_path / "target.jsonl", sft_rows("target", 6))
+    held = jsonl(tmp_path / "held.jsonl", sft_rows("held", 4))
+    cfg = DataConfig(
+        kind="sft",
+        sources=[SourceConfig(path=str(pool_file))],
+        target=SourceConfig(path=str(target)),
+        target_eval=SourceConfig(path=str(held)),
+        cache_dir=str(tmp_path / "c"),
+    )
+    pool = build_pool(cfg, make_tokenizer())
+    assert pool.target_eval["prompt"] == [f"held {i}+{i}=" for i in range(4)]
+    assert set(pool.target_eval["sample_id"]).isdisjoint(pool.target["sample_id"])
+    assert id_scheme.describe(pool.target_eval["sample_id"][2]) == "target-eval row 2"
+    assert build_pool(cfg, make_tokenizer()).target_eval["sample_id"] == pool.target_eval["sample_id"]  # cached
+
+
+@pytest.mark.parametrize("leak", ["pool", "target"])
+def test_a_target_eval_row_seen_in_the_pool_or_the_target_is_refused(tmp_path: Path, leak: str) -> None:
+    rows = sft_rows("pool", 20)
+    target_rows = sft_rows("target", 6)
+    held_rows = [*sft_rows("held", 3), (rows if leak == "pool" else target_rows)[4]]
+    cfg = DataConfig(
+        kind="sft",
+        sources=[SourceConfig(path=str(jsonl(tmp_path / "pool.jsonl", rows)))],
+        target=SourceConfig(path=str(jsonl(tmp_path / "target.jsonl", target_rows))),
+        target_eval=SourceConfig(path=str(jsonl(tmp_path / "held.jsonl", held_rows))),
+        cache_dir=str(tmp_path / "c"),
+        num_proc=2,  # the check runs inside the encoding workers
+    )
+    seen = "source 0, row 4" if leak == "pool" else "target row 4"
+    with pytest.raises(ConfigError, match=rf"1 row\(s\).*e\.g\. {seen} equals target-eval row 3"):
+        build_pool(cfg, make_tokenizer())
+    assert [p.name for p in (tmp_path / "c").iterdir()] == []  # nothing cached

@@ -53,7 +53,7 @@ def test_the_cache_key_changes_with_the_kept_columns(tmp_path):
     tok = demo.make_tokenizer()
     target = resolve(data_config(tmp_path).target, "data.target")
     keys = {
-        pool_key(data_config(tmp_path, target_columns=columns), tok, [], target)
+        pool_key(data_config(tmp_path, target_columns=columns), tok, [], [], [target, None])
         for columns in ([], ["subtask"], ["subtask", "level"])
     }
     assert len(keys) == 3

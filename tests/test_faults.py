@@ -351,3 +351,17 @@ def test_an_override_after_a_bare_resume_is_an_override_not_a_path(tmp_path, ref
     out = copy_run(reference, tmp_path)
     code, err = cli(capsys, str(write_config(tmp_path, config(out))), "--resume", "steering.seed=3")
     assert code == 2 and "steering.seed (0 -> 3)" in err  # resumed from the last checkpoint, with the override
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("data.demo.samples_per_domain=25", "made for a different training pool (this pool has"),
+        ("train.per_device_train_batch_size=2", "made with 4 samples per optimizer step, but this run has 2"),
+    ],
+)
+def test_resume_on_another_pool_or_batch_size_exits_2(tmp_path, reference, capsys, override, expected):
+    out = copy_run(reference, tmp_path)
+    code, err = cli(capsys, str(write_config(tmp_path, config(out))), override, "--resume", str(out / "checkpoint-6"))
+    assert code == 2 and "Traceback" not in err
+    assert expected in err and "fresh output_dir" in err

@@ -7,6 +7,7 @@ import pytest
 from accelerate.data_loader import BatchSamplerShard
 from torch.utils.data import BatchSampler
 
+from datasteer.errors import DatasteerError
 from datasteer.sampling import SteeredSampler
 
 # Readable fixture: domain d holds rows whose position tells the domain (sizes 100, 50, 20, 10).
@@ -110,11 +111,11 @@ def test_state_refuses_a_different_pool_or_batch_geometry():
     s = make()
     s.set_weights(0, None)
     other = SteeredSampler(DOMAINS[:-1], 4)
-    with pytest.raises(ValueError, match="different training pool"):
+    with pytest.raises(DatasteerError, match="different training pool"):
         other.load_state_dict(s.state_dict())
     same = SteeredSampler(DOMAINS, 4)
     same.load_state_dict(s.state_dict())
-    with pytest.raises(ValueError, match="same global batch size"):
+    with pytest.raises(DatasteerError, match="same global batch size"):
         same.bind(16, 100, [])
 
 

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from datasteer.errors import DatasteerError
+
 BLOCK = 1 << 12  # positions per RNG block; draws never depend on how the iterator chunks the stream
 CHUNK = 1 << 16  # positions generated per vectorised call while iterating
 
@@ -86,10 +88,10 @@ class SteeredSampler(Sampler[int]):
     def bind(self, samples_per_step: int, total_steps: int, boundary_steps: list[int]) -> None:
         """Fix the stream geometry once the trainer knows batch sizes, world size and max steps."""
         if self.stages and self.samples_per_step and samples_per_step != self.samples_per_step:
-            raise ValueError(
+            raise DatasteerError(
                 f"the resumed steering state was made with {self.samples_per_step} samples per optimizer "
                 f"step, but this run has {samples_per_step} (per-device batch x world size x gradient "
-                "accumulation). Resume with the same global batch size."
+                "accumulation). Resume with the same global batch size, or start a fresh output_dir."
             )
         self.samples_per_step = int(samples_per_step)
         self.total_steps = int(total_steps)
@@ -359,7 +361,11 @@ class SteeredSampler(Sampler[int]):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["pool_fingerprint"] != pool_fingerprint(self.domain_ids):
-            raise ValueError("the checkpoint's steering state was made for a different training pool")
+            raise DatasteerError(
+                f"the checkpoint's steering state was made for a different training pool (this pool has "
+                f"{len(self.domain_ids)} rows in {self.num_domains} domains). Resume with the data settings the "
+                "run started with (its datasteer_config.yaml), or start a fresh output_dir."
+            )
         self.seed = int(state["seed"])
         self.samples_per_step = int(state["samples_per_step"])
         self.selections = [_Selection(_np(s["rows"]), _np(s["probs"])) for s in state["selections"]]

@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import weakref
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 from datasteer.data import cache, pretokenized, pretrain, row_store, sft, workers
 from datasteer.data import ids as id_scheme
 from datasteer.data.config import DataConfig
-from datasteer.data.domains import target_tasks, tasks
+from datasteer.data.domains import row_key, target_tasks, tasks
 from datasteer.data.pool import Pool, open_pool
 from datasteer.data.sources import ResolvedSource, resolve
 from datasteer.data.token_store import TokenStoreWriter, token_dtype
@@ -39,23 +40,32 @@ logger = logging.getLogger(__name__)
 COPY_DOCS = 4096  # documents per copied batch of a pre-tokenized source
 
 
+@dataclass
+class Inputs:
+    """Everything a pool is built from, resolved: (id index, source) pairs and the target files."""
+
+    sources: list[tuple[int, ResolvedSource]]
+    evals: list[tuple[int, ResolvedSource]]
+    target: ResolvedSource | None
+    target_eval: ResolvedSource | None
+
+
 def build_pool(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Pool:
-    """Build (or open from the cache) the training pool, per-domain eval sets and target set."""
+    """Build (or open from the cache) the training pool, per-domain eval sets and target sets."""
     root = Path(cfg.cache_dir) if cfg.cache_dir is not None else None
     if root is not None:
         root.mkdir(parents=True, exist_ok=True)
     # `datasets` writes arrow copies of what it reads (and the demo corpus is written here): temporary
     with tempfile.TemporaryDirectory(prefix=".read-", dir=root) as tmp:
-        sources, target = _sources(cfg, Path(tmp))
-        evals = [(len(sources) + j, resolve(s, f"data.eval[{j}]")) for j, s in enumerate(cfg.eval)]
-        key = cache.pool_key(cfg, tokenizer, sources, target, evals)
+        inputs = _inputs(cfg, Path(tmp))
+        key = cache.pool_key(cfg, tokenizer, inputs.sources, inputs.evals, [inputs.target, inputs.target_eval])
         folder = root / key if root is not None else None
         if folder is not None and (meta := cache.read_meta(folder)) is not None:
             logger.info("data: opened the encoded pool in %s", folder)
             return open_pool(folder, meta, cfg, key, from_cache=True)
         build_to = cache.staging(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="datasteer-pool-"))
         try:
-            meta = _write(cfg, tokenizer, sources, evals, target, build_to, Path(tmp))
+            meta = _write(cfg, tokenizer, inputs, build_to, Path(tmp))
         except OSError as err:  # a full disk or quota: nothing half-written may stay where a later run looks
             shutil.rmtree(build_to, ignore_errors=True)
             raise DatasteerError(
@@ -75,16 +85,19 @@ def build_pool(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Pool:
     return open_pool(folder, cache.read_meta(folder) or meta, cfg, key, from_cache=False)
 
 
-def _sources(cfg: DataConfig, tmp: Path) -> tuple[list[tuple[int, ResolvedSource]], ResolvedSource | None]:
-    """(id index, source) pairs and the target; the demo corpus is written to `tmp` as jsonl sources."""
+def _inputs(cfg: DataConfig, tmp: Path) -> Inputs:
+    """Resolve every configured path; the demo corpus is written to `tmp` as jsonl sources."""
     target = resolve(cfg.target, "data.target") if cfg.target is not None else None
+    target_eval = resolve(cfg.target_eval, "data.target_eval") if cfg.target_eval is not None else None
     if cfg.demo is not None:
         from datasteer.demo import write_sources  # the demo is a client of the data layer, not part of it
 
         demo = cfg.demo
         sources, demo_target = write_sources(tmp / "demo", cfg.kind, demo.samples_per_domain, demo.seed, demo.domains)
-        return sources, target or demo_target
-    return [(i, resolve(s, f"data.sources[{i}]")) for i, s in enumerate(cfg.sources)], target
+        return Inputs(sources, [], target or demo_target, target_eval)
+    sources = [(i, resolve(s, f"data.sources[{i}]")) for i, s in enumerate(cfg.sources)]
+    evals = [(len(sources) + j, resolve(s, f"data.eval[{j}]")) for j, s in enumerate(cfg.eval)]
+    return Inputs(sources, evals, target, target_eval)
 
 
 def _clear_stale(folder: Path) -> None:
@@ -94,33 +107,57 @@ def _clear_stale(folder: Path) -> None:
 
 
 def _write(
-    cfg: DataConfig,
-    tokenizer: PreTrainedTokenizerBase,
-    sources: list[tuple[int, ResolvedSource]],
-    evals: list[tuple[int, ResolvedSource]],
-    target: ResolvedSource | None,
-    folder: Path,
-    hf_cache: Path,
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, inputs: Inputs, folder: Path, hf_cache: Path
 ) -> dict[str, Any]:
     """Encode every source into `folder`; returns the metadata that `open_pool` reads."""
-    input_bytes = sum(f.stat().st_size for _, s in sources for f in s.files)
+    input_bytes = sum(f.stat().st_size for _, s in inputs.sources for f in s.files)
     num_proc = workers.resolve_num_proc(cfg.num_proc, input_bytes)
     state = {"tokenizer": tokenizer, "max_length": cfg.max_length, "dtype": token_dtype(len(tokenizer))}
     if cfg.kind == "pretrain":
         state["eos"] = pretrain.require_eos(tokenizer)
+    held = _held_out_keys(cfg, inputs.target_eval, hf_cache)
+    state["forbidden"], overlaps = frozenset(held), []  # rows of target_eval must be seen nowhere else
     write = _write_store if cfg.kind == "pretrain" else _write_rows
-    domains, files = write(
-        cfg, sources, folder / ("tokens" if cfg.kind == "pretrain" else "rows"), hf_cache, num_proc, state
-    )
-    meta: dict[str, Any] = {"kind": cfg.kind, "domains": domains, "dtype": state["dtype"].str, "has_target": False}
-    if evals:
-        _require_known_domains(evals, domains)
-        meta["eval_domains"], eval_files = write(cfg, evals, folder / "eval", hf_cache, num_proc, state, domains)
+    train = folder / ("tokens" if cfg.kind == "pretrain" else "rows")
+    domains, files = write(cfg, inputs.sources, train, hf_cache, num_proc, state, overlaps)
+    meta: dict[str, Any] = {"kind": cfg.kind, "domains": domains, "dtype": state["dtype"].str}
+    if inputs.evals:
+        _require_known_domains(inputs.evals, domains)
+        meta["eval_domains"], eval_files = write(
+            cfg, inputs.evals, folder / "eval", hf_cache, num_proc, state, overlaps, domains
+        )
         files.update(eval_files)
-    if target is not None:
-        files.update(_write_target(cfg, target, folder / "target", hf_cache, state))
-        meta["has_target"] = True
+    meta["has_target"] = inputs.target is not None
+    if inputs.target is not None:
+        files.update(_write_target(cfg, inputs.target, folder / "target", hf_cache, state, overlaps))
+    _refuse_overlap(inputs.target_eval, overlaps, held)
+    meta["has_target_eval"] = inputs.target_eval is not None
+    if inputs.target_eval is not None:
+        state["forbidden"] = frozenset()
+        files.update(_write_target(cfg, inputs.target_eval, folder / "target_eval", hf_cache, state, [], split=1))
     return {**meta, "files": files}
+
+
+def _held_out_keys(cfg: DataConfig, target_eval: ResolvedSource | None, hf_cache: Path) -> dict[int, str]:
+    """Text hash -> a short description of each data.target_eval row (the split that must stay unseen)."""
+    if target_eval is None:
+        return {}
+    keys = {}
+    for task in target_tasks(cfg, target_eval, hf_cache, split=1):
+        for i, row in enumerate(task.ids):
+            text = task.columns.get("text", task.columns.get("response"))[i]
+            keys[row_key(task.columns, i)] = f"{id_scheme.describe(int(row))} ({str(text)[:60]!r})"
+    return keys
+
+
+def _refuse_overlap(target_eval: ResolvedSource | None, overlaps: list[tuple[int, int]], held: dict[int, str]) -> None:
+    if overlaps:
+        seen, key = overlaps[0]
+        raise ConfigError(
+            f"data.target_eval ('{target_eval.path}'): {len(overlaps)} row(s) of the pool or of data.target have "
+            f"the same text as a held-out target-eval row, e.g. {id_scheme.describe(seen)} equals "
+            f"{held[key]}. A held-out split must be unseen: remove those rows from one side."
+        )
 
 
 def _write_store(
@@ -130,6 +167,7 @@ def _write_store(
     hf_cache: Path,
     num_proc: int,
     state: dict[str, Any],
+    overlaps: list[tuple[int, int]],
     domain_order: list[str] | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
     """Pretraining: every document's tokens + eos into the per-domain token files (in `domain_order`, else in
@@ -140,6 +178,7 @@ def _write_store(
         pretrain.encode_task, tasks(cfg, text_sources, hf_cache), num_proc, state
     ):
         writer.append(task.domain, task.ids[keep], lengths, tokens)
+        overlaps.extend(task.overlap)
         dropped[task.domain] += len(task.ids) - len(keep)
         kept[task.domain] += len(keep)
     for i, src in sources:
@@ -176,6 +215,7 @@ def _write_rows(
     hf_cache: Path,
     num_proc: int,
     state: dict[str, Any],
+    overlaps: list[tuple[int, int]],
     domain_order: list[str] | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
     """SFT: every row's ids and masked labels into per-domain arrow files (domains ordered as `_write_store`)."""
@@ -184,6 +224,7 @@ def _write_rows(
         sft.encode_task, tasks(cfg, sources, hf_cache), num_proc, state
     ):
         writer.append(task.domain, task.ids[keep], ids, labels, prompts)
+        overlaps.extend(task.overlap)
         dropped[task.domain] += len(task.ids) - len(keep)
     _warn_dropped(dropped, f"row(s) with no supervised token (no response, or prompt >= {cfg.max_length} tokens)")
     order = _order(cfg, sources, writer.domains, domain_order)
@@ -192,12 +233,19 @@ def _write_rows(
 
 
 def _write_target(
-    cfg: DataConfig, target: ResolvedSource, folder: Path, hf_cache: Path, state: dict[str, Any]
+    cfg: DataConfig,
+    target: ResolvedSource,
+    folder: Path,
+    hf_cache: Path,
+    state: dict[str, Any],
+    overlaps: list[tuple[int, int]],
+    split: int = 0,
 ) -> dict[str, Any]:
-    """The target set, one row per example (pretrain documents cut to block_size), its extra columns kept."""
+    """A target set, one row per example (pretrain documents cut to block_size), its extra columns kept."""
     writer = row_store.RowWriter(folder)
     encode = pretrain.encode_task if cfg.kind == "pretrain" else sft.encode_task
-    for task, keep, *encoded in workers.ordered_map(encode, target_tasks(cfg, target, hf_cache), 1, state):
+    for task, keep, *encoded in workers.ordered_map(encode, target_tasks(cfg, target, hf_cache, split), 1, state):
+        overlaps.extend(task.overlap)
         if cfg.kind == "pretrain":
             lengths, tokens = encoded
             starts = np.cumsum(lengths) - lengths
@@ -208,8 +256,8 @@ def _write_target(
         extra = task.extra.take(keep) if task.extra is not None else None
         writer.append("target", task.ids[keep], rows, labels, prompts, extra)
     if not writer.rows.get("target"):
-        raise ConfigError("data.target has no usable row (all empty, or no supervised token). Check its file.")
-    return {f"target/{k}": v for k, v in writer.close(["target"]).items()}
+        raise ConfigError(f"{target.key} has no usable row (all empty, or no supervised token). Check its file.")
+    return {f"{folder.name}/{k}": v for k, v in writer.close(["target"]).items()}
 
 
 def _order(

@@ -33,7 +33,7 @@ from datasteer.data.token_store import CorruptStore, file_checksum
 
 CODE_VERSION = "datasteer.data/2"
 META = "meta.json"
-LAYOUT_KEYS = ("eval_per_domain", "seed", "cache_dir", "num_proc", "sources", "eval", "target", "demo")
+LAYOUT_KEYS = ("eval_per_domain", "seed", "cache_dir", "num_proc", "sources", "eval", "target", "target_eval", "demo")
 logger = logging.getLogger(__name__)
 
 
@@ -41,8 +41,8 @@ def pool_key(
     cfg: DataConfig,
     tokenizer: PreTrainedTokenizerBase,
     sources: list[tuple[int, ResolvedSource]],
-    target: ResolvedSource | None,
-    evals: list[tuple[int, ResolvedSource]] = (),
+    evals: list[tuple[int, ResolvedSource]],
+    targets: list[ResolvedSource | None],
 ) -> str:
     """The content key of the encoded rows `build_pool` would write (a sha256 hex digest)."""
     layout_only = set(LAYOUT_KEYS) | ({"block_size", "max_length"} if cfg.kind == "pretrain" else set())
@@ -50,9 +50,9 @@ def pool_key(
         "version": CODE_VERSION,
         "config": cfg.model_dump(mode="json", exclude=layout_only),
         "sources": [{"index": i, **_source(s)} for i, s in sources],
-        "target": _source(target) if target is not None else None,
         "eval": [{"index": i, **_source(s)} for i, s in evals],
-        "target_block_size": cfg.block_size if cfg.kind == "pretrain" and target is not None else None,
+        "targets": [_source(t) if t is not None else None for t in targets],
+        "target_block_size": cfg.block_size if cfg.kind == "pretrain" and any(targets) else None,
         "tokenizer": tokenizer_digest(tokenizer),
     }
     return _sha(json.dumps(desc, sort_keys=True))

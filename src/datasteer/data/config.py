@@ -114,6 +114,12 @@ class DataConfig(StrictModel):
         "rows are masked like the training rows, pretrain documents are cut to block_size. For demo sft data it "
         "defaults to datasteer.demo.target_set.",
     )
+    target_eval: SourceConfig | None = Field(
+        None,
+        description="Held-out split of the target task, encoded like data.target: evaluated at every eval and at "
+        "the end (eval_target_eval_loss, target_eval_loss in domain_eval.json), never seen by a selector or a "
+        "reference model. A row with the same text as a pool or data.target row is an error.",
+    )
     target_columns: list[str] = Field(
         default_factory=list,
         description="Extra columns of the data.target file kept on the target set, values unchanged, e.g. "
@@ -155,8 +161,9 @@ class DataConfig(StrictModel):
                 f"data.sources[{named[0]}].domain has no effect when data.domain_column is set (domains come "
                 "from the column); remove one of them"
             )
-        if self.target is not None and self.target.domain is not None:
-            raise ValueError("data.target.domain is not used (a target set has no domain); remove it")
+        for name in ("target", "target_eval"):
+            if getattr(self, name) is not None and getattr(self, name).domain is not None:
+                raise ValueError(f"data.{name}.domain is not used (a target set has no domain); remove it")
         if self.target_columns and self.target is None:
             raise ValueError("data.target_columns names columns of the data.target file; set data.target too")
         if self.eval and self.eval_per_domain:
@@ -182,8 +189,9 @@ class DataConfig(StrictModel):
                 f"{engines[0][0]} is pre-tokenized and has no columns, so data.domain_column cannot apply; use one "
                 "domain per source (data.sources[i].domain)"
             )
-        if self.target is not None and self.target.format in PRETOKENIZED:
-            raise ValueError("data.target must be a row file (jsonl/json/parquet/disk/text), not pre-tokenized")
+        for name in ("target", "target_eval"):
+            if getattr(self, name) is not None and getattr(self, name).format in PRETOKENIZED:
+                raise ValueError(f"data.{name} must be a row file (jsonl/json/parquet/disk/text), not pre-tokenized")
 
     @field_validator("target_columns")
     @classmethod

@@ -8,12 +8,14 @@ streamed in batches (`sources.stream`), so no source is ever held whole in Pytho
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import xxhash
 from datasets import Dataset
 
 from datasteer.data import ids as id_scheme
@@ -35,6 +37,7 @@ class Task:
     ids: np.ndarray
     columns: dict[str, list[Any]]
     extra: Any = None  # an arrow table of the rows' data.target_columns (target set only)
+    overlap: list[tuple[int, int]] = field(default_factory=list)  # (id, text hash) of rows seen in target_eval
 
 
 def tasks(cfg: DataConfig, sources: list[tuple[int, ResolvedSource]], hf_cache: Path) -> Iterator[Task]:
@@ -50,17 +53,34 @@ def tasks(cfg: DataConfig, sources: list[tuple[int, ResolvedSource]], hf_cache: 
             start += batch.num_rows
 
 
-def target_tasks(cfg: DataConfig, source: ResolvedSource, hf_cache: Path) -> Iterator[Task]:
-    """Tasks of the target set (ids in the target range); `data.target_columns` ride along as arrow."""
+def target_tasks(cfg: DataConfig, source: ResolvedSource, hf_cache: Path, split: int = 0) -> Iterator[Task]:
+    """Tasks of `data.target` (split 0, its `data.target_columns` ride along as arrow) or `data.target_eval`."""
     ds = read(source, hf_cache)
-    _require(ds, cfg.target_columns, source, "data.target_columns")
+    extra = cfg.target_columns if split == 0 else []
+    _require(ds, extra, source, "data.target_columns")
     needed = _needed_columns(ds, cfg, source)
     start = 0
-    for batch in stream(ds, needed + [c for c in cfg.target_columns if c not in needed], ROWS_PER_TASK):
-        ids = id_scheme.target_ids(batch.num_rows) + start  # target id = tag | row index
+    for batch in stream(ds, needed + [c for c in extra if c not in needed], ROWS_PER_TASK):
+        ids = id_scheme.target_ids(batch.num_rows, start, split)
         columns = _normalise({c: batch.column(c).to_pylist() for c in needed}, cfg)
-        yield Task("target", ids, columns, batch.select(cfg.target_columns) if cfg.target_columns else None)
+        yield Task(source.key, ids, columns, batch.select(extra) if extra else None)
         start += batch.num_rows
+
+
+def row_key(columns: dict[str, list[Any]], i: int) -> int:
+    """A 64-bit hash of row i's text (what makes two rows the same example), for overlap checks."""
+    if "text" in columns:
+        text = str(columns["text"][i] or "").strip()
+    else:
+        text = json.dumps([columns["prompt"][i], columns["messages"][i], columns["response"][i]], default=str)
+    return xxhash.xxh3_64_intdigest(text.encode())
+
+
+def find_overlap(task: Task, forbidden: frozenset[int]) -> None:
+    """Record on the task its rows whose text is in `forbidden` (the held-out target split): (id, hash) pairs."""
+    if forbidden:
+        keys = [row_key(task.columns, i) for i in range(len(task.ids))]
+        task.overlap = [(int(task.ids[i]), k) for i, k in enumerate(keys) if k in forbidden]
 
 
 def _needed_columns(ds: Dataset, cfg: DataConfig, src: ResolvedSource) -> list[str]:

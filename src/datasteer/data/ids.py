@@ -6,12 +6,13 @@ at the wrong rows (a bug of the reference implementation). So an id depends only
 
     bits 62..61  tag     0 = a raw row, 1 = a target row, 2 = a train block, 3 = an eval block
     raw row      (source_idx << 40) | row_idx       source_idx < 2**21, row_idx < 2**40
-    target row   (1 << 61) | row_idx
+    target row   (1 << 61) | (split << 40) | row_idx    split 0 = data.target, 1 = data.target_eval
     block        (tag << 61) | (domain_idx << 40) | block_no     (pretrain packing)
 
-`source_idx` is the position in `data.sources` (for the demo corpus, the domain's position in
-`datasteer.demo.DOMAINS`, so a domain subset keeps its ids); `row_idx` is the raw row index within the
-source (the line number for text files, the running row count across the sorted files of a folder).
+`source_idx` is the position in `data.sources`, and `data.eval` files continue the count (for the demo
+corpus, the domain's position in `datasteer.demo.DOMAINS`, so a domain subset keeps its ids); `row_idx` is
+the raw row index within the source (the line number for text files, the running row count across the
+sorted files of a folder).
 Block ids are a pure function of (domain position, block number) in a range disjoint from row ids.
 All ids are non-negative and below 2**63.
 """
@@ -42,10 +43,11 @@ def row_ids(source_idx: int, n: int, start: int = 0) -> np.ndarray:
     return (np.int64(source_idx) << ROW_BITS) | np.arange(start, start + n, dtype=np.int64)
 
 
-def target_ids(n: int) -> np.ndarray:
-    """Ids of the n target rows. Shape (n,) int64."""
-    _check(n, MAX_ROWS + 1, "target row count")
-    return (np.int64(TARGET) << TAG_SHIFT) | np.arange(n, dtype=np.int64)
+def target_ids(n: int, start: int = 0, split: int = 0) -> np.ndarray:
+    """Ids of target rows start..start+n-1 of `data.target` (split 0) or `data.target_eval` (split 1). (n,) int64."""
+    _check(start + n, MAX_ROWS + 1, "target row count")
+    base = (np.int64(TARGET) << TAG_SHIFT) | (np.int64(split) << ROW_BITS)
+    return base | np.arange(start, start + n, dtype=np.int64)
 
 
 def block_ids(tag: int, domain_idx: int, n: int) -> np.ndarray:
@@ -63,7 +65,7 @@ def describe(sample_id: int) -> str:
     if tag == RAW:
         return f"source {middle}, row {low}"
     if tag == TARGET:
-        return f"target row {low}"
+        return f"target row {low}" if middle == 0 else f"target-eval row {low}"
     return f"{_TAG_NAMES.get(tag, 'block')} {low} of domain {middle}"
 
 

@@ -36,6 +36,8 @@ class Pool:
         eval: held-out rows per domain name, same columns; empty when `data.eval_per_domain` is 0.
         domains: domain names; `domain_id` indexes this list.
         target: the target set (`input_ids`, `labels`, `sample_id`, kept target columns), or None.
+        target_eval: the held-out target split (`data.target_eval`, same columns without the kept ones), or
+            None. No row of it has the text of a pool or target row (refused at build time).
         fingerprint: the content key of the pool and its layout.
         from_cache: whether the encoded rows were found in the cache instead of being encoded now.
         folder: where the pool's files are.
@@ -48,6 +50,7 @@ class Pool:
     fingerprint: str = ""
     from_cache: bool = False
     folder: Path | None = None
+    target_eval: Dataset | None = None
     _order: np.ndarray | None = field(default=None, init=False, repr=False)
     _sorted: np.ndarray | None = field(default=None, init=False, repr=False)
 
@@ -103,7 +106,8 @@ def open_pool(folder: Path, meta: dict[str, Any], cfg: DataConfig, key: str, fro
             evals = {name: _with_domain(row_store.open_rows(folder / "eval", j), domains.index(name))
                      for j, name in enumerate(meta["eval_domains"])}  # fmt: skip
     target = row_store.open_rows(folder / "target", 0) if meta["has_target"] else None
-    return Pool(train, evals, domains, target, layout_key(cfg, key), from_cache, folder)
+    target_eval = row_store.open_rows(folder / "target_eval", 0) if meta["has_target_eval"] else None
+    return Pool(train, evals, domains, target, layout_key(cfg, key), from_cache, folder, target_eval)
 
 
 def _pretrain_eval_files(

@@ -20,7 +20,7 @@ import numpy as np
 from datasteer.data import ids as id_scheme
 from datasteer.data import workers
 from datasteer.data.blocks import TokenBlocks, domain_blocks
-from datasteer.data.domains import Task
+from datasteer.data.domains import Task, find_overlap
 from datasteer.data.split import held_out
 from datasteer.data.token_store import DomainTokens
 from datasteer.errors import ConfigError
@@ -34,6 +34,7 @@ def encode_task(task: Task) -> tuple[Task, np.ndarray, np.ndarray, np.ndarray]:
     Runs in a worker: reads the tokenizer from `workers.state()`. Empty documents are dropped (ids stay).
     """
     st = workers.state()
+    find_overlap(task, st.get("forbidden", frozenset()))
     texts = task.columns["text"]
     keep = np.array([i for i, t in enumerate(texts) if isinstance(t, str) and t.strip()], dtype=np.int64)
     encoded = st["tokenizer"]([texts[i] for i in keep], add_special_tokens=False)["input_ids"] if len(keep) else []

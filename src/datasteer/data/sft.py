@@ -18,7 +18,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from datasteer.data import workers
-from datasteer.data.domains import Task
+from datasteer.data.domains import Task, find_overlap
 
 IGNORE = -100
 
@@ -27,6 +27,7 @@ def encode_task(task: Task) -> tuple[Task, np.ndarray, list[list[int]], list[lis
     """(task, kept row positions, token ids, masked labels, raw prompts) of the rows that keep a supervised
     token. Runs in a worker: reads the tokenizer and `max_length` from `workers.state()`."""
     st = workers.state()
+    find_overlap(task, st.get("forbidden", frozenset()))
     tokenizer, max_length = st["tokenizer"], st["max_length"]
     chat = bool(getattr(tokenizer, "chat_template", None))
     parts = [_texts(task.columns, i, tokenizer, chat) for i in range(len(task.ids))]
