@@ -5,11 +5,15 @@ iterator at once, so a fast reader would queue the entire corpus in memory; `dat
 its whole input shard in every worker, so a worker's resident memory grows with the corpus. Here the
 reader is pulled only while fewer than `2 x num_proc` batches are in flight, so the memory of a build is
 set by the batch size and the number of processes, not by the corpus. Workers are forked, like
-`datasets.map`'s, and receive the encoding state (tokenizer and settings) at fork time, unpickled.
+`datasets.map`'s, and receive the encoding state (tokenizer and settings) at fork time, unpickled. The
+parent's objects are frozen out of the garbage collector first: a full collection in a worker would write
+to every inherited object and so turn the shared copy-on-write heap into a private copy per worker
+(measured by bench/data_scale.py: the workers' memory then grew with the build's length).
 """
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 from collections import deque
@@ -38,14 +42,18 @@ def ordered_map(fn: Callable[[T], R], tasks: Iterable[T], num_proc: int, values:
         _init_inline(values)
         yield from map(fn, tasks)
         return
-    with multiprocessing.get_context("fork").Pool(num_proc, initializer=_init, initargs=(values,)) as pool:
-        pending: deque = deque()
-        for task in tasks:
-            pending.append(pool.apply_async(fn, (task,)))
-            if len(pending) >= 2 * num_proc:
+    gc.freeze()  # a worker's garbage collection would otherwise touch, and so copy, the parent's whole heap
+    try:
+        with multiprocessing.get_context("fork").Pool(num_proc, initializer=_init, initargs=(values,)) as pool:
+            pending: deque = deque()
+            for task in tasks:
+                pending.append(pool.apply_async(fn, (task,)))
+                if len(pending) >= 2 * num_proc:
+                    yield pending.popleft().get()
+            while pending:
                 yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+    finally:
+        gc.unfreeze()
 
 
 def _init_inline(values: dict[str, Any]) -> None:
