@@ -1,8 +1,13 @@
-"""Model loading from a local folder (real from_pretrained), from a config, and with LoRA; `components` CLI."""
+"""Model loading from a local folder or a hub id (real from_pretrained), from a config, and with LoRA; the final
+save; `components` CLI."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+from hub_fixtures import publish_to_hub_cache, use_hub_cache
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from datasteer.cli import main
 from datasteer.config import ModelConfig, load_config
@@ -35,11 +40,69 @@ def test_from_scratch_config_needs_a_model_type_and_a_tokenizer(tmp_path):
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(ConfigError, match="never downloads"):
+    with pytest.raises(ConfigError, match="does not exist"):
         load_tokenizer(ModelConfig(name_or_path=str(tmp_path / "nope")))
 
 
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """A mocked hub (see hub_fixtures) serving a tiny model as `datasteer-test/tiny-llama`."""
+    cache = tmp_path / "hub"
+    publish_to_hub_cache(save_tiny_model(tmp_path / "tiny"), cache, "datasteer-test/tiny-llama")
+    use_hub_cache(monkeypatch, cache)
+    return cache
+
+
+def test_a_hub_id_resolves_through_the_hf_cache(hub_cache):
+    cfg = ModelConfig(name_or_path="datasteer-test/tiny-llama")
+    tok = load_tokenizer(cfg)
+    model = load_model(cfg, tok)
+    assert model.config.hidden_size == 64 and model.config.vocab_size == len(tok)
+
+
+def test_a_hub_id_missing_offline_names_the_cache_and_the_variable(hub_cache):
+    with pytest.raises(ConfigError, match="HF_HUB_OFFLINE is set") as err:
+        load_tokenizer(ModelConfig(name_or_path="datasteer-test/not-there"))
+    assert str(hub_cache) in str(err.value)
+
+
+def test_the_cli_never_forces_offline_mode(monkeypatch, capsys):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert main(["version"]) == 0
+    assert "HF_HUB_OFFLINE" not in os.environ
+
+
+def _demo_run(tmp_path, name_or_path: str, **train) -> object:
+    return load_config(
+        None,
+        model={"name_or_path": name_or_path},
+        data={"kind": "pretrain", "demo": {"samples_per_domain": 8}, "eval_per_domain": 1, "block_size": 32},
+        train={"output_dir": str(tmp_path / "run"), "max_steps": 2, "per_device_train_batch_size": 4,
+               "use_cpu": True, "disable_tqdm": True, **train},
+        steering={"mixer": "static"},
+    )  # fmt: skip
+
+
+def test_a_hub_model_trains_and_the_final_model_is_saved(hub_cache, tmp_path):
+    result = run(_demo_run(tmp_path, "datasteer-test/tiny-llama"))
+    out = result.output_dir
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    trained = AutoModelForCausalLM.from_pretrained(out)  # what was trained loads back from output_dir
+    assert trained.config.hidden_size == 64
+    assert len(AutoTokenizer.from_pretrained(out)) == trained.config.vocab_size
+
+
+def test_save_final_false_skips_the_final_save(tmp_path):
+    folder = save_tiny_model(tmp_path / "tiny")
+    config = _demo_run(tmp_path, str(folder), save_final=False)
+    assert config.train["save_final"] is False
+    result = run(config)
+    assert not (result.output_dir / "model.safetensors").exists()
+    assert (result.output_dir / "datasteer_config.yaml").is_file()
+
+
 def test_lora_run_trains_only_the_adapters(tmp_path):
+    pytest.importorskip("peft", reason="LoRA is an optional extra (pip install 'datasteer[lora]')")
     folder = save_tiny_model(tmp_path / "tiny")
     config = load_config(
         None,

@@ -7,6 +7,7 @@ A headless Chromium (Debian's `chromium`) loads it through file:// and must deco
 from __future__ import annotations
 
 import base64
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -128,3 +129,12 @@ def test_cli_report_verb(runs, tmp_path):
     assert cli.main(["report", str(runs["odm"]), str(runs["loss"]), "--out", str(tmp_path / "r")]) == 0
     assert set(_images((tmp_path / "r" / "report.html").read_text())) >= {"domain_weights", "selection"}
     assert cli.main(["report", str(tmp_path / "nope")]) == 2  # a user error: one line, exit code 2
+
+
+def test_trainer_state_passes_over_a_checkpoint_best_folder(tmp_path):
+    from datasteer.report import _trainer_state
+
+    for name, step in (("checkpoint-best", 99), ("checkpoint-2", 2), ("checkpoint-10", 10)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    assert _trainer_state(tmp_path) == {"global_step": 10}  # the highest numbered step; `best` is no step

@@ -37,12 +37,16 @@ class LoraConfig(StrictModel):
 class ModelConfig(StrictModel):
     """Which causal LM to train. Exactly one of `name_or_path`, `config` or `demo`."""
 
-    name_or_path: str | None = Field(None, description="Local folder of a HF causal LM (from_pretrained).")
+    name_or_path: str | None = Field(
+        None,
+        description="A HF causal LM: a local folder or a Hugging Face Hub id (e.g. Qwen/Qwen2.5-0.5B), as "
+        "from_pretrained takes it. HF_HOME / HF_HUB_CACHE / HF_HUB_OFFLINE / HF_TOKEN are honoured.",
+    )
     config: dict[str, Any] | None = Field(
         None, description="HF config kwargs with `model_type`, to initialise a model from scratch."
     )
     demo: bool = Field(False, description="Use datasteer.demo's tiny Llama and character tokenizer.")
-    tokenizer: str | None = Field(None, description="Tokenizer folder; defaults to name_or_path.")
+    tokenizer: str | None = Field(None, description="Tokenizer folder or hub id; defaults to name_or_path.")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field("float32", description="Weights dtype.")
     lora: LoraConfig | None = Field(None, description="Train LoRA adapters instead of all weights.")
     seed: int = Field(0, description="Seed of a from-scratch initialisation.")
@@ -52,7 +56,7 @@ class ModelConfig(StrictModel):
         given = [k for k in ("name_or_path", "config", "demo") if getattr(self, k)]
         if len(given) != 1:
             raise ValueError(
-                "set exactly one of model.name_or_path (a local model folder), model.config (from scratch) "
+                "set exactly one of model.name_or_path (a model folder or hub id), model.config (from scratch) "
                 f"or model.demo: true; got {given or 'none'}"
             )
         if self.config is not None and "model_type" not in self.config:
@@ -122,16 +126,37 @@ def split_component(spec: ComponentSpec, where: str) -> tuple[str, dict[str, Any
     return str(spec["name"]), params
 
 
+# `train:` keys that are datasteer's, not TrainingArguments' (taken out before TrainingArguments is built).
+DATASTEER_TRAIN_KEYS: dict[str, Any] = {
+    "resume_from_checkpoint": str | bool | None,  # also takes `true`: the last complete checkpoint
+    "save_final": bool,  # save the final model and tokenizer to output_dir (default true)
+}
+
+
 class Config(StrictModel):
     """A whole run."""
 
+    imports: list[str] = Field(
+        default_factory=list,
+        description="Python modules to import before the steering section is checked, so that components they "
+        "@register (e.g. my_pkg.my_mixer) can be named in it. Installed packages can instead declare an entry "
+        "point in the `datasteer.components` group.",
+    )
     model: ModelConfig
     data: DataConfig
     train: dict[str, Any] = Field(
         default_factory=dict,
-        description="HF TrainingArguments keys, passed through (output_dir is required).",
+        description="HF TrainingArguments keys, passed through (output_dir is required), and datasteer's "
+        "`save_final` (default true: save the final model and tokenizer to output_dir; false to skip).",
     )
     steering: SteeringConfig = Field(default_factory=SteeringConfig, description="The steering of the run.")
+
+    @field_validator("imports")
+    @classmethod
+    def _import_modules(cls, v: list[str]) -> list[str]:
+        """Fields are validated in order: these imports run before `steering` looks its components up."""
+        registry.import_modules(v, where="imports")
+        return v
 
     @field_validator("train")
     @classmethod
@@ -170,12 +195,12 @@ class Config(StrictModel):
 
 @functools.cache
 def _training_argument_types() -> dict[str, Any]:
-    """TrainingArguments' init fields and their declared types (resume_from_checkpoint also takes `true`)."""
+    """TrainingArguments' init fields and their declared types, and datasteer's own `train:` keys."""
     from transformers import TrainingArguments
 
     hints = typing.get_type_hints(TrainingArguments)
     types = {f.name: hints[f.name] for f in dataclasses.fields(TrainingArguments) if f.init}
-    types["resume_from_checkpoint"] = str | bool | None
+    types.update(DATASTEER_TRAIN_KEYS)
     return types
 
 

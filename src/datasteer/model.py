@@ -1,8 +1,15 @@
-"""Load the tokenizer and the causal LM a config names: a local folder, a from-scratch config, or the demo."""
+"""Load the tokenizer and the causal LM a config names: a local folder or hub id, a from-scratch config, or the demo.
+
+`model.name_or_path` (and `model.tokenizer`) is whatever `from_pretrained` takes: a local folder or a
+Hugging Face Hub id such as `Qwen/Qwen2.5-0.5B`. HF's own environment decides where it comes from:
+`HF_HOME` / `HF_HUB_CACHE` (the cache), `HF_HUB_OFFLINE=1` (cache only, no network), `HF_TOKEN` (gated
+models). datasteer never sets these itself.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -25,8 +32,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
         return make_tokenizer()
     path = cfg.tokenizer or cfg.name_or_path
-    _check_folder(path, "model.tokenizer" if cfg.tokenizer else "model.name_or_path")
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = _from_pretrained(AutoTokenizer, path, "model.tokenizer" if cfg.tokenizer else "model.name_or_path")
     if tok.pad_token is None:  # many causal LMs ship without one; padding is masked out of the loss anyway
         tok.pad_token = tok.eos_token
     return tok
@@ -47,8 +53,7 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrain
             raise ConfigError(f"model.config could not build a config: {err}") from None
         model = AutoModelForCausalLM.from_config(hf_config)
     else:
-        _check_folder(cfg.name_or_path, "model.name_or_path")
-        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=_DTYPES[cfg.dtype])
+        model = _from_pretrained(AutoModelForCausalLM, cfg.name_or_path, "model.name_or_path", dtype=_DTYPES[cfg.dtype])
     if cfg.dtype not in ("auto", "float32") and not cfg.name_or_path:
         model = model.to(_DTYPES[cfg.dtype])
     if cfg.lora is not None:
@@ -72,9 +77,43 @@ def _with_lora(model: PreTrainedModel, cfg: ModelConfig) -> PreTrainedModel:
     return get_peft_model(model, peft_cfg)
 
 
-def _check_folder(path: str | None, key: str) -> None:
-    if path is None or not Path(path).exists():
+def _from_pretrained(loader: Any, path: str | None, key: str, **kwargs: Any) -> Any:
+    """`loader.from_pretrained(path)`, for a local folder or a hub id; a source that cannot be found is one error."""
+    if path is None:
+        raise ConfigError(f"{key} is not set.")
+    path = str(Path(path).expanduser()) if path.startswith("~") else path
+    if not Path(path).exists() and _is_local_path(path):
         raise ConfigError(
-            f"{key} = {path!r} does not exist. datasteer never downloads models: point it at a local folder "
-            "saved with save_pretrained (or use model.demo: true)."
+            f"{key} = {path!r} does not exist. Point it at a folder saved with save_pretrained, or give a Hugging "
+            "Face Hub id (e.g. Qwen/Qwen2.5-0.5B)."
         )
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except OSError as err:
+        if Path(path).exists():
+            raise ConfigError(f"{key} = {path!r} is not a loadable model folder: {_first_line(err)}") from None
+        raise ConfigError(f"{key} = {path!r} is not a local folder and {_hub_problem(err)}") from None
+
+
+def _is_local_path(path: str) -> bool:
+    """A path that can only mean a local folder (absolute, ./, ../, ~, or more than one `/`); else a hub id."""
+    return path.startswith(("/", "./", "../", "~", ".\\")) or path.count("/") > 1 or path in (".", "..")
+
+
+def _hub_problem(err: OSError) -> str:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return (
+            f"is not in the Hugging Face cache ({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE is set, so it is not "
+            "downloaded. Download it once with network access (`hf download <id>`), point HF_HOME / HF_HUB_CACHE at "
+            "the cache that holds it, or unset HF_HUB_OFFLINE."
+        )
+    return (
+        f"could not be fetched from the Hugging Face Hub: {_first_line(err)} Check the id, the network, and HF_TOKEN "
+        "for gated or private models."
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]

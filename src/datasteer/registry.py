@@ -4,12 +4,20 @@ A component is registered by decorating its class; `build()` binds user paramete
 constructor's signature, so an unknown or misspelt parameter is an error with a suggestion rather than
 being silently dropped (the reference implementation's registry dropped them). Types are checked with
 pydantic against the constructor's annotations.
+
+Components outside this package register the same way, from the user's own module. That module is
+imported by a config's top-level `imports: [my_pkg.my_mixer]`, or, for an installed package, through an
+entry point in the `datasteer.components` group (loaded the first time components are looked up)::
+
+    [project.entry-points."datasteer.components"]
+    my_mixers = "my_pkg.my_mixer"
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +35,10 @@ _PACKAGES = {
     "weighter": "datasteer.weighters",
 }
 _REGISTRY: dict[str, dict[str, type]] = {kind: {} for kind in KINDS}
+ENTRY_POINT_GROUP = "datasteer.components"
+_plugins_loaded = False
 T = TypeVar("T", bound=type)
+log = logging.getLogger(__name__)
 
 
 def register(kind: Kind, name: str) -> Callable[[T], T]:
@@ -50,9 +61,43 @@ def _load_builtin(kind: Kind) -> None:
         importlib.import_module(f"{package.__name__}.{info.name}")
 
 
+def import_modules(modules: list[str], where: str = "imports") -> None:
+    """Import user modules so that their `@register` decorators run; a module that fails to import is an error."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise ConfigError(
+                f"{where}: cannot import {name!r} ({err}). Install the package that holds it, or put its folder on "
+                "PYTHONPATH; give the module's dotted name (my_pkg.my_mixer), not a file path."
+            ) from None
+
+
+def load_plugins() -> None:
+    """Load every `datasteer.components` entry point once (each names a module, or an object in one).
+
+    A plugin that fails to import is reported with a warning and skipped, so one broken package does not
+    stop runs that do not use it; its components are then unknown names, with the warning above them.
+    """
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+        except Exception as err:  # any error inside a third-party module's import
+            dist = getattr(ep.dist, "name", "?")
+            log.warning("datasteer: skipping plugin %r = %r (from %s): %s: %s", ep.name, ep.value, dist,
+                        type(err).__name__, err)  # fmt: skip
+
+
 def components(kind: Kind) -> dict[str, type]:
-    """All registered components of a kind, built-in ones included."""
+    """All registered components of a kind: built-in ones, entry-point plugins, and any already registered."""
     _load_builtin(kind)
+    load_plugins()
     return dict(sorted(_REGISTRY[kind].items()))
 
 

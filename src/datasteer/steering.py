@@ -324,6 +324,8 @@ class Steering:
             **selection.summary(),
         )
         self.log.scalar("selected", float(selection.ids.size))
+        for name, n, size in zip(self.pool.domains, per_domain.tolist(), self.pool.domain_sizes.tolist()):
+            self.log.scalar(f"selected_share/{name}", n / max(size, 1))  # share of the domain's rows selected
 
     def _log_weights(self, step: int, at: int) -> None:
         """Log the domain proportions the stream follows from step `at + 1` (selection effects included)."""

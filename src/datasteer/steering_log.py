@@ -20,6 +20,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from transformers import TrainerCallback
+
 from datasteer.errors import DatasteerError
 
 FLUSH_EVERY = 64
@@ -77,6 +79,42 @@ class SteeringLog:
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(to_json_line(e) for e in kept))
         os.replace(tmp, self.path)
+
+
+def run_config(config: dict[str, Any]) -> dict[str, Any]:
+    """`{"datasteer": <the run's config>}` for an experiment tracker, every component as `{name, <params>}`.
+
+    A component given by name alone (`mixer: odm`) becomes `{name: odm}`, so `datasteer.steering.mixer.name`
+    filters runs by algorithm in W&B whatever way the YAML spelled it.
+    """
+    steering = dict(config.get("steering") or {})
+    for kind in ("mixer", "selector", "weighter"):
+        if isinstance(steering.get(kind), str):
+            steering[kind] = {"name": steering[kind]}
+    return {"datasteer": {**config, "steering": steering}}
+
+
+class RunConfigCallback(TrainerCallback):
+    """Adds the datasteer config to the run config of the Trainer's W&B and TensorBoard integrations.
+
+    HF's own callbacks log only `TrainingArguments` (and the model config); this runs after them in
+    `on_train_begin` (it is added later), when their W&B run / TensorBoard writer exist, on the main process.
+    """
+
+    def __init__(self, callbacks: list[TrainerCallback], config: dict[str, Any]) -> None:
+        self.callbacks = callbacks  # the Trainer's callback list (the same list object, so later additions count)
+        self.config = run_config(config)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        for cb in self.callbacks:
+            wandb = getattr(cb, "_wandb", None)
+            if type(cb).__name__ == "WandbCallback" and getattr(wandb, "run", None) is not None:
+                wandb.config.update(self.config, allow_val_change=True)
+            writer = getattr(cb, "tb_writer", None)
+            if type(cb).__name__ == "TensorBoardCallback" and writer is not None:
+                writer.add_text("datasteer_config", "```json\n" + json.dumps(self.config, indent=2) + "\n```")
 
 
 def to_json_line(event: dict[str, Any]) -> str:

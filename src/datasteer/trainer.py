@@ -79,6 +79,22 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return None
 
 
+def missing_ids_error(batch: dict[str, Any]) -> DatasteerError:
+    """A training batch without `sample_id`/`domain_id`: steering cannot credit losses, so training must not go on.
+
+    Falling back to the plain loss would train an unsteered run that looks steered (a mixer's rewards 0, a
+    weighter off), so this stops the first step instead.
+    """
+    return DatasteerError(
+        f"a training batch has no {' / '.join(c for c in STEERING_COLUMNS if c not in batch)} (its keys: "
+        f"{', '.join(sorted(batch))}), so the steering cannot tell which rows it trained on. The rows of the "
+        "training dataset must carry integer sample_id and domain_id columns (datasteer.data.build_pool adds them; "
+        "PoolIndex.from_dataset reads them), and the data collator must pass them into the batch: use "
+        "datasteer.data.Collator, wrap your collator in datasteer.trl.SteeringCollator, or use "
+        "datasteer.trl.SteeredSFTTrainer with TRL (see docs/python-api.md)."
+    )
+
+
 class SteeringCallback(TrainerCallback):
     """Runs the steering's step and checkpoint events; holds no state of its own."""
 
@@ -123,8 +139,10 @@ class SteeringMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The host's loss, plus per-sample losses from the same logits (and weights when steering asks)."""
         ids, domains = inputs.pop("sample_id", None), inputs.pop("domain_id", None)
-        if ids is None or not model.training:
+        if not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if ids is None or domains is None:
+            raise missing_ids_error(inputs)
         weighted = self.steering.weights_losses
         if weighted and self.steering.needs_embeddings:
             inputs["output_hidden_states"] = True
@@ -155,6 +173,8 @@ class SteeringMixin:
         if self.steering.weights_losses and len(batches) > 1 and self.model.training:
             rows = []
             for batch in batches:
+                if "sample_id" not in batch or "domain_id" not in batch:
+                    raise missing_ids_error(batch)
                 means, embeddings = batch_losses(self.model_wrapped, batch, self.steering.needs_embeddings)
                 rows.append((batch["sample_id"], batch["domain_id"], means, embeddings))
             self._set_step_weights(rows)
