@@ -8,6 +8,11 @@
     projection of its output, batch by batch.
 (c) fast: `gradient_features(mode="fast")` (hooks + factored Kronecker projection).
 
+LESS pass vs training (`less_pass` in the JSON, last column of the table): the throughput (rows/s) of LESS's pool
+pass — fast mode with Adam preconditioning from a stepped AdamW, at `--batch-size` and `--proj-dim` — divided by
+that of plain training steps (forward + `loss.backward()`, no optimizer step) over the same rows at the same batch
+size. 1 is the physical limit (a pass is one forward and one backward); the goal is at least 1/3.
+
 Fidelity = Pearson r between the pairwise inner products (i < j) of a method's features and those of the exact
 unprojected per-sample gradients. The exact Gram matrix is accumulated layer by layer from each Linear's inputs
 x_t and output gradients δ_t (g_i = Σ_t δ_it x_itᵀ), so it never stacks N full gradients; on the variants small
@@ -34,6 +39,7 @@ import json
 import math
 import os
 import platform
+import sys
 import tempfile
 import threading
 import time
@@ -319,7 +325,37 @@ def run_variant(args, preset: str, lora: bool, device: torch.device) -> dict:
     row["speedup_vs_exact"] = round(row["fast"]["samples_per_s"] / row["exact_vmap"]["samples_per_s"], 1)
     if small:
         row["adam"] = adam_fidelity(model, pool, raw.float(), kw, args)
+    row["less_pass"] = less_pass_ratio(model, pool, kw, args)
     return row
+
+
+def less_pass_ratio(model, pool, kw: dict, args) -> dict:
+    """Rows/s of LESS's pool pass (fast, Adam-preconditioned) over rows/s of training steps on the same rows."""
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    batches = [collate([pool[j] for j in range(i, min(i + args.batch_size, len(pool)))])
+               for i in range(0, len(pool), args.batch_size)]  # fmt: skip
+
+    def train_pass() -> None:
+        model.train()
+        for batch in batches:
+            model(**{k: batch[k].to(device) for k in LM_KEYS}).loss.backward()
+            opt.zero_grad(set_to_none=True)
+        model.eval()
+
+    for batch in batches[:2]:  # two real steps: Adam state for the preconditioning
+        model(**{k: batch[k].to(device) for k in LM_KEYS}).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    less = {**kw, "batch_size": args.batch_size, "block": args.block, "optimizer": opt}
+    gradient_features(model, pool.select(range(4)), **{**less, "batch_size": 4})  # warm-up (projection matrices)
+    train_pass()  # warm-up
+    _, train_s, _ = measure(train_pass, device)
+    _, less_s, _ = measure(lambda: gradient_features(model, pool, **less), device)
+    n = len(pool)
+    return {"train_rows_per_s": float(f"{n / train_s:.3g}"), "less_rows_per_s": float(f"{n / less_s:.3g}"),
+            "ratio": round(train_s / less_s, 3)}  # fmt: skip
 
 
 def adam_fidelity(model, pool, raw: torch.Tensor, kw: dict, args) -> dict:
@@ -370,8 +406,8 @@ def write(results: dict, out: Path, name: str) -> None:
         "before and comes on top ('+ N held', 4·P·proj_dim bytes).",
         "",
         "| model | variant | trainable params | method | samples run | samples/s | peak MiB | fidelity r | fast speedup"
-        " |",
-        "|---|---|---|---|---|---|---|---|---|",
+        " | LESS pass / training throughput |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, v in results["variants"].items():
         model, variant = key.split("/")
@@ -385,8 +421,11 @@ def write(results: dict, out: Path, name: str) -> None:
             if method != "fast" and v["baseline"]["projection_time_scaled_from_rows"]:
                 note = f" (proj. time x P/{v['baseline']['projection_time_scaled_from_rows']:,} rows)"
             mem = f"{s['peak_mem_mib']}" + (f" + {s['held_matrix_mib']:,} held" if s.get("held_matrix_mib") else "")
+            lp = v.get("less_pass")
+            ratio = (f"{lp['ratio']} ({lp['less_rows_per_s']} vs {lp['train_rows_per_s']} rows/s)"
+                     if lp and method == "fast" else "")  # fmt: skip
             lines.append(f"| {model} | {variant} | {v['trainable_params']:,} | {method}{note} | {s['samples']} "
-                         f"| {s['samples_per_s']} | {mem} | {r} | {speed.get(method, '')} |")  # fmt: skip
+                         f"| {s['samples_per_s']} | {mem} | {r} | {speed.get(method, '')} | {ratio} |")  # fmt: skip
     adam = {k: v["adam"] for k, v in results["variants"].items() if "adam" in v}
     if adam:
         lines += ["", "Adam preconditioning (fast mode vs exact Γ(g_i) = m̂/(√v̂+ε) of each sample's gradient):", "",
@@ -426,7 +465,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     results = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-               "command": "python bench/grad_features.py" + (" --quick" if args.quick else ""),
+               "command": " ".join(["python bench/grad_features.py", *sys.argv[1:]]),
                "threads": torch.get_num_threads(), "torch": torch.__version__,
                "machine": f"{platform.machine()}, {psutil.cpu_count()} CPUs"
                + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""),

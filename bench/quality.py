@@ -17,9 +17,12 @@ weighter's claims are about a single pass; on a pool repeated many times, up-wei
   learnable ones (without the pure-noise domain, whose floor no mixture can move), and the noise domain's own.
 - Selection (demo sft corpus, which carries a target set: arithmetic with operands outside the training range):
   random, static (the full pool), loss, delta_loss, less, near, tsds, rho_loss and ifd, with the same warmup,
-  update cadence and budget (samples per selection). Reported: the target-set loss of the final model and the
-  mean per-domain eval loss. A selector not registered when the bench runs is skipped with a note; rho_loss
-  first trains its irreducible-loss model on the target set (extra compute, as in the paper).
+  update cadence and budget (samples per selection). Reported: the held-out target loss of the final model
+  (`target_eval_loss`: the mean per-sample loss on `data.target_eval`, arithmetic target items that are *not* in the
+  target set the selectors see, written to `<workdir>/target_eval.jsonl`) and the mean per-domain eval loss. A
+  selector not registered when the bench runs is skipped with a note; rho_loss first trains its
+  irreducible-loss model on the selection target set (extra compute, as in the paper; it never sees the
+  held-out split).
 - Reweighting (demo sft corpus): uniform vs loss (Sow et al. 2025) vs ADAPT. Same metrics as selection.
 
 Each cell is mean ± std over seeds (std 0 with one seed); a seed changes the data order, the model init and
@@ -61,6 +64,8 @@ SELECTORS = ("random", "static", "loss", "delta_loss", "less", "near", "tsds", "
 WEIGHTERS = ("uniform", "loss", "adapt")
 MIXERS = ("default", "doremi", "odm")
 UNLEARNABLE = ("noise",)  # demo domains of uniformly random characters
+TARGET_SIZE, TARGET_SEED = 64, 1  # the demo sft target set the selectors see (data.target's demo default)
+TARGET_EVAL_SIZE, TARGET_EVAL_SEED = 128, 7  # the held-out target items the sft runs are scored on
 
 
 @dataclass
@@ -110,6 +115,23 @@ class Result:
 
 
 # -------------------------------------------------------------------------------------------- configs
+def held_out_target_file(folder: Path, n: int = TARGET_EVAL_SIZE, seed: int = TARGET_EVAL_SEED) -> Path:
+    """`<folder>/target_eval.jsonl`: `n` items of the demo's arithmetic target task drawn with another seed,
+    without any item of the selection target set (the operand range is small, so two seeds share items)."""
+    from datasteer.demo import target_set
+
+    seen = {(r["prompt"], r["response"]) for r in target_set(TARGET_SIZE, TARGET_SEED)}
+    rows, k = [], 4 * n
+    while len(rows) < n:
+        rows = [r for r in target_set(k, seed) if (r["prompt"], r["response"]) not in seen]
+        rows = list({(r["prompt"], r["response"]): r for r in rows}.values())[:n]  # no repeated item either
+        k *= 2
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "target_eval.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def _sections(s: Settings, kind: str, seed: int, out: Path, cache: Path) -> dict[str, Any]:
     data: dict[str, Any] = {
         "kind": kind,
@@ -118,6 +140,8 @@ def _sections(s: Settings, kind: str, seed: int, out: Path, cache: Path) -> dict
         "cache_dir": str(cache),
     }
     data.update({"block_size": 64} if kind == "pretrain" else {"max_length": 128})
+    if kind == "sft":  # scored on held-out target items only, never on the target set the selectors see
+        data["target_eval"] = {"path": str(held_out_target_file(cache.parent))}
     train = {
         "output_dir": str(out), "max_steps": s.steps, "per_device_train_batch_size": s.batch,
         "learning_rate": s.lr, "lr_scheduler_type": "cosine", "logging_steps": 1000, "use_cpu": True,
@@ -179,7 +203,10 @@ def domain_metrics(domain_eval: dict[str, dict[str, float]]) -> dict[str, float]
 
 
 def target_loss(config: Config, output_dir: Path) -> float:
-    """Mean per-sample loss of the final checkpoint on the config's target set."""
+    """Mean per-sample loss of the final checkpoint on the config's held-out target split (data.target_eval).
+
+    Never on `pool.target`: that is what the selectors (and rho_loss's irreducible model) were given, so a loss
+    on it measures fit to the selection target, not held-out improvement."""
     from transformers import AutoModelForCausalLM
 
     from datasteer.data import Collator, build_pool
@@ -188,8 +215,11 @@ def target_loss(config: Config, output_dir: Path) -> float:
 
     tokenizer = load_tokenizer(config.model)
     pool = build_pool(config.data, tokenizer)
+    held_out = getattr(pool, "target_eval", None)
+    if held_out is None:
+        raise RuntimeError("the pool has no held-out target split (data.target_eval); refusing to score on data.target")
     model = AutoModelForCausalLM.from_pretrained(output_dir / f"checkpoint-{config.train['max_steps']}")
-    result = per_sample_losses(model, pool.target, collate_fn=Collator(tokenizer), progress=False)
+    result = per_sample_losses(model, held_out, collate_fn=Collator(tokenizer), progress=False)
     return float(torch.nanmean(torch.as_tensor(result.values)))
 
 
@@ -263,7 +293,7 @@ def run_reweighting(s: Settings, root: Path, notes: list[str]) -> list[Result | 
 
 def _sft_metrics(config: Config, out: Path) -> dict[str, float]:
     metrics = domain_metrics(run(config).domain_eval)
-    return {"target_loss": target_loss(config, out), **metrics}
+    return {"target_eval_loss": target_loss(config, out), **metrics}
 
 
 # -------------------------------------------------------------------------------------------- output
@@ -321,8 +351,8 @@ def markdown(report: dict[str, Any]) -> str:
             "Mixture (pretrain)",
             ["mean_log_ppl", "worst_log_ppl", "learnable_mean_log_ppl", "learnable_worst_log_ppl", "log_ppl/noise"],
         ),
-        ("selection", "Selection at equal budget (sft)", ["target_loss", "mean_log_ppl", "worst_log_ppl"]),
-        ("reweighting", "Reweighting (sft)", ["target_loss", "mean_log_ppl", "worst_log_ppl"]),
+        ("selection", "Selection at equal budget (sft)", ["target_eval_loss", "mean_log_ppl", "worst_log_ppl"]),
+        ("reweighting", "Reweighting (sft)", ["target_eval_loss", "mean_log_ppl", "worst_log_ppl"]),
     ]
     for group, title, keys in specs:
         if group not in tables:

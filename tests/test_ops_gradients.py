@@ -178,3 +178,21 @@ def test_invalid_arguments_are_errors(model, pool):
         gradient_features(model, pool, projection="dense", **KW)
     with pytest.raises(ValueError, match="step"):
         gradient_features(model, pool, optimizer=torch.optim.Adam(model.parameters()), **KW)
+
+
+@pytest.mark.parametrize("exact_max", [0, 4096, None])
+def test_adam_features_do_not_depend_on_batch_size(exact_max, monkeypatch):
+    """The same rows give the same features at batch sizes 1, 7 and 64. With exact_max=4096 the 32x64 MLP layers
+    get exact Adam and the LM head the factored one; the old rule (B·out·in against the limit) switched the MLP
+    layers to the factored approximation from B=2 on. Row chunks of the exact path are forced small too."""
+    import datasteer.ops.gradients as gradients
+
+    monkeypatch.setattr(gradients, "ROW_CHUNK_ELEMENTS", 3 * 2048)  # 3 rows of a 32x64 layer per chunk
+    net, pool = tiny_llama(seed=3), tiny_pool(n=64, seed=3, max_len=40)
+    opt = stepped_adam(net, pool, steps=3, betas=(0.9, 0.999))
+    extra = {} if exact_max is None else {"adam_exact_max_elements": exact_max}
+    feats = [gradient_features(net, pool, proj_dim=512, optimizer=opt, batch_size=b, **extra, **KW) for b in (1, 7, 64)]
+    for other in feats[1:]:
+        assert torch.equal(other.ids, feats[0].ids) if torch.is_tensor(other.ids) else (other.ids == feats[0].ids).all()
+        rel = (other.values - feats[0].values).norm(dim=1) / feats[0].values.norm(dim=1)
+        assert rel.max() < 1e-5, rel.max()

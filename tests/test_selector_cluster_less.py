@@ -54,7 +54,9 @@ def setup():
 
 def test_only_representatives_get_gradients_and_members_inherit_their_clusters_mean(setup):
     sel = registry.build(
-        "selector", "cluster_less", {"num_clusters": 5, "reps_per_cluster": 2, "proj_dim": 256, "backend": "sklearn"}
+        "selector",
+        "cluster_less",
+        {"num_clusters": 5, "reps_per_cluster": 2, "proj_dim": 256, "backend": "sklearn", "seed": 0},
     )
     ctx = fake_ctx(setup)
     sel.setup(ctx)

@@ -1,4 +1,4 @@
-"""`datasteer train | doremi | score | report | components | version`.
+"""`datasteer init | train | doremi | score | report | components | version`.
 
 User errors (bad config, missing file, ...) print one paragraph and exit with code 2; the traceback is
 shown only with `--debug`.
@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import logging
 import os
 import subprocess
 import sys
 import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import yaml
 
 from datasteer import __version__, registry
 from datasteer.errors import DatasteerError
@@ -29,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = _parser()
     args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _show_progress_logs()
     if args.command in ("train", "doremi") and (launched := _launch_torchrun(argv)) is not None:
         return launched
     try:
@@ -41,10 +44,30 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _show_progress_logs() -> None:
+    """datasteer's info lines (pool building, progress of pool passes with their ETA) on stderr, once."""
+    package = logging.getLogger("datasteer")
+    if not package.handlers and not logging.getLogger().handlers:  # an application's logging config wins
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("datasteer: %(message)s"))
+        package.addHandler(handler)
+        package.setLevel(logging.INFO)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="datasteer", description="Data-centric dynamic training for LLMs.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    parser.add_argument("--version", action="version", version=f"datasteer {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    init = sub.add_parser("init", help="write a starter config (runs as is: demo model and data until you edit it)")
+    init.add_argument("path", nargs="?", default="datasteer.yaml", help="config file to write (default datasteer.yaml)")
+    init.add_argument("--kind", choices=("pretrain", "sft"), default="pretrain", help="pretraining or SFT data")
+    for kind in registry.KINDS:
+        init.add_argument(f"--{kind}", metavar="NAME", help=f"a {kind} (see `datasteer components {kind}`)")
+    init.add_argument("--model", metavar="ID_OR_FOLDER", help="a hub id or a local folder (default: the demo model)")
+    init.add_argument("--example", metavar="NAME", help="copy a packaged example instead (e.g. quickstart, mixers/odm)")
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    init.set_defaults(func=_init)
     train = sub.add_parser("train", help="train a steered run from a YAML config")
     train.add_argument("config", help="YAML config file")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=20")
@@ -66,6 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. model.name_or_path=small")
     score.add_argument("--out", required=True, help="parquet file to write (columns sample_id, score)")
     score.set_defaults(func=_score)
+    prepare = sub.add_parser("prepare", help="encode a config's data into its cache (once, for many runs and nodes)")
+    prepare.add_argument("config", help="YAML config: its data and model.tokenizer sections are used")
+    prepare.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. data.num_proc=32")
+    prepare.set_defaults(func=_prepare)
     comps = sub.add_parser("components", help="list registered components with their parameters")
     comps.add_argument("kind", nargs="?", choices=registry.KINDS, help="only this kind")
     comps.set_defaults(func=_components)
@@ -75,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     report.set_defaults(func=_report)
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=lambda a: print(__version__) or 0)
-    for p in (train, doremi, score, comps, report, version):
+    for p in (init, train, doremi, score, prepare, comps, report, version):
         # SUPPRESS as default: a sub-command must not reset a top-level `datasteer --debug ...`
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
@@ -123,6 +150,8 @@ def _train(args: argparse.Namespace) -> int:
     print(f"datasteer: run written to {result.output_dir}")
     for domain, m in result.domain_eval.items():
         print(f"  {domain:>12}: eval loss {m['loss']:.4f}  ppl {m['perplexity']:.2f}")
+    if result.target_eval is not None:
+        print(f"  held-out target (data.target_eval): loss {result.target_eval_loss:.4f}")
     return 0
 
 
@@ -145,7 +174,7 @@ def _score(args: argparse.Namespace) -> int:
     import numpy as np
 
     from datasteer.config import load_config
-    from datasteer.scores import config_hash, pool_fingerprint, write_scores
+    from datasteer.scores import config_hash, pool_fingerprint, row_fingerprints, write_scores
 
     config = load_config(args.config, args.overrides)
     selector, params = _offline_scorer(args.method, config)
@@ -166,7 +195,7 @@ def _score(args: argparse.Namespace) -> int:
         "pool_key": pool.fingerprint,
         "model": config.model.name_or_path or ("demo" if config.model.demo else "from config"),
     }
-    path = write_scores(args.out, pool.sample_ids, scores, meta)
+    path = write_scores(args.out, pool.sample_ids, scores, meta, row_fingerprints(pool.train))
     missing = int(np.isnan(scores).sum())
     print(f"datasteer: {len(scores)} '{args.method}' scores ({missing} without a score) written to {path}")
     return 0
@@ -185,7 +214,7 @@ def _offline_scorer(method: str, config: Config) -> tuple[Selector, dict[str, An
     if spec is not None:
         name, given = split_component(spec, "steering.selector")
         if name == method:  # score exactly as the configured selector would (but never from a file)
-            params = {k: v for k, v in given.items() if k != "scores_file"}
+            params = {k: v for k, v in given.items() if k not in ("scores_file", "scores_strict")}
     return registry.build("selector", method, params, where="steering.selector"), params
 
 
@@ -217,14 +246,127 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _init(args: argparse.Namespace) -> int:
+    from datasteer.config import validate
+
+    path = Path(args.path)
+    if path.exists() and not args.force:
+        raise DatasteerError(f"{path} exists; pass --force to overwrite it, or give another path.")
+    if args.example:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(packaged_example(args.example).read_text())
+        print(f"datasteer: wrote {path} (the packaged example {args.example}); train with `datasteer train {path}`")
+        return 0
+    if not any(getattr(args, kind) for kind in registry.KINDS):
+        args.mixer = "odm"
+    text, todo = starter_config(args.kind, {k: getattr(args, k) for k in registry.KINDS}, args.model)
+    if not todo and not args.model:  # a hub model is not fetched here; everything else is checked now
+        validate(yaml.safe_load(text), str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(f"datasteer: wrote {path}; train with `datasteer train {path}`")
+    for item in todo:
+        print(f"  fill in {item} before training")
+    return 0
+
+
+def examples_folder() -> Path:
+    """The example configs shipped inside the package (a link to the repository's examples/ in a checkout)."""
+    from importlib.resources import files
+
+    return Path(str(files("datasteer") / "examples"))
+
+
+def packaged_example(name: str) -> Path:
+    folder = examples_folder()
+    path = folder / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if not path.is_file():
+        names = sorted(str(p.relative_to(folder).with_suffix("")) for p in folder.rglob("*.yaml"))
+        raise DatasteerError(f"no packaged example {name!r}; the examples are: {', '.join(names)}.")
+    return path
+
+
+def starter_config(kind: str, components: dict[str, str | None], model: str | None = None) -> tuple[str, list[str]]:
+    """A commented starter config: the demo model and data (so it runs as written) and the named components with
+    every parameter at its default. Returns the YAML and the keys that must be filled in (required parameters)."""
+    todo: list[str] = []
+    needs_target = False
+    lines = [
+        "# datasteer starter config, written by `datasteer init`. Train: datasteer train <this file>",
+        "# Every key is checked; `datasteer components` lists the algorithms and their parameters.",
+        "model:",
+        f"  name_or_path: {model}  # a Hugging Face Hub id or a local folder"
+        if model
+        else "  demo: true  # or name_or_path: Qwen/Qwen2.5-0.5B (a Hugging Face Hub id or a local folder)",
+        "data:",
+        f"  kind: {kind}",
+        "  demo: {samples_per_domain: 200}  # or sources: [{path: data/code.jsonl, domain: code}, ...]",
+        "  block_size: 128" if kind == "pretrain" else "  max_length: 256",
+        "  eval_per_domain: 8  # held-out rows per domain: per-domain eval loss at the end",
+        "train:  # any transformers.TrainingArguments key",
+        "  output_dir: runs/starter",
+        "  max_steps: 100",
+        "  per_device_train_batch_size: 8",
+        "  learning_rate: 1.0e-3",
+        "  logging_steps: 10",
+        "  save_final: true  # the final model and tokenizer go to output_dir",
+        "steering:",
+        "  warmup_steps: 10",
+        "  update_every: 10",
+    ]
+    for kind_name, name in components.items():
+        if not name:
+            continue
+        cls = registry.get(kind_name, name, where=f"--{kind_name}")  # type: ignore[arg-type]
+        needs_target = needs_target or cls.requires_target
+        lines.append(f"  {kind_name}:")
+        lines.append(f"    name: {name}")
+        for p in registry.params_of(cls):
+            doc = f"  # {p.doc}" if p.doc else ""
+            if p.required:
+                todo.append(f"steering.{kind_name}.{p.name}")
+                lines.append(f"    {p.name}: null  # REQUIRED: {p.doc}")
+            else:
+                value = yaml.safe_dump(p.default, default_flow_style=True, width=1000).strip().removesuffix("...")
+                lines.append(f"    {p.name}: {value.strip()}{doc}")
+    if needs_target and kind == "pretrain":
+        todo.append("data.target (a file of target examples; or use --kind sft, whose demo data has one)")
+        lines.insert(lines.index("  eval_per_domain: 8  # held-out rows per domain: per-domain eval loss at the end"),
+                     "  # target: {path: data/target.jsonl}  # REQUIRED by the chosen component")  # fmt: skip
+    return "\n".join(lines) + "\n", todo
+
+
 def _peek_yaml(path: str) -> object:
     """The raw YAML, only to tell a LLaMA-Factory config from a native one; load_config reports errors."""
-    import yaml
-
     try:
         return yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError):
         return None
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    """Build (or open) the pool and print where it is and what it holds: runs and nodes then only open it."""
+    import time
+
+    from datasteer.config import load_config
+    from datasteer.data import build_pool
+    from datasteer.model import load_tokenizer
+
+    config = load_config(args.config, args.overrides)
+    if config.data.cache_dir is None:
+        raise DatasteerError("datasteer prepare writes the pool into data.cache_dir; set it (it is null here).")
+    start = time.perf_counter()
+    pool = build_pool(config.data, load_tokenizer(config.model))
+    how = "opened from the cache" if pool.from_cache else f"encoded in {time.perf_counter() - start:.1f} s"
+    size = sum(f.stat().st_size for f in pool.folder.rglob("*") if f.is_file())
+    print(f"pool {pool.folder} ({how}, {size / 2**20:,.1f} MiB on disk)")
+    for d, name in enumerate(pool.domains):
+        held = len(pool.eval[name]) if name in pool.eval else 0
+        print(f"  {name}: {int(pool.domain_sizes[d]):,} training rows, {held:,} held-out rows")
+    for name, rows in (("target", pool.target), ("target_eval", pool.target_eval)):
+        if rows is not None:
+            print(f"  {name}: {len(rows):,} rows")
+    return 0
 
 
 def _components(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ Components never run their own training or forward loops: the trainer hands them
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -94,6 +95,26 @@ class Selection:
         return out
 
 
+def derive_seed(seed: int | None, ctx: Any, name: str) -> int:
+    """A component's seed: its own `seed` when given, else steering.seed (`ctx.seed`) plus a constant of the
+    component's name, so runs with different steering.seed draw differently and two components of one run
+    draw independently. The constant is a CRC of the name: the same in every process and Python version."""
+    if seed is not None:
+        return int(seed)
+    return int(getattr(ctx, "seed", 0) or 0) + zlib.crc32(name.encode()) % 2**20
+
+
+def pass_progress(ctx: Any) -> bool | str:
+    """How a component's pass over rows (pool, target, anchors) shows progress, for the ops' `progress`: a tqdm
+    bar and info lines (rows done, ETA) on the main process; the info lines only when the Trainer's
+    `disable_tqdm` is set or there is no trainer; nothing on the other ranks."""
+    log = getattr(ctx, "log", None)
+    if log is not None and not getattr(log, "is_main", True):
+        return False
+    args = getattr(getattr(ctx, "trainer", None), "args", None)
+    return "log" if args is None or getattr(args, "disable_tqdm", False) else True
+
+
 class Component:
     """Shared life cycle. Every method is called on every rank with identical inputs."""
 
@@ -104,6 +125,11 @@ class Component:
     def setup(self, ctx: SteeringContext) -> None:
         """Called once before training starts, after the pool and the model exist."""
 
+    def check_pool(self, pool: Any) -> None:
+        """Called by `datasteer train` once the pool is built, before the model is loaded, with the
+        `datasteer.data.Pool`: check (and keep) what needs only the data — a score file, domain names — so a
+        mistake fails in seconds. `setup` still runs later, also where nothing calls this (the Python API)."""
+
     def observe(self, ctx: SteeringContext, record: StepRecord) -> None:
         """Called after every optimizer step with the gathered record of that step."""
 
@@ -113,6 +139,11 @@ class Component:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Inverse of `state_dict`."""
+
+    def run_seed(self, ctx: SteeringContext) -> int:
+        """The seed this component draws with: its `seed` parameter, or (null, the default) steering.seed plus
+        a per-component constant (`derive_seed`)."""
+        return derive_seed(getattr(self, "seed", None), ctx, self.registered_name or type(self).__name__)
 
 
 class Mixer(Component):

@@ -107,10 +107,14 @@ def load_run(run_dir: str | Path, name: str | None = None) -> Run:
 
 
 def _trainer_state(run_dir: Path) -> dict[str, Any] | None:
-    """HF `trainer_state.json` of the run dir, else of its last checkpoint (highest step)."""
+    """HF `trainer_state.json` of the run dir, else of its last checkpoint (HF's own `get_last_checkpoint`: the
+    highest `checkpoint-N`; other folders such as `checkpoint-best` are not numbered steps and are passed over)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
     candidates = [run_dir / "trainer_state.json"]
-    checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]), reverse=True)
-    candidates += [c / "trainer_state.json" for c in checkpoints if c.name.split("-")[-1].isdigit()]
+    last = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+    if last is not None:
+        candidates.append(Path(last) / "trainer_state.json")
     for c in candidates:
         if c.exists():
             return json.loads(c.read_text())
@@ -172,6 +176,9 @@ def _domain_series(events: list[dict[str, Any]], key: str) -> dict[str, tuple[li
     return series
 
 
+TARGET_EVAL = "target_eval"  # eval-set name of data.target_eval (the runner logs `eval_target_eval_loss`)
+
+
 def eval_losses(run: Run) -> dict[str, tuple[list[int], list[float]]]:
     """Per-domain eval loss over steps, `{domain: (steps, losses)}`, from `eval` events.
 
@@ -229,17 +236,23 @@ def section_losses(runs: list[Run], out: Path) -> Section:
 
 
 def _final_eval_table(runs: list[Run], evals: dict[str, dict[str, tuple]]) -> str:
-    """Last eval loss per domain and run, with the mean and the worst domain."""
-    domains = list(dict.fromkeys(d for per_run in evals.values() for d in per_run))
+    """Last eval loss per domain and run, with the mean and the worst domain; the held-out target split
+    (`target_eval`, not a domain) gets its own column and stays out of the mean and the worst."""
+    names = list(dict.fromkeys(d for per_run in evals.values() for d in per_run))
+    domains = [d for d in names if d != TARGET_EVAL]
+    target = [TARGET_EVAL] if TARGET_EVAL in names else []
     head = "".join(f"<th>{html.escape(d)}</th>" for d in domains) + "<th>mean</th><th>worst</th>"
+    head += "<th>held-out target</th>" if target else ""
     body = ""
     for run in runs:
         if run.name not in evals:
             continue
-        last = {d: evals[run.name][d][1][-1] for d in domains if d in evals[run.name]}
+        last = {d: evals[run.name][d][1][-1] for d in names if d in evals[run.name]}
         cells = "".join(f"<td>{last[d]:.4f}</td>" if d in last else "<td>–</td>" for d in domains)
-        vals = list(last.values())
-        body += f"<tr><td>{html.escape(run.name)}</td>{cells}<td>{np.mean(vals):.4f}</td><td>{max(vals):.4f}</td></tr>"
+        vals = [last[d] for d in domains if d in last]
+        cells += f"<td>{np.mean(vals):.4f}</td><td>{max(vals):.4f}</td>" if vals else "<td>–</td><td>–</td>"
+        cells += "".join(f"<td>{last[d]:.4f}</td>" if d in last else "<td>–</td>" for d in target)
+        body += f"<tr><td>{html.escape(run.name)}</td>{cells}</tr>"
     return f"<table><tr><th>run (last eval loss)</th>{head}</tr>{body}</table>"
 
 

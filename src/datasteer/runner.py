@@ -4,9 +4,12 @@ It is deliberately thin: the HF Trainer owns the loop; this only wires config â†
 model, steering and TrainingArguments, then writes the run's summary files:
 
 - `<output_dir>/steering/events.jsonl` (every decision, written while training),
-- `<output_dir>/domain_eval.json` and `.md` (per-domain eval loss and perplexity),
+- `<output_dir>/domain_eval.json` and `.md` (per-domain eval loss and perplexity, and under the key
+  `target_eval` the loss and perplexity of the held-out target split `data.target_eval` when there is one),
 - `<output_dir>/domain_weights.png` (domain weights over steps),
 - `<output_dir>/datasteer_config.yaml` (the validated config that ran).
+- the final model and tokenizer in `<output_dir>` itself (`save_pretrained` files; unless `train.save_final: false`),
+  so `from_pretrained(output_dir)` loads what was trained.
 
 Everything that can be checked without a model is checked before one is loaded: the output folder
 (not a file, not in use by another run: `.datasteer.lock` is held for the run's lifetime), the
@@ -31,13 +34,14 @@ from transformers import TrainingArguments
 
 from datasteer import registry
 from datasteer.components import ComponentSet
-from datasteer.config import Config, SteeringConfig, split_component
+from datasteer.config import DATASTEER_TRAIN_KEYS, Config, SteeringConfig, split_component
 from datasteer.data import Collator, Pool, build_pool
 from datasteer.errors import ConfigError, DatasteerError
 from datasteer.model import load_model, load_tokenizer
-from datasteer.report import plot_domain_weights
+from datasteer.report import TARGET_EVAL, plot_domain_weights
 from datasteer.schedule import Schedule
 from datasteer.steering import PoolIndex, Steering
+from datasteer.steering_log import RunConfigCallback
 from datasteer.trainer import SteeredTrainer, last_complete_checkpoint, read_steering_state
 
 TRAIN_DEFAULTS: dict[str, Any] = {"report_to": "none", "save_strategy": "no", "logging_steps": 10}
@@ -51,6 +55,11 @@ class RunResult:
     output_dir: Path
     domain_eval: dict[str, dict[str, float]]
     train_metrics: dict[str, float]
+    target_eval: dict[str, float] | None = None  # loss and perplexity on data.target_eval (held-out target)
+
+    @property
+    def target_eval_loss(self) -> float | None:
+        return None if self.target_eval is None else self.target_eval["loss"]
 
 
 def build_components(cfg: SteeringConfig) -> ComponentSet:
@@ -79,8 +88,9 @@ def build_steering(cfg: SteeringConfig, pool: Pool, output_dir: str) -> Steering
 
 
 def training_arguments(train: dict[str, Any]) -> TrainingArguments:
-    """TrainingArguments of the `train:` section; `resume_from_checkpoint` is datasteer's (see `resume_path`)."""
-    given = {k: v for k, v in train.items() if k != "resume_from_checkpoint"}
+    """TrainingArguments of the `train:` section, without datasteer's own keys (`resume_from_checkpoint`, see
+    `resume_path`; `save_final`)."""
+    given = {k: v for k, v in train.items() if k not in DATASTEER_TRAIN_KEYS}
     try:
         return TrainingArguments(**{**TRAIN_DEFAULTS, **given})
     except (ValueError, TypeError) as err:
@@ -104,46 +114,90 @@ def run(config: Config, resume_from_checkpoint: str | bool | None = None, force:
 
 def _train(config: Config, args: TrainingArguments, out: Path, resume: str | None) -> RunResult:
     tokenizer = load_tokenizer(config.model)
-    pool = build_pool(config.data, tokenizer)
+    # each node's main process encodes; the other ranks wait, then open the same cached folder (memory maps)
+    with args.main_process_first(desc="datasteer pool"):
+        pool = build_pool(config.data, tokenizer)
     check_budget(config.steering, len(pool.sample_ids))
+    evals = eval_datasets(pool)
     steering = build_steering(config.steering, pool, args.output_dir)
+    for _, component in steering.components.items():  # score files, domain names: fail before the model loads
+        component.check_pool(pool)
     model = load_model(config.model, tokenizer)
     trainer = SteeredTrainer(
         model=model,
         args=args,
         train_dataset=pool.train,
-        eval_dataset=dict(pool.eval) or None,
+        eval_dataset=evals or None,
         data_collator=Collator(tokenizer),
         processing_class=tokenizer,
         steering=steering,
     )
+    trainer.add_callback(RunConfigCallback(trainer.callback_handler.callbacks, config.model_dump(mode="json")))
     if trainer.is_world_process_zero():
         _write_atomic(out / CONFIG_FILE, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_metrics("train", result.metrics)  # train_results.json: the report's step-time split
-    domain_eval = evaluate_domains(trainer, pool)  # a collective: every rank evaluates
+    if config.train.get("save_final", True):  # the final weights + tokenizer in output_dir (every rank: ZeRO-3/FSDP)
+        trainer.save_model()
+    domain_eval, target_eval = evaluate_domains(trainer, pool)  # a collective: every rank evaluates
     if trainer.is_world_process_zero():
-        write_domain_table(out, domain_eval)
+        write_domain_table(out, domain_eval, target_eval)
         plot_domain_weights(out, out / "domain_weights.png")
-    return RunResult(out, domain_eval, dict(result.metrics))
+    return RunResult(out, domain_eval, dict(result.metrics), target_eval)
 
 
-def evaluate_domains(trainer: SteeredTrainer, pool: Pool) -> dict[str, dict[str, float]]:
-    """Eval loss and perplexity of each domain's held-out split (empty when there is none)."""
-    if not pool.eval:
-        return {}
-    metrics = trainer.evaluate(eval_dataset=dict(pool.eval))
-    table = {}
-    for domain in pool.eval:
-        loss = float(metrics[f"eval_{domain}_loss"])
-        table[domain] = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
-    return table
+def eval_datasets(pool: Pool) -> dict[str, Any]:
+    """The Trainer's eval sets: each domain's held-out split, and `target_eval` (the held-out target split).
+
+    The Trainer logs `eval_<name>_loss` per set, so the held-out target loss is `eval_target_eval_loss` at every
+    evaluation. A domain named `target_eval` would collide with it and is refused when there is such a split.
+    """
+    sets: dict[str, Any] = dict(pool.eval)
+    held_out = getattr(pool, "target_eval", None)
+    if held_out is not None:
+        if TARGET_EVAL in sets:
+            raise ConfigError(
+                f"a domain is named {TARGET_EVAL!r}, the name of the held-out target split's eval loss "
+                f"(eval_{TARGET_EVAL}_loss); rename the domain."
+            )
+        sets[TARGET_EVAL] = held_out
+    return sets
 
 
-def write_domain_table(out: Path, table: dict[str, dict[str, float]]) -> None:
-    (out / "domain_eval.json").write_text(json.dumps(table, indent=2))
+def evaluate_domains(
+    trainer: SteeredTrainer, pool: Pool
+) -> tuple[dict[str, dict[str, float]], dict[str, float] | None]:
+    """Eval loss and perplexity of each domain's held-out split (empty when there is none), and of the
+    held-out target split `data.target_eval` (None when there is none), in one evaluation."""
+    sets = eval_datasets(pool)
+    if not sets:
+        return {}, None
+    metrics = trainer.evaluate(eval_dataset=sets)
+    table = {name: _loss_ppl(metrics[f"eval_{name}_loss"]) for name in sets}
+    target_eval = table.pop(TARGET_EVAL) if getattr(pool, "target_eval", None) is not None else None
+    return table, target_eval
+
+
+def _loss_ppl(loss: float) -> dict[str, float]:
+    loss = float(loss)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def write_domain_table(
+    out: Path, table: dict[str, dict[str, float]], target_eval: dict[str, float] | None = None
+) -> None:
+    """`domain_eval.json` (`{domain: {loss, perplexity}}`, plus `target_eval` when there is a held-out target
+    split) and the same as a markdown table, the held-out target loss on its own line below the domains."""
+    data = dict(table) if target_eval is None else {**table, TARGET_EVAL: target_eval}
+    (out / "domain_eval.json").write_text(json.dumps(data, indent=2))
     lines = ["| domain | eval loss | perplexity |", "|---|---:|---:|"]
     lines += [f"| {d} | {m['loss']:.4f} | {m['perplexity']:.2f} |" for d, m in table.items()]
+    if target_eval is not None:
+        lines += [
+            "",
+            f"Held-out target (data.target_eval): target_eval_loss {target_eval['loss']:.4f}, "
+            f"perplexity {target_eval['perplexity']:.2f}",
+        ]
     (out / "domain_eval.md").write_text("\n".join(lines) + "\n")
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from datasteer.components import Mixer, StepRecord
+from datasteer.components import Mixer, StepRecord, pass_progress
 from datasteer.data.ids import positions
 from datasteer.errors import ConfigError, DatasteerError
 from datasteer.mixers.static import resolve_proportions
@@ -256,7 +256,7 @@ def reference_token_losses(
     if bool(gather_varlen(torch.tensor([int(hit is None)])).any()):
         hit = per_sample_losses(
             model, dataset, collate_fn=collate, batch_size=batch_size, reduction="tokens",
-            accelerator=ctx.accelerator, progress=ctx.log.is_main,
+            accelerator=ctx.accelerator, progress=pass_progress(ctx),
         )  # fmt: skip
         if store and ctx.log.is_main:
             store.save(key, hit)

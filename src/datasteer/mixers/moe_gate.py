@@ -70,7 +70,9 @@ class MoEGateMixer(Mixer):
         freeze_router: stop training the router modules named by router_modules (when training starts).
         router_modules: router module names (null = ["gate"]), matched exactly against a module's dotted name
             or its last part ("gate" freezes `mlp.gate`, never `gate_proj` or `shared_expert_gate`).
-        seed: seed of the choice of the measured rows.
+        seed: seed of the choice of the measured rows;
+            null (default): steering.seed plus a constant of this component, so runs with
+            different steering.seed draw differently.
     """
 
     def __init__(
@@ -82,7 +84,7 @@ class MoEGateMixer(Mixer):
         batch_size: int = 32,
         freeze_router: bool = False,
         router_modules: list[str] | None = None,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         if eta <= 0 or not 0.0 <= smoothing <= 1.0 or samples_per_domain < 1:
             raise ValueError("eta must be > 0, smoothing in [0, 1] and samples_per_domain >= 1")
@@ -103,7 +105,7 @@ class MoEGateMixer(Mixer):
     def setup(self, ctx: SteeringContext) -> None:
         if ctx.trainer is None:
             raise ConfigError("mixer 'moe_gate' measures router loads through the Trainer's model and collator")
-        self._rows = [self._subset(ds, d) for d, ds in enumerate(self._held_out_sets(ctx))]
+        self._rows = [self._subset(ds, d, self.run_seed(ctx)) for d, ds in enumerate(self._held_out_sets(ctx))]
         if self.freeze_router:
             self.frozen = self.freeze(unwrap(ctx.model, ctx.accelerator))
 
@@ -146,11 +148,11 @@ class MoEGateMixer(Mixer):
             )
         return [evals[d] for d in domains]
 
-    def _subset(self, dataset: Any, domain: int) -> Any:
+    def _subset(self, dataset: Any, domain: int, seed: int) -> Any:
         n = len(dataset)
         if n == 0:
             raise ConfigError(f"moe_gate: domain {domain} has no rows to measure router loads on")
-        rng = np.random.default_rng([self.seed, domain])
+        rng = np.random.default_rng([seed, domain])
         return dataset.select(np.sort(rng.permutation(n)[: self.samples_per_domain]))
 
     def state_dict(self) -> dict[str, Any]:

@@ -18,10 +18,12 @@ class RandomMixer(Mixer):
 
     Args:
         concentration: Dirichlet concentration α; large values stay near uniform, small ones are spiky.
-        seed: seed of the mixer's own generator.
+        seed: seed of the mixer's own generator;
+            null (default): steering.seed plus a constant of this component, so runs with
+            different steering.seed draw differently.
     """
 
-    def __init__(self, concentration: float = 1.0, seed: int = 0) -> None:
+    def __init__(self, concentration: float = 1.0, seed: int | None = None) -> None:
         if concentration <= 0:
             raise ValueError("concentration must be > 0")
         self.concentration = concentration
@@ -31,5 +33,5 @@ class RandomMixer(Mixer):
         return np.full(ctx.num_domains, 1.0 / ctx.num_domains)
 
     def update(self, ctx: SteeringContext) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, ctx.update_index])
+        rng = np.random.default_rng([self.run_seed(ctx), ctx.update_index])
         return rng.dirichlet(np.full(ctx.num_domains, self.concentration))

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 Collate = Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
+Progress = bool | Literal["log"]  # True: tqdm bar and info lines; "log": info lines only; False: neither
 MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
+LOG_EVERY = 0.1  # an info line each time another tenth of a pass's rows is done (and at its end)
+log = logging.getLogger("datasteer.ops")
 
 
 def row_lengths(dataset: Sequence, indices: np.ndarray) -> np.ndarray:
@@ -61,23 +66,62 @@ def run_plan(
     *,
     filler_row: int = 0,
     skip: frozenset[int] | set[int] = frozenset(),
-    progress: bool = False,
+    progress: Progress = False,
     desc: str = "",
 ) -> Iterator[tuple[int, np.ndarray, dict[str, torch.Tensor]]]:
     """Yield (position in plan, sample_ids (B,) int64, collated batch) for every batch not in `skip`.
 
     Ids are read from each row's `sample_id` (the row index when the dataset has none), not from the
-    collator, so any collator works. A filler batch is `dataset[filler_row]` with id -1.
+    collator, so any collator works. A filler batch is `dataset[filler_row]` with id -1. `progress`: True shows
+    a tqdm bar (counting rows) and logs an info line with the rows done and the ETA every tenth of the pass;
+    "log" only logs; the caller passes False on every rank but the main one.
     """
-    for pos, idx in enumerate(tqdm(plan, desc=desc, disable=not progress, leave=False)):
-        if pos in skip:
-            continue
-        if not len(idx):
-            yield pos, np.full(1, -1, dtype=np.int64), collate_fn([dataset[filler_row]])
-            continue
-        rows = [dataset[int(i)] for i in idx]
-        ids = np.array([int(r["sample_id"]) if "sample_id" in r else int(i) for r, i in zip(rows, idx)])
-        yield pos, ids, collate_fn(rows)
+    total = sum(len(idx) for pos, idx in enumerate(plan) if pos not in skip)
+    meter = PassProgress(desc, total, bar=progress is True) if progress else None
+    try:
+        for pos, idx in enumerate(plan):
+            if pos in skip:
+                continue
+            if not len(idx):
+                yield pos, np.full(1, -1, dtype=np.int64), collate_fn([dataset[filler_row]])
+                continue
+            rows = [dataset[int(i)] for i in idx]
+            ids = np.array([int(r["sample_id"]) if "sample_id" in r else int(i) for r, i in zip(rows, idx)])
+            yield pos, ids, collate_fn(rows)
+            if meter is not None:  # counted once the caller has processed the batch
+                meter.update(len(idx))
+    finally:
+        if meter is not None:
+            meter.close()
+
+
+class PassProgress:
+    """A pass's progress: a tqdm bar over its rows (optional) and info lines `desc: 1200/8600 rows (14%), 12 s,
+    ETA 75 s` each time another `LOG_EVERY` of the rows is done."""
+
+    def __init__(self, desc: str, total: int, bar: bool = True) -> None:
+        self.desc, self.total, self.done, self.start = desc or "pass", total, 0, time.perf_counter()
+        self.next_log = LOG_EVERY * total
+        self.bar = tqdm(total=total, desc=desc, unit="row", leave=False) if bar else None
+        log.info("%s: %d rows", self.desc, total)
+
+    def update(self, rows: int) -> None:
+        self.done += rows
+        if self.bar is not None:
+            self.bar.update(rows)
+        if self.done >= self.next_log and self.total:
+            elapsed = time.perf_counter() - self.start
+            eta = elapsed / self.done * (self.total - self.done)
+            log.info(
+                "%s: %d/%d rows (%.0f%%), %.1f s, ETA %.1f s",
+                self.desc, self.done, self.total, 100 * self.done / self.total, elapsed, eta,
+            )  # fmt: skip
+            while self.next_log <= self.done:
+                self.next_log += LOG_EVERY * self.total
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def iter_batches(
@@ -86,7 +130,7 @@ def iter_batches(
     collate_fn: Collate,
     batch_size: int,
     *,
-    progress: bool = False,
+    progress: Progress = False,
     desc: str = "",
     world: int = 1,
 ) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
@@ -144,5 +188,6 @@ def autocast(accelerator: Any | None) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def is_main(rank: int, progress: bool) -> bool:
-    return progress and rank == 0
+def is_main(rank: int, progress: Progress) -> Progress:
+    """`progress` on the main process, False on every other rank."""
+    return progress if rank == 0 else False

@@ -9,7 +9,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datasteer.ops.batching import Collate, autocast, device_of, eval_mode, is_main, iter_batches, model_inputs, unwrap
+from datasteer.ops.batching import (
+    Collate,
+    Progress,
+    autocast,
+    device_of,
+    eval_mode,
+    is_main,
+    iter_batches,
+    model_inputs,
+    unwrap,
+)
 from datasteer.ops.distributed import gather_rows, rank_world, shard
 from datasteer.ops.results import EmbeddingResult
 
@@ -53,7 +63,7 @@ def embeddings(
     batch_size: int = 32,
     text_column: str = "text",
     accelerator: Any | None = None,
-    progress: bool = True,
+    progress: Progress = True,
 ) -> EmbeddingResult:
     """One embedding per sample, gathered from all ranks by sample id.
 
@@ -120,6 +130,6 @@ def _encode_text(
     if not rows:
         return ids, torch.zeros(0, encoder.get_sentence_embedding_dimension())
     values = encoder.encode(
-        [r[text_column] for r in rows], batch_size=batch_size, convert_to_tensor=True, show_progress_bar=show
+        [r[text_column] for r in rows], batch_size=batch_size, convert_to_tensor=True, show_progress_bar=show is True
     )
     return ids, values.float().cpu()

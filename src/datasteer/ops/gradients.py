@@ -11,6 +11,10 @@ With x_t the layer input and δ_t the output gradient at position t, the weight 
 Σ_t δ_t x_tᵀ, so its Kronecker projection is Σ_t (P_outᵀ δ_t)(x_tᵀ P_in): no full per-sample gradient is formed and
 `.grad` is never written — so no DDP all-reduce hook can fire. Only a narrow or small layer (LoRA's A and B),
 where it is cheaper, forms its own small (out, in) per-sample gradient before projecting (`project_outer`).
+With Adam preconditioning a layer of at most `adam_exact_max_elements` weights gets exact Adam on each sample's
+own gradient, a larger one the factored approximation (`datasteer.ops.adam`). Which one is decided by the layer's
+shape alone, never by the batch: a sample's features do not depend on `batch_size` or on the other rows of its
+batch (per-sample gradients are formed in row chunks of at most `ROW_CHUNK_ELEMENTS` floats).
 exact: torch.func `vmap(grad)` over the rows of a batch (each row its own batch of one, so nothing mixes samples),
 full per-sample gradients, then a dense projection (or the same factored projection, or none). It is the
 reference the fast mode is tested against.
@@ -30,7 +34,17 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from datasteer.ops.adam import AdamState, adam_exact, adam_states, factored_preconditioner
-from datasteer.ops.batching import Collate, device_of, eval_mode, is_main, model_inputs, plan_batches, run_plan, unwrap
+from datasteer.ops.batching import (
+    Collate,
+    Progress,
+    device_of,
+    eval_mode,
+    is_main,
+    model_inputs,
+    plan_batches,
+    run_plan,
+    unwrap,
+)
 from datasteer.ops.distributed import gather_rows, rank_world, shard
 from datasteer.ops.projection import DenseProjection, FactoredProjection, Kind, Layout
 from datasteer.ops.results import FeatureResult
@@ -38,7 +52,8 @@ from datasteer.ops.resume import ResumablePass
 from datasteer.ops.store import FeatureStore
 from datasteer.ops.token_losses import token_losses
 
-ADAM_EXACT_MAX_ELEMENTS = 2**24  # B·out·in floats (64 MiB): below it fast mode forms the layer's per-sample grads
+ADAM_EXACT_MAX_ELEMENTS = 2**20  # out·in of a layer: at or below it fast mode forms its per-sample grads (exact Adam)
+ROW_CHUNK_ELEMENTS = 2**24  # per-sample grads formed at once (64 MiB of floats): larger batches go in row chunks
 
 
 def trainable_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
@@ -97,12 +112,20 @@ def fast_batch(
 def _layer_block(
     proj: FactoredProjection, name: str, delta: torch.Tensor, x: torch.Tensor, st: AdamState | None, limit: int
 ) -> torch.Tensor:
-    """One layer's (B, k_out*k_in) block; delta (B, T, out), x (B, T, in) masked."""
+    """One layer's (B, k_out*k_in) block; delta (B, T, out), x (B, T, in) masked.
+
+    Exact or factored Adam is chosen from the layer's size (out·in ≤ `limit`), never from B, so every row gets the
+    same math whatever batch it is in; exact Adam forms the per-sample gradients in chunks of rows."""
     if st is None:
         return proj.project_outer(name, delta, x)
-    if delta.shape[0] * delta.shape[-1] * x.shape[-1] <= limit:  # small layer: exact Adam on real grads
-        grads = torch.einsum("bto,bti->boi", delta.float(), x.float())
-        return proj.project_matrix(name, adam_exact(grads, st))
+    size = delta.shape[-1] * x.shape[-1]
+    if size <= limit:  # small layer: exact Adam on each row's own gradient
+        rows = max(1, ROW_CHUNK_ELEMENTS // size)
+        parts = [
+            proj.project_matrix(name, adam_exact(torch.einsum("bto,bti->boi", d.float(), a.float()), st))
+            for d, a in zip(delta.split(rows), x.split(rows))
+        ]
+        return torch.cat(parts)
     pre = factored_preconditioner(st)
     sq_norms = _sq_grad_norms(delta, x)
     const = proj.project_matrix(name, pre.const[None])  # (1, K), the same for every sample
@@ -180,7 +203,7 @@ def gradient_features(
     block: int | None = 16,
     layout: Layout = "sum",
     accelerator: Any | None = None,
-    progress: bool = True,
+    progress: Progress = True,
     adam_exact_max_elements: int = ADAM_EXACT_MAX_ELEMENTS,
     store: FeatureStore | None = None,
     store_key: str | None = None,
@@ -201,7 +224,9 @@ def gradient_features(
         loss_reduction: each sample's own loss, "mean" or "sum" over its supervised tokens.
         projection: exact mode only: "dense" (default), "factored" (fast mode's own map), or "none" (raw grads).
         accelerator: shards rows over ranks and gathers; None computes all rows locally.
-        adam_exact_max_elements: fast mode forms a layer's per-sample grads for exact Adam when B·out·in ≤ this.
+        progress: True: tqdm bar and info lines (rows done, ETA) on the main process; "log": the lines only.
+        adam_exact_max_elements: fast mode preconditions a layer with exact Adam (on its per-sample grads) when the
+            layer has at most this many weights (out·in), else with the factored approximation; 0: always factored.
         store, store_key: cache the result under `store_key` (build it with `FeatureStore.key` from the model, the
             dataset and every argument above — including the optimizer's state when preconditioning); a hit is
             returned at once, and an interrupted pass resumes from its saved chunks of `chunk_batches` batches.

@@ -8,7 +8,17 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from datasteer.ops.batching import Collate, autocast, device_of, eval_mode, is_main, iter_batches, model_inputs, unwrap
+from datasteer.ops.batching import (
+    Collate,
+    Progress,
+    autocast,
+    device_of,
+    eval_mode,
+    is_main,
+    iter_batches,
+    model_inputs,
+    unwrap,
+)
 from datasteer.ops.distributed import gather_rows, rank_world, shard
 from datasteer.ops.results import LossResult
 from datasteer.ops.token_losses import token_losses
@@ -49,7 +59,7 @@ def per_sample_losses(
     batch_size: int = 32,
     reduction: Reduction = "mean",
     accelerator: Any | None = None,
-    progress: bool = True,
+    progress: Progress = True,
 ) -> LossResult:
     """The loss of every sample of `dataset` under `model`, gathered from all ranks.
 
@@ -65,7 +75,7 @@ def per_sample_losses(
         batch_size: rows per forward pass.
         reduction: "mean" | "sum" over each sample's supervised tokens, or "tokens" (see `reduce_token_losses`).
         accelerator: shards rows over `num_processes` and gathers results; None scores all rows locally.
-        progress: tqdm bar, shown on the main process only.
+        progress: True: tqdm bar and info lines (rows done, ETA) on the main process; "log": the lines only.
 
     Returns:
         LossResult with ids (N,) sorted ascending and values (N,) float32 (or a list of N tensors for "tokens").

@@ -20,7 +20,7 @@ import torch
 
 Kind = Literal["rademacher", "gaussian"]
 Layout = Literal["sum", "split"]
-MATRIX_ROUTE_MAX_ELEMENTS = 2**26  # B·out·in floats (256 MiB): the most `project_outer` forms at once
+MATRIX_ROUTE_MAX_ELEMENTS = 2**26  # floats (256 MiB): the most per-sample grads `project_outer` forms at once
 
 
 def random_matrix(rows: int, cols: int, seed: int, kind: Kind = "rademacher") -> torch.Tensor:
@@ -100,7 +100,9 @@ class FactoredProjection:
         Through the tokens (`project_factors`) costs T·(out·R·k_out + in·R·k_in) per sample, and R·k_in ≥
         budget / out: for a narrow layer such as LoRA's A (out = rank) that is a full in x budget matmul per token.
         Forming the (out, in) gradient first (`project_matrix`) collapses the tokens before projecting, and wins
-        for such layers and for small ones; for wide layers the token route is far cheaper and never forms g.
+        for such layers and for small ones; for wide layers the token route is far cheaper and never forms g. The
+        route depends on the layer's shape and the padded length only, never on B: the matrix route forms the
+        gradients of as many rows at a time as fit in MATRIX_ROUTE_MAX_ELEMENTS.
 
         Args:
             delta: (B, T, out) gradient of the sample losses w.r.t. the layer output.
@@ -109,11 +111,16 @@ class FactoredProjection:
         Returns:
             (B, R * k_out * k_in) float32.
         """
-        slot, (out, inn), (b, t) = self.slots[name], self.shapes[name], delta.shape[:2]
+        slot, (out, inn), t = self.slots[name], self.shapes[name], delta.shape[1]
         tokens = t * (out * slot.blocks * slot.k_out + inn * slot.blocks * slot.k_in + slot.size)
         matrix = t * out * inn + out * inn * slot.blocks * min(slot.k_in, slot.k_out) + min(out, inn) * slot.size
-        if matrix < tokens and b * out * inn <= MATRIX_ROUTE_MAX_ELEMENTS:
-            return self.project_matrix(name, torch.einsum("bto,bti->boi", delta.float(), x.float()))
+        if matrix < tokens and out * inn <= MATRIX_ROUTE_MAX_ELEMENTS:
+            rows = max(1, MATRIX_ROUTE_MAX_ELEMENTS // (out * inn))
+            parts = [
+                self.project_matrix(name, torch.einsum("bto,bti->boi", d.float(), a.float()))
+                for d, a in zip(delta.split(rows), x.split(rows))
+            ]
+            return torch.cat(parts)
         return self.project_factors(name, delta, x)
 
     def project_factors(self, name: str, delta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

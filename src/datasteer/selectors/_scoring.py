@@ -7,7 +7,9 @@
 - `draw_distinct`: k distinct rows, drawn one after another with probability proportional to weights.
 - `ScoredSelector`: keeps each selection's score summary in the selector state, so in every checkpoint.
 - `dataset_losses` / `precomputed_scores`: the same scores computed offline (`datasteer score`) or read back
-  from a score file (`datasteer.scores`), in pool row order.
+  from a score file (`datasteer.scores`), in pool row order, checked row by row against the pool's content.
+- `ScoreFileSelector`: the `scores_file` / `scores_strict` parameters of `loss`, `ifd`, `near` and `tsds`: the
+  file is read and checked in `check_pool`, once the pool is built and before the model is loaded.
 
 Everything here is a pure function of its inputs and of a generator the caller seeds with
 `selector_rng` — never the global RNG — so selections are identical on every rank and after a resume.
@@ -22,7 +24,7 @@ import numpy as np
 from datasteer.components import Selection, Selector
 from datasteer.errors import DatasteerError
 from datasteer.ops import per_sample_losses
-from datasteer.scores import ScoringInputs, align_scores, pool_fingerprint, read_scores
+from datasteer.scores import ScoringInputs, align_scores, check_method, read_scores, row_fingerprints
 from datasteer.steering import SteeringContext
 
 Focus = Literal["low", "medium", "high"]
@@ -62,15 +64,50 @@ def dataset_losses(inputs: ScoringInputs, batch_size: int = 32) -> np.ndarray:
     return result.lookup(inputs.pool_ids).double().numpy()
 
 
-def precomputed_scores(ctx: SteeringContext, path: str, method: str) -> np.ndarray:
-    """The scores of score file `path` in pool row order, (N,) float64; errors name any id mismatch.
+def precomputed_scores(rows: Any, pool_ids: np.ndarray, path: str, method: str, strict: bool = True) -> np.ndarray:
+    """The scores of score file `path` in pool row order, (N,) float64.
 
-    Read at setup, before training, so a wrong file fails at once; every rank reads the same file.
+    `rows` are the pool's rows (`pool.train`: a datasets.Dataset or TokenBlocks) in the order of `pool_ids`;
+    each row's content fingerprint is checked against the file's row of the same id (`align_scores`: an error,
+    or with `strict=False` a warning). The cheap checks (the file exists, is readable, holds `method` scores)
+    come before the pass over the rows. Every rank reads the same file.
     """
-    fingerprint = pool_fingerprint(ctx.dataset) if ctx.dataset is not None else None
-    return align_scores(
-        read_scores(path, f"selector '{method}': scores_file"), ctx.pool.sample_ids, method, fingerprint
-    )
+    where = f"selector '{method}': scores_file"
+    file = read_scores(path, where)
+    check_method(file, method)
+    fingerprints = row_fingerprints(rows)
+    return align_scores(file, pool_ids, method, fingerprints, strict, strict_key=f"selector '{method}': scores_strict")
+
+
+class ScoreFileSelector(Selector):
+    """A selector that can take its scores from a `datasteer score` file (`scores_file`, `scores_strict`).
+
+    `check_pool` reads and checks the file as soon as the pool is built (before `datasteer train` loads the
+    model); `file_scores` returns those scores, reading them at `setup` where nothing called `check_pool`.
+    """
+
+    scores_file: str | None = None
+    scores_strict: bool = True
+    _file_scores: np.ndarray | None = None  # (N,) the file's scores in pool row order, once read
+
+    def check_pool(self, pool: Any) -> None:
+        """Read and check `scores_file` against the built pool, so a wrong file fails before the model loads."""
+        if self.scores_file is not None:
+            self._file_scores = precomputed_scores(
+                pool.train, pool.sample_ids, self.scores_file, self.registered_name, self.scores_strict
+            )
+
+    def file_scores(self, ctx: SteeringContext) -> np.ndarray:
+        """The checked scores of `scores_file` in pool row order: (N,) float64."""
+        if self._file_scores is None:
+            if ctx.dataset is None:
+                raise DatasteerError(
+                    f"selector '{self.registered_name}': checking scores_file needs the pool's rows; none is attached"
+                )
+            self._file_scores = precomputed_scores(
+                ctx.dataset, ctx.pool.sample_ids, self.scores_file, self.registered_name, self.scores_strict
+            )
+        return self._file_scores
 
 
 def top_k(scores: np.ndarray, ids: np.ndarray, k: int, largest: bool = True) -> np.ndarray:

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from datasteer.components import pass_progress
 from datasteer.distributed import broadcast_object
 from datasteer.ops import FeatureStore, embeddings
 from datasteer.registry import register
@@ -85,7 +86,9 @@ class ClusterLessSelector(LessSelector):
         exclude_selected: never select a sample that an earlier update selected.
         subtask_column: target column naming subtasks (max over subtasks, mean within one).
         batch_size: rows per pass of the gradient features and embeddings.
-        seed: seed of k-means, the random projection and the tie-breaking.
+        seed: seed of k-means, the random projection and the tie-breaking;
+            null (default): steering.seed plus a constant of this component, so runs with
+            different steering.seed draw differently.
     """
 
     def __init__(
@@ -102,7 +105,7 @@ class ClusterLessSelector(LessSelector):
         exclude_selected: bool = False,
         subtask_column: str = "subtask",
         batch_size: int = 16,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__(proj_dim, precondition, checkpoints, exclude_selected, subtask_column, batch_size, seed)
         if num_clusters < 1 or reps_per_cluster < 1:
@@ -131,7 +134,7 @@ class ClusterLessSelector(LessSelector):
         emb = self._embeddings(ctx)
         x = emb.lookup(ctx.pool.sample_ids).numpy()
         k = min(self.num_clusters, len(x))
-        labels, centroids = kmeans(x, k, self.seed, self.backend)
+        labels, centroids = kmeans(x, k, self.run_seed(ctx), self.backend)
         return labels, representatives(x, labels, centroids, self.reps_per_cluster)
 
     def _embeddings(self, ctx: SteeringContext) -> Any:
@@ -142,7 +145,7 @@ class ClusterLessSelector(LessSelector):
             batch_size=self.batch_size,
             text_column=self.text_column,
             accelerator=ctx.accelerator,
-            progress=False,
+            progress=pass_progress(ctx),
         )
         if self.cache_dir is None:
             return embeddings(source, ctx.dataset, **kwargs)

@@ -75,7 +75,9 @@ class DeltaLossSelector(ScoredSelector):
             ranking mid-training, small ones move almost linearly.
         outside_weight: weight of a sample outside the window relative to one inside (sample mode).
         batch_size: rows per forward pass when scoring the pool.
-        seed: seed of the selector's draws (mixed with steering.seed and the update index).
+        seed: seed of the selector's draws (mixed with steering.seed and the update index);
+            null (default): steering.seed plus a constant of this component, so runs with
+            different steering.seed draw differently.
     """
 
     def __init__(
@@ -86,7 +88,7 @@ class DeltaLossSelector(ScoredSelector):
         steepness: float = 10.0,
         outside_weight: float = 0.025,
         batch_size: int = 32,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         if not 0 < window <= 1 or steepness <= 0 or outside_weight < 0 or batch_size < 1:
@@ -115,7 +117,7 @@ class DeltaLossSelector(ScoredSelector):
 
     def select(self, ctx: SteeringContext, budget: int) -> Selection:
         losses = pool_losses(ctx, batch_size=self.batch_size)
-        rng = selector_rng(self.seed, ctx)
+        rng = selector_rng(self.run_seed(ctx), ctx)
         if self.reference_losses is None:  # warmup_end: this update records the reference and picks at random
             self.reference_losses = losses
             rows = draw_distinct(np.isfinite(losses).astype(np.float64), budget, rng)

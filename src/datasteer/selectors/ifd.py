@@ -29,7 +29,7 @@ from datasteer.errors import ConfigError, DatasteerError
 from datasteer.ops.conditioning import has_prompt, prompt_conditioning_losses
 from datasteer.registry import register
 from datasteer.scores import ScoringInputs
-from datasteer.selectors._scoring import ScoredSelector, precomputed_scores, top_k
+from datasteer.selectors._scoring import ScoredSelector, ScoreFileSelector, top_k
 from datasteer.steering import SteeringContext
 
 
@@ -57,7 +57,7 @@ def start_tokens(tokenizer: Any) -> list[int]:
 
 
 @register("selector", "ifd")
-class IfdSelector(ScoredSelector):
+class IfdSelector(ScoreFileSelector, ScoredSelector):
     """Selects the rows whose prompt helps least while still helping: highest IFD below max_ifd (Li et al. 2024).
 
     Needs an sft pool (prompt tokens masked out of the labels). IFD = loss(response | prompt) / loss(response).
@@ -67,12 +67,20 @@ class IfdSelector(ScoredSelector):
         refresh: rescore the pool with the training model at every update; false = score once at the first
             update and keep the scores (in the checkpoint).
         scores_file: a score file from `datasteer score ifd CONFIG --out FILE`; its scores are used instead of
-            the training model's (the paper's offline setting). Its ids must be the pool's.
+            the training model's (the paper's offline setting). Its ids and rows must be the pool's.
+        scores_strict: a scores_file whose row under some id holds other tokens than the pool's row of that id
+            (an edited source, another dataset with as many rows, another tokenizer), or a file without row
+            fingerprints, is an error; false = use its scores by id anyway, with a warning.
         batch_size: rows per forward pass (two passes per scoring: with and without the prompts).
     """
 
     def __init__(
-        self, max_ifd: float = 1.0, refresh: bool = True, scores_file: str | None = None, batch_size: int = 32
+        self,
+        max_ifd: float = 1.0,
+        refresh: bool = True,
+        scores_file: str | None = None,
+        scores_strict: bool = True,
+        batch_size: int = 32,
     ) -> None:
         super().__init__()
         if not max_ifd > 0:
@@ -80,13 +88,14 @@ class IfdSelector(ScoredSelector):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.max_ifd, self.refresh, self.scores_file, self.batch_size = float(max_ifd), refresh, scores_file, batch_size
+        self.scores_strict = scores_strict
         self.scores: np.ndarray | None = None  # (N,) the IFD of every pool row at the last scoring
         self._prompted: np.ndarray | None = None  # (N,) bool, which rows have a prompt (the pool never changes)
 
     def setup(self, ctx: SteeringContext) -> None:
         """Fail before training: a bad score file, no tokenizer, or a pool without a single prompt."""
         if self.scores_file is not None:
-            self.scores = precomputed_scores(ctx, self.scores_file, "ifd")
+            self.scores = self.file_scores(ctx)
             return
         self.prompted(ScoringInputs.from_context(ctx))
 

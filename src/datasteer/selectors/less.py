@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datasteer.components import Selection, Selector, StepRecord
+from datasteer.components import Selection, Selector, StepRecord, pass_progress
 from datasteer.distributed import broadcast_object
 from datasteer.errors import DatasteerError
 from datasteer.ops import gradient_features
@@ -119,8 +119,11 @@ class LessSelector(Selector):
         exclude_selected: never select (nor score) a sample that an earlier update selected.
         subtask_column: target column naming each row's subtask; scores take the max over subtasks of the
             mean cosine within a subtask. Without the column the target set is one subtask.
-        batch_size: rows per forward/backward pass of the gradient features.
-        seed: seed of the random projection and of the tie-breaking.
+        batch_size: rows per forward/backward pass of the gradient features (speed and memory only: a
+            sample's features, and so the scores, do not depend on it).
+        seed: seed of the random projection and of the tie-breaking;
+            null (default): steering.seed plus a constant of this component, so runs with
+            different steering.seed draw differently.
     """
 
     requires_target: ClassVar[bool] = True
@@ -133,7 +136,7 @@ class LessSelector(Selector):
         exclude_selected: bool = False,
         subtask_column: str = "subtask",
         batch_size: int = 16,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         if proj_dim < 1 or batch_size < 1 or (checkpoints is not None and checkpoints < 1):
             raise ValueError("proj_dim and batch_size must be >= 1, checkpoints >= 1 (or null)")
@@ -215,10 +218,10 @@ class LessSelector(Selector):
         return dict(
             collate_fn=ctx.collate_fn,
             proj_dim=self.proj_dim,
-            seed=self.seed,
+            seed=self.run_seed(ctx),
             batch_size=self.batch_size,
             accelerator=ctx.accelerator,
-            progress=False,
+            progress=pass_progress(ctx),
         )
 
     def _optimizer(self, ctx: SteeringContext) -> torch.optim.Optimizer | None:
@@ -243,7 +246,7 @@ class LessSelector(Selector):
         ids = ctx.pool.sample_ids
         if self.exclude_selected and self.selected:
             scores = np.where(np.isin(ids, np.fromiter(self.selected, dtype=np.int64)), np.nan, scores)
-        pos = top_budget(scores, budget, [self.seed, ctx.seed, ctx.update_index])
+        pos = top_budget(scores, budget, [self.run_seed(ctx), ctx.seed, ctx.update_index])
         chosen, chosen_scores = broadcast_object((ids[pos], scores[pos]))
         if len(chosen) == 0:
             raise DatasteerError(f"selector '{self.name}' has no sample left to select")

@@ -28,12 +28,12 @@ from datasteer.scores import ScoringInputs
 from datasteer.selectors._scoring import (
     Focus,
     ScoredSelector,
+    ScoreFileSelector,
     dataset_losses,
     draw_distinct,
     focus_top_k,
     focus_weights,
     pool_losses,
-    precomputed_scores,
     selector_rng,
 )
 from datasteer.steering import SteeringContext
@@ -57,7 +57,7 @@ def impute_by_domain(losses: np.ndarray, domains: np.ndarray, num_domains: int) 
 
 
 @register("selector", "loss")
-class LossSelector(ScoredSelector):
+class LossSelector(ScoreFileSelector, ScoredSelector):
     """Selects by each sample's current loss, favouring the low, medium or high loss tertile.
 
     Args:
@@ -75,9 +75,15 @@ class LossSelector(ScoredSelector):
             the pool); "observed" uses each sample's loss from the step it was last trained on (free, but
             stale; never-seen samples take their domain's mean).
         scores_file: a score file from `datasteer score loss CONFIG --out FILE`: fixed losses computed offline
-            (by the model that config loads) replace the pass; its ids must be the pool's. Needs source "pass".
+            (by the model that config loads) replace the pass; its ids and rows must be the pool's. Needs source
+            "pass".
+        scores_strict: a scores_file whose row under some id holds other tokens than the pool's row of that id
+            (an edited source, another dataset with as many rows, another tokenizer), or a file without row
+            fingerprints, is an error; false = use its scores by id anyway, with a warning.
         batch_size: rows per forward pass of the "pass".
-        seed: seed of the selector's draws (mixed with steering.seed and the update index).
+        seed: seed of the selector's draws (mixed with steering.seed and the update index);
+            null (default): steering.seed plus a constant of this component, so runs with
+            different steering.seed draw differently.
     """
 
     def __init__(
@@ -90,8 +96,9 @@ class LossSelector(ScoredSelector):
         replacement: bool = False,
         source: Literal["pass", "observed"] = "pass",
         scores_file: str | None = None,
+        scores_strict: bool = True,
         batch_size: int = 32,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         if focus_weight < 1 or temperature <= 0:
@@ -108,14 +115,15 @@ class LossSelector(ScoredSelector):
         self.focus_weight, self.temperature = float(focus_weight), float(temperature)
         self.quantiles = (float(quantiles[0]), float(quantiles[1]))
         self.replacement, self.source, self.scores_file = replacement, source, scores_file
+        self.scores_strict = scores_strict
         self.batch_size, self.seed = batch_size, seed
         self.observed: np.ndarray | None = None  # (N,) last observed loss per pool row, NaN = never seen
         self.precomputed: np.ndarray | None = None  # (N,) the scores_file's losses, in pool order
 
     def setup(self, ctx: SteeringContext) -> None:
-        """Read and check the score file before training, so a file of another pool fails at once."""
+        """The score file's losses (read and checked by `check_pool` before the model was loaded)."""
         if self.scores_file is not None:
-            self.precomputed = precomputed_scores(ctx, self.scores_file, "loss")
+            self.precomputed = self.file_scores(ctx)
 
     def observe(self, ctx: SteeringContext, record: StepRecord) -> None:
         """Remember each trained sample's loss (observed source only; the record is the same on all ranks)."""
@@ -148,7 +156,7 @@ class LossSelector(ScoredSelector):
         if self.replacement:
             rows = np.flatnonzero(w > 0)
             return self.finish(ctx, rows, losses[rows], probs=w[rows])
-        rows = draw_distinct(w, budget, selector_rng(self.seed, ctx))
+        rows = draw_distinct(w, budget, selector_rng(self.run_seed(ctx), ctx))
         return self.finish(ctx, rows, losses[rows])
 
     def state_dict(self) -> dict[str, Any]:

@@ -25,13 +25,13 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
-from datasteer.components import Selection, Selector
+from datasteer.components import Selection
 from datasteer.distributed import broadcast_object, gather_varlen
 from datasteer.errors import ConfigError
 from datasteer.ops import EmbeddingResult, FeatureStore, dataset_fingerprint, embeddings, model_fingerprint
 from datasteer.registry import register
 from datasteer.scores import ScoringInputs
-from datasteer.selectors._scoring import precomputed_scores, top_k
+from datasteer.selectors._scoring import ScoreFileSelector, top_k
 from datasteer.steering import SteeringContext
 
 MODEL = "model"  # `encoder` value meaning: the training model's own hidden states
@@ -217,7 +217,7 @@ class Embedder:
 
 
 @register("selector", "near")
-class NearSelector(Selector):
+class NearSelector(ScoreFileSelector):
     """Nearest neighbours of the target samples (faiss), round-robin over the targets, without duplicates.
 
     Each target in turn takes its nearest pool sample not taken yet, until `budget` samples are selected;
@@ -234,7 +234,10 @@ class NearSelector(Selector):
         batch_size: rows per embedding forward pass.
         cache_dir: feature-store folder for sentence-encoder embeddings, cached by content; null = none.
         scores_file: a score file from `datasteer score near CONFIG --out FILE` (round-robin priorities computed
-            offline): the budget highest are selected, nothing is embedded. Its ids must be the pool's.
+            offline): the budget highest are selected, nothing is embedded. Its ids and rows must be the pool's.
+        scores_strict: a scores_file whose row under some id holds other tokens than the pool's row of that id
+            (an edited source, another dataset with as many rows, another tokenizer), or a file without row
+            fingerprints, is an error; false = use its scores by id anyway, with a warning.
     """
 
     requires_target: ClassVar[bool] = True
@@ -249,16 +252,17 @@ class NearSelector(Selector):
         batch_size: int = 32,
         cache_dir: str | None = ".cache/datasteer/ops",
         scores_file: str | None = None,
+        scores_strict: bool = True,
     ) -> None:
         self.embedder = Embedder(encoder, layer, pooling, text_column, batch_size, cache_dir)
-        self.refresh, self.scores_file = refresh, scores_file
+        self.refresh, self.scores_file, self.scores_strict = refresh, scores_file, scores_strict
         self.precomputed: np.ndarray | None = None  # (N,) the scores_file's priorities, in pool order
         self.last: Selection | None = None
         self.computed_at = -1  # optimizer step after which `last` was computed
 
     def setup(self, ctx: SteeringContext) -> None:
         if self.scores_file is not None:
-            self.precomputed = precomputed_scores(ctx, self.scores_file, "near")
+            self.precomputed = self.file_scores(ctx)
         else:
             self.embedder.check(ctx, "near")
 

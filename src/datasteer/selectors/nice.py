@@ -80,7 +80,9 @@ class NiceSelector(LessSelector):
         exclude_selected: never select (nor score) a sample that an earlier update selected.
         subtask_column: target column naming subtasks (max over subtasks, mean within one).
         batch_size: rows per forward/backward pass of the gradient features.
-        seed: seed of the sampling, the random projection and the tie-breaking.
+        seed: seed of the sampling, the random projection and the tie-breaking;
+            null (default): steering.seed plus a constant of this component, so runs with
+            different steering.seed draw differently.
     """
 
     def __init__(
@@ -101,7 +103,7 @@ class NiceSelector(LessSelector):
         exclude_selected: bool = False,
         subtask_column: str = "subtask",
         batch_size: int = 16,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__(proj_dim, precondition, checkpoints, exclude_selected, subtask_column, batch_size, seed)
         if num_samples < 1 or max_new_tokens < 1 or generation_batch_size < 1:
@@ -125,7 +127,7 @@ class NiceSelector(LessSelector):
         gens = generate(
             ctx.model, prompt_ids, row_ids(target)[order], num_samples=self.num_samples,
             max_new_tokens=self.max_new_tokens, pad_token_id=_pad_id(tok), eos_token_id=tok.eos_token_id,
-            temperature=self.temperature, top_p=self.top_p, seed=self.seed * 1_000_003 + ctx.update_index,
+            temperature=self.temperature, top_p=self.top_p, seed=self.run_seed(ctx) * 1_000_003 + ctx.update_index,
             batch_size=self.generation_batch_size, accelerator=ctx.accelerator,
         )  # fmt: skip
         responses = gens.values  # gens.ids == row_ids(target)[order]

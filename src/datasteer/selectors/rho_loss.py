@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from datasteer.components import Selection
+from datasteer.components import Selection, pass_progress
 from datasteer.distributed import gather_varlen
 from datasteer.errors import ConfigError
 from datasteer.ops import FeatureStore, LossResult, per_sample_losses
@@ -51,7 +51,9 @@ class RhoLossSelector(ScoredSelector):
             random samples (no selection).
         batch_size: rows per forward pass (candidates under the training model; the pool once under the IL model).
         cache_dir: feature-store folder where the IL losses are cached by model and data content; null = none.
-        seed: seed of the candidate draws (mixed with steering.seed and the update index).
+        seed: seed of the candidate draws (mixed with steering.seed and the update index);
+            null (default): steering.seed plus a constant of this component, so runs with
+            different steering.seed draw differently.
     """
 
     def __init__(
@@ -60,7 +62,7 @@ class RhoLossSelector(ScoredSelector):
         keep_fraction: float = 0.1,
         batch_size: int = 32,
         cache_dir: str | None = ".cache/datasteer/ops",
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         if not 0 < keep_fraction <= 1 or batch_size < 1:
@@ -84,7 +86,7 @@ class RhoLossSelector(ScoredSelector):
     def select(self, ctx: SteeringContext, budget: int) -> Selection:
         n = len(ctx.pool.sample_ids)
         n_candidates = min(n, math.ceil(budget / self.keep_fraction))
-        rng = selector_rng(self.seed, ctx)
+        rng = selector_rng(self.run_seed(ctx), ctx)
         candidates = np.sort(rng.choice(n, size=n_candidates, replace=False))
         reducible = pool_losses(ctx, candidates, self.batch_size) - self.irreducible[candidates]
         keep = top_k(reducible, ctx.pool.sample_ids[candidates], budget)
@@ -113,7 +115,7 @@ def irreducible_losses(ctx: SteeringContext, folder: str, batch_size: int, cache
     if bool(gather_varlen(torch.tensor([int(hit is None)])).any()):
         hit = per_sample_losses(
             model, ctx.dataset, collate_fn=ctx.collate_fn, batch_size=batch_size,
-            accelerator=ctx.accelerator, progress=ctx.log.is_main,
+            accelerator=ctx.accelerator, progress=pass_progress(ctx),
         )  # fmt: skip
         if store and ctx.log.is_main:
             store.save(key, hit)

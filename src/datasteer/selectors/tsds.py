@@ -27,12 +27,12 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
-from datasteer.components import Selection, Selector
+from datasteer.components import Selection
 from datasteer.distributed import broadcast_object
 from datasteer.errors import DatasteerError
 from datasteer.registry import register
 from datasteer.scores import ScoringInputs
-from datasteer.selectors._scoring import precomputed_scores
+from datasteer.selectors._scoring import ScoreFileSelector
 from datasteer.selectors.near import MODEL, Embedder, nearest
 from datasteer.steering import SteeringContext
 
@@ -136,7 +136,7 @@ def tsds_probabilities(
 
 
 @register("selector", "tsds")
-class TsdsSelector(Selector):
+class TsdsSelector(ScoreFileSelector):
     """Optimal-transport alignment to the target set with a KDE diversity regulariser (TSDS, Liu et al. 2024).
 
     Produces sampling probabilities; the sampler draws the window i.i.d. from them (with replacement).
@@ -162,7 +162,10 @@ class TsdsSelector(Selector):
         batch_size: rows per embedding forward pass.
         cache_dir: feature-store folder for sentence-encoder embeddings, cached by content; null = none.
         scores_file: a score file from `datasteer score tsds CONFIG --out FILE` (the probabilities computed
-            offline): the window is drawn from them, nothing is embedded. Its ids must be the pool's.
+            offline): the window is drawn from them, nothing is embedded. Its ids and rows must be the pool's.
+        scores_strict: a scores_file whose row under some id holds other tokens than the pool's row of that id
+            (an edited source, another dataset with as many rows, another tokenizer), or a file without row
+            fingerprints, is an error; false = use its scores by id anyway, with a warning.
     """
 
     requires_target: ClassVar[bool] = True
@@ -183,6 +186,7 @@ class TsdsSelector(Selector):
         batch_size: int = 32,
         cache_dir: str | None = ".cache/datasteer/ops",
         scores_file: str | None = None,
+        scores_strict: bool = True,
     ) -> None:
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -193,21 +197,32 @@ class TsdsSelector(Selector):
         self.alpha, self.C, self.sigma, self.scale = alpha, C, sigma, scale
         self.max_K, self.kde_K = max_K, kde_K
         self.embedder = Embedder(encoder, layer, pooling, text_column, batch_size, cache_dir)
-        self.refresh, self.scores_file = refresh, scores_file
+        self.refresh, self.scores_file, self.scores_strict = refresh, scores_file, scores_strict
         self.last: Selection | None = None
         self.computed_at = -1  # optimizer step after which `last` was computed
+
+    def check_pool(self, pool: Any) -> None:
+        """Read and check `scores_file` before the model is loaded, including that it gives some row a probability."""
+        super().check_pool(pool)
+        if self._file_scores is not None:
+            self._support(self._file_scores)
 
     def setup(self, ctx: SteeringContext) -> None:
         if self.scores_file is None:
             self.embedder.check(ctx, "tsds")
             return
-        probs = precomputed_scores(ctx, self.scores_file, "tsds")
-        support = np.flatnonzero(probs > 0)  # NaN > 0 is False
-        if support.size == 0:
-            raise DatasteerError(f"selector 'tsds': scores_file '{self.scores_file}' gives no sample a probability > 0")
+        probs = self.file_scores(ctx)
+        support = self._support(probs)
         ids = ctx.pool.sample_ids[support]
         self.last = Selection(ids=ids, probs=probs[support], scores=probs[support])
         self.refresh = False  # fixed probabilities: every update keeps them
+
+    def _support(self, probs: np.ndarray) -> np.ndarray:
+        """Pool rows with a probability > 0 in a score file's probabilities; none is an error."""
+        support = np.flatnonzero(probs > 0)  # NaN > 0 is False
+        if support.size == 0:
+            raise DatasteerError(f"selector 'tsds': scores_file '{self.scores_file}' gives no sample a probability > 0")
+        return support
 
     def offline_scores(self, inputs: ScoringInputs) -> np.ndarray:
         """`datasteer score tsds`: p_i of every pool row (0 outside the support), (N,) in pool order."""

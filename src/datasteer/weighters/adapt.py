@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from datasteer.components import StepRecord, Weighter
+from datasteer.components import StepRecord, Weighter, pass_progress
 from datasteer.errors import ConfigError
 from datasteer.ops.embeddings import embeddings
 from datasteer.registry import register
@@ -120,7 +120,7 @@ class AdaptWeighter(Weighter):
             normalize=True,
             batch_size=self.anchor_batch_size,
             accelerator=ctx.accelerator,
-            progress=False,
+            progress=pass_progress(ctx),
         )
         self.centroid = anchor_centroid(result.values)
         self.refreshed_at = ctx.step

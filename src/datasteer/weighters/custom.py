@@ -53,12 +53,19 @@ class DomainWeighter(Weighter):
         self.ramp_steps = ramp_steps
         self.table: torch.Tensor | None = None  # (K,) target weight of each domain index
 
+    def check_pool(self, pool: Any) -> None:
+        """Check the domain names as soon as the pool is built, before `datasteer train` loads the model."""
+        self._check_domains(list(pool.domains))
+
     def setup(self, ctx: SteeringContext) -> None:
         """Resolve domain names to indices once, failing with the valid names on a typo."""
-        unknown = sorted(set(self.domain_weights) - set(ctx.pool.domains))
-        if unknown:
-            raise ConfigError(f"weighter 'custom': unknown domain(s) {unknown}; the domains are {ctx.pool.domains}")
+        self._check_domains(list(ctx.pool.domains))
         self.table = torch.tensor([float(self.domain_weights.get(d, 1.0)) for d in ctx.pool.domains])
+
+    def _check_domains(self, domains: list[str]) -> None:
+        unknown = sorted(set(self.domain_weights) - set(domains))
+        if unknown:
+            raise ConfigError(f"weighter 'custom': unknown domain(s) {unknown}; the domains are {domains}")
 
     def weights(self, ctx: SteeringContext, losses: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(N,) weights: each sample gets its domain's weight, blended with 1 during the ramp."""
