@@ -69,3 +69,20 @@ def test_no_cache_dir_writes_nothing(tmp_path: Path, monkeypatch) -> None:
     pool = build_pool(cfg, make_tokenizer())
     assert not pool.from_cache and len(pool.fingerprint) == 64
     assert os.listdir(tmp_path) == []
+
+
+def test_prepare_encodes_once_and_later_runs_only_open_the_pool(tmp_path: Path, capsys) -> None:
+    import yaml
+
+    from datasteer.cli import main
+
+    data = {"kind": "pretrain", "demo": {"samples_per_domain": 30}, "block_size": 16, "cache_dir": str(tmp_path / "c")}
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"demo": True}, "data": data, "train": {"output_dir": str(tmp_path)}}))
+    assert main(["prepare", str(cfg)]) == 0
+    first = capsys.readouterr().out
+    assert "encoded in" in first and "repeat: " in first
+    assert main(["prepare", str(cfg), "data.block_size=32"]) == 0  # a new layout of the same encoded rows
+    assert "opened from the cache" in capsys.readouterr().out
+    assert main(["prepare", str(cfg), "data.cache_dir=null"]) == 2
+    assert "set it" in capsys.readouterr().err

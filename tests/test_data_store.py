@@ -166,3 +166,28 @@ def test_a_dataloader_with_worker_processes_reads_the_memory_mapped_blocks(tmp_p
     assert torch.cat([b["sample_id"] for b in batches]).tolist() == pool.sample_ids.tolist()
     assert (batches[0]["labels"] == batches[0]["input_ids"]).all()
     assert batches[0]["input_ids"][3].tolist() == pool.train[3]["input_ids"].tolist()
+
+
+def test_concurrent_builds_of_one_pool_both_succeed_and_leave_one_folder(tmp_path: Path) -> None:
+    """Two processes (two ranks, two jobs) encode the same pool at once: each builds in its own temporary
+    folder, the first rename publishes, the second is discarded; both then read identical blocks."""
+    corpus = write_text_corpus(tmp_path / "web.jsonl", 400_000)
+    cache = tmp_path / "c"
+    code = f"""
+import hashlib, os, sys
+os.environ["HF_HUB_OFFLINE"] = "1"
+from datasteer.data import DataConfig, SourceConfig, build_pool
+from datasteer.demo import make_tokenizer
+cfg = DataConfig(sources=[SourceConfig(path="{corpus}")], block_size=64, cache_dir="{cache}")
+pool = build_pool(cfg, make_tokenizer())
+h = hashlib.sha256(b"".join(pool.train[i]["input_ids"].tobytes() for i in range(len(pool.train))))
+print(pool.folder.name, h.hexdigest())
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env) for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300)[0].split() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert outs[0] == outs[1]  # same folder, same blocks
+    assert [p.name for p in cache.iterdir()] == [outs[0][0]]  # no temporary folder left behind

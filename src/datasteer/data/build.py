@@ -80,7 +80,6 @@ def build_pool(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Pool:
         pool = open_pool(build_to, meta, cfg, key, from_cache=False)
         weakref.finalize(pool, shutil.rmtree, build_to, True)  # no cache: the files live as long as the pool
         return pool
-    _clear_stale(folder)
     cache.publish(build_to, folder, meta)
     return open_pool(folder, cache.read_meta(folder) or meta, cfg, key, from_cache=False)
 
@@ -98,12 +97,6 @@ def _inputs(cfg: DataConfig, tmp: Path) -> Inputs:
     sources = [(i, resolve(s, f"data.sources[{i}]")) for i, s in enumerate(cfg.sources)]
     evals = [(len(sources) + j, resolve(s, f"data.eval[{j}]")) for j, s in enumerate(cfg.eval)]
     return Inputs(sources, evals, target, target_eval)
-
-
-def _clear_stale(folder: Path) -> None:
-    """A folder of another code version under the same key is moved aside, so the new one can take its place."""
-    if folder.exists():
-        folder.rename(folder.with_name(f".stale-{folder.name}-{np.random.randint(1 << 30)}"))
 
 
 def _write(

@@ -140,9 +140,24 @@ def write_meta(folder: Path, meta: dict[str, Any]) -> None:
 
 
 def publish(tmp: Path, folder: Path, meta: dict[str, Any]) -> None:
-    """Write `meta.json` last, then rename into place; if another process got there first, keep its copy."""
+    """Write `meta.json` last, then rename into place. If another process published first, keep its copy
+    (identical by construction; readers may already have it open); a folder of another code version under
+    the same key is moved aside first."""
     write_meta(tmp, meta)
+    if _version(folder) not in (None, CODE_VERSION):
+        with contextlib.suppress(OSError):  # another process may have moved it already
+            os.rename(folder, folder.with_name(f".stale-{folder.name}-{uuid.uuid4().hex[:8]}"))
     try:
         os.rename(tmp, folder)
-    except OSError:  # lost the race to a concurrent writer: its pool is identical by construction
+    except OSError:  # lost the race to a concurrent writer
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _version(folder: Path) -> str | None:
+    """The code version of a published folder, None when there is none ("" when its meta is unreadable)."""
+    try:
+        return str(json.loads((folder / META).read_text()).get("version", ""))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return ""
