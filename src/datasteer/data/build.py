@@ -20,7 +20,8 @@ import shutil
 import tempfile
 import weakref
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from transformers import PreTrainedTokenizerBase
 from datasteer.data import cache, pretokenized, pretrain, row_store, sft, workers
 from datasteer.data import ids as id_scheme
 from datasteer.data.config import DataConfig
-from datasteer.data.domains import row_key, target_tasks, tasks
+from datasteer.data.domains import Task, row_key, target_tasks, tasks
 from datasteer.data.pool import Pool, open_pool
 from datasteer.data.sources import ResolvedSource, resolve
 from datasteer.data.token_store import TokenStoreWriter, token_dtype
@@ -48,6 +49,17 @@ class Inputs:
     evals: list[tuple[int, ResolvedSource]]
     target: ResolvedSource | None
     target_eval: ResolvedSource | None
+
+
+@dataclass
+class Encoding:
+    """What every encoding step of one build shares."""
+
+    cfg: DataConfig
+    hf_cache: Path  # where `datasets` puts its arrow copies of the sources (a temporary folder)
+    num_proc: int
+    state: dict[str, Any]  # what the workers read: tokenizer, max_length, dtype, eos, forbidden text hashes
+    overlaps: list[tuple[int, int]] = field(default_factory=list)  # (id, hash) of rows seen in target_eval
 
 
 def build_pool(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Pool:
@@ -104,30 +116,27 @@ def _write(
 ) -> dict[str, Any]:
     """Encode every source into `folder`; returns the metadata that `open_pool` reads."""
     input_bytes = sum(f.stat().st_size for _, s in inputs.sources for f in s.files)
-    num_proc = workers.resolve_num_proc(cfg.num_proc, input_bytes)
     state = {"tokenizer": tokenizer, "max_length": cfg.max_length, "dtype": token_dtype(len(tokenizer))}
     if cfg.kind == "pretrain":
         state["eos"] = pretrain.require_eos(tokenizer)
     held = _held_out_keys(cfg, inputs.target_eval, hf_cache)
-    state["forbidden"], overlaps = frozenset(held), []  # rows of target_eval must be seen nowhere else
+    state["forbidden"] = frozenset(held)  # rows of target_eval must be seen nowhere else
+    enc = Encoding(cfg, hf_cache, workers.resolve_num_proc(cfg.num_proc, input_bytes), state)
     write = _write_store if cfg.kind == "pretrain" else _write_rows
-    train = folder / ("tokens" if cfg.kind == "pretrain" else "rows")
-    domains, files = write(cfg, inputs.sources, train, hf_cache, num_proc, state, overlaps)
+    domains, files = write(enc, inputs.sources, folder / ("tokens" if cfg.kind == "pretrain" else "rows"))
     meta: dict[str, Any] = {"kind": cfg.kind, "domains": domains, "dtype": state["dtype"].str}
     if inputs.evals:
         _require_known_domains(inputs.evals, domains)
-        meta["eval_domains"], eval_files = write(
-            cfg, inputs.evals, folder / "eval", hf_cache, num_proc, state, overlaps, domains
-        )
+        meta["eval_domains"], eval_files = write(enc, inputs.evals, folder / "eval", domains)
         files.update(eval_files)
     meta["has_target"] = inputs.target is not None
     if inputs.target is not None:
-        files.update(_write_target(cfg, inputs.target, folder / "target", hf_cache, state, overlaps))
-    _refuse_overlap(inputs.target_eval, overlaps, held)
+        files.update(_write_target(enc, inputs.target, folder / "target"))
+    _refuse_overlap(inputs.target_eval, enc.overlaps, held)
     meta["has_target_eval"] = inputs.target_eval is not None
     if inputs.target_eval is not None:
         state["forbidden"] = frozenset()
-        files.update(_write_target(cfg, inputs.target_eval, folder / "target_eval", hf_cache, state, [], split=1))
+        files.update(_write_target(enc, inputs.target_eval, folder / "target_eval", split=1))
     return {**meta, "files": files}
 
 
@@ -154,33 +163,33 @@ def _refuse_overlap(target_eval: ResolvedSource | None, overlaps: list[tuple[int
 
 
 def _write_store(
-    cfg: DataConfig,
-    sources: list[tuple[int, ResolvedSource]],
-    folder: Path,
-    hf_cache: Path,
-    num_proc: int,
-    state: dict[str, Any],
-    overlaps: list[tuple[int, int]],
-    domain_order: list[str] | None = None,
+    enc: Encoding, sources: list[tuple[int, ResolvedSource]], folder: Path, domain_order: list[str] | None = None
 ) -> tuple[list[str], dict[str, Any]]:
     """Pretraining: every document's tokens + eos into the per-domain token files (in `domain_order`, else in
-    config order, or sorted with data.domain_column)."""
-    writer, dropped, kept = TokenStoreWriter(folder, state["dtype"]), Counter(), Counter()
+    config order, or sorted with data.domain_column). Within a domain, documents of pre-tokenized sources
+    follow those of text sources."""
+    writer, dropped, kept = TokenStoreWriter(folder, enc.state["dtype"]), Counter(), Counter()
     text_sources = [(i, s) for i, s in sources if s.format not in pretokenized.FORMATS]
-    for task, keep, lengths, tokens in workers.ordered_map(
-        pretrain.encode_task, tasks(cfg, text_sources, hf_cache), num_proc, state
-    ):
+    for task, keep, lengths, tokens in _encoded(enc, pretrain.encode_task, text_sources):
         writer.append(task.domain, task.ids[keep], lengths, tokens)
-        overlaps.extend(task.overlap)
         dropped[task.domain] += len(task.ids) - len(keep)
         kept[task.domain] += len(keep)
     for i, src in sources:
         if src.format in pretokenized.FORMATS:
-            kept[src.domain] += _copy_pretokenized(writer, i, src, len(state["tokenizer"]))
+            kept[src.domain] += _copy_pretokenized(writer, i, src, len(enc.state["tokenizer"]))
     _warn_dropped(dropped, "empty document(s)")
-    order = _order(cfg, sources, writer.domains, domain_order)
+    order = _order(enc.cfg, sources, writer.domains, domain_order)
     _require_rows(order, kept, dropped)
     return order, {f"{folder.name}/{k}": v for k, v in writer.close(order).items()}
+
+
+def _encoded(
+    enc: Encoding, encode: Callable[[Task], tuple], sources: list[tuple[int, ResolvedSource]]
+) -> Iterator[tuple]:
+    """The sources' tasks encoded in the workers, in order; rows also seen in target_eval are collected."""
+    for result in workers.ordered_map(encode, tasks(enc.cfg, sources, enc.hf_cache), enc.num_proc, enc.state):
+        enc.overlaps.extend(result[0].overlap)
+        yield result
 
 
 def _copy_pretokenized(writer: TokenStoreWriter, index: int, src: ResolvedSource, vocab_size: int) -> int:
@@ -202,43 +211,28 @@ def _copy_pretokenized(writer: TokenStoreWriter, index: int, src: ResolvedSource
 
 
 def _write_rows(
-    cfg: DataConfig,
-    sources: list[tuple[int, ResolvedSource]],
-    folder: Path,
-    hf_cache: Path,
-    num_proc: int,
-    state: dict[str, Any],
-    overlaps: list[tuple[int, int]],
-    domain_order: list[str] | None = None,
+    enc: Encoding, sources: list[tuple[int, ResolvedSource]], folder: Path, domain_order: list[str] | None = None
 ) -> tuple[list[str], dict[str, Any]]:
     """SFT: every row's ids and masked labels into per-domain arrow files (domains ordered as `_write_store`)."""
     writer, dropped = row_store.RowWriter(folder), Counter()
-    for task, keep, ids, labels, prompts in workers.ordered_map(
-        sft.encode_task, tasks(cfg, sources, hf_cache), num_proc, state
-    ):
+    for task, keep, ids, labels, prompts in _encoded(enc, sft.encode_task, sources):
         writer.append(task.domain, task.ids[keep], ids, labels, prompts)
-        overlaps.extend(task.overlap)
         dropped[task.domain] += len(task.ids) - len(keep)
-    _warn_dropped(dropped, f"row(s) with no supervised token (no response, or prompt >= {cfg.max_length} tokens)")
-    order = _order(cfg, sources, writer.domains, domain_order)
+    max_length = enc.cfg.max_length
+    _warn_dropped(dropped, f"row(s) with no supervised token (no response, or prompt >= {max_length} tokens)")
+    order = _order(enc.cfg, sources, writer.domains, domain_order)
     _require_rows(order, Counter(writer.rows), dropped)
     return order, {f"{folder.name}/{k}": v for k, v in writer.close(order).items()}
 
 
-def _write_target(
-    cfg: DataConfig,
-    target: ResolvedSource,
-    folder: Path,
-    hf_cache: Path,
-    state: dict[str, Any],
-    overlaps: list[tuple[int, int]],
-    split: int = 0,
-) -> dict[str, Any]:
+def _write_target(enc: Encoding, target: ResolvedSource, folder: Path, split: int = 0) -> dict[str, Any]:
     """A target set, one row per example (pretrain documents cut to block_size), its extra columns kept."""
-    writer = row_store.RowWriter(folder)
+    cfg, writer = enc.cfg, row_store.RowWriter(folder)
     encode = pretrain.encode_task if cfg.kind == "pretrain" else sft.encode_task
-    for task, keep, *encoded in workers.ordered_map(encode, target_tasks(cfg, target, hf_cache, split), 1, state):
-        overlaps.extend(task.overlap)
+    for task, keep, *encoded in workers.ordered_map(
+        encode, target_tasks(cfg, target, enc.hf_cache, split), 1, enc.state
+    ):
+        enc.overlaps.extend(task.overlap)
         if cfg.kind == "pretrain":
             lengths, tokens = encoded
             starts = np.cumsum(lengths) - lengths
