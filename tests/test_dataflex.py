@@ -66,7 +66,8 @@ def test_doremi_step1_static_mix(no_components):
     out = dataflex.translate(keys)
     assert out.steering == {"updates": 0, "mixer": {"name": "static", "proportions": [0.5, 0.5]}}
     assert out.lf_updates == {"max_steps": 300}
-    assert any("replaces" in w for w in out.warnings)  # components.yaml said [0.2] * 5 for static
+    # DataFlex builds no mixer with static_mix: components.yaml's static entry ([0.2] * 5) is not read
+    assert ("component_name: static", "unused with static_mix: true (as in DataFlex)") in out.mapping
 
 
 def test_odm_drops_its_extra_eval_passes_and_keeps_updating_until_the_end(no_components):
@@ -139,8 +140,8 @@ def test_registered_components_validate_natively():
 
 def test_weighter_warmup_goes_where_the_weighter_takes_it():
     out = dataflex.translate({"train_type": "dynamic_weight", "component_name": "uniform", "warmup_step": 5})
-    assert out.steering == {"warmup_steps": 5, "weighter": {"name": "uniform"}}
-    assert any("weights samples from the first step" in w for w in out.warnings)
+    assert out.steering == {"weighter": {"name": "uniform"}}  # never steering.warmup_steps: no decision to delay
+    assert ("warmup_step: 5", "no effect: the weights are 1 throughout") in out.mapping
     if registered("weighter", "loss"):  # its burn-in is DataFlex's warmup for dynamic_weight
         out = dataflex.translate({"train_type": "dynamic_weight", "component_name": "loss", "warmup_step": 5})
         assert out.steering == {"weighter": {"name": "loss", "burn_in_steps": 5}}
@@ -158,16 +159,26 @@ def test_weighter_warmup_goes_where_the_weighter_takes_it():
         ),
         ({"train_type": "dynamic_select", "component_name": "random", "components_cfg_file": "nope.yaml"}, "nope.yaml"),
         (
-            {"train_type": "dynamic_mix", "component_name": "random", "init_mixture_proportions": [0.5, 0.5]},
-            "takes no parameter for them",
+            {"train_type": "dynamic_mix", "component_name": "random", "init_mixture_proportions": [0.7, 0.3]},
+            "starts from uniform proportions and takes no parameter for other ones",
         ),
         (
             {"train_type": "dynamic_mix", "component_name": "static", "mixture_sample_rule": "stratfied"},
             "Did you mean 'stratified'",
         ),
-        ({"train_type": "dynamic_mix", "component_name": "static", "mixture_sample_rule": "mixture"}, "needs init_"),
+        (
+            {"train_type": "dynamic_mix", "mixture_sample_rule": "mixture"},
+            "default component 'Loss', which is no mixer",
+        ),
         ({"train_type": "dynamic_select", "component_name": "random", "static_mix": True}, "only apply to"),
-        ({"train_type": "dynamic_select", "component_name": "random", "train_step": 5, "max_steps": 9}, "disagree"),
+        (
+            {
+                "train_type": "dynamic_weight",
+                "component_name": "custom",
+                "component_overrides": {"strategy": "quadratic"},
+            },
+            "strategy 'quadratic' has no meaning there",
+        ),
         (
             {"train_type": "dynamic_select", "component_name": "random", "component_overrides": {"sed": 1}},
             "Did you mean 'seed'",

@@ -6,17 +6,30 @@ LLaMA-Factory ones, plus a `components.yaml` that holds each component's paramet
     train_type: dynamic_select | dynamic_mix | dynamic_weight | static
     component_name, components_cfg_file, component_overrides
     warmup_step, update_step, update_times, static_mix, train_step
-    init_mixture_proportions, mixture_sample_rule, mixer_eval_dataset
+    init_mixture_proportions, mixture_sample_rule, mixer_eval_dataset, freeze_gate
 
-`translate` turns them into a `steering` mapping (validated later by `SteeringConfig`, so an unknown
-component or parameter is an error that names it), plus the LLaMA-Factory keys they imply
-(`train_step` -> `max_steps`) and the target datasets. Every key is accounted for in the printed
-mapping; where datasteer deliberately gives a key a different meaning there is a warning; a
-DataFlex parameter with no datasteer meaning is dropped *with a warning that says why*, never silently.
+`translate` turns them into a `steering` mapping (validated later by `SteeringConfig`), plus the
+LLaMA-Factory keys they imply (DataFlex's train length -> `max_steps`) and the target datasets.
+
+- **Parameters.** Each DataFlex parameter of `components.yaml` (and `component_overrides`) is looked up
+  in `PARAMS`: renamed to datasteer's name ("DataFlex parameter window_size -> window"), converted
+  (`gradient_type: adam` -> `precondition: adam`), dropped with the reason printed (a deliberate
+  difference), or refused with what to do (a meaning datasteer cannot honour). A parameter in neither
+  table nor the component's constructor is an error listing the valid ones, DataFlex's and datasteer's.
+- **Train length.** DataFlex ignores `max_steps`: its select and mix trainers train
+  `num_train_epochs x (warmup_step + update_step x update_times)` steps, its weight trainer and a static
+  mix `train_step` steps (`update_times: -1` runs until `train_step`, or LLaMA-Factory's own length).
+- **Timing.** A DataFlex decision made after step t trains from step t + 1 (it rebuilds its data loader);
+  datasteer's sampler streams one batch ahead, so from t + 2 (`steering.lag_steps: 1`): warned.
+
+Every key is accounted for in the printed mapping; every difference is one warning line.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,39 +60,209 @@ TRAIN_TYPES: dict[str, str | None] = {
     "dynamic_weight": "weighter",
     "dynamic_weighting": "weighter",  # the spelling of DataFlex's own help text
     "static": None,
+    "static_full": None,  # the spelling of the comments in DataFlex's example YAMLs
 }
 SECTIONS = {"selector": "selectors", "mixer": "mixers", "weighter": "weighters"}  # components.yaml blocks
-SAMPLE_RULES = {"mixture": None, "stratified": "size", "uniform": "uniform"}
+SAMPLE_RULES = {"mixture": "uniform", "stratified": "size", "uniform": "uniform"}  # mixture without proportions
+# DataFlex's `components_cfg_file` default (its FinetuningArguments), then its repository's file; each is
+# looked up relative to the working directory, then to the config's folder, then in an installed dataflex.
+DEFAULT_COMPONENT_FILES = ("configs/components.yaml", "src/dataflex/configs/components.yaml")
+DEFAULT_CUTOFF_LEN = 2048  # LLaMA-Factory's cutoff_len default
 
 # DataFlex component names that datasteer spells differently; all others keep their name.
-RENAMED_COMPONENTS: dict[tuple[str, str], str] = {("mixer", "dynamic_moe"): "moe_gate"}
-
-# DataFlex parameters with no datasteer meaning: dropped, with the reason printed as a warning.
-_CACHE = "datasteer caches features by content under the run's output_dir"
-DROPPED_PARAMS: dict[tuple[str, str], dict[str, str]] = {
-    ("*", "*"): {"cache_dir": _CACHE},
-    ("selector", "less"): {"save_interval": "gradient features are computed at each update and cached by content"},
-    ("selector", "nice"): {"save_interval": "gradient features are computed at each update and cached by content"},
-    ("mixer", "odm"): {
-        "warmup_steps": "the run's schedule sets the warmup (warmup_step / steering.warmup_steps)",
-        "num_eval_samples": "datasteer's odm rewards domains from the training losses, with no extra eval passes",
-        "eval_batch_size": "datasteer's odm rewards domains from the training losses, with no extra eval passes",
-    },
-    ("selector", "tsds"): {
-        "sample_size": "the window's draws are steering.budget",
-        "seed": "draws come from the sampler's seeded stream (steering.seed)",
-    },
-    ("selector", "near"): {"indices_path": "near computes its neighbours itself at each update"},
+RENAMED_COMPONENTS: dict[tuple[str, str], str] = {
+    ("mixer", "dynamic_moe"): "moe_gate",
+    ("mixer", "dynamic_moe_optimized"): "moe_gate",
 }
-# DataFlex parameter -> datasteer parameter, where the meaning is the same and the name differs.
-RENAMED_PARAMS: dict[tuple[str, str], dict[str, str]] = {
-    ("mixer", "doremi"): {
-        "reweight_eta": "eta",
-        "reweight_eps": "smoothing",
-        "reference_model_path": "reference_model",
+# Mixers whose own start is uniform, so DataFlex's uniform initial proportions need no parameter.
+UNIFORM_START = {"random", "moe_gate"}
+
+
+# ------------------------------------------------------------------------------------- parameters
+@dataclass(frozen=True)
+class Rename:
+    """The same meaning under another name (and, with `convert`, another spelling of the value)."""
+
+    to: str
+    convert: Callable[[Any], Any] | None = None
+
+
+@dataclass(frozen=True)
+class Drop:
+    """No datasteer counterpart needed: the reason is printed as a warning (a deliberate difference)."""
+
+    why: str
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """A meaning datasteer cannot honour (yet): an error with what to do, unless the component takes `to`."""
+
+    what_to_do: str
+    to: str | None = None
+
+
+Rule = Rename | Drop | Refuse | Callable[["_Translator", str, Any], dict[str, Any]]
+
+
+def _gradient_type(value: Any) -> str:
+    kinds = {"adam": "adam", "sgd": "sgd"}
+    if value not in kinds:
+        raise ValueError(
+            f"gradient_type '{value}' has no datasteer counterpart; datasteer preconditions the gradients with "
+            f"{' or '.join(kinds)} (less/nice `precondition`)"
+        )
+    return kinds[value]
+
+
+def _random_replacement(tr: _Translator, key: str, value: Any) -> dict[str, Any]:
+    if value:
+        raise tr.error(
+            key,
+            value,
+            "datasteer's random selector draws budget distinct samples (replacement: false); for draws with "
+            "replacement use selector 'loss' with replacement: true, or set replacement: false",
+        )
+    tr.note(key, value, "honoured: datasteer's random selector draws distinct samples")
+    return {}
+
+
+def _probs_path(tr: _Translator, key: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, str) and value.endswith(".parquet"):
+        return {"scores_file": value}
+    tr.dropped(
+        key,
+        value,
+        "datasteer's tsds computes its sampling probabilities inside the run (or reads a `datasteer score tsds` "
+        "file given as scores_file); a DataFlex .npy of probabilities is not read",
+    )
+    return {}
+
+
+def _max_prompt_length(tr: _Translator, key: str, value: Any) -> dict[str, Any]:
+    cutoff = int(tr.raw.get("cutoff_len", DEFAULT_CUTOFF_LEN))
+    if int(value) < cutoff:
+        raise tr.error(
+            key,
+            value,
+            f"datasteer's nice generates from the whole prompt as the pool holds it (at most cutoff_len = {cutoff} "
+            "tokens); lower cutoff_len to that length, or set max_prompt_length >= cutoff_len",
+        )
+    tr.note(key, value, f"honoured: prompts are at most cutoff_len ({cutoff}) tokens long")
+    return {}
+
+
+_NICE_REWARD = (
+    "DataFlex's nice scores responses with an LLM judge served by vLLM or an API; datasteer's nice takes "
+    "reward: exact_match (against the reference response), callable (reward_path: a dotted fn(prompt, response, "
+    "reference) -> float, e.g. your own judge) or reward_model (reward_path: a local reward model folder). "
+    "Remove reward_model_backend and reward_backend_params from the nice entry of components.yaml and set "
+    "reward/reward_path there or in component_overrides"
+)
+
+
+def _custom_strategy(tr: _Translator, key: str, value: Any) -> dict[str, Any]:
+    if value == "uniform":
+        tr.note(key, value, "steering.weighter.domain_weights: {} (every sample weight 1)")
+        return {"domain_weights": {}}
+    hint = " (that is weighter 'loss': set component_name: loss)" if value in LOSS_STRATEGIES else ""
+    raise tr.error(
+        key,
+        value,
+        f"datasteer's custom weighter is the copyable template of fixed per-domain weights; strategy '{value}' "
+        f"has no meaning there{hint}. Give domain_weights: {{domain: weight}} instead",
+    )
+
+
+LOSS_STRATEGIES = ("linupper", "uniform", "quadratic", "extremes")
+
+
+def _clip(tr: _Translator, key: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return {"clip_min": value[0], "clip_max": value[1]}
+    raise tr.error(
+        key,
+        value,
+        "datasteer's adapt takes the bounds of the raw weight as clip_min and clip_max; give clip: [min, max]",
+    )
+
+
+def _collect_steps(tr: _Translator, key: str, value: Any) -> dict[str, Any]:
+    batch = int(tr.df_params.get("eval_batch_size", 32))  # DataFlex's default eval_batch_size
+    rows = int(value) * batch
+    tr.note(key, value, f"steering.mixer.samples_per_domain: {rows} (collect_steps x eval_batch_size rows per domain)")
+    return {"samples_per_domain": rows}
+
+
+def _eval_samples(tr: _Translator, key: str, value: Any) -> dict[str, Any]:
+    if tr.keys.get("mixer_eval_dataset") is not None:
+        tr.note(key, value, "unused, as in DataFlex: mixer_eval_dataset holds the gate-load rows")
+        return {}
+    tr.dropped(
+        key,
+        value,
+        "datasteer's moe_gate measures gate loads on samples_per_domain fixed training rows (held_out: train), "
+        f"which stay in training; DataFlex moves min({value}, n/2) rows of each domain out of training for it",
+    )
+    return {"held_out": "train"}
+
+
+_CACHE = "datasteer caches features by content under the run's output_dir"
+_SAVE = "gradient features are computed at each update and cached by content"
+_NO_EVAL = "datasteer's {} takes its losses from the trained samples, with no extra eval passes"
+COMMON_PARAMS: dict[str, Rule] = {"cache_dir": Drop(_CACHE)}
+PARAMS: dict[tuple[str, str], dict[str, Rule]] = {
+    ("selector", "less"): {"gradient_type": Rename("precondition", _gradient_type), "save_interval": Drop(_SAVE)},
+    ("selector", "nice"): {
+        "gradient_type": Rename("precondition", _gradient_type),
+        "save_interval": Drop(_SAVE),
+        "mc_samples": Rename("num_samples"),
+        "generation_temperature": Rename("temperature"),
+        "max_prompt_length": _max_prompt_length,
+        "reward_model_backend": Refuse(_NICE_REWARD),
+        "reward_backend_params": Refuse(_NICE_REWARD),
     },
-    ("mixer", "odm"): {"alpha": "smoothing", "initial_proportions": "initial"},
-    ("selector", "tsds"): {"model_name": "encoder"},
+    ("selector", "delta_loss"): {"window_size": Rename("window")},
+    ("selector", "tsds"): {
+        "probs_path": _probs_path,
+        "model_name": Rename("encoder"),
+        "sample_size": Drop("the window's draws are steering.budget"),
+        "seed": Drop("draws come from the sampler's seeded stream (steering.seed)"),
+    },
+    ("selector", "near"): {"indices_path": Drop("near computes its neighbours itself at each update")},
+    ("selector", "random"): {"replacement": _random_replacement},
+    ("mixer", "doremi"): {
+        "reweight_eta": Rename("eta"),
+        "reweight_eps": Rename("smoothing"),
+        "reference_model_path": Rename("reference_model"),
+        "eval_batch_size": Rename("batch_size"),
+        "num_eval_samples": Drop(_NO_EVAL.format("doremi") + " (reference losses of the rows it trains on)"),
+    },
+    ("mixer", "odm"): {
+        "alpha": Rename("smoothing"),
+        "initial_proportions": Rename("initial"),
+        "warmup_steps": Drop("the run's schedule sets the warmup (warmup_step / steering.warmup_steps)"),
+        "num_eval_samples": Drop(_NO_EVAL.format("odm")),
+        "eval_batch_size": Drop(_NO_EVAL.format("odm")),
+        "reward_scale": Refuse(
+            "datasteer's odm takes the EXP3 rewards unscaled; remove reward_scale from the odm entry of "
+            "components.yaml (the weights then move more slowly than DataFlex's)",
+            to="reward_scale",
+        ),
+        "min_exploration_rate": Refuse(
+            "datasteer's odm decays its exploration rate as in the paper, min(1/K, sqrt(ln K / (K t))), with no "
+            "floor; remove min_exploration_rate from the odm entry of components.yaml",
+            to="min_exploration_rate",
+        ),
+    },
+    ("mixer", "moe_gate"): {
+        "c": Rename("smoothing"),
+        "eval_batch_size": Rename("batch_size"),
+        "collect_steps": _collect_steps,
+        "eval_samples": _eval_samples,
+    },
+    ("weighter", "custom"): {"strategy": _custom_strategy},
+    ("weighter", "adapt"): {"refresh_interval": Rename("refresh_every"), "clip": _clip},
 }
 # Where a mixer takes init_mixture_proportions / mixture_sample_rule. Unlisted mixers: the first of
 # INITIAL_PROPORTION_PARAMS their constructor accepts.
@@ -89,8 +272,7 @@ INITIAL_PARAM = {
     ("mixer", "doremi"): "reference_proportions",
 }
 INITIAL_PROPORTION_PARAMS = ("proportions", "initial", "initial_proportions", "initial_weights")
-# Where a weighter takes DataFlex's `warmup_step` (uniform weights during it), when it has one.
-WARMUP_PARAM = {("weighter", "loss"): "burn_in_steps"}
+# Where a weighter takes DataFlex's `warmup_step` (weight 1 for every sample during it).
 WEIGHTER_WARMUP_PARAMS = ("burn_in_steps",)
 # Where datasteer's component deliberately differs from DataFlex's of the same name.
 COMPONENT_NOTES: dict[tuple[str, str], str] = {
@@ -101,6 +283,10 @@ COMPONENT_NOTES: dict[tuple[str, str], str] = {
     ),
     ("mixer", "odm"): "mixer 'odm' rewards each domain from its own training losses, with no extra eval passes",
 }
+TIMING_NOTE = (
+    "decision timing: DataFlex trains on a decision from the step after it (decided after step {t}, used from "
+    "step {t1}); datasteer's sampler streams one batch ahead, so from step {t2} (steering.lag_steps: 1)"
+)
 
 
 @dataclass
@@ -114,7 +300,7 @@ class Translation:
     warnings: list[str] = field(default_factory=list)
 
     def report(self) -> str:
-        """The mapping, one line per DataFlex key, then the warnings."""
+        """The mapping, one line per DataFlex key, then the warnings (one line each)."""
         width = max((len(k) for k, _ in self.mapping), default=0)
         lines = ["datasteer: DataFlex keys translated to the native config:"]
         lines += [f"  {k:<{width}} -> {v}" for k, v in self.mapping]
@@ -145,13 +331,17 @@ def translate(raw: dict[str, Any], config_dir: str | Path | None = None) -> Tran
     kind = TRAIN_TYPES[train_type]
     out = Translation(steering=None)
     if kind is None:
-        out.mapping.append(("train_type: static", "no steering: the plain LLaMA-Factory run"))
+        out.mapping.append((f"train_type: {train_type}", "no steering: the plain LLaMA-Factory run"))
         ignored = sorted(set(keys) - {"train_type", "component_name", "components_cfg_file"})
         if ignored:
-            out.warnings.append(f"train_type is static, so {', '.join(ignored)} have no effect")
+            out.warnings.append(f"train_type is {train_type}, so {', '.join(ignored)} have no effect")
         return out
     _Translator(keys, kind, raw, config_dir, out).run()
     return out
+
+
+def _int(value: Any) -> int:
+    return int(value) if value is not None else 0
 
 
 class _Translator:
@@ -164,10 +354,19 @@ class _Translator:
         self.config_dir = Path(config_dir) if config_dir is not None else None
         self.steering: dict[str, Any] = {}
         self.params: dict[str, Any] = {}
+        self.df_params: dict[str, Any] = {}
+        self.static_mix = kind == "mixer" and bool(keys.get("static_mix"))
 
     def run(self) -> None:
-        self._component()
-        self._schedule()
+        if self.static_mix:
+            self._static_mix()
+        else:
+            self._component()
+            self._schedule()
+            if "static_mix" in self.keys:
+                self.out.mapping.append(
+                    (f"static_mix: {self.keys['static_mix']}", "the mixer updates (DataFlex's default)")
+                )
         if self.kind == "mixer":
             self._mixture()
         elif any(k in self.keys for k in ("init_mixture_proportions", "mixture_sample_rule", "static_mix")):
@@ -175,40 +374,72 @@ class _Translator:
             raise ConfigError(
                 f"{', '.join(bad)} only apply to train_type: dynamic_mix (got {self.keys['train_type']})."
             )
-        self._train_step()
+        self._train_length()
         self._target()
         self._freeze_gate()
         note = COMPONENT_NOTES.get((self.kind, self.name))
-        if note:
+        if note and not self.static_mix:
             self.out.warnings.append(note + ".")
         self.steering[self.kind] = {"name": self.name, **self.params}
         self.out.steering = self.steering
+
+    # ------------------------------------------------------------------------------ reporting
+    def note(self, key: str, value: Any, meaning: str) -> None:
+        self.out.mapping.append((f"params.{key}: {value!r}", meaning))
+
+    def dropped(self, key: str, value: Any, why: str) -> None:
+        self.out.mapping.append((f"params.{key}: {value!r}", "dropped"))
+        self.out.warnings.append(f"{self.kind} '{self.name}': DataFlex parameter '{key}' is dropped: {why}.")
+
+    def error(self, key: str, value: Any, what_to_do: str) -> ConfigError:
+        return ConfigError(
+            f"DataFlex parameter {key}: {value!r} of {self.kind} '{self.df_name}' has no datasteer meaning here: "
+            f"{what_to_do}."
+        )
 
     # ------------------------------------------------------------------------------ component
     def _component(self) -> None:
         df_name = str(self.keys.get("component_name", ""))
         if not df_name:
+            if self.kind == "mixer":
+                raise ConfigError(
+                    "train_type: dynamic_mix without component_name: DataFlex then looks up its default component "
+                    "'Loss', which is no mixer. Name the mixer (component_name: static, random, odm, doremi, "
+                    "dynamic_moe) or set static_mix: true to train on the initial proportions."
+                )
             raise ConfigError(f"train_type: {self.keys['train_type']} needs component_name (the {self.kind} to use).")
+        self._set_component(df_name)
+        params = dict(self._file_params(df_name))
+        overrides = self.keys.get("component_overrides") or {}
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"component_overrides must be a mapping of parameters, got {overrides!r}.")
+        params.update(overrides)
+        self.df_params = params
+        for key, value in params.items():
+            self._param(key, value)
+
+    def _set_component(self, df_name: str) -> None:
+        self.df_name = df_name
         self.name = RENAMED_COMPONENTS.get((self.kind, df_name), df_name)
         self.cls = registry.components(self.kind).get(self.name)  # None: not (yet) in datasteer
         self.accepted = {p.name for p in registry.params_of(self.cls)} if self.cls is not None else None
         self.out.mapping.append(
             (f"train_type: {self.keys['train_type']}, component_name: {df_name}", f"steering.{self.kind}: {self.name}")
         )
-        params = dict(self._file_params(df_name))
-        overrides = self.keys.get("component_overrides") or {}
-        if not isinstance(overrides, dict):
-            raise ConfigError(f"component_overrides must be a mapping of parameters, got {overrides!r}.")
-        params.update(overrides)
-        for key, value in params.items():
-            self._param(key, value)
 
     def _file_params(self, df_name: str) -> dict[str, Any]:
         path_key = self.keys.get("components_cfg_file")
         if path_key is None:
-            self.out.mapping.append(("components_cfg_file: (not set)", f"the {self.kind}'s default parameters"))
-            return {}
-        path = self._resolve(str(path_key))
+            path = self._default_file()
+            if path is None:
+                looked = ", ".join(DEFAULT_COMPONENT_FILES)
+                self.out.mapping.append(
+                    ("components_cfg_file: (not set)", f"the {self.kind}'s default parameters (no {looked})")
+                )
+                return {}
+            path_key = f"(not set: DataFlex's default {path})"
+        else:
+            path = self._resolve(str(path_key))
         try:
             table = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
@@ -228,6 +459,19 @@ class _Translator:
         self.out.mapping.append((f"components_cfg_file: {path_key}", f"parameters of {SECTIONS[self.kind]}.{df_name}"))
         return entry.get("params") or {}
 
+    def _default_file(self) -> Path | None:
+        folders = [Path(".")] + ([self.config_dir] if self.config_dir is not None else [])
+        for folder in folders:
+            for name in DEFAULT_COMPONENT_FILES:
+                if (folder / name).is_file():
+                    return folder / name
+        spec = importlib.util.find_spec("dataflex")
+        if spec is not None and spec.origin is not None:
+            installed = Path(spec.origin).parent / "configs" / "components.yaml"
+            if installed.is_file():
+                return installed
+        return None
+
     def _resolve(self, name: str) -> Path:
         candidates = [Path(name)]
         if self.config_dir is not None and not Path(name).is_absolute():
@@ -239,57 +483,103 @@ class _Translator:
         raise ConfigError(f"components_cfg_file {name} does not exist (looked for {tried}).")
 
     def _param(self, key: str, value: Any) -> None:
-        dropped = {**DROPPED_PARAMS[("*", "*")], **DROPPED_PARAMS.get((self.kind, self.name), {})}
-        if key in dropped and (self.accepted is None or key not in self.accepted):
-            self.out.mapping.append((f"params.{key}: {value!r}", "dropped"))
-            self.out.warnings.append(f"{self.kind} '{self.name}' parameter '{key}' is dropped: {dropped[key]}.")
-            return
-        target = RENAMED_PARAMS.get((self.kind, self.name), {}).get(key, key)
-        self._check_accepted(target, f"params.{key}")
-        self.params[target] = value
-        self.out.mapping.append((f"params.{key}: {value!r}", f"steering.{self.kind}.{target}"))
+        rule = PARAMS.get((self.kind, self.name), {}).get(key) or COMMON_PARAMS.get(key)
+        if rule is not None and self.accepted is not None and key in self.accepted and not isinstance(rule, Rename):
+            rule = None  # the component takes the DataFlex name itself (e.g. a cache_dir of its own)
+        if rule is None:
+            self._check_accepted(key, f"params.{key}")
+            self._put(key, key, value, value)
+        elif isinstance(rule, Rename):
+            try:
+                converted = rule.convert(value) if rule.convert is not None else value
+            except ValueError as err:
+                raise self.error(key, value, str(err)) from None
+            self._check_accepted(rule.to, f"params.{key}")
+            self._put(key, rule.to, value, converted)
+        elif isinstance(rule, Drop):
+            self.dropped(key, value, rule.why)
+        elif isinstance(rule, Refuse):
+            if rule.to is not None and self.accepted is not None and rule.to in self.accepted:
+                self._put(key, rule.to, value, value)
+            else:
+                raise self.error(key, value, rule.what_to_do)
+        else:
+            for target, converted in rule(self, key, value).items():
+                self._check_accepted(target, f"params.{key}")
+                self.params[target] = converted
+                if not any(k == f"params.{key}: {value!r}" for k, _ in self.out.mapping):
+                    self.out.mapping.append(
+                        (f"params.{key}: {value!r}", f"steering.{self.kind}.{target}: {converted!r}")
+                    )
+
+    def _put(self, key: str, target: str, value: Any, converted: Any) -> None:
+        self.params[target] = converted
+        renamed = f" (DataFlex parameter {key} -> {target})" if target != key else ""
+        self.out.mapping.append((f"params.{key}: {value!r}", f"steering.{self.kind}.{target}: {converted!r}{renamed}"))
 
     def _check_accepted(self, param: str, origin: str) -> None:
         """Fail here, naming the DataFlex key, when the (registered) component has no such parameter."""
         if self.accepted is not None and param not in self.accepted:
+            table = {**COMMON_PARAMS, **PARAMS.get((self.kind, self.name), {})}
+            translated = ", ".join(sorted(table)) or "(none)"
             valid = ", ".join(sorted(self.accepted)) or "(none)"
             raise ConfigError(
                 f"{origin} maps to parameter '{param}', which {self.kind} '{self.name}' does not take."
-                f"{did_you_mean(param, self.accepted)} Valid parameters: {valid}."
-                f" See `datasteer components {self.kind}`."
+                f"{did_you_mean(param, self.accepted | set(table))} Valid parameters: {valid} (datasteer's); "
+                f"{translated} (DataFlex's, translated). See `datasteer components {self.kind}`."
             )
 
     # ------------------------------------------------------------------------------- schedule
     def _schedule(self) -> None:
         k = self.keys
+        warmup = _int(k.get("warmup_step"))
         if "warmup_step" in k:
-            self._warmup(int(k["warmup_step"]))
+            self._warmup(warmup)
+        if self.kind == "weighter":
+            for key in ("update_step", "update_times"):
+                if key in k:
+                    self.out.mapping.append((f"{key}: {k[key]}", "no effect (a weighter weights every step)"))
+            return
         if "update_step" in k:
             self._set("update_step", "update_every", int(k["update_step"]))
-        if "update_times" in k:
-            times = int(k["update_times"])
-            self._set("update_times", "updates", None if times < 0 else times)
-            epochs = float(self.raw.get("num_train_epochs", 3.0))
-            if epochs != 1 and "max_steps" not in self.raw and "train_step" not in k:
+        times = int(k.get("update_times", 1))  # DataFlex's default: one update
+        epochs = float(self.raw.get("num_train_epochs", 3.0))
+        if times < 0:
+            self._set("update_times", "updates", None)
+        elif "update_times" in k or _int(k.get("update_step")) > 0:
+            total = times * epochs if epochs > 0 else times
+            updates = max(1, round(total)) if times else 0
+            self.steering["updates"] = updates
+            origin = f"update_times: {times}" + (f" x num_train_epochs {epochs:g}" if total != times else "")
+            if "update_times" not in k:
+                origin = f"update_times: (not set: DataFlex's default 1){origin[len('update_times: 1') :]}"
+            self.out.mapping.append((origin, f"steering.updates: {updates}"))
+            if epochs > 0 and total != times:
                 self.out.warnings.append(
-                    f"update_times counts updates over the whole run in datasteer; DataFlex's mix trainer repeated "
-                    f"them each epoch (num_train_epochs: {epochs:g})."
+                    f"num_train_epochs {epochs:g}: DataFlex repeats warmup and updates each epoch; datasteer warms up "
+                    f"once, then makes the {updates} updates every update_step steps until the end."
                 )
+        if times != 0:
+            t = warmup
+            self.out.warnings.append(TIMING_NOTE.format(t=t, t1=t + 1, t2=t + 2))
 
     def _warmup(self, steps: int) -> None:
-        if self.kind == "weighter":
-            param = WARMUP_PARAM.get(("weighter", self.name)) or next(
-                (p for p in WEIGHTER_WARMUP_PARAMS if self.accepted and p in self.accepted), None
+        if self.kind != "weighter":
+            self._set("warmup_step", "warmup_steps", steps)
+            return
+        param = next((p for p in WEIGHTER_WARMUP_PARAMS if self.accepted is None or p in self.accepted), None)
+        if param is not None:
+            self.params[param] = steps
+            self.out.mapping.append((f"warmup_step: {steps}", f"steering.weighter.{param}: {steps}"))
+        elif steps == 0 or self.params.get("domain_weights") == {} or self.name == "uniform":
+            self.out.mapping.append((f"warmup_step: {steps}", "no effect: the weights are 1 throughout"))
+        else:
+            raise ConfigError(
+                f"warmup_step: {steps} (weight 1 for every sample during the first {steps} steps) has no datasteer "
+                f"meaning for weighter '{self.name}', which takes no burn-in parameter (valid parameters: "
+                f"{', '.join(sorted(self.accepted or ())) or 'none'}). Set warmup_step: 0 to weight from the first "
+                "step, or use weighter 'loss' (burn_in_steps)."
             )
-            if param is not None:
-                self.params[param] = steps
-                self.out.mapping.append((f"warmup_step: {steps}", f"steering.weighter.{param}: {steps}"))
-                return
-            self.out.warnings.append(
-                f"warmup_step with dynamic_weight becomes steering.warmup_steps; weighter '{self.name}' has no "
-                "burn-in parameter, so it weights samples from the first step."
-            )
-        self._set("warmup_step", "warmup_steps", steps)
 
     def _set(self, key: str, native: str, value: Any) -> None:
         self.steering[native] = value
@@ -298,17 +588,28 @@ class _Translator:
         )
 
     # -------------------------------------------------------------------------------- mixture
+    def _static_mix(self) -> None:
+        """static_mix: true — DataFlex builds no mixer at all and trains on the initial proportions."""
+        df_name = str(self.keys.get("component_name", "static"))
+        self.df_name = df_name
+        self.name, self.cls = "static", registry.components("mixer").get("static")
+        self.accepted = {p.name for p in registry.params_of(self.cls)} if self.cls is not None else None
+        self.out.mapping.append(("train_type: dynamic_mix, static_mix: true", "steering.mixer: static"))
+        self.steering["updates"] = 0
+        unused = ("components_cfg_file", "component_overrides", "warmup_step", "update_step", "update_times")
+        ignored = [k for k in unused if k in self.keys]
+        if "component_name" in self.keys:
+            ignored.insert(0, "component_name")
+        for k in ignored:
+            self.out.mapping.append((f"{k}: {self.keys[k]}", "unused with static_mix: true (as in DataFlex)"))
+
     def _mixture(self) -> None:
         k = self.keys
         rule = str(k.get("mixture_sample_rule", "mixture" if "init_mixture_proportions" in k else ""))
         if rule and rule not in SAMPLE_RULES:
             raise unknown_choice("mixture_sample_rule", rule, SAMPLE_RULES, "the DataFlex keys")
-        initial = SAMPLE_RULES.get(rule)
-        if rule == "mixture":
-            if "init_mixture_proportions" not in k:
-                raise ConfigError(
-                    "mixture_sample_rule: mixture needs init_mixture_proportions (one number per dataset)."
-                )
+        initial: Any = SAMPLE_RULES.get(rule) if rule else ("uniform" if self.static_mix else None)
+        if rule == "mixture" and "init_mixture_proportions" in k:
             initial = list(k["init_mixture_proportions"])
         elif "init_mixture_proportions" in k:
             raise ConfigError(
@@ -316,47 +617,79 @@ class _Translator:
                 "remove one of them."
             )
         if initial is not None:
-            self._initial_proportions(rule, initial)
-        if k.get("static_mix"):
-            self.steering["updates"] = 0
-            self.out.mapping.append(("static_mix: true", "steering.updates: 0 (the initial proportions, all run)"))
-        elif rule in ("stratified", "uniform"):
+            self._initial_proportions(rule or "mixture", initial)
+        if not self.static_mix and rule in ("stratified", "uniform"):
             self.out.warnings.append(
                 f"mixture_sample_rule: {rule} sets the initial proportions only; mixer '{self.name}' still updates "
                 "them at each update (set static_mix: true to keep them)."
             )
 
     def _initial_proportions(self, rule: str, initial: Any) -> None:
-        origin = "init_mixture_proportions" if rule == "mixture" else f"mixture_sample_rule: {rule}"
+        if rule == "mixture":
+            origin = "init_mixture_proportions" if isinstance(initial, list) else "mixture_sample_rule: mixture"
+        else:
+            origin = f"mixture_sample_rule: {rule}"
+        shown = initial if isinstance(initial, list) else f"{initial} (DataFlex's {rule} rule)"
         param = INITIAL_PARAM.get(("mixer", self.name))
         if param is None and self.accepted is None:
             param = INITIAL_PROPORTION_PARAMS[0]
         elif param is None:
             param = next((p for p in INITIAL_PROPORTION_PARAMS if p in self.accepted), None)
-            if param is None:
-                raise ConfigError(
-                    f"{origin}: mixer '{self.name}' chooses its own initial proportions and takes no parameter for "
-                    f"them (valid parameters: {', '.join(sorted(self.accepted)) or 'none'}); remove {origin}."
-                )
-        self._check_accepted(param, origin)
+        if param is None or (self.accepted is not None and param not in self.accepted):
+            if self.name in UNIFORM_START and _is_uniform(initial):
+                self.out.mapping.append((origin, f"uniform: mixer '{self.name}' starts uniform itself"))
+                return
+            raise ConfigError(
+                f"{origin} ({shown}): mixer '{self.name}' starts from uniform proportions and takes no parameter for "
+                f"other ones (valid parameters: {', '.join(sorted(self.accepted or ())) or 'none'}); remove {origin} "
+                "or make the proportions uniform."
+            )
         previous = self.params.get(param)
         if previous is not None and previous != initial:
+            if not isinstance(initial, list):
+                self.out.mapping.append((origin, f"steering.mixer.{param}: {previous} (the components file's)"))
+                return
             self.out.warnings.append(
                 f"{origin} ({initial}) replaces the {SECTIONS['mixer']} file's {param} ({previous}) for this run."
             )
         self.params[param] = initial
-        self.out.mapping.append((f"{origin}", f"steering.mixer.{param}: {initial}"))
+        self.out.mapping.append((origin, f"steering.mixer.{param}: {shown}"))
 
     # ------------------------------------------------------------------------- run and target
-    def _train_step(self) -> None:
-        if "train_step" not in self.keys:
-            return
-        steps = int(self.keys["train_step"])
+    def _train_length(self) -> None:
+        """DataFlex's own total steps; LLaMA-Factory's max_steps is ignored, as DataFlex ignores it."""
+        k = self.keys
+        train_step = _int(k.get("train_step"))
+        times = int(k.get("update_times", 1))
+        epochs = float(self.raw.get("num_train_epochs", 3.0))
+        steps: int | None = None
+        if self.kind == "weighter" or self.static_mix:
+            rule, steps = "train_step", train_step or None
+        elif times < 0:
+            rule, steps = "train_step (update_times: -1)", train_step or None
+        else:
+            flex = _int(k.get("warmup_step")) + _int(k.get("update_step")) * times
+            rule, steps = f"num_train_epochs x (warmup_step + update_step x update_times) = {epochs:g} x {flex}", None
+            steps = max(1, math.ceil(epochs * flex)) if epochs > 0 else flex
+            if self.kind == "mixer" and train_step:  # DataFlex's mix trainer: train_step only with static_mix
+                rule = f"{rule} (train_step: {train_step} is used only with static_mix, as in DataFlex)"
+            elif train_step:
+                rule = f"{rule} (train_step is used only by DataFlex's weight and static-mix trainers)"
         current = self.raw.get("max_steps")
-        if current not in (None, -1, steps):
-            raise ConfigError(f"train_step ({steps}) and max_steps ({current}) disagree; keep one of them.")
+        if steps is None:
+            if "train_step" in k:
+                self.out.mapping.append((f"train_step: {k['train_step']}", "no effect (0)"))
+            self.out.warnings.append(
+                f"train length: no DataFlex total ({rule} is not set), so LLaMA-Factory's own length applies "
+                f"(max_steps: {current}, else num_train_epochs: {epochs:g})."
+            )
+            return
         self.out.lf_updates["max_steps"] = steps
-        self.out.mapping.append((f"train_step: {steps}", f"max_steps: {steps} (the HF Trainer's total steps)"))
+        self.out.mapping.append((f"train length: {rule}", f"max_steps: {steps} (the HF Trainer's total steps)"))
+        if current not in (None, -1, steps):
+            self.out.warnings.append(
+                f"max_steps: {current} is ignored, as DataFlex ignores it: the run trains {steps} steps ({rule})."
+            )
 
     def _freeze_gate(self) -> None:
         if "freeze_gate" not in self.keys:
@@ -373,7 +706,31 @@ class _Translator:
         listed = [n.strip() for n in names.split(",")] if isinstance(names, str) else [str(n) for n in names]
         self.out.target_datasets = listed
         self.out.mapping.append((f"mixer_eval_dataset: {names}", f"target_dataset: {','.join(listed)}"))
+        if (self.kind, self.name) == ("mixer", "moe_gate"):
+            self._moe_held_out(listed)
+            return
         self.out.warnings.append(
             "mixer_eval_dataset becomes the run's target set (target_dataset), which every component that "
             "needs one uses, not only the mixer."
         )
+
+    def _moe_held_out(self, listed: list[str]) -> None:
+        """DataFlex's dynamic_moe measures each domain's gate loads on its own mixer_eval_dataset entry."""
+        held_out = next((p for p in registry.params_of(self.cls) if p.name == "held_out"), None) if self.cls else None
+        if held_out is not None and "target" in str(held_out.annotation):
+            self.params["held_out"] = "target"
+            self.out.mapping.append(("mixer_eval_dataset (dynamic_moe)", "steering.mixer.held_out: target"))
+            return
+        raise ConfigError(
+            f"mixer_eval_dataset: {','.join(listed)}: DataFlex's dynamic_moe measures the gate loads of domain i on "
+            "the i-th of these datasets; datasteer's moe_gate measures them on held-out rows of the domains "
+            "themselves (held_out: eval or train) and cannot read separate datasets yet. Remove mixer_eval_dataset "
+            "to measure on training rows (component_overrides: {held_out: train})."
+        )
+
+
+def _is_uniform(initial: Any) -> bool:
+    if isinstance(initial, str):
+        return initial == "uniform"
+    values = [float(v) for v in initial]
+    return len(set(values)) <= 1
