@@ -11,10 +11,12 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,7 @@ from datasteer.components import Component
 from datasteer.config import load_config
 from datasteer.errors import DatasteerError, NonFiniteLossError
 from datasteer.runner import LOCK_FILE, output_dir_lock, run
+from datasteer.state_file import CHECKSUM_FILE, STATE_FILE
 from datasteer.steering_log import SteeringLog, read_events
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,7 +158,7 @@ def test_kill_during_a_checkpoint_log_flush_then_resume_equals_the_uninterrupted
     assert not (out / "steering" / "events.jsonl").read_text().endswith("\n")  # a torn last line
     code, err = cli(capsys, str(cfg), "--resume")
     assert code == 0, err
-    assert "skipping the incomplete checkpoint" in caplog.text and "checkpoint-6" in caplog.text
+    assert "skipping the incomplete or damaged checkpoint" in caplog.text and "checkpoint-6" in caplog.text
     assert "dropped a torn last line" in caplog.text
     assert train_losses(out) == train_losses(reference)  # steps 1-9, each once, as uninterrupted
 
@@ -205,17 +208,61 @@ def test_resume_with_a_different_steering_is_refused_unless_forced(tmp_path, ref
     assert "resuming with a different steering (--force): steering.mixer.proportions" in caplog.text
 
 
-def test_a_torn_steering_state_is_skipped_on_resume_and_refused_when_named(tmp_path, reference, capsys, caplog):
-    out = copy_run(reference, tmp_path)
-    state = out / "checkpoint-9" / "steering_state.pt"
+def flip_a_tensor_byte(state: Path) -> None:
+    """Flip one bit inside the first tensor record of a `torch.save` zip: a change torch's own reader lets through."""
+    before = torch.load(state, weights_only=True)
+    with zipfile.ZipFile(state) as archive:
+        record = next(i for i in archive.infolist() if i.filename.endswith("/data/0"))
+    data = bytearray(state.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[record.header_offset + 26 : record.header_offset + 30])
+    data[record.header_offset + 30 + name_len + extra_len + 5] ^= 0x10  # a mantissa bit of the mixer's weights
+    state.write_bytes(bytes(data))
+    after = torch.load(state, weights_only=True)  # no error: without a checksum this resumes a different run
+    assert not torch.equal(before["sampler"]["stages"][0]["weights"], after["sampler"]["stages"][0]["weights"])
+
+
+def cut_in_half(state: Path) -> None:
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    ("damage", "with_checksum", "expected"),
+    [
+        (cut_in_half, True, "is damaged: it holds"),
+        (flip_a_tensor_byte, True, "is damaged: its bytes do not match the checksum saved with it"),
+        (cut_in_half, False, "is damaged: it cannot be read"),  # a checkpoint saved before the checksum existed
+        (flip_a_tensor_byte, False, "is damaged: its record archive/data/0 fails its CRC check"),
+    ],
+    ids=["torn", "bit-flip", "torn-no-checksum", "bit-flip-no-checksum"],
+)
+def test_a_damaged_steering_state_is_skipped_on_resume_and_refused_when_named(
+    tmp_path, reference, capsys, caplog, damage, with_checksum, expected
+):
+    out = copy_run(reference, tmp_path)
+    if not with_checksum:
+        for checksum in out.glob(f"checkpoint-*/{CHECKSUM_FILE}"):
+            checksum.unlink()
+    state = out / "checkpoint-9" / STATE_FILE
+    damage(state)
     cfg = str(write_config(tmp_path, config(out)))
     code, err = cli(capsys, cfg, "--resume", str(out / "checkpoint-9"))
-    assert code == 2 and f"{state} is damaged and cannot be read" in err and "Traceback" not in err
+    assert code == 2 and f"{state} {expected}" in err and "Traceback" not in err, err
     code, err = cli(capsys, cfg, "--resume")
     assert code == 0, err
-    assert "skipping the incomplete checkpoint" in caplog.text and "checkpoint-9" in caplog.text
+    assert "skipping the incomplete or damaged checkpoint" in caplog.text and "checkpoint-9" in caplog.text
     assert train_losses(out) == train_losses(reference)
+
+
+def test_a_checkpoint_saved_without_a_checksum_still_resumes(tmp_path, reference, capsys, caplog):
+    out = copy_run(reference, tmp_path)
+    for step in (6, 9):
+        shutil.rmtree(out / f"checkpoint-{step}")
+    (out / "checkpoint-3" / CHECKSUM_FILE).unlink()  # as saved before steering_state.pt had a checksum
+    code, err = cli(capsys, str(write_config(tmp_path, config(out))), "--resume")
+    assert code == 0, err
+    assert "skipping" not in caplog.text
+    assert train_losses(out) == train_losses(reference)
+    assert (out / "checkpoint-9" / CHECKSUM_FILE).is_file()  # later saves carry one
 
 
 def test_a_static_mixer_logs_the_step_0_weights_once(reference):

@@ -21,12 +21,12 @@ from datasteer.distributed import gather_varlen
 from datasteer.errors import ConfigError, DatasteerError, NonFiniteLossError
 from datasteer.sampling import SteeredSampler
 from datasteer.schedule import Schedule
+from datasteer.state_file import read_steering_state, write_steering_state
 from datasteer.steering_log import SteeringLog
 
 if TYPE_CHECKING:
     from transformers import Trainer
 
-STATE_FILE = "steering_state.pt"
 
 
 @dataclass
@@ -426,17 +426,10 @@ class Steering:
         self.log.truncate_after(self.step)
 
     def save(self, checkpoint_dir: str | Path) -> None:
+        """Write `steering_state.pt` (with its checksum) into a checkpoint folder, after flushing the events."""
         self.log.flush()
-        path = Path(checkpoint_dir) / STATE_FILE
-        tmp = path.with_suffix(".tmp")
-        torch.save(self.state_dict(), tmp)
-        tmp.replace(path)
+        write_steering_state(checkpoint_dir, self.state_dict())
 
     def load(self, checkpoint_dir: str | Path) -> None:
-        path = Path(checkpoint_dir) / STATE_FILE
-        if not path.exists():
-            raise DatasteerError(
-                f"{checkpoint_dir} has no {STATE_FILE}: it was not written by a steered run, so resuming would "
-                "restart the steering from scratch. Resume from a checkpoint of a datasteer run."
-            )
-        self.load_state_dict(torch.load(path, weights_only=True))
+        """Restore from a checkpoint folder; a missing or damaged state is a `DatasteerError` naming the file."""
+        self.load_state_dict(read_steering_state(checkpoint_dir))

@@ -35,37 +35,20 @@ from datasteer.distributed import gather_varlen
 from datasteer.errors import DatasteerError, NonFiniteLossError
 from datasteer.ops.pooling import mean_pool
 from datasteer.ops.token_losses import batch_losses, token_losses
-from datasteer.steering import STATE_FILE, Steering
+from datasteer.state_file import read_steering_state
+from datasteer.steering import Steering
 
 STEERING_COLUMNS = ("sample_id", "domain_id")
 log = logging.getLogger(__name__)
 
 
-def read_steering_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
-    """Load a checkpoint's steering state; a missing or unreadable file is one error naming it, not a traceback."""
-    path = Path(checkpoint) / STATE_FILE
-    if not Path(checkpoint).is_dir():
-        raise DatasteerError(f"checkpoint folder {checkpoint} does not exist. Check the path given to resume from.")
-    if not path.is_file():
-        raise DatasteerError(
-            f"{checkpoint} has no {STATE_FILE}: it was not written by a steered run, or the run was killed while "
-            "saving it, so resuming would restart the steering from scratch. Resume from a complete checkpoint "
-            "(--resume alone picks the last complete one)."
-        )
-    try:
-        return torch.load(path, weights_only=True)
-    except Exception as err:  # torch raises pickle, zip, EOF and runtime errors for a damaged file
-        raise DatasteerError(
-            f"{path} is damaged and cannot be read ({type(err).__name__}: {str(err).split('.')[0]}). Resume from an "
-            "earlier checkpoint (--resume alone skips damaged ones), or delete this checkpoint folder."
-        ) from None
-
-
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest `checkpoint-N` whose steering state reads back; newer half-written ones are skipped, with a warning.
+    """The newest `checkpoint-N` whose steering state reads back intact; newer half-written or damaged ones are
+    skipped, with a warning.
 
     `steering_state.pt` is the last file a save writes (HF's files come first), so a kill during a save leaves
-    a checkpoint without it, or a torn one: resuming from it would mix a new model with an old steering.
+    a checkpoint without it, or a torn one: resuming from it would mix a new model with an old steering. A state
+    whose bytes no longer match its checksum (a bit flip on disk) would resume a different run.
     """
     folders = [p for p in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir()]
     numbered = [p for p in folders if re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", p.name)]
@@ -73,7 +56,7 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
         try:
             read_steering_state(folder)
         except DatasteerError as err:
-            log.warning("skipping the incomplete checkpoint %s: %s", folder, err)
+            log.warning("skipping the incomplete or damaged checkpoint %s: %s", folder, err)
             continue
         return str(folder)
     return None
@@ -225,7 +208,7 @@ class SteeringMixin:
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Merge the buffered `steer/...` scalars (and per-domain eval perplexities) into the log line."""
         if "loss" in logs:
-            logs = {**logs, **self.steering.log.pop_scalars()}
+            logs = {**logs, **self.steering.scalars()}
         perplexities = {
             k.removesuffix("_loss") + "_ppl": math.exp(min(v, 50.0))
             for k, v in logs.items()
