@@ -61,6 +61,7 @@ from datasteer.runner import run
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 SELECTORS = ("random", "static", "loss", "delta_loss", "less", "near", "tsds", "rho_loss", "ifd")
+REALTEXT_SELECTORS = ("random", "loss", "less", "near", "tsds", "rho_loss")
 WEIGHTERS = ("uniform", "loss", "adapt")
 MIXERS = ("default", "doremi", "odm")
 UNLEARNABLE = ("noise",)  # demo domains of uniformly random characters
@@ -96,6 +97,29 @@ QUICK = Settings(
     mixture_samples_per_domain=40, reweighting_samples_per_domain=40, eval_per_domain=4,
     warmup=2, update_every=2, budget=24, il_steps=6,
 )  # fmt: skip
+
+
+@dataclass
+class RealText:
+    """The real-text selection group (`bench/realtext_task.py`): pool size, schedule and model budget."""
+
+    seeds: list[int]
+    steps: int
+    batch: int
+    warmup: int
+    update_every: int
+    budget: int
+    per_type: int  # pool rows per task type (5 types)
+    il_steps: int  # rho_loss: steps of the irreducible-loss model on the selection target
+    task_seed: int = 0  # the task's own draw (the same task for every run seed, so the cells are paired)
+    max_length: int = 192
+    lr: float = 3.0e-3
+
+
+REALTEXT_FULL = RealText(
+    seeds=[0, 1, 2], steps=150, batch=16, warmup=50, update_every=50, budget=400, per_type=600, il_steps=100
+)
+REALTEXT_QUICK = RealText(seeds=[0], steps=8, batch=8, warmup=4, update_every=4, budget=32, per_type=60, il_steps=4)
 
 # Per-selector parameters that differ from the example YAMLs, sized for the small demo pool.
 SELECTOR_PARAMS: dict[str, dict[str, Any]] = {
@@ -177,6 +201,41 @@ def selector_config(s: Settings, name: str, seed: int, out: Path, cache: Path, i
         spec.update(irreducible_model=str(il), cache_dir=str(out.parent / "ops"))
     steering = {"seed": seed, "warmup_steps": s.warmup, "update_every": s.update_every, "budget": s.budget}
     return load_config(**_sections(s, "sft", seed, out, cache), steering={**steering, "selector": spec})
+
+
+def realtext_config(
+    rs: RealText, spec: dict[str, Any], seed: int, out: Path, task: Any, cache: Path, il: Path | None
+) -> Config:
+    """A steered sft run on the real-text task: one domain per task type, its target and held-out target split."""
+    spec = dict(spec)
+    if spec["name"] == "rho_loss":
+        spec.update(irreducible_model=str(il), cache_dir=str(out.parent / "ops"))
+    data = {
+        "kind": "sft",
+        "sources": [{"path": str(path), "domain": kind} for kind, path in task.pool.items()],
+        "target": {"path": str(task.target)},
+        "target_eval": {"path": str(task.target_eval)},
+        "max_length": rs.max_length,
+        "eval_per_domain": 16,
+        "cache_dir": str(cache),
+    }
+    train = {
+        "output_dir": str(out), "max_steps": rs.steps, "per_device_train_batch_size": rs.batch,
+        "learning_rate": rs.lr, "lr_scheduler_type": "cosine", "logging_steps": 1000, "use_cpu": True,
+        "seed": seed, "report_to": "none", "disable_tqdm": True, "eval_strategy": "no",
+        "save_strategy": "steps", "save_steps": rs.steps,
+    }  # fmt: skip
+    steering = {"seed": seed, "warmup_steps": rs.warmup, "update_every": rs.update_every, "budget": rs.budget}
+    return load_config(
+        model={"demo": True, "seed": seed}, data=data, train=train, steering={**steering, "selector": spec}
+    )
+
+
+def realtext_spec(name: str) -> dict[str, Any]:
+    """A selector's spec for the real-text group: its example YAML with the bench's size overrides."""
+    spec = {"name": name, **_example_component(EXAMPLES / "selectors" / f"{name}.yaml", "selector")}
+    spec.update(SELECTOR_PARAMS.get(name, {}))
+    return spec
 
 
 def weighter_config(s: Settings, name: str, seed: int, out: Path, cache: Path) -> Config:
@@ -291,6 +350,57 @@ def run_reweighting(s: Settings, root: Path, notes: list[str]) -> list[Result | 
     return results
 
 
+def run_realtext(
+    rs: RealText, root: Path, notes: list[str], cells: dict[str, dict[str, Any]] | None = None
+) -> list[Result | None]:
+    """Every cell (label -> selector spec; default: REALTEXT_SELECTORS from their examples) at every seed."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import realtext_task
+
+    t0 = time.perf_counter()
+    task = realtext_task.build(root / "realtext" / "task", seed=rs.task_seed, per_type=rs.per_type)
+    notes.append(
+        f"real-text task built in {time.perf_counter() - t0:.1f} s from Python {platform.python_version()}'s stdlib "
+        f"({task.counts['functions']} documented functions): {json.dumps(task.counts)}; target type "
+        f"`{task.target_type}`."
+    )
+    available = registry.components("selector")
+    if cells is None:
+        cells = {n: realtext_spec(n) for n in REALTEXT_SELECTORS if n in available}
+        notes += [f"selector `{n}` is not registered here; skipped." for n in REALTEXT_SELECTORS if n not in available]
+    results = []
+    for seed in rs.seeds:
+        il = None
+        if any(spec["name"] == "rho_loss" for spec in cells.values()):
+            from datasteer.selectors.rho_loss import train_irreducible_model
+
+            il_dir = root / "realtext" / f"il-{seed}"
+            base = realtext_config(rs, {"name": "random"}, seed, il_dir, task, root / "realtext" / "data", None)
+            try:
+                il = train_irreducible_model(base, il_dir, max_steps=rs.il_steps)
+            except Exception as err:  # rho_loss then fails on its own, with a note
+                notes.append(f"rho_loss IL model, seed {seed}: {type(err).__name__}: {str(err)[:300]}")
+        for label, spec in cells.items():
+            out = root / "realtext" / f"{label}-{seed}"
+            config = realtext_config(rs, spec, seed, out, task, root / "realtext" / "data", il)
+            fn = lambda c=config, o=out: _realtext_metrics(c, o, task.target_type)  # noqa: E731
+            results.append(_timed("realtext", label, seed, fn, notes))
+    return results
+
+
+def _realtext_metrics(config: Config, out: Path, target_type: str) -> dict[str, float]:
+    """Held-out target loss, the share of target-type rows among the selected ones, and the steering's seconds."""
+    from datasteer.steering_log import read_events
+
+    metrics = _sft_metrics(config, out)
+    events = read_events(out)
+    picked = [e["per_domain"] for e in events if e["event"] == "select"]
+    total = sum(sum(p.values()) for p in picked)
+    share = sum(p.get(target_type, 0) for p in picked) / max(total, 1)
+    train = [e for e in events if e["event"] == "train"]
+    return {**metrics, "target_type_share": share, "selection_s": float(train[-1]["overhead_s"]) if train else 0.0}
+
+
 def _sft_metrics(config: Config, out: Path) -> dict[str, float]:
     metrics = domain_metrics(run(config).domain_eval)
     return {"target_eval_loss": target_loss(config, out), **metrics}
@@ -340,6 +450,11 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['machine']['torch']}, transformers {report['machine']['transformers']}, load average at start "
         f"{report['machine']['load_average']}  ",
         f"Settings: {json.dumps(report['settings'])}  ",
+        *(
+            [f"Real-text settings: {json.dumps(report['realtext_settings'])}  "]
+            if "realtext_settings" in report
+            else []
+        ),
         f"Wall time: {report['wall_s']:.0f} s. Cells are mean ± std over seeds {report['settings']['seeds']}; lower "
         "is better everywhere (nats per token).",
         "",
@@ -353,6 +468,11 @@ def markdown(report: dict[str, Any]) -> str:
         ),
         ("selection", "Selection at equal budget (sft)", ["target_eval_loss", "mean_log_ppl", "worst_log_ppl"]),
         ("reweighting", "Reweighting (sft)", ["target_eval_loss", "mean_log_ppl", "worst_log_ppl"]),
+        (
+            "realtext",
+            "Real-text selection at equal budget (stdlib task; target type share of the selected rows; steering s)",
+            ["target_eval_loss", "target_type_share", "selection_s", "mean_log_ppl"],
+        ),
     ]
     for group, title, keys in specs:
         if group not in tables:
@@ -360,6 +480,12 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"## {title}", "", f"| {group} | {' | '.join(keys)} |", "|---" + "|---:" * len(keys) + "|"]
         lines += [f"| {name} | {cells(m, keys)} |" for name, m in tables[group].items()]
         lines.append("")
+        if group == "realtext" and "random" in tables[group]:
+            base = tables[group]["random"]["target_eval_loss"][0]
+            rel = ", ".join(
+                f"{name} {100 * (m['target_eval_loss'][0] / base - 1):+.1f}%" for name, m in tables[group].items()
+            )
+            lines += [f"Held-out target loss vs random: {rel}.", ""]
     if report["notes"]:
         lines += ["## Notes", "", *[f"- {n}" for n in report["notes"]], ""]
     return "\n".join(lines)
@@ -370,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="1 seed, a few steps: a smoke test of every path")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2; --quick: 0)")
     parser.add_argument("--steps", type=int, help="optimizer steps per run, in every group")
-    parser.add_argument("--groups", nargs="+", choices=("mixture", "selection", "reweighting"))
+    parser.add_argument("--groups", nargs="+", choices=("mixture", "selection", "reweighting", "realtext"))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="folder for quality.{json,md}")
     parser.add_argument("--workdir", type=Path, help="where the runs go (default: a temp dir)")
     parser.add_argument("--name", default="quality", help="file stem of the outputs in --out (default: quality)")
@@ -380,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps:
         s.steps = s.mixture_steps = s.reweighting_steps = args.steps
     groups = args.groups or ["mixture", "selection", "reweighting"]
+    rs = RealText(**asdict(REALTEXT_QUICK if args.quick else REALTEXT_FULL))
+    rs.seeds = args.seeds or rs.seeds
     root = args.workdir or Path(tempfile.mkdtemp(prefix="datasteer-quality-"))
     notes: list[str] = []
     info = machine()
@@ -391,11 +519,14 @@ def main(argv: list[str] | None = None) -> int:
         results += run_selection(s, root, notes)
     if "reweighting" in groups:
         results += run_reweighting(s, root, notes)
+    if "realtext" in groups:
+        results += run_realtext(rs, root, notes)
     report = {
         "command": "python bench/quality.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "quick": args.quick,
         "machine": info,
         "settings": asdict(s),
+        **({"realtext_settings": asdict(rs)} if "realtext" in groups else {}),
         "wall_s": time.perf_counter() - t0,
         "table": summarise(results),
         "runs": [asdict(r) for r in results if r is not None],
