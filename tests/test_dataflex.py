@@ -159,7 +159,7 @@ def test_weighter_warmup_goes_where_the_weighter_takes_it():
         ),
         ({"train_type": "dynamic_select", "component_name": "random", "components_cfg_file": "nope.yaml"}, "nope.yaml"),
         (
-            {"train_type": "dynamic_mix", "component_name": "random", "init_mixture_proportions": [0.7, 0.3]},
+            {"train_type": "dynamic_mix", "component_name": "dynamic_moe", "init_mixture_proportions": [0.7, 0.3]},
             "starts from uniform proportions and takes no parameter for other ones",
         ),
         (

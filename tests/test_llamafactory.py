@@ -184,7 +184,9 @@ def test_dataflex_flat_keys_run_with_their_components_file(tmp_path, model_dir, 
     components = tmp_path / "components.yaml"
     components.write_text(yaml.safe_dump({"selectors": {"random": {"name": "random", "params": {"cache_dir": "x"}}}}))
     flat = dict(train_type="dynamic_select", component_name="random", components_cfg_file=str(components))
-    config = write_config(tmp_path, model_dir, "sft", warmup_step=1, update_step=2, update_times=1, **flat)
+    # DataFlex's train length: num_train_epochs x (warmup_step + update_step x update_times) = 3 steps
+    keys = dict(warmup_step=1, update_step=2, update_times=1, num_train_epochs=1)
+    config = write_config(tmp_path, model_dir, "sft", **keys, **flat)
     config_text = yaml.safe_load(config.read_text())
     config.write_text(yaml.safe_dump({**config_text, "target_dataset": "heldout"}))
     assert lf.run(config) == 0
@@ -250,7 +252,8 @@ def test_doremi_three_steps_through_llamafactory(tmp_path, model_dir):
     reference = tmp_path / "1" / "out"
     assert (reference / "model.safetensors").exists()  # LF saved the reference model the proxy reads
     overrides = {"reference_model_path": str(reference), "batch_size": 4, "cache_dir": None}
-    keys = dict(component_name="doremi", update_step=1, component_overrides=overrides, **mix)
+    keys = dict(component_name="doremi", update_step=1, update_times=4, num_train_epochs=1, **mix)
+    keys["component_overrides"] = overrides  # DataFlex's train length: 1 x (0 + 1 x 4) = 4 steps
     step2 = write_config(tmp_path / "2", model_dir, "pt", **keys)
     assert lf.run(step2) == 0
     weights = json.loads((tmp_path / "2" / "out" / "doremi_weights.json").read_text())
@@ -293,13 +296,13 @@ def test_an_example_runs_as_shipped(tmp_path, monkeypatch):
 def test_less_selects_against_the_eval_set_as_its_target(tmp_path, model_dir):
     """DataFlex's less.yaml shape: the target set is eval_dataset; a stale log of an earlier run is not kept."""
     flat = dict(train_type="dynamic_select", component_name="less", warmup_step=1, update_step=2, update_times=1)
-    config = write_config(tmp_path, model_dir, "sft", eval_dataset="heldout", **flat)
+    config = write_config(tmp_path, model_dir, "sft", eval_dataset="heldout", num_train_epochs=1, **flat)
     stale = tmp_path / "out" / "steering" / "events.jsonl"
     stale.parent.mkdir(parents=True)
     stale.write_text('{"event": "train", "step": 99}\n')
     assert lf.run(config) == 0
     events = read_events(tmp_path / "out")
-    assert [e["step"] for e in events if e["event"] == "train"] == [1, 2, 3, 4]
+    assert [e["step"] for e in events if e["event"] == "train"] == [1, 2, 3]  # 1 x (1 + 2 x 1), as DataFlex
     (selection,) = [e for e in events if e["event"] == "select"]
     _, pool = pool_of(tmp_path / "out")
     assert len(pool[lf.TARGET_SPLIT]) == 8  # heldout.json, processed like eval data, with target ids

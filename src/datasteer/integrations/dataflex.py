@@ -6,7 +6,7 @@ LLaMA-Factory ones, plus a `components.yaml` that holds each component's paramet
     train_type: dynamic_select | dynamic_mix | dynamic_weight | static
     component_name, components_cfg_file, component_overrides
     warmup_step, update_step, update_times, static_mix, train_step
-    init_mixture_proportions, mixture_sample_rule, mixer_eval_dataset, freeze_gate
+    init_mixture_proportions, mixture_sample_rule, mixer_eval_dataset, freeze_gate, early_stopping_min_delta
 
 `translate` turns them into a `steering` mapping (validated later by `SteeringConfig`), plus the
 LLaMA-Factory keys they imply (DataFlex's train length -> `max_steps`) and the target datasets.
@@ -53,6 +53,7 @@ DATAFLEX_KEYS: tuple[str, ...] = (
     "mixture_sample_rule",
     "mixer_eval_dataset",
     "freeze_gate",
+    "early_stopping_min_delta",
 )
 TRAIN_TYPES: dict[str, str | None] = {
     "dynamic_select": "selector",
@@ -298,6 +299,7 @@ class Translation:
     target_datasets: list[str] | None = None
     mapping: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    early_stopping_threshold: float | None = None  # DataFlex's early_stopping_min_delta, for HF's callback
 
     def report(self) -> str:
         """The mapping, one line per DataFlex key, then the warnings (one line each)."""
@@ -330,6 +332,7 @@ def translate(raw: dict[str, Any], config_dir: str | Path | None = None) -> Tran
         raise unknown_choice("train_type", train_type, TRAIN_TYPES, "the DataFlex keys")
     kind = TRAIN_TYPES[train_type]
     out = Translation(steering=None)
+    _early_stopping(raw, out)
     if kind is None:
         out.mapping.append((f"train_type: {train_type}", "no steering: the plain LLaMA-Factory run"))
         ignored = sorted(set(keys) - {"train_type", "component_name", "components_cfg_file"})
@@ -338,6 +341,21 @@ def translate(raw: dict[str, Any], config_dir: str | Path | None = None) -> Tran
         return out
     _Translator(keys, kind, raw, config_dir, out).run()
     return out
+
+
+def _early_stopping(raw: dict[str, Any], out: Translation) -> None:
+    """DataFlex's early_stopping_min_delta: the least improvement that resets LLaMA-Factory's early stopping."""
+    if "early_stopping_min_delta" not in raw:
+        return
+    delta = float(raw["early_stopping_min_delta"])
+    if delta < 0:
+        raise ConfigError(f"early_stopping_min_delta must be non-negative, got {delta}.")
+    key = f"early_stopping_min_delta: {delta:g}"
+    if raw.get("early_stopping_steps") is None:
+        out.mapping.append((key, "no effect without early_stopping_steps (as in DataFlex)"))
+        return
+    out.early_stopping_threshold = delta
+    out.mapping.append((key, f"EarlyStoppingCallback(patience=early_stopping_steps, threshold={delta:g})"))
 
 
 def _int(value: Any) -> int:

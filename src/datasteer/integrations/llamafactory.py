@@ -35,7 +35,7 @@ import shutil
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,8 @@ class LFRun:
     target_datasets: list[str] | None = None
     report: str = ""  # the printed DataFlex mapping, when there was one
     source: str = ""
+    dataflex: bool = False  # the steering came from DataFlex's flat keys
+    callbacks: list[Any] = field(default_factory=list)  # extra Trainer callbacks (DataFlex's early stopping)
 
 
 def read_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -138,6 +140,8 @@ def split_config(raw: dict[str, Any], source: str = "", config_dir: str | Path |
         if "steering" in raw:
             raise ConfigError(f"Use either a steering: section or DataFlex's flat keys{where}, not both.")
         translation = dataflex.translate(raw, config_dir)
+        run.dataflex = True
+        run.callbacks = _early_stopping(translation, lf_args)
         run.report = translation.report()
         lf_args.update(translation.lf_updates)
         steering_raw = translation.steering
@@ -157,6 +161,21 @@ def split_config(raw: dict[str, Any], source: str = "", config_dir: str | Path |
         if run.steering is None:
             raise ConfigError(f"target_dataset is set{where} but nothing is steered (no steering section).")
     return run
+
+
+def _early_stopping(translation: Any, lf_args: dict[str, Any]) -> list[Any]:
+    """DataFlex's early_stopping_min_delta: LLaMA-Factory's early stopping (early_stopping_steps) with HF's
+    threshold. The callback is passed to the run in place of LLaMA-Factory's own, so it is not added twice."""
+    if translation.early_stopping_threshold is None or lf_args.get("early_stopping_steps") is None:
+        return []
+    from transformers import EarlyStoppingCallback
+
+    patience = int(lf_args.pop("early_stopping_steps"))
+    return [
+        EarlyStoppingCallback(
+            early_stopping_patience=patience, early_stopping_threshold=translation.early_stopping_threshold
+        )
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -179,7 +198,7 @@ def run(path: str | Path, overrides: list[str] | None = None, resume: str | bool
     if config.report and _is_rank_zero():
         print(config.report, file=sys.stderr)
     if config.steering is None:
-        run_exp(args=config.lf_args)  # a plain LLaMA-Factory run, exactly as llamafactory-cli train
+        run_exp(args=config.lf_args, callbacks=config.callbacks or None)  # exactly as llamafactory-cli train
         return 0
     run_steered(config)
     return 0
@@ -207,7 +226,7 @@ def run_steered(config: LFRun) -> None:
         return build_steering(config.steering, train_dataset, domains, args.output_dir, _load_target(folder))
 
     with steered_workflow(stage, make_steering):
-        run_exp(args=lf_args)
+        run_exp(args=lf_args, callbacks=config.callbacks or None)
 
 
 def _check_data_args(data_args: Any, finetuning_args: Any, config: LFRun) -> None:
@@ -231,7 +250,15 @@ def _check_data_args(data_args: Any, finetuning_args: Any, config: LFRun) -> Non
         problems.append("neat_packing: true (several samples per row)")
     if finetuning_args.disable_shuffling:
         problems.append("disable_shuffling: true (the steered sampler decides the order)")
-    overlap = sorted(set(names) & set((data_args.eval_dataset or []) + (config.target_datasets or [])))
+    evals, targets = set(data_args.eval_dataset or []), set(config.target_datasets or [])
+    if config.dataflex and set(names) & evals - targets:  # DataFlex's pt mixer examples evaluate on a trained set
+        print(
+            f"datasteer: warning: eval_dataset {sorted(set(names) & evals)} is also trained on (dataset:), so its "
+            "eval loss is not held out (DataFlex runs it so; datasteer's own configs refuse it).",
+            file=sys.stderr,
+        )
+        evals -= set(names)
+    overlap = sorted(set(names) & (evals | targets))
     if overlap:
         problems.append(f"{overlap} is both trained on (dataset:) and held out (eval_dataset/target_dataset)")
     if problems:
@@ -470,9 +497,15 @@ def _target_set(
 
     lf = _lf_data()
     model_args, data_args, training_args = lf_inputs
-    if names:
-        raw = lf.merged(names, model_args, data_args, training_args, stage)
-        target = lf.preprocess(raw, data_args, training_args, stage, template, tok["tokenizer"], tok["processor"], True)
+    if names:  # each named dataset is one subtask (its position in the list), as LESS's max and moe_gate read it
+        parts = []
+        for i, name in enumerate(names):
+            raw = lf.merged([name], model_args, data_args, training_args, stage)
+            part = lf.preprocess(
+                raw, data_args, training_args, stage, template, tok["tokenizer"], tok["processor"], True
+            )
+            parts.append(part.add_column("subtask", [i] * len(part)))
+        target = concatenate_datasets(parts)
     elif processed_eval:
         target = concatenate_datasets(processed_eval)
     else:

@@ -64,7 +64,9 @@ class MoEGateMixer(Mixer):
         eta: step size η (reference framework: 10).
         smoothing: c, the share of the uniform distribution mixed in after each update (reference framework: 0.05).
         held_out: "eval": the run's per-domain eval split (set data.eval_per_domain); "train": a fixed seeded
-            sample of training rows per domain (they stay in training, so not truly held out).
+            sample of training rows per domain (they stay in training, so not truly held out); "target": the
+            target set's rows of subtask i for domain i (DataFlex's mixer_eval_dataset: one dataset per domain,
+            in the order of the domains).
         samples_per_domain: rows per domain measured at each update (the same rows every time).
         batch_size: rows per forward pass.
         freeze_router: stop training the router modules named by router_modules (when training starts).
@@ -79,7 +81,7 @@ class MoEGateMixer(Mixer):
         self,
         eta: float = 10.0,
         smoothing: float = 0.05,
-        held_out: Literal["eval", "train"] = "eval",
+        held_out: Literal["eval", "train", "target"] = "eval",
         samples_per_domain: int = 64,
         batch_size: int = 32,
         freeze_router: bool = False,
@@ -139,6 +141,8 @@ class MoEGateMixer(Mixer):
         if self.held_out == "train":
             data = ctx.dataset
             return [data.select(np.flatnonzero(ctx.pool.domain_ids == d)) for d in range(len(domains))]
+        if self.held_out == "target":
+            return self._target_sets(ctx)
         evals = ctx.trainer.eval_dataset
         missing = [d for d in domains if not isinstance(evals, dict) or d not in evals]
         if missing:
@@ -147,6 +151,21 @@ class MoEGateMixer(Mixer):
                 "Set data.eval_per_domain > 0, or held_out: train."
             )
         return [evals[d] for d in domains]
+
+    def _target_sets(self, ctx: SteeringContext) -> list[Any]:
+        """Domain i's rows: the target rows of subtask i (one target dataset per domain, in domain order)."""
+        target, k = ctx.target, len(ctx.pool.domains)
+        has_column = target is not None and "subtask" in target.column_names
+        subtasks = np.asarray(target["subtask"]) if has_column else np.zeros(0, dtype=int)
+        if set(np.unique(subtasks).tolist()) != set(range(k)):
+            found = f"subtasks {np.unique(subtasks).tolist()}" if has_column else "no target set with a subtask column"
+            raise ConfigError(
+                f"moe_gate with held_out='target' measures domain i on the target rows of subtask i, for each of the "
+                f"{k} domains {ctx.pool.domains}, but found {found}. Name one target dataset per domain, in the order "
+                "of the domains (target_dataset / DataFlex's mixer_eval_dataset), or use held_out: eval or train."
+            )
+        rows = target.remove_columns("subtask")
+        return [rows.select(np.flatnonzero(subtasks == d)) for d in range(k)]
 
     def _subset(self, dataset: Any, domain: int, seed: int) -> Any:
         n = len(dataset)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 
 from datasteer.components import Mixer
+from datasteer.mixers.static import resolve_proportions
 from datasteer.registry import register
 from datasteer.steering import SteeringContext
 
@@ -18,19 +21,27 @@ class RandomMixer(Mixer):
 
     Args:
         concentration: Dirichlet concentration α; large values stay near uniform, small ones are spiky.
+        initial: proportions before the first update (DataFlex's init_mixture_proportions): "uniform",
+            "size", a list with one number per domain, or {domain: weight}.
         seed: seed of the mixer's own generator;
             null (default): steering.seed plus a constant of this component, so runs with
             different steering.seed draw differently.
     """
 
-    def __init__(self, concentration: float = 1.0, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        concentration: float = 1.0,
+        initial: Literal["uniform", "size"] | list[float] | dict[str, float] = "uniform",
+        seed: int | None = None,
+    ) -> None:
         if concentration <= 0:
             raise ValueError("concentration must be > 0")
         self.concentration = concentration
+        self.initial = initial
         self.seed = seed
 
     def initial_weights(self, ctx: SteeringContext) -> np.ndarray:
-        return np.full(ctx.num_domains, 1.0 / ctx.num_domains)
+        return resolve_proportions(self.initial, ctx.pool.domains, ctx.pool.domain_sizes)
 
     def update(self, ctx: SteeringContext) -> np.ndarray:
         rng = np.random.default_rng([self.run_seed(ctx), ctx.update_index])
