@@ -89,7 +89,7 @@ def test_the_quality_bench_realtext_group_reports_every_selector(tmp_path):
     quality.main(["--quick", "--groups", "realtext", "--out", str(tmp_path), "--workdir", str(tmp_path / "w")])
     report = json.loads((tmp_path / "quality.json").read_text())
     table = report["table"]["realtext"]
-    assert set(table) == set(quality.REALTEXT_SELECTORS)
+    assert set(table) == {*quality.REALTEXT_SELECTORS, "less (lm_head)"}
     for metrics in table.values():
         assert 0.0 <= metrics["target_type_share"][0] <= 1.0 and metrics["target_eval_loss"][0] > 0
     assert table["random"]["selection_s"][0] < table["less"]["selection_s"][0]  # LESS scores the pool, random not

@@ -125,6 +125,40 @@ def test_exclude_selected_never_repeats_a_sample_and_resume_continues_exactly(se
     assert np.isnan(less.snapshots[1].numpy()[np.isin(setup.pool.sample_ids, first)]).all()  # not even scored
 
 
+def test_lm_head_features_are_exactly_the_head_block_of_the_all_layer_gradient(setup):
+    from datasteer.ops import gradient_features
+    from datasteer.ops.gradients import trainable_linears
+
+    kw = dict(collate_fn=setup.collate, mode="exact", projection="none", progress=False)
+    rows = setup.pool.train.select(range(9))
+    every = gradient_features(setup.model, rows, **kw).values
+    head = gradient_features(setup.model, rows, layer_patterns=["lm_head"], **kw).values
+    shapes = [m.weight.numel() for m in trainable_linears(setup.model).values()]
+    assert list(trainable_linears(setup.model))[-1] == "lm_head" and head.shape == (9, shapes[-1])
+    torch.testing.assert_close(head, every[:, -shapes[-1] :])  # the head's own block of the concatenation
+    with pytest.raises(ValueError, match=r"match no trainable nn\.Linear; the model.s are: model\.layers\.0"):
+        gradient_features(setup.model, rows, layer_patterns=["decoder.*"], **kw)
+
+
+def test_less_on_the_lm_head_selects_the_top_budget_of_the_head_only_scores(setup):
+    from datasteer.ops import gradient_features
+
+    kw = dict(collate_fn=setup.collate, proj_dim=256, seed=0, progress=False, layer_patterns=["lm_head"])
+    train = gradient_features(setup.model, setup.pool.train, optimizer=setup.optimizer, **kw)
+    target = gradient_features(setup.model, setup.pool.target, **kw)
+    ref = subtask_cosines(train.values, target.values, np.zeros(len(setup.pool.target), dtype=np.int64), 1)[:, 0]
+    less = registry.build("selector", "less", {"proj_dim": 256, "seed": 0, "layers": ["lm_head"]})
+    ctx = fake_ctx(setup)
+    less.setup(ctx)
+    sel = less.select(ctx, 7)
+    np.testing.assert_allclose(sel.scores, np.sort(ref.numpy())[::-1][:7], rtol=1e-6, atol=1e-9)
+    _, every = less_reference(setup)
+    assert not np.allclose(np.sort(every)[::-1][:7], sel.scores)  # the other layers do change the scores
+    wrong = registry.build("selector", "less", {"layers": ["*lora_B*"]})
+    with pytest.raises(DatasteerError, match="selector 'less': layers \\['\\*lora_B\\*'\\] match no trainable"):
+        wrong.setup(ctx)  # before training starts, not at the first update
+
+
 def test_a_non_adam_optimizer_is_an_error_that_says_what_to_do(setup):
     sgd = torch.optim.SGD(setup.model.parameters(), lr=0.1)
     sgd.state[next(setup.model.parameters())]["momentum_buffer"] = None  # "has stepped"
@@ -137,7 +171,13 @@ def test_a_non_adam_optimizer_is_an_error_that_says_what_to_do(setup):
 
 @pytest.mark.parametrize(
     ("params", "match"),
-    [({"proj_dim": 0}, "proj_dim"), ({"checkpoints": 0}, "checkpoints"), ({"precondition": "sign"}, "precondition")],
+    [
+        ({"proj_dim": 0}, "proj_dim"),
+        ({"checkpoints": 0}, "checkpoints"),
+        ({"precondition": "sign"}, "precondition"),
+        ({"layers": "lm_head"}, "layers"),
+        ({"layers": []}, "layers"),
+    ],
 )
 def test_bad_parameters_are_config_errors(params, match):
     with pytest.raises(ConfigError, match=match):

@@ -1,7 +1,8 @@
 """Projected per-sample gradient features (LESS-style), fast by default and exact as the reference.
 
 The features cover the weights of every trainable `nn.Linear` (with peft LoRA: the lora_A / lora_B Linears;
-full fine-tuning: every projection and the LM head). Embeddings, norms and biases are not covered. The
+full fine-tuning: every projection and the LM head), or those matching `layer_patterns` (e.g. the LM head only).
+Embeddings, norms and biases are not covered. The
 per-sample loss is that sample's own loss, the mean over its supervised tokens ("mean", 0 when it has none) or
 their sum ("sum") — never the batch mean: summing per-sample losses makes d(Σ_i L_i)/d(act_i) = dL_i/d(act_i),
 since samples never interact in a causal LM forward.
@@ -24,6 +25,7 @@ With a `FeatureStore` and a key, a pass saves its completed chunks and a rerun r
 
 from __future__ import annotations
 
+import fnmatch
 import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -59,6 +61,24 @@ ROW_CHUNK_ELEMENTS = 2**24  # per-sample grads formed at once (64 MiB of floats)
 def trainable_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     """Every nn.Linear whose weight is trainable, in module order (LoRA A/B included, frozen bases excluded)."""
     return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.weight.requires_grad}
+
+
+def select_linears(layers: dict[str, torch.nn.Linear], patterns: Sequence[str] | None) -> dict[str, torch.nn.Linear]:
+    """The layers whose module name matches any fnmatch pattern (all of them for None), in module order.
+
+    A pattern list that matches none is an error naming the layers there are, never an empty feature."""
+    if patterns is None:
+        return layers
+    if isinstance(patterns, str) or not patterns:
+        raise ValueError(f"layers must be a non-empty list of fnmatch patterns of module names, got {patterns!r}")
+    chosen = {n: m for n, m in layers.items() if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+    if not chosen:
+        some = ", ".join(list(layers)[:6]) + (", ..." if len(layers) > 6 else "")
+        raise ValueError(
+            f"layers {list(patterns)} match no trainable nn.Linear; the model's are: {some} (LoRA models train "
+            "only their adapters, e.g. '*lora_B*'; the LM head is 'lm_head' or '*lm_head' under peft)"
+        )
+    return chosen
 
 
 def sample_losses(net: torch.nn.Module, batch: dict[str, torch.Tensor], reduction: str) -> torch.Tensor:
@@ -205,6 +225,7 @@ def gradient_features(
     accelerator: Any | None = None,
     progress: Progress = True,
     adam_exact_max_elements: int = ADAM_EXACT_MAX_ELEMENTS,
+    layer_patterns: Sequence[str] | None = None,
     store: FeatureStore | None = None,
     store_key: str | None = None,
     chunk_batches: int = 8,
@@ -227,6 +248,8 @@ def gradient_features(
         progress: True: tqdm bar and info lines (rows done, ETA) on the main process; "log": the lines only.
         adam_exact_max_elements: fast mode preconditions a layer with exact Adam (on its per-sample grads) when the
             layer has at most this many weights (out·in), else with the factored approximation; 0: always factored.
+        layer_patterns: fnmatch patterns of the Linear module names the features cover (e.g. ["lm_head", "*lm_head"]);
+            None: every trainable Linear. Only the chosen layers are hooked and differentiated.
         store, store_key: cache the result under `store_key` (build it with `FeatureStore.key` from the model, the
             dataset and every argument above — including the optimizer's state when preconditioning); a hit is
             returned at once, and an interrupted pass resumes from its saved chunks of `chunk_batches` batches.
@@ -246,6 +269,7 @@ def gradient_features(
     layers = trainable_linears(net)
     if not layers:
         raise ValueError("model has no trainable nn.Linear layer: nothing to take gradients of")
+    layers = select_linears(layers, layer_patterns)
     proj = _projection(layers, proj_dim, seed, kind, projection, block, layout)
     adam = adam_states(optimizer, {n: m.weight for n, m in layers.items()}) if optimizer is not None else None
     indices = shard(len(dataset), rank, world)

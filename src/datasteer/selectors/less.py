@@ -32,6 +32,8 @@ from datasteer.components import Selection, Selector, StepRecord, pass_progress
 from datasteer.distributed import broadcast_object
 from datasteer.errors import DatasteerError
 from datasteer.ops import gradient_features
+from datasteer.ops.batching import unwrap
+from datasteer.ops.gradients import select_linears, trainable_linears
 from datasteer.registry import register
 from datasteer.steering import SteeringContext
 
@@ -124,6 +126,9 @@ class LessSelector(Selector):
         seed: seed of the random projection and of the tie-breaking;
             null (default): steering.seed plus a constant of this component, so runs with
             different steering.seed draw differently.
+        layers: fnmatch patterns of the Linear modules whose weight gradients form the features, e.g.
+            ["lm_head"]; null (default): every trainable Linear (the paper). On the real-text benchmark the
+            LM head alone carries most of the target signal (docs/selectors.md, "LESS on a real-text task").
     """
 
     requires_target: ClassVar[bool] = True
@@ -137,9 +142,13 @@ class LessSelector(Selector):
         subtask_column: str = "subtask",
         batch_size: int = 16,
         seed: int | None = None,
+        layers: list[str] | None = None,
     ) -> None:
         if proj_dim < 1 or batch_size < 1 or (checkpoints is not None and checkpoints < 1):
             raise ValueError("proj_dim and batch_size must be >= 1, checkpoints >= 1 (or null)")
+        if layers is not None and (isinstance(layers, str) or not layers):
+            raise ValueError("layers must be a non-empty list of module-name patterns (e.g. [lm_head]) or null")
+        self.layers = list(layers) if layers is not None else None
         self.proj_dim, self.precondition, self.checkpoints = proj_dim, precondition, checkpoints
         self.exclude_selected, self.subtask_column = exclude_selected, subtask_column
         self.batch_size, self.seed = batch_size, seed
@@ -153,6 +162,13 @@ class LessSelector(Selector):
     # ----------------------------------------------------------------------------------- life cycle
     def setup(self, ctx: SteeringContext) -> None:
         self._lr_next = current_lr(ctx)
+        if (
+            self.layers is not None and getattr(ctx, "model", None) is not None
+        ):  # fail before training, not at an update
+            try:
+                select_linears(trainable_linears(unwrap(ctx.model, getattr(ctx, "accelerator", None))), self.layers)
+            except ValueError as err:
+                raise DatasteerError(f"selector '{self.name}': {err}") from None
 
     def observe(self, ctx: SteeringContext, record: StepRecord) -> None:
         """Keep the learning rate step `record.step` used (the scheduler has already moved on)."""
@@ -222,6 +238,7 @@ class LessSelector(Selector):
             batch_size=self.batch_size,
             accelerator=ctx.accelerator,
             progress=pass_progress(ctx),
+            layer_patterns=self.layers,
         )
 
     def _optimizer(self, ctx: SteeringContext) -> torch.optim.Optimizer | None:
