@@ -61,14 +61,30 @@ $(LF_STAMP): pyproject.toml requirements/llamafactory.txt
 	$(PY) -m venv $(LF_VENV)
 	$(LF_VENV)/bin/pip install -q --upgrade pip
 	$(LF_VENV)/bin/pip install -q -c requirements/llamafactory.txt -r requirements/llamafactory.txt
-	$(LF_VENV)/bin/pip install -q -c requirements/llamafactory.txt -e ".[lora,trl,test]"
+	$(LF_VENV)/bin/pip install -q -c requirements/llamafactory.txt -e ".[lora,trl,test,embed]"
 	touch $(LF_STAMP)
 
 llamafactory-env: $(LF_STAMP)
 
+# The released DataFlex, for bench/vs_dataflex.py: its own environment on the LLaMA-Factory environment's torch
+# trio and pins (dataflex 1.1.0 pins torch<=2.10, so it goes in with --no-deps; see requirements/dataflex.txt).
+DF_VENV := .cache/venv-dataflex
+DF_STAMP := $(DF_VENV)/.installed
+
+$(DF_STAMP): requirements/dataflex.txt
+	$(PY) -m venv $(DF_VENV)
+	$(DF_VENV)/bin/pip install -q --upgrade pip
+	$(DF_VENV)/bin/pip install -q -c requirements/dataflex.txt -r requirements/dataflex.txt
+	$(DF_VENV)/bin/pip install -q --no-deps dataflex==1.1.0
+	$(DF_VENV)/bin/python -c "import dataflex.train.trainer.select_trainer, dataflex.train.trainer.mix_trainer, dataflex.train.trainer.weight_trainer, trak.projectors"
+	touch $(DF_STAMP)
+
+.PHONY: dataflex-env
+dataflex-env: $(DF_STAMP)
+
 test-llamafactory: $(LF_STAMP)
 	DATASTEER_REQUIRE_LLAMAFACTORY=1 $(LF_VENV)/bin/python -m pytest tests/test_llamafactory.py \
-		tests/test_llamafactory_config.py tests/test_dataflex.py; rc=$$?; \
+		tests/test_llamafactory_config.py tests/test_dataflex.py tests/test_dataflex_examples.py; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "ERROR: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # Lower-bound environment: the oldest transformers / accelerate / datasets that pyproject.toml allows, everything
