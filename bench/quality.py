@@ -4,6 +4,7 @@
     python bench/quality.py --quick    # 1 seed, a few steps: a ~3-min smoke that every path still runs
     python bench/quality.py --groups selection --name quality_selection   # one group, its own output files
     python bench/quality.py --seeds 0 1 --steps 40 --out /tmp/q   # anything in between
+    python bench/quality.py --groups realtext --name quality_realtext   # the real-text task (~10 min)
 
 Writes `bench/results/<name>.json` and `<name>.md` (name: `quality` unless `--name`; the tables, the command
 and the machine). Three groups, each at equal training steps and batch size within the group. The mixture
@@ -24,6 +25,12 @@ weighter's claims are about a single pass; on a pool repeated many times, up-wei
   irreducible-loss model on the selection target set (extra compute, as in the paper; it never sees the
   held-out split).
 - Reweighting (demo sft corpus): uniform vs loss (Sow et al. 2025) vs ADAPT. Same metrics as selection.
+- Real-text selection (not in the default groups; `--groups realtext`): the task of `bench/realtext_task.py`,
+  built at run time from this interpreter's stdlib (a pool of five instruction types, 600 rows each; target =
+  "name the function from its docstring" on held-out functions, 64 target rows and 256 held-out target_eval
+  rows). random, loss, less, near, tsds, rho_loss and `less (lm_head)` (LESS on the LM head's gradient, the
+  diagnosis's fix) on the demo tiny Llama, same warmup, updates and budget. Reported: held-out target loss,
+  the share of target-type rows among the selected ones, and the steering's seconds (selection included).
 
 Each cell is mean ± std over seeds (std 0 with one seed); a seed changes the data order, the model init and
 the steering's own randomness (`train.seed`, `model.seed`, `steering.seed`).
@@ -35,6 +42,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import sys
@@ -368,6 +376,8 @@ def run_realtext(
     if cells is None:
         cells = {n: realtext_spec(n) for n in REALTEXT_SELECTORS if n in available}
         notes += [f"selector `{n}` is not registered here; skipped." for n in REALTEXT_SELECTORS if n not in available]
+        if "less" in cells:  # the diagnosis's fix (docs/selectors.md): the LM head's gradient alone
+            cells["less (lm_head)"] = {**cells["less"], "layers": ["lm_head"]}
     results = []
     for seed in rs.seeds:
         il = None
@@ -381,7 +391,8 @@ def run_realtext(
             except Exception as err:  # rho_loss then fails on its own, with a note
                 notes.append(f"rho_loss IL model, seed {seed}: {type(err).__name__}: {str(err)[:300]}")
         for label, spec in cells.items():
-            out = root / "realtext" / f"{label}-{seed}"
+            slug = re.sub(r"[^\w.-]+", "_", label).strip("_")
+            out = root / "realtext" / f"{slug}-{seed}"
             config = realtext_config(rs, spec, seed, out, task, root / "realtext" / "data", il)
             fn = lambda c=config, o=out: _realtext_metrics(c, o, task.target_type)  # noqa: E731
             results.append(_timed("realtext", label, seed, fn, notes))
@@ -449,7 +460,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"Machine: {report['machine']['platform']}, {report['machine']['cpus']} CPUs, torch "
         f"{report['machine']['torch']}, transformers {report['machine']['transformers']}, load average at start "
         f"{report['machine']['load_average']}  ",
-        f"Settings: {json.dumps(report['settings'])}  ",
+        f"Settings (demo groups): {json.dumps(report['settings'])}  ",
         *(
             [f"Real-text settings: {json.dumps(report['realtext_settings'])}  "]
             if "realtext_settings" in report
