@@ -32,7 +32,12 @@ from datasteer.integrations import llamafactory as lf
 from datasteer.steering_log import read_events
 
 FIXTURE = Path(__file__).parent / "fixtures" / "dataflex"
-EXAMPLES = sorted(p.relative_to(FIXTURE) for p in (FIXTURE / "examples").rglob("*.yaml"))
+# nice.yaml's judge is an LLM served by vLLM or an API, which datasteer cannot translate: refused with what to do.
+REFUSED = {"nice": "DataFlex's vLLM/API judge has no datasteer counterpart; the run is refused naming the fix"}
+EXAMPLES = [
+    pytest.param(p, marks=pytest.mark.xfail(p.stem in REFUSED, reason=REFUSED.get(p.stem, ""), strict=True))
+    for p in sorted(p.relative_to(FIXTURE) for p in (FIXTURE / "examples").rglob("*.yaml"))
+]
 SFT_SETS = ("alpaca_en_demo", "alpaca_zh_demo", "mmlu_eval", "code", "math", "sharegpt", "orca")
 PT_SETS = ("wiki_demo", "c4_demo")
 ROWS = 24
@@ -52,7 +57,8 @@ def _write_data(folder: Path) -> None:
         (folder / f"{name}.json").write_text(json.dumps(_sft_rows(name, ROWS)))
         info[name] = {"file_name": f"{name}.json"}
     for name in PT_SETS:
-        rows = [{"text": f"{name} document {i}: " + " ".join(["the cat sees a red bird"] * 6)} for i in range(ROWS)]
+        words = " ".join(["the cat sees a red bird near the old tree"] * 250)  # > cutoff_len 2048 tokens each
+        rows = [{"text": f"{name} document {i}: {words}"} for i in range(ROWS)]
         (folder / f"{name}.json").write_text(json.dumps(rows))
         info[name] = {"file_name": f"{name}.json", "columns": {"prompt": "text"}}
     (folder / "dataset_info.json").write_text(json.dumps(info, indent=1))
@@ -104,7 +110,7 @@ def _steering_seen(kind: str | None, events: list[dict]) -> bool:
     return "sample_weights" in names
 
 
-@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem if isinstance(p, Path) else str(p))
 def test_a_dataflex_example_runs_as_shipped_and_steers(example, workspace, monkeypatch, capsys):
     monkeypatch.chdir(workspace)  # as DataFlex runs them: from its repository's root
     raw = yaml.safe_load((workspace / example).read_text())

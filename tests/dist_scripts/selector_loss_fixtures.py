@@ -62,7 +62,7 @@ class LocalIdsTrainer(SteeredTrainer):
         return super().compute_loss(model, inputs, *args, **kwargs)
 
 
-def run(out, selector, schedule, budget=None, resume=None, **args) -> tuple[LocalIdsTrainer, Recorder]:
+def run(out, selector, schedule, budget=None, resume=None, target=None, **args) -> tuple[LocalIdsTrainer, Recorder]:
     """One steered run of the tiny Llama on the 3-domain pool; events go to `<out>/steering/events.jsonl`."""
     pool = make_pool()
     recorder = Recorder()
@@ -72,6 +72,7 @@ def run(out, selector, schedule, budget=None, resume=None, **args) -> tuple[Loca
         schedule,
         budget=budget,
         output_dir=str(out),
+        target=target,
     )
     trainer = LocalIdsTrainer(
         model=make_model(),

@@ -418,10 +418,18 @@ def _preprocess_with_ids(
         load_from_cache_file=False,
         desc="Running tokenizer on dataset (datasteer ids)",
     )
+    if len(result) == 0 or "input_ids" not in result.column_names:
+        why = f"each domain's text packs into blocks of cutoff_len = {data_args.cutoff_len} tokens; lower cutoff_len "
+        raise ConfigError(
+            "No training row survived LLaMA-Factory's preprocessing; "
+            + (
+                f"{why}or add text (a map batch shorter than one block yields none)."
+                if packed
+                else "check the datasets' format."
+            )
+        )
     if packed:
         result = _number_blocks(result)
-    if len(result) == 0:
-        raise ConfigError("No training row survived LLaMA-Factory's preprocessing; check the datasets' format.")
     if training_args.should_log:
         print("training example:")
         proc.print_data_example(result[0])
