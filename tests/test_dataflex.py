@@ -225,3 +225,16 @@ def test_dataflex_examples_translate_and_validate(path, monkeypatch):
     out = dataflex.translate(raw, path.parent)
     assert out.steering is not None and out.report()
     SteeringConfig.model_validate(out.steering)
+
+
+def test_dataflex_1_1_parameter_spellings(no_components):
+    """DataFlex 1.1.0's components.yaml: score_batch_size of the loss selectors, adapt's clip as an upper bound."""
+    for name in ("loss", "delta_loss"):
+        keys = {"train_type": "dynamic_select", "component_name": name, "component_overrides": {"score_batch_size": 8}}
+        assert dataflex.translate(keys).steering["selector"]["batch_size"] == 8
+    weigh = {"train_type": "dynamic_weight", "component_name": "adapt"}
+    for clip, params in ((2.0, {"clip_max": 2.0}), (None, {}), ([0.5, 2.0], {"clip_min": 0.5, "clip_max": 2.0})):
+        out = dataflex.translate({**weigh, "component_overrides": {"clip": clip}})
+        assert {k: v for k, v in out.steering["weighter"].items() if k != "name"} == params
+    with pytest.raises(ConfigError, match=r"clip: \[min, max\]"):
+        dataflex.translate({**weigh, "component_overrides": {"clip": "high"}})

@@ -179,12 +179,16 @@ LOSS_STRATEGIES = ("linupper", "uniform", "quadratic", "extremes")
 
 
 def _clip(tr: _Translator, key: str, value: Any) -> dict[str, Any]:
+    """DataFlex 1.1.0's clip is an upper bound of the weight (null: none); [min, max] gives both bounds."""
+    if value is None:
+        tr.note(key, value, "no clipping (adapt's default)")
+        return {}
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return {"clip_max": value}
     if isinstance(value, (list, tuple)) and len(value) == 2:
         return {"clip_min": value[0], "clip_max": value[1]}
     raise tr.error(
-        key,
-        value,
-        "datasteer's adapt takes the bounds of the raw weight as clip_min and clip_max; give clip: [min, max]",
+        key, value, "datasteer's adapt takes an upper bound (clip: 2.0), both bounds (clip: [min, max]) or null"
     )
 
 
@@ -223,7 +227,8 @@ PARAMS: dict[tuple[str, str], dict[str, Rule]] = {
         "reward_model_backend": Refuse(_NICE_REWARD),
         "reward_backend_params": Refuse(_NICE_REWARD),
     },
-    ("selector", "delta_loss"): {"window_size": Rename("window")},
+    ("selector", "delta_loss"): {"window_size": Rename("window"), "score_batch_size": Rename("batch_size")},
+    ("selector", "loss"): {"score_batch_size": Rename("batch_size")},
     ("selector", "tsds"): {
         "probs_path": _probs_path,
         "model_name": Rename("encoder"),
