@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from types import SimpleNamespace
 
 from dist_scripts.ops_fixtures import collate, tiny_llama, tiny_pool
@@ -22,8 +23,11 @@ def test_a_pass_logs_rows_done_and_eta(caplog, capsys):
     assert "row" not in capsys.readouterr().err  # "log": no tqdm bar
 
 
-def test_the_bar_is_drawn_only_when_asked(caplog, capsys):
+def test_the_bar_is_drawn_only_when_asked(caplog, capsys, monkeypatch):
     model, pool = tiny_llama(seed=0), tiny_pool(n=6)
+    gradient_features(model, pool, collate_fn=collate, proj_dim=64, batch_size=2, progress=True)
+    assert "\r" not in capsys.readouterr().err  # stderr is no terminal (a log file): no bar redraws
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     gradient_features(model, pool, collate_fn=collate, proj_dim=64, batch_size=2, progress=True)
     assert "gradient features (fast)" in capsys.readouterr().err
     with caplog.at_level(logging.INFO, logger="datasteer.ops"):

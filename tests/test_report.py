@@ -15,7 +15,17 @@ from pathlib import Path
 import pytest
 
 from datasteer.config import load_config
-from datasteer.report import jaccard, load_run, selection_stats, write_report
+from datasteer.report import (
+    _weight_lines,
+    eval_losses,
+    jaccard,
+    load_run,
+    per_domain_figure,
+    selection_stats,
+    step_time,
+    step_time_figure,
+    write_report,
+)
 from datasteer.runner import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +70,19 @@ def test_both_runs_logged_what_the_report_needs(runs):
     stats = selection_stats(loss)
     assert stats["updates"] >= 2 and len(stats["jaccard"]) == stats["updates"] - 1
     assert sum(stats["per_domain"].values()) == 24 * stats["updates"]
+    pool = sum(stats["domain_sizes"].values())
+    assert stats["pool_share"] == 24 / pool and stats["times_chosen"][0] == pool - stats["distinct"]
+    assert sum(stats["times_chosen"].values()) == pool  # every pool row is counted once, chosen or not
+
+
+def test_eval_has_a_step_0_baseline_and_the_final_step_is_evaluated_once(runs):
+    odm = load_run(runs["odm"])
+    steps = [e["step"] for e in odm.of("eval")]
+    domains = {"repeat", "arith", "kv", "markov", "noise"}
+    assert sorted(set(steps)) == [0, 3, 6]  # eval_on_start: the untrained model's losses come first
+    assert steps.count(6) == len(domains)  # the in-training eval of step 6 is the final table: no second pass
+    final = json.loads((runs["odm"] / "domain_eval.json").read_text())
+    assert {d: final[d]["loss"] for d in domains} == {d: v[1][-1] for d, v in eval_losses(odm).items()}
 
 
 def test_report_holds_every_chart_embedded_and_beside_the_page(report):
@@ -87,6 +110,34 @@ def test_missing_logs_become_notes_not_errors(runs, tmp_path):
     assert not _images(page)
     assert "bare: no `weights` events" in page and "no datasteer_config.yaml" in page
     assert "could not render" in page  # the malformed `train` event (no step) cost one section only
+
+
+def test_domain_weights_are_lines_from_zero_not_a_stack(runs):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    fig, ax = plt.subplots()
+    assert _weight_lines(ax, load_run(runs["odm"]).events)
+    assert not ax.collections  # a stackplot draws PolyCollections
+    assert [line.get_label() for line in ax.lines] == ["repeat", "arith", "kv", "markov", "noise", "uniform"]
+    assert ax.get_ylim()[0] == 0 and ax.get_ylim()[1] < 1  # scaled to the weights, so small moves show
+    plt.close(fig)
+
+
+def test_eval_panels_share_one_scale_from_zero(runs):
+    compared = [load_run(runs["odm"]), load_run(runs["loss"], "loss")]
+    fig = per_domain_figure(compared, {r.name: eval_losses(r) for r in compared}, "eval loss", "t", marker="o-")
+    limits = {ax.get_ylim() for ax in fig.axes if ax.get_visible()}
+    assert len(limits) == 1 and next(iter(limits))[0] == 0
+    fig.clf()
+
+
+@pytest.mark.parametrize("names", [["odm"], ["odm", "loss"]])  # one run: its bar fills the axes' width
+def test_step_time_legend_is_beside_the_bars(runs, names):
+    fig = step_time_figure({name: step_time(load_run(runs[name])) for name in names})
+    fig.canvas.draw()
+    (ax,) = fig.axes
+    legend = ax.get_legend().get_window_extent()
+    assert ax.patches and not any(legend.overlaps(bar.get_window_extent()) for bar in ax.patches)
+    fig.clf()
 
 
 def test_jaccard():

@@ -48,7 +48,10 @@ def test_target_eval_loss_is_logged_at_every_eval_and_written_at_the_end(tmp_pat
     assert "target_eval_loss" in (out / "domain_eval.md").read_text()
     events = [json.loads(line) for line in (out / "steering" / "events.jsonl").read_text().splitlines()]
     steps = [e["step"] for e in events if e["event"] == "eval" and "eval_target_eval_loss" in e]
-    assert steps[:2] == [2, 4] and len(steps) == 3  # steps 2 and 4, then the final table's evaluation
+    # step 0 (eval_on_start, the baseline), 2 and 4; step 4 is the last step, so its evaluation is the final table
+    assert steps == [0, 2, 4]
+    final = next(e for e in events if e["event"] == "eval" and e["step"] == 4 and "eval_target_eval_loss" in e)
+    assert final["eval_target_eval_loss"] == pytest.approx(result.target_eval_loss)
 
 
 def test_without_a_held_out_split_nothing_changes(tmp_path):

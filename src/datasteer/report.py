@@ -51,8 +51,12 @@ def _weights_from(events: list[dict[str, Any]]) -> tuple[list[str], np.ndarray, 
     return domains, steps, weights
 
 
-def _stack_weights(ax: Any, events: list[dict[str, Any]], total_steps: int | None = None) -> bool:
-    """Draw the stacked area of domain weights on `ax`; False when there are no `weights` events."""
+def _weight_lines(ax: Any, events: list[dict[str, Any]], total_steps: int | None = None) -> bool:
+    """Draw each domain's weight as a step line on `ax`, with the uniform share dashed; False without `weights`.
+
+    Lines, not a stacked area: a stack draws each domain on top of the others' sum, so a change of a few
+    percent in a thin band does not show. The y-axis runs from 0 to just above the largest weight.
+    """
     domains, steps, weights = _weights_from(events)
     if not domains:
         return False
@@ -60,16 +64,19 @@ def _stack_weights(ax: Any, events: list[dict[str, Any]], total_steps: int | Non
     end = total_steps or max([*train_steps, int(steps[-1])]) + 1
     xs = np.append(steps, end)
     ys = np.vstack([weights, weights[-1:]])
-    ax.stackplot(xs, ys.T, labels=domains, step="post", alpha=0.85)
-    ax.set(xlabel="optimizer step", ylabel="domain weight", ylim=(0, 1), xlim=(xs[0], xs[-1]))
+    for k, domain in enumerate(domains):
+        ax.step(xs, ys[:, k], where="post", label=domain, lw=1.4)
+    ax.axhline(1 / len(domains), color="0.5", ls="--", lw=0.8, label="uniform")
+    ax.set(xlabel="optimizer step", ylabel="domain weight", xlim=(xs[0], xs[-1]))
+    ax.set_ylim(0, min(1.0, 1.15 * float(ys.max())) or 1.0)
     return True
 
 
 def plot_domain_weights(run_dir: str | Path, out_png: str | Path, total_steps: int | None = None) -> Path | None:
-    """Stacked area chart of domain weights over training steps; None when the run logged no weights."""
+    """Domain weights over training steps, one line per domain; None when the run logged no weights."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    if not _stack_weights(ax, read_events(run_dir), total_steps):
+    if not _weight_lines(ax, read_events(run_dir), total_steps):
         plt.close(fig)
         return None
     ax.set_title("Domain weights over steps")
@@ -79,7 +86,7 @@ def plot_domain_weights(run_dir: str | Path, out_png: str | Path, total_steps: i
 
 def _save(fig: Any, out_png: str | Path) -> Path:
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+    fig.savefig(out_png, dpi=110, bbox_inches="tight")  # legends placed beside the axes stay in the picture
     _pyplot().close(fig)
     return Path(out_png)
 
@@ -94,6 +101,7 @@ class Run:
     events: list[dict[str, Any]]
     config: dict[str, Any] | None
     trainer_state: dict[str, Any] | None
+    color: str = "C0"  # the run's colour in every chart of a page, so a comparison reads the same throughout
 
     def of(self, kind: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e["event"] == kind]
@@ -146,22 +154,27 @@ class Section:
     notes: list[str] = field(default_factory=list)
 
 
-def _grid(n: int, width: float = 7.0, height: float = 3.0) -> tuple[Any, np.ndarray]:
-    plt = _pyplot()
-    fig, axes = plt.subplots(n, 1, figsize=(width, height * n), squeeze=False)
-    return fig, axes[:, 0]
-
-
 def section_weights(runs: list[Run], out: Path) -> Section:
     sec = Section("domain-weights", "Domain weights over steps")
-    have = [r for r in runs if r.of("weights")]
-    sec.notes += [f"{r.name}: no `weights` events (no mixer, or nothing decided)." for r in runs if r not in have]
+    have = [r for r in runs if len(r.of("weights")) > 1]
+    for run in runs:  # one `weights` event: the proportions of step 0 held all run long; a flat chart says less
+        if len(fixed := run.of("weights")) == 1:
+            shares = ", ".join(f"{d} {w:.3f}" for d, w in fixed[0]["weights"].items())
+            sec.notes.append(f"{run.name}: the domain weights never changed from those of step 0: {shares}.")
+        elif run not in have:
+            sec.notes.append(f"{run.name}: no `weights` events (no steered run, or its log is missing).")
     if have:
-        fig, axes = _grid(len(have))
-        for ax, run in zip(axes, have):
-            _stack_weights(ax, run.events)
+        cols = min(2, len(have))  # two runs a row: a page of compared runs stays short
+        rows = -(-len(have) // cols)
+        fig, axes = _pyplot().subplots(rows, cols, figsize=(6.2 * cols, 3.0 * rows), squeeze=False)
+        for ax, run in zip(axes.flat, have):
+            _weight_lines(ax, run.events)
             ax.set_title(run.name, fontsize=10)
-            ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+        for ax in list(axes.flat)[len(have) :]:
+            ax.set_visible(False)
+        legend = {lab: h for ax in axes.flat for h, lab in zip(*ax.get_legend_handles_labels())}  # domains may differ
+        fig.tight_layout()
+        fig.legend(legend.values(), legend.keys(), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=6, fontsize=8)
         sec.images.append(_save(fig, out / "domain_weights.png"))
     return sec
 
@@ -197,24 +210,35 @@ def eval_losses(run: Run) -> dict[str, tuple[list[int], list[float]]]:
     return series
 
 
-def _plot_per_domain(runs: list[Run], series: dict[str, dict[str, tuple]], ylabel: str, png: Path, marker: str = ""):
-    """One panel per domain, one line per run: `series[run name][domain] = (steps, values)`."""
+def per_domain_figure(
+    runs: list[Run], series: dict[str, dict[str, tuple]], ylabel: str, title: str, marker: str = ""
+) -> Any:
+    """One panel per domain, one line per run: `series[run name][domain] = (steps, values)`.
+
+    The panels share one y-scale from 0: on a scale of its own, a panel with one point or a change in the third
+    decimal fills its whole height and looks as dramatic as a real one.
+    """
     domains = list(dict.fromkeys(d for per_run in series.values() for d in per_run))
     cols = min(3, len(domains))
     rows = -(-len(domains) // cols)
     plt = _pyplot()
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.7 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.7 * rows), squeeze=False, sharey=True)
+    top = max(max(v) for per_run in series.values() for _, v in per_run.values())
     for ax, domain in zip(axes.flat, domains):
         for run in runs:
             if domain in series.get(run.name, {}):
                 steps, values = series[run.name][domain]
-                ax.plot(steps, values, marker, label=run.name, lw=1.2)
+                ax.plot(steps, values, marker, label=run.name, lw=1.2, color=run.color)
         ax.set_title(domain, fontsize=10)
-        ax.set(xlabel="step", ylabel=ylabel)
+        ax.set(xlabel="step", ylabel=ylabel, ylim=(0, 1.05 * top))
+        ax.yaxis.set_tick_params(labelleft=True)  # sharey hides the labels of inner panels; keep them readable
     for ax in list(axes.flat)[len(domains) :]:
         ax.set_visible(False)
-    axes.flat[0].legend(fontsize=7)
-    return _save(fig, png)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(labels), 4), fontsize=8)
+    return fig
 
 
 def section_losses(runs: list[Run], out: Path) -> Section:
@@ -222,15 +246,23 @@ def section_losses(runs: list[Run], out: Path) -> Section:
     train = {r.name: _domain_series(r.of("train"), "domain_loss") for r in runs if r.of("train")}
     sec.notes += [f"{r.name}: no `train` events." for r in runs if r.name not in train]
     if train:
-        sec.images.append(_plot_per_domain(runs, train, "train loss", out / "train_loss.png"))
+        title = "train loss: each step's mean over its samples"
+        sec.images.append(_save(per_domain_figure(runs, train, "train loss", title), out / "train_loss.png"))
     evals = {r.name: series for r in runs if (series := eval_losses(r))}
     sec.notes += [
         f"{r.name}: no per-domain `eval` events (set train.eval_strategy and data.eval_per_domain)."
         for r in runs
         if r.name not in evals
     ]
+    sec.notes += [
+        f"{name}: no step-0 evaluation, so its eval curves have no baseline of the untrained model "
+        "(train.eval_on_start: true, the runner's default when it evaluates)."
+        for name, series in evals.items()
+        if not any(steps and steps[0] == 0 for steps, _ in series.values())
+    ]
     if evals:
-        sec.images.append(_plot_per_domain(runs, evals, "eval loss", out / "eval_loss.png", marker="o-"))
+        fig = per_domain_figure(runs, evals, "eval loss", "eval loss on each domain's held-out split", marker="o-")
+        sec.images.append(_save(fig, out / "eval_loss.png"))
         sec.html = _final_eval_table(runs, evals)
     return sec
 
@@ -263,7 +295,13 @@ def jaccard(a: set[Any], b: set[Any]) -> float:
 
 
 def selection_stats(run: Run) -> dict[str, Any]:
-    """Per-domain totals, per-sample selection counts and Jaccard overlap of successive selections."""
+    """Per-domain totals and shares, per-sample selection counts, Jaccard overlap of successive selections and
+    each update's score summary.
+
+    `domain_share[d]` is the mean over updates of the share of domain d's rows selected, and `times_chosen[k]`
+    the number of pool rows chosen in k updates (k = 0: never); both need the `domain_sizes` of the `select`
+    events, and are None for a log without them.
+    """
     selects = run.of("select")
     per_domain: Counter[str] = Counter()
     per_sample: Counter[Any] = Counter()
@@ -271,14 +309,21 @@ def selection_stats(run: Run) -> dict[str, Any]:
         per_domain.update(e.get("per_domain", {}))
         per_sample.update(e.get("ids", []))
     sets = [set(e.get("ids", [])) for e in selects]
-    overlaps = [jaccard(a, b) for a, b in itertools.pairwise(sets)]
+    sizes = selects[-1].get("domain_sizes") if selects else None
+    times_chosen = Counter(per_sample.values())
+    if sizes:
+        times_chosen[0] = sum(sizes.values()) - len(per_sample)
     return {
         "updates": len(selects),
         "steps": [e["step"] for e in selects],
         "per_domain": dict(per_domain),
-        "times_chosen": Counter(per_sample.values()),
+        "domain_sizes": sizes,
+        "domain_share": {d: per_domain[d] / len(selects) / max(n, 1) for d, n in sizes.items()} if sizes else None,
+        "pool_share": np.mean([len(x) for x in sets]) / sum(sizes.values()) if sizes else None,
+        "times_chosen": times_chosen,
         "distinct": len(per_sample),
-        "jaccard": overlaps,
+        "jaccard": [jaccard(a, b) for a, b in itertools.pairwise(sets)],
+        "scores": [(e["step"], e["score_min"], e["score_mean"], e["score_max"]) for e in selects if "score_mean" in e],
     }
 
 
@@ -289,34 +334,83 @@ def section_selection(runs: list[Run], out: Path) -> Section:
     if not stats:
         return sec
     plt = _pyplot()
-    fig, (ax_dom, ax_cnt, ax_jac) = plt.subplots(1, 3, figsize=(13, 3.4))
-    domains = list(dict.fromkeys(d for s in stats.values() for d in s["per_domain"]))
-    width = 0.8 / len(stats)
-    for i, (name, s) in enumerate(stats.items()):
-        ax_dom.bar(np.arange(len(domains)) + i * width, [s["per_domain"].get(d, 0) for d in domains], width, label=name)
-        times = sorted(s["times_chosen"])
-        ax_cnt.bar(np.array(times) + i * width, [s["times_chosen"][t] for t in times], width, label=name)
+    colors = {r.name: r.color for r in runs}
+    fig, grid = plt.subplots(2, 2, figsize=(12, 7))
+    axes = grid.flat
+    _plot_domain_shares(axes[0], stats, colors)
+    _plot_times_chosen(axes[1], stats, colors)
+    for name, s in stats.items():
         if s["jaccard"]:
-            ax_jac.plot(s["steps"][1:], s["jaccard"], "o-", label=name)
-    ax_dom.set_xticks(np.arange(len(domains)) + 0.4 - width / 2, domains, fontsize=8)
-    ax_dom.set(title="samples chosen per domain (all updates)", ylabel="samples")
-    all_times = sorted({t for s in stats.values() for t in s["times_chosen"]})
-    ax_cnt.set_xticks(np.array(all_times) + 0.4 - width / 2, [str(t) for t in all_times])
-    ax_cnt.set(title="samples by times chosen", xlabel="times chosen", ylabel="distinct samples")
-    ax_jac.set(title="Jaccard overlap with previous selection", xlabel="step of update", ylim=(0, 1.05))
-    ax_dom.legend(fontsize=7)
+            axes[2].plot(s["steps"][1:], s["jaccard"], "o-", label=name, color=colors[name])
+        if s["scores"]:
+            steps, low, mean, high = zip(*s["scores"])
+            axes[3].plot(steps, mean, "o-", label=f"{name} mean", color=colors[name])
+            axes[3].fill_between(steps, low, high, alpha=0.2, color=colors[name])
+    axes[2].set(title="Jaccard overlap with previous selection", xlabel="step of update", ylim=(0, 1.05))
+    axes[3].set(title="scores of the selected samples (min–max, mean)", xlabel="step of update", ylabel="score")
+    for ax in axes[2:]:
+        if ax.has_data():
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "one update only" if ax is axes[2] else "no scores logged", ha="center",
+                    transform=ax.transAxes, color="0.5")  # fmt: skip
     sec.images.append(_save(fig, out / "selection.png"))
-    rows = "".join(
-        f"<tr><td>{html.escape(n)}</td><td>{s['updates']}</td><td>{s['distinct']}</td>"
-        f"<td>{np.mean(s['jaccard']):.3f}</td></tr>"
-        if s["jaccard"]
-        else f"<tr><td>{html.escape(n)}</td><td>{s['updates']}</td><td>{s['distinct']}</td><td>– (one update)</td></tr>"
+    sec.html = _selection_table(stats)
+    sec.notes += [
+        f"{n}: its `select` events carry no domain sizes (an older log), so counts are shown, not shares."
         for n, s in stats.items()
-    )
-    sec.html = (
-        f"<table><tr><th>run</th><th>updates</th><th>distinct samples</th><th>mean Jaccard</th></tr>{rows}</table>"
-    )
+        if s["domain_share"] is None
+    ]
     return sec
+
+
+def _plot_domain_shares(ax: Any, stats: dict[str, dict[str, Any]], colors: dict[str, str]) -> None:
+    """Per domain, the share of its rows a selection holds (mean over updates); dashed: the pool's share."""
+    domains = list(dict.fromkeys(d for s in stats.values() for d in s["domain_sizes"] or s["per_domain"]))
+    width = 0.8 / len(stats)
+    shares = all(s["domain_share"] is not None for s in stats.values())
+    for i, (name, s) in enumerate(stats.items()):
+        values = [(s["domain_share"] if shares else s["per_domain"]).get(d, 0) for d in domains]
+        ax.bar(np.arange(len(domains)) + i * width, values, width, label=name, color=colors[name])
+        if shares:
+            ax.axhline(s["pool_share"], color=colors[name], ls="--", lw=0.9)
+    ax.set_xticks(np.arange(len(domains)) + 0.4 - width / 2, domains, fontsize=8)
+    if shares:
+        ax.set(title="share of each domain's rows selected\n(mean over updates; dashed: whole pool)", ylim=(0, 1.05))
+    else:
+        ax.set(title="samples chosen per domain (all updates)", ylabel="samples")
+    ax.legend(fontsize=7)
+
+
+def _plot_times_chosen(ax: Any, stats: dict[str, dict[str, Any]], colors: dict[str, str]) -> None:
+    """The share of the pool's rows chosen in 0, 1, 2, ... updates (distinct samples without domain sizes)."""
+    width = 0.8 / len(stats)
+    shares = all(s["domain_sizes"] for s in stats.values())
+    for i, (name, s) in enumerate(stats.items()):
+        total = sum(s["domain_sizes"].values()) if shares else 1
+        times = sorted(s["times_chosen"])
+        ax.bar(np.array(times) + i * width, [s["times_chosen"][t] / total for t in times], width, color=colors[name])
+    all_times = sorted({t for s in stats.values() for t in s["times_chosen"]})
+    ax.set_xticks(np.array(all_times) + 0.4 - width / 2, [str(t) for t in all_times])
+    ylabel = "share of the pool" if shares else "distinct samples"
+    ax.set(title="pool rows by number of updates that chose them", xlabel="times chosen", ylabel=ylabel)
+    if shares:
+        ax.set_ylim(0, 1.05)
+
+
+def _selection_table(stats: dict[str, dict[str, Any]]) -> str:
+    rows = ""
+    for n, s in stats.items():
+        share = f"{s['pool_share']:.3f}" if s["pool_share"] is not None else "–"
+        pool = sum(s["domain_sizes"].values()) if s["domain_sizes"] else None
+        distinct = f"{s['distinct']} ({s['distinct'] / pool:.1%})" if pool else str(s["distinct"])
+        jac = f"{np.mean(s['jaccard']):.3f}" if s["jaccard"] else "– (one update)"
+        cells = "".join(f"<td>{c}</td>" for c in (s["updates"], share, distinct, jac))
+        rows += f"<tr><td>{html.escape(n)}</td>{cells}</tr>"
+    return (
+        "<table><tr><th>run</th><th>updates</th><th>pool share per selection</th>"
+        f"<th>distinct samples (of the pool)</th><th>mean Jaccard</th></tr>{rows}</table>"
+    )
 
 
 def section_sample_weights(runs: list[Run], out: Path) -> Section:
@@ -330,9 +424,9 @@ def section_sample_weights(runs: list[Run], out: Path) -> Section:
     for run in have:
         ev = run.of("sample_weights")
         steps = [e["step"] for e in ev]
-        line = ax_w.plot(steps, [e["mean"] for e in ev], lw=1, label=f"{run.name} mean")[0]
-        ax_w.fill_between(steps, [e["min"] for e in ev], [e["max"] for e in ev], alpha=0.25, color=line.get_color())
-        ax_h.plot(steps, [e["entropy"] for e in ev], label=run.name)
+        ax_w.plot(steps, [e["mean"] for e in ev], lw=1, label=f"{run.name} mean", color=run.color)
+        ax_w.fill_between(steps, [e["min"] for e in ev], [e["max"] for e in ev], alpha=0.25, color=run.color)
+        ax_h.plot(steps, [e["entropy"] for e in ev], label=run.name, color=run.color)
     ax_w.set(title="per-step weights: min–max band, mean", xlabel="step", ylabel="weight")
     ax_h.set(title="entropy of the normalised step weights", xlabel="step", ylabel="nats")
     ax_w.legend(fontsize=7)
@@ -372,6 +466,22 @@ def step_time(run: Run) -> dict[str, Any] | None:
     return out
 
 
+def step_time_figure(times: dict[str, dict[str, Any]]) -> Any:
+    """Mean ms per optimizer step of each run (`step_time` dicts with a runtime), split into training and
+    steering overhead; the legend sits beside the axes, where no bar can be."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 0.6 + 0.5 * len(times)))
+    names = list(times)
+    per_step = lambda key: [1000 * times[n][key] / max(times[n]["steps"], 1) for n in names]  # noqa: E731
+    # greys, not the runs' colours: the bars' parts are what they split, not runs
+    ax.barh(names, per_step("training_s"), label="training", color="0.72")
+    ax.barh(names, per_step("overhead_s"), left=per_step("training_s"), label="steering overhead", color="0.25")
+    ax.set(xlabel="ms per optimizer step", title="Mean step time")
+    ax.invert_yaxis()  # the first run on top, in the order of the table below
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
+    return fig
+
+
 def section_step_time(runs: list[Run], out: Path) -> Section:
     sec = Section("step-time", "Step time: training vs steering overhead")
     times = {r.name: step_time(r) for r in runs}
@@ -386,15 +496,7 @@ def section_step_time(runs: list[Run], out: Path) -> Section:
     full = {n: t for n, t in times.items() if t and "runtime_s" in t}
     if not full:
         return sec
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 0.6 + 0.5 * len(full)))
-    names = list(full)
-    per_step = lambda key: [1000 * full[n][key] / max(full[n]["steps"], 1) for n in names]  # noqa: E731
-    ax.barh(names, per_step("training_s"), label="training")
-    ax.barh(names, per_step("overhead_s"), left=per_step("training_s"), label="steering overhead")
-    ax.set(xlabel="ms per optimizer step", title="Mean step time")
-    ax.legend(fontsize=8)
-    sec.images.append(_save(fig, out / "step_time.png"))
+    sec.images.append(_save(step_time_figure(full), out / "step_time.png"))
     rows = "".join(
         f"<tr><td>{html.escape(n)}</td><td>{t['steps']}</td><td>{t['runtime_s']:.2f}</td><td>{t['overhead_s']:.3f}</td>"
         f"<td>{100 * t['overhead_s'] / max(t['runtime_s'], 1e-9):.2f}%</td><td>{html.escape(t['source'])}</td></tr>"
@@ -420,10 +522,11 @@ def section_config(runs: list[Run], out: Path) -> Section:
         summary = {"steering": steering, "train": {k: train[k] for k in keys if k in train}}
         full = yaml.safe_dump(run.config, sort_keys=False)
         parts.append(
-            f"<h3>{html.escape(run.name)}</h3><pre>{html.escape(yaml.safe_dump(summary, sort_keys=False))}</pre>"
-            f"<details><summary>full config</summary><pre>{html.escape(full)}</pre></details>"
+            f'<div class="card"><h3>{html.escape(run.name)}</h3>'
+            f"<pre>{html.escape(yaml.safe_dump(summary, sort_keys=False))}</pre>"
+            f"<details><summary>full config</summary><pre>{html.escape(full)}</pre></details></div>"
         )
-    sec.html = "".join(parts)
+    sec.html = f'<div class="cards">{"".join(parts)}</div>' if parts else ""  # runs side by side
     return sec
 
 
@@ -439,7 +542,9 @@ SECTIONS: list[Callable[[list[Run], Path], Section]] = [
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1300px;margin:2em auto;padding:0 1em;color:#222}
 img{max-width:100%;display:block;margin:.5em 0}table{border-collapse:collapse;margin:.5em 0}
 td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}td:first-child{text-align:left}
-pre{background:#f6f6f6;padding:.5em;overflow:auto}.note{color:#777;font-style:italic}"""
+pre{background:#f6f6f6;padding:.5em;overflow:auto}.note{color:#777;font-style:italic}
+.cards{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}.card{flex:1 1 280px;min-width:0}
+.card h3{margin:.3em 0}"""
 
 
 def _render_section(sec: Section) -> str:
@@ -463,6 +568,8 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [Path(p) for p in run_dirs]
     runs = [load_run(p, name) for p, name in zip(paths, _unique_names(paths))]
+    for i, run in enumerate(runs):
+        run.color = f"C{i % 10}"
     sections = []
     for build in SECTIONS:
         try:

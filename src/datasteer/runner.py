@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,12 +90,29 @@ def build_steering(cfg: SteeringConfig, pool: Pool, output_dir: str) -> Steering
 
 def training_arguments(train: dict[str, Any]) -> TrainingArguments:
     """TrainingArguments of the `train:` section, without datasteer's own keys (`resume_from_checkpoint`, see
-    `resume_path`; `save_final`)."""
+    `resume_path`; `save_final`), on `TRAIN_DEFAULTS` and `run_defaults`."""
     given = {k: v for k, v in train.items() if k not in DATASTEER_TRAIN_KEYS}
     try:
-        return TrainingArguments(**{**TRAIN_DEFAULTS, **given})
+        return TrainingArguments(**{**TRAIN_DEFAULTS, **run_defaults(given), **given})
     except (ValueError, TypeError) as err:
         raise ConfigError(f"train: TrainingArguments rejected the values: {err}") from None
+
+
+def run_defaults(train: dict[str, Any]) -> dict[str, Any]:
+    """Defaults that depend on the run; a key given in `train:` always wins.
+
+    - `eval_on_start: true` when the run evaluates: the eval curves then start from the untrained model, so the
+      report shows each domain's change against a step-0 baseline instead of from its first in-training point.
+    - `disable_tqdm: true` when stderr is not a terminal (a log file, a cluster job): progress bars redrawn with
+      carriage returns and nested bars' cursor moves would fill the log with escape codes; HF then prints each
+      log line as a plain dict instead.
+    """
+    out: dict[str, Any] = {}
+    if str(train.get("eval_strategy", "no")) not in ("no", "IntervalStrategy.NO"):
+        out["eval_on_start"] = True
+    if not sys.stderr.isatty():
+        out["disable_tqdm"] = True
+    return out
 
 
 def run(config: Config, resume_from_checkpoint: str | bool | None = None, force: bool = False) -> RunResult:
@@ -172,10 +190,26 @@ def evaluate_domains(
     sets = eval_datasets(pool)
     if not sets:
         return {}, None
-    metrics = trainer.evaluate(eval_dataset=sets)
+    metrics = final_step_eval(trainer, list(sets)) or trainer.evaluate(eval_dataset=sets)
     table = {name: _loss_ppl(metrics[f"eval_{name}_loss"]) for name in sets}
     target_eval = table.pop(TARGET_EVAL) if getattr(pool, "target_eval", None) is not None else None
     return table, target_eval
+
+
+def final_step_eval(trainer: SteeredTrainer, names: list[str]) -> dict[str, float] | None:
+    """The metrics of the in-training evaluation of the final step when it covered every eval set, else None.
+
+    With `eval_steps` dividing `max_steps` the Trainer has just evaluated the very weights the final table is
+    about; evaluating them again would cost a second full pass for identical numbers. Not with
+    `load_best_model_at_end`: the weights were replaced after that evaluation.
+    """
+    if trainer.args.load_best_model_at_end:
+        return None
+    step, found = trainer.state.global_step, {}
+    for entry in trainer.state.log_history:
+        if entry.get("step") == step:
+            found.update({k: v for k, v in entry.items() if k.startswith("eval_")})
+    return found if all(f"eval_{name}_loss" in found for name in names) else None
 
 
 def _loss_ppl(loss: float) -> dict[str, float]:

@@ -8,6 +8,7 @@ before any component sees it, and the sampler derives its stream from (seed, sta
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from datasteer.steering_log import SteeringLog
 if TYPE_CHECKING:
     from transformers import Trainer
 
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -187,6 +189,8 @@ class Steering:
             total = max(1, len(self.pool.sample_ids) // per_step) * max(1, int(np.ceil(args.num_train_epochs)))
         updates = self.schedule.update_steps(total)
         self._update_steps = set(updates)
+        if self.log.is_main:
+            self._warn_if_never_decides(updates, total)
         self.sampler.bind(per_step, total, [self.schedule.effective_step(t) for t in updates])
         if not self.sampler.stages:  # a fresh run: an earlier run's log in the same output_dir goes
             self.log.reset()
@@ -194,6 +198,20 @@ class Steering:
             if 0 not in self._update_steps:  # otherwise the update at step 0 logs the weights it applies
                 self._log_weights(0, 0)
         return self.sampler
+
+    def _warn_if_never_decides(self, updates: list[int], total: int) -> None:
+        """A mixer or selector whose schedule has no update inside the run trains exactly as without it. The config
+        alone cannot tell (the run's length may come from epochs), so this warns once that length is known."""
+        deciders = [f"{k} '{c.registered_name}'" for k, c in self.components.items() if k in ("mixer", "selector")]
+        if deciders and not updates:
+            s = self.schedule
+            log.warning(
+                "the steering schedule never fires in this run: the first update would be decided after step %d "
+                "(steering.warmup_steps) and take effect %d step(s) later (steering.lag_steps), but training stops "
+                "at step %d, so the %s never decide(s) anything (a mixer keeps its initial weights, a selector the "
+                "whole pool). Lower steering.warmup_steps below train.max_steps, or train longer.",
+                s.warmup_steps, s.lag_steps, total, " and ".join(deciders),
+            )  # fmt: skip
 
     def mixer_initial_weights(self) -> np.ndarray | None:
         mixer = self.components.mixer
@@ -310,22 +328,45 @@ class Steering:
 
     def _apply_selection(self, step: int, at: int, selection: Selection) -> None:
         rows = self.pool.indices_of(selection.ids)
+        overlap = self._overlap_with_last_selection(rows)
         self.sampler.set_selection(at, rows, selection.probs)
         per_domain = np.bincount(self.pool.domain_ids[rows], minlength=len(self.pool.domains))
         summary = {"step": step, "effective_step": at + 1, "update": self.update_index, **selection.summary()}
+        if overlap is not None:
+            summary["overlap"] = round(overlap, 6)
         self.selection_log.append(summary)
         self.log.event(
             "select",
             step,
-            effective_step=at + 1,
-            update=self.update_index,
             ids=selection.ids.tolist(),
             per_domain=dict(zip(self.pool.domains, per_domain.tolist())),
-            **selection.summary(),
+            domain_sizes=dict(zip(self.pool.domains, self.pool.domain_sizes.tolist())),  # the report's shares
+            **{k: v for k, v in summary.items() if k != "step"},
         )
-        self.log.scalar("selected", float(selection.ids.size))
+        self._log_selection_scalars(summary, per_domain)
+
+    def _overlap_with_last_selection(self, rows: np.ndarray) -> float | None:
+        """Jaccard |A∩B|/|A∪B| of the new selection's rows with the previous one's, None for the first.
+
+        The previous selection is the sampler's last one (its rows are in every checkpoint), so the value after
+        a resume is the one an uninterrupted run logs.
+        """
+        last = self.sampler.selections[-1].rows
+        if last is None:  # selection 0 is the whole pool: nothing was selected before
+            return None
+        shared = np.intersect1d(last, rows, assume_unique=True).size
+        return shared / (last.size + np.unique(rows).size - shared)
+
+    def _log_selection_scalars(self, summary: dict[str, Any], per_domain: np.ndarray) -> None:
+        """`steer/selected` (ids), `selected_pool_share` (of the pool's rows), `selected_share/<domain>` (of that
+        domain's rows), `selected_overlap` (Jaccard with the previous selection) and `selected_score_*`."""
+        self.log.scalar("selected", float(summary["size"]))
+        self.log.scalar("selected_pool_share", summary["size"] / max(len(self.pool.sample_ids), 1))
         for name, n, size in zip(self.pool.domains, per_domain.tolist(), self.pool.domain_sizes.tolist()):
-            self.log.scalar(f"selected_share/{name}", n / max(size, 1))  # share of the domain's rows selected
+            self.log.scalar(f"selected_share/{name}", n / max(size, 1))
+        for key in ("overlap", "score_min", "score_mean", "score_max"):
+            if key in summary:
+                self.log.scalar(f"selected_{key}", summary[key])
 
     def _log_weights(self, step: int, at: int) -> None:
         """Log the domain proportions the stream follows from step `at + 1` (selection effects included)."""
@@ -347,6 +388,18 @@ class Steering:
         )
         for name, value in losses.items():
             self.log.scalar(f"domain_loss/{name}", value)
+
+    def scalars(self) -> dict[str, float]:
+        """The `steer/...` scalars for the Trainer's next log line: the buffered ones, averaged since the last
+        line, and `steer/pool_epoch`, the samples drawn so far over the pool's rows.
+
+        HF's own `epoch` counts passes over the sampler, whose length is the run's planned stream (max_steps x
+        samples per step), so it reads 1.0 at max_steps however little of the pool was drawn.
+        """
+        out = self.log.pop_scalars()
+        if len(self.pool.sample_ids):
+            out["steer/pool_epoch"] = self.step * self.sampler.samples_per_step / len(self.pool.sample_ids)
+        return out
 
     # ------------------------------------------------------------------------ loss weighting
     @property

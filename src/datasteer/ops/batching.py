@@ -102,7 +102,8 @@ class PassProgress:
     def __init__(self, desc: str, total: int, bar: bool = True) -> None:
         self.desc, self.total, self.done, self.start = desc or "pass", total, 0, time.perf_counter()
         self.next_log = LOG_EVERY * total
-        self.bar = tqdm(total=total, desc=desc, unit="row", leave=False) if bar else None
+        # disable=None: no bar when stderr is not a terminal; its redraws would only add escape codes to a log file
+        self.bar = tqdm(total=total, desc=desc, unit="row", leave=False, disable=None) if bar else None
         log.info("%s: %d rows", self.desc, total)
 
     def update(self, rows: int) -> None:
