@@ -54,3 +54,24 @@ def test_pool_batches_feed_a_real_causal_lm(kind: str) -> None:
     assert ids.tolist() == [r["sample_id"] for r in rows] and domains.tolist() == [r["domain_id"] for r in rows]
     loss = make_model(tok)(**batch).loss
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("multiple", [None, 4])
+def test_batches_equal_hf_seq2seq_collation_of_the_token_columns(multiple) -> None:
+    """The padding is DataCollatorForSeq2Seq's; ours only adds the steering ids and skips string columns."""
+    from transformers import DataCollatorForSeq2Seq
+
+    tokenizer = make_tokenizer()
+    rows = [
+        {"input_ids": [5, 6, 7, 9, 4], "labels": [-100, -100, 7, 9, 4]},
+        {"input_ids": [8, 3], "labels": [8, 3]},
+        {"input_ids": [2, 2, 2], "labels": [-100, 2, 2]},
+    ]
+    theirs = DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=multiple)(
+        [{**r, "attention_mask": [1] * len(r["input_ids"])} for r in rows]
+    )
+    ours = Collator(tokenizer, pad_to_multiple_of=multiple)(
+        [{**r, "sample_id": i, "domain_id": 0, "prompt": "p"} for i, r in enumerate(rows)]
+    )
+    for key in ("input_ids", "labels", "attention_mask"):
+        assert torch.equal(ours[key], theirs[key]), key

@@ -18,6 +18,11 @@ def gather_varlen(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate a 1-D tensor from every rank in rank order; lengths may differ between ranks.
 
     Shape: (n_r,) on rank r -> (sum_r n_r,) on every rank.
+
+    Why not accelerate's `pad_across_processes` + `gather`: those need accelerate's `PartialState` (the ops
+    also run under a bare torch.distributed group, e.g. a TRL or LLaMA-Factory trainer's), and the result
+    keeps every rank's padding, which the caller would have to trim without knowing the lengths; here the
+    lengths travel in the same two collectives and the padding is cut per rank.
     """
     if world_size() == 1:
         return tensor

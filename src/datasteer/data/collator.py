@@ -2,6 +2,9 @@
 
 Why our own: the HF collators either drop unknown columns or try to tensorise string columns (the sft
 `prompt`), and the steering needs `sample_id` / `domain_id` in every batch to credit losses to rows.
+Its padding is `DataCollatorForSeq2Seq`'s (right padding, labels padded with -100, `pad_to_multiple_of`),
+so a batch of it equals what that collator builds from the same token columns; the ops layer relies on right
+padding (left padding would shift positions).
 """
 
 from __future__ import annotations
