@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from torchrun_launch import torchrun_command
 from trainer_fixtures import DOMAINS, make_args, make_model, make_pool, make_steering
 from transformers import default_data_collator
 
@@ -177,6 +178,69 @@ def test_a_second_run_on_a_locked_output_dir_exits_2_naming_the_holder(tmp_path,
         kill9(proc)
     with output_dir_lock(out):  # the kernel released the dead holder's lock: no stale lock to clean up
         assert (out / LOCK_FILE).read_text().strip() == str(os.getpid())
+
+
+def two_rank_config(out: Path) -> dict:
+    """The demo run on 2 gloo ranks (2 samples each per step), steered by ODM deciding after every step."""
+    cfg = config(out, max_steps=6, per_device_train_batch_size=2, ddp_backend="gloo")
+    cfg["steering"] = {"mixer": {"name": "odm"}, "update_every": 1}
+    return cfg
+
+
+def launch_two_ranks(record: Path, stop_at: int, *argv: str) -> subprocess.Popen:
+    """`datasteer train` under a real torchrun (2 processes), every rank recording its events next to `record`."""
+    cmd, env = torchrun_command("train_record_ranks.py", str(record), str(stop_at), *argv)
+    log = record.with_name(record.name + ".log").open("w")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def finished(proc: subprocess.Popen, record: Path) -> None:
+    assert proc.wait(timeout=600) == 0, record.with_name(record.name + ".log").read_text()[-5000:]
+
+
+def rank_events(record: Path) -> list[list[dict]]:
+    """Each rank's steering events (all but the timing), in the order it computed them."""
+    ranks = []
+    for rank in range(2):
+        lines = record.with_name(f"{record.name}.rank{rank}.jsonl").read_text().splitlines()
+        ranks.append([{k: v for k, v in json.loads(line).items() if k != "overhead_s"} for line in lines])
+    return ranks
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_killed_2_process_run_resumes_as_if_uninterrupted(tmp_path):
+    ref_out, out = tmp_path / "reference", tmp_path / "run"
+    finished(
+        launch_two_ranks(tmp_path / "ref", 0, str(write_config(tmp_path, two_rank_config(ref_out)))), tmp_path / "ref"
+    )
+    reference = rank_events(tmp_path / "ref")
+    assert reference[0] == reference[1]
+    assert [e["step"] for e in reference[0] if e["event"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+    cfg = str(write_config(tmp_path, two_rank_config(out)))
+    killed = tmp_path / "killed"
+    proc = launch_two_ranks(killed, 5, cfg)  # checkpoint-3 is saved, steps 4 and 5 are not
+    markers = [killed.with_name(f"killed.stopped{rank}") for rank in range(2)]
+    deadline = time.monotonic() + 300
+    while not all(m.exists() for m in markers):
+        assert proc.poll() is None, killed.with_name("killed.log").read_text()[-5000:]
+        assert time.monotonic() < deadline, "the ranks never reached step 5"
+        time.sleep(0.2)
+    kill9(proc)  # torchrun, then both ranks (they run in sessions of their own): a machine going down
+    for marker in markers:
+        os.kill(int(marker.read_text()), signal.SIGKILL)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+
+    resumed = tmp_path / "resumed"
+    finished(launch_two_ranks(resumed, 0, cfg, "--resume"), resumed)
+    ranks = rank_events(resumed)
+    assert ranks[0] == ranks[1]  # both ranks took the same decisions on the same gathered losses
+    assert ranks[0] == [e for e in reference[0] if e["step"] > 3]  # steps 4-6 as the uninterrupted run had them
+    assert train_losses(out) == train_losses(ref_out)  # events.jsonl: every step once, as uninterrupted
+    assert [e for e in read_events(out) if e["event"] == "weights"] == [
+        e for e in read_events(ref_out) if e["event"] == "weights"
+    ]
 
 
 # ------------------------------------------------------------------------------------------ resume

@@ -26,6 +26,13 @@ def free_port() -> int:
 
 def torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: int = 600, **env: str) -> None:
     """Run `script` (a path, or a file name in tests/dist_scripts) on `nproc` local processes; `env` adds variables."""
+    cmd, full_env = torchrun_command(script, *args, nproc=nproc, **env)
+    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+
+
+def torchrun_command(script: str | Path, *args: str, nproc: int = 2, **env: str) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment `torchrun` runs, for a test that must start (and kill) it itself."""
     path = Path(script) if Path(script).exists() else SCRIPTS / script
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
@@ -39,8 +46,7 @@ def torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: int = 600,
         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions")),
         **env,
     }
-    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return cmd, full_env
 
 
 def run_worker(main: Callable[..., object], *args: object) -> None:
