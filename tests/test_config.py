@@ -80,7 +80,7 @@ def test_unknown_component_parameter_gets_a_suggestion(tmp_path):
     cfg["steering"]["mixer"] = {"name": "random", "concentraton": 2.0}
     msg = error_of(tmp_path, cfg)
     assert "Unknown parameter 'concentraton' for mixer 'random' (at steering.mixer)" in msg
-    assert "Did you mean 'concentration'?" in msg and "Valid parameters: concentration, seed" in msg
+    assert "Did you mean 'concentration'?" in msg and "Valid parameters: concentration, initial, seed" in msg
 
 
 def test_bad_parameter_type(tmp_path):
