@@ -19,6 +19,8 @@ import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -32,6 +34,7 @@ from datasteer.components import Component
 from datasteer.config import load_config
 from datasteer.errors import DatasteerError, NonFiniteLossError
 from datasteer.runner import LOCK_FILE, output_dir_lock, run
+from datasteer.scores import read_scores, write_scores
 from datasteer.state_file import CHECKSUM_FILE, STATE_FILE
 from datasteer.steering_log import SteeringLog, read_events
 
@@ -315,6 +318,20 @@ def test_a_damaged_steering_state_is_skipped_on_resume_and_refused_when_named(
     assert code == 0, err
     assert "skipping the incomplete or damaged checkpoint" in caplog.text and "checkpoint-9" in caplog.text
     assert train_losses(out) == train_losses(reference)
+
+
+def test_a_bit_flip_in_a_score_file_is_an_error_naming_it(tmp_path):
+    scores = np.random.default_rng(0).random(64)  # incompressible: each value is stored as it is
+    path = write_scores(tmp_path / "s.parquet", np.arange(64), scores, {"method": "loss"}, np.arange(64))
+    data = bytearray(path.read_bytes())
+    at = data.find(scores[10].tobytes())  # where sample 10's score is stored
+    assert at > 0
+    data[at] ^= 0x04  # its lowest mantissa byte
+    path.write_bytes(bytes(data))
+    changed = pq.read_table(path).column("score").to_numpy()  # parquet's reader alone does not notice
+    assert changed[10] != scores[10] and np.array_equal(np.delete(changed, 10), np.delete(scores, 10))
+    with pytest.raises(DatasteerError, match=r"s\.parquet' is not a readable parquet score file.*CRC.*datasteer score"):
+        read_scores(path)
 
 
 def test_a_checkpoint_saved_without_a_checksum_still_resumes(tmp_path, reference, capsys, caplog):

@@ -7,7 +7,8 @@ A score file is one parquet file with three columns, `sample_id` (int64, the poo
 parameters that produced it), `config_hash`, `pool_fingerprint` (a hash of the pool's ids and tokens),
 `pool_key` (the data cache key), `model`, `rows`, `nan` and `datasteer_version`. Why one parquet file with
 embedded metadata rather than a sidecar: the description can never be separated from the scores it describes,
-and any dataframe tool reads it.
+and any dataframe tool reads it. Every data page carries parquet's CRC32 page checksum, verified on reading: a bit
+flip in a stored score is an unreadable file, not a silently different selection.
 
 Why keyed by id and fingerprinted by content: a score file is only usable if it lines up with the pool, row by
 row. Ids say where a row came from (a source's line number), not what it holds: a source edited since it was
@@ -188,7 +189,7 @@ def write_scores(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
+    pq.write_table(table, tmp, write_page_checksum=True)  # a CRC per page: a bit flip is caught on reading
     tmp.replace(path)  # readers never see a half-written file
     return path
 
@@ -203,7 +204,7 @@ def read_scores(path: str | Path, where: str = "scores_file") -> ScoreFile:
             f"{where} = '{path}' does not exist. Write it with `datasteer score <method> CONFIG --out {path}`."
         )
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(path, page_checksum_verification=True)  # pages written without a CRC pass unchecked
     except Exception as err:  # a user-file boundary: not parquet, truncated, unreadable, ...
         raise DatasteerError(
             f"{where} = '{path}' is not a readable parquet score file ({err}). Rewrite it with "
