@@ -119,6 +119,17 @@ def torn_flush(self):
 SteeringLog.flush = torn_flush
 """
 
+STOP_WRITING_THE_STEP_6_STATE = """
+from datasteer import state_file
+write = state_file._write_atomically
+def half_written(path, data):
+    if path.name == "steering_state.pt" and path.parent.name == "checkpoint-6":
+        path.with_name(path.name + ".tmp").write_bytes(data[: len(data) // 2])
+        stop_here()
+    write(path, data)
+state_file._write_atomically = half_written
+"""
+
 WAIT_AT_STEP_2 = """
 from datasteer.steering import Steering
 end_step = Steering.end_step
@@ -165,6 +176,24 @@ def test_kill_during_a_checkpoint_log_flush_then_resume_equals_the_uninterrupted
     assert "skipping the incomplete or damaged checkpoint" in caplog.text and "checkpoint-6" in caplog.text
     assert "dropped a torn last line" in caplog.text
     assert train_losses(out) == train_losses(reference)  # steps 1-9, each once, as uninterrupted
+
+
+@pytest.mark.slow
+def test_kill_while_writing_the_steering_state_then_resume_equals_the_uninterrupted_run(
+    tmp_path, reference, capsys, caplog
+):
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path, config(out))
+    proc, _ = start_child(tmp_path, STOP_WRITING_THE_STEP_6_STATE, str(cfg))
+    kill9(proc)
+    step_6 = out / "checkpoint-6"
+    assert (step_6 / CHECKSUM_FILE).is_file() and (step_6 / f"{STATE_FILE}.tmp").is_file()  # the new checksum, a
+    assert not (step_6 / STATE_FILE).exists()  # half-written temporary file, and no state yet
+    code, err = cli(capsys, str(cfg), "--resume")
+    assert code == 0, err
+    assert "skipping the incomplete or damaged checkpoint" in caplog.text and "checkpoint-6" in caplog.text
+    assert train_losses(out) == train_losses(reference)
+    assert sorted(p.name for p in step_6.glob("steering_state*")) == [STATE_FILE, CHECKSUM_FILE]  # saved anew
 
 
 @pytest.mark.slow
