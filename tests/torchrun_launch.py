@@ -28,7 +28,9 @@ def torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: int = 600,
     """Run `script` (a path, or a file name in tests/dist_scripts) on `nproc` local processes; `env` adds variables."""
     cmd, full_env = torchrun_command(script, *args, nproc=nproc, **env)
     proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    if proc.returncode != 0:  # every rank's error line first: the tail alone often shows only the survivor's
+        errors = "\n".join(line for line in proc.stderr.splitlines() if "Error" in line or "error:" in line)
+        raise AssertionError(f"torchrun failed:\n{errors}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
 
 
 def torchrun_command(script: str | Path, *args: str, nproc: int = 2, **env: str) -> tuple[list[str], dict[str, str]]:
