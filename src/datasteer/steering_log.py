@@ -76,7 +76,9 @@ class SteeringLog:
         if not (self.is_main and self.path and self.path.exists()):
             return
         kept = [e for e in parse_events(self.path) if e["step"] <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        # One temporary file per process: under torchrun a rank may rewrite the log before it learns it is not the
+        # main one, and two ranks renaming one shared temporary file race (the second finds it gone).
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         tmp.write_text("".join(to_json_line(e) for e in kept))
         os.replace(tmp, self.path)
 
