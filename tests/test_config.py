@@ -204,6 +204,7 @@ def test_train_values_are_coerced_to_trainingarguments_types(tmp_path):
         ("train.per_device_train_batch_size=0", "train.per_device_train_batch_size must be at least 1"),
         ("train.max_steps=-2", "train.max_steps must be a positive number of steps, or -1"),
         ("steering.budget=true", "budget must be a number"),
+        ("steering.weighting_scope=microbatch", "'steering.weighting_scope': Input should be 'step' or 'micro_batch'"),
     ],
 )
 def test_bad_train_and_steering_values_name_the_key(tmp_path, override, expected):

@@ -140,11 +140,21 @@ def test_registered_components_validate_natively():
 
 def test_weighter_warmup_goes_where_the_weighter_takes_it():
     out = dataflex.translate({"train_type": "dynamic_weight", "component_name": "uniform", "warmup_step": 5})
-    assert out.steering == {"weighter": {"name": "uniform"}}  # never steering.warmup_steps: no decision to delay
+    # never steering.warmup_steps: no decision to delay
+    assert out.steering == {"weighting_scope": "micro_batch", "weighter": {"name": "uniform"}}
     assert ("warmup_step: 5", "no effect: the weights are 1 throughout") in out.mapping
     if registered("weighter", "loss"):  # its burn-in is DataFlex's warmup for dynamic_weight
         out = dataflex.translate({"train_type": "dynamic_weight", "component_name": "loss", "warmup_step": 5})
-        assert out.steering == {"weighter": {"name": "loss", "burn_in_steps": 5}}
+        assert out.steering == {"weighting_scope": "micro_batch", "weighter": {"name": "loss", "burn_in_steps": 5}}
+
+
+def test_a_dataflex_weighter_weighs_each_micro_batch_as_dataflex_does_and_says_so():
+    out = dataflex.translate({"train_type": "dynamic_weight", "component_name": "loss"})
+    assert SteeringConfig.model_validate(out.steering).weighting_scope == "micro_batch"
+    (line,) = [line for line in out.report().splitlines() if "weighting_scope" in line]
+    assert "steering.weighting_scope: micro_batch (each micro-batch weighted by its own losses" in line
+    selector = dataflex.translate({"train_type": "dynamic_select", "component_name": "random"})
+    assert "weighting_scope" not in selector.steering  # only weighters: the native default (step) stays
 
 
 @pytest.mark.parametrize(

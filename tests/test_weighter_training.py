@@ -22,6 +22,7 @@ from trainer_fixtures import BLOCK, make_args, make_model, make_pool, make_steer
 from transformers import default_data_collator
 
 from datasteer import ComponentSet, Mixer, Schedule, registry
+from datasteer.errors import ConfigError
 from datasteer.steering_log import read_events
 from datasteer.weighters.adapt import anchor_centroid, similarity_weights
 
@@ -42,6 +43,55 @@ def test_loss_weights_span_the_optimizer_step_and_the_loss_matches_a_manual_comp
     num_items = 8 * BLOCK
     expected = [(w[m * 4 : m * 4 + 4] * sums[m * 4 : m * 4 + 4]).sum() / num_items for m in range(2)]
     np.testing.assert_allclose(trainer.captured, expected, rtol=1e-5)
+
+
+def run_counting_forwards(out, components, **args) -> tuple[CapturingSteeredTrainer, list[int]]:
+    """A real steered run whose model counts its forward calls (a forward hook, not a mock)."""
+    model, forwards = make_model(), []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    pool = make_pool()
+    trainer = CapturingSteeredTrainer(
+        model=model,
+        args=make_args(str(out), **args),
+        train_dataset=pool,
+        data_collator=default_data_collator,
+        steering=make_steering(pool, components, output_dir=str(out)),
+    )
+    trainer.train()
+    return trainer, forwards
+
+
+def test_micro_batch_scope_weighs_each_micro_batch_by_its_own_losses_with_no_extra_forward(tmp_path):
+    recorder, weighter = Recorder(), RecordingLossWeighter(strategy="linupper", temperature=0.5)
+    components = ComponentSet(weighter=weighter, extra={"rec": recorder}, weighting_scope="micro_batch")
+    trainer, forwards = run_counting_forwards(tmp_path, components, gradient_accumulation_steps=2, max_steps=1)
+    assert len(forwards) == 2  # the two training forwards of the step, no no-grad pre-pass
+    ids = recorder.records[0].sample_ids.tolist()  # micro-batch 1 then 2, 4 samples each
+    assert [c["ids"] for c in weighter.calls] == [ids[:4], ids[4:]]  # one call per micro-batch, its own samples
+    sums, counts = sample_sums(make_pool(), ids, make_model())  # both micro-batches see the initial model
+    num_items = 8 * BLOCK  # HF still divides each micro-batch's summed token loss by the step's token count
+    for m, call in enumerate(weighter.calls):
+        own = slice(4 * m, 4 * m + 4)
+        w = reference_loss_weights(sums[own] / counts[own], "linupper", r=0.5)  # mean 1 over these 4 samples
+        np.testing.assert_allclose(call["weights"], w, rtol=1e-5)
+        np.testing.assert_allclose(trainer.captured[m], (w * sums[own]).sum() / num_items, rtol=1e-5)
+    step_w = reference_loss_weights(sums / counts, "linupper", r=0.5)  # what the step scope would use
+    assert not np.allclose(np.concatenate([c["weights"] for c in weighter.calls]), step_w, rtol=1e-3)
+
+
+def test_step_scope_runs_one_no_grad_forward_per_micro_batch_and_none_without_accumulation(tmp_path):
+    weighter = registry.build("weighter", "loss", {"strategy": "linupper"})
+    _, forwards = run_counting_forwards(
+        tmp_path / "acc", ComponentSet(weighter=weighter), gradient_accumulation_steps=2, max_steps=2
+    )
+    assert len(forwards) == 2 * (2 + 2)  # per step: 2 pre-pass forwards + 2 training forwards
+    _, forwards = run_counting_forwards(tmp_path / "one", ComponentSet(weighter=weighter), max_steps=2)
+    assert len(forwards) == 2  # the micro-batch is the step: its training forward gives the losses
+
+
+def test_a_weighting_scope_that_does_not_exist_is_an_error_naming_it():
+    with pytest.raises(ConfigError, match=r"weighting_scope 'microbatch' is not one of step, micro_batch"):
+        ComponentSet(weighting_scope="microbatch")
 
 
 class DomainLossMixer(Mixer):

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 
+from datasteer.errors import ConfigError
+
 if TYPE_CHECKING:
     from datasteer.steering import SteeringContext
 
@@ -178,7 +180,8 @@ class Weighter(Component):
     needs_embeddings: ClassVar[bool] = False  # True: batch["embeddings"] holds pooled hidden states
 
     def weights(self, ctx: SteeringContext, losses: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per-sample weights (N,) for all N samples of the optimizer step, gathered from every rank.
+        """Per-sample weights (N,) for all N samples of the optimizer step (or of one micro-batch under
+        `weighting_scope: micro_batch`), gathered from every rank.
 
         Args:
             losses: (N,) token-mean loss of each sample (detached).
@@ -190,14 +193,31 @@ class Weighter(Component):
         raise NotImplementedError
 
 
+WEIGHTING_SCOPES = ("step", "micro_batch")
+
+
 @dataclass
 class ComponentSet:
-    """The components of one run; any of them may be absent."""
+    """The components of one run; any of them may be absent.
+
+    `weighting_scope` says which samples a step's loss weights are computed and rescaled over: "step" (all
+    samples of the optimizer step; under gradient accumulation one extra no-grad forward per micro-batch
+    computes their losses first) or "micro_batch" (each micro-batch's own samples, from its training forward
+    alone, as DataFlex does). Both gather across ranks; without accumulation they are the same.
+    """
 
     mixer: Mixer | None = None
     selector: Selector | None = None
     weighter: Weighter | None = None
     extra: dict[str, Component] = field(default_factory=dict)
+    weighting_scope: str = "step"
+
+    def __post_init__(self) -> None:
+        if self.weighting_scope not in WEIGHTING_SCOPES:
+            raise ConfigError(
+                f"weighting_scope {self.weighting_scope!r} is not one of {', '.join(WEIGHTING_SCOPES)} (steering."
+                "weighting_scope: step weighs over the optimizer step, micro_batch over each micro-batch)."
+            )
 
     def items(self) -> list[tuple[str, Component]]:
         """(name, component) pairs; `extra` holds observers that only watch (e.g. a recorder in tests)."""

@@ -88,6 +88,12 @@ class SteeringConfig(StrictModel):
     mixer: ComponentSpec | None = Field(None, description="Domain mixer: a name or {name: ..., <params>}.")
     selector: ComponentSpec | None = Field(None, description="Sample selector: a name or {name: ..., <params>}.")
     weighter: ComponentSpec | None = Field(None, description="Loss weighter: a name or {name: ..., <params>}.")
+    weighting_scope: Literal["step", "micro_batch"] = Field(
+        "step",
+        description="The samples loss weights are computed and rescaled to mean 1 over: step = all samples of "
+        "the optimizer step (under gradient accumulation one extra no-grad forward per micro-batch), micro_batch = "
+        "each micro-batch's own samples, with no extra forward (DataFlex's weighting).",
+    )
 
     @field_validator("budget", mode="before")
     @classmethod

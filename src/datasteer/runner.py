@@ -64,14 +64,15 @@ class RunResult:
 
 
 def build_components(cfg: SteeringConfig) -> ComponentSet:
-    """Instantiate the configured mixer, selector and weighter (already validated by the config)."""
+    """Instantiate the configured mixer, selector and weighter (already validated by the config), with the
+    scope of their loss weights."""
     built = {}
     for kind in registry.KINDS:
         spec = getattr(cfg, kind)
         if spec is not None:
             name, params = split_component(spec, f"steering.{kind}")
             built[kind] = registry.build(kind, name, params, where=f"steering.{kind}")
-    return ComponentSet(**built)
+    return ComponentSet(**built, weighting_scope=cfg.weighting_scope)
 
 
 def build_steering(cfg: SteeringConfig, pool: Pool, output_dir: str) -> Steering:

@@ -136,7 +136,7 @@ class SteeringMixin:
         sums, tokens = per_token.sum(dim=1), mask.sum(dim=1).to(per_token.dtype)
         means = sums.detach() / tokens.clamp_min(1)
         if weighted:
-            if not self._step_weights_ready:  # no accumulation: this micro-batch is the whole step
+            if not self._step_weights_ready:  # no accumulation, or weights scoped to each micro-batch
                 self._set_step_weights([(ids, domains, means, self._embeddings(outputs, inputs))])
             weights = self.steering.lookup_weights(ids).to(sums.device)
             loss = loss + self._token_loss_scale(tokens, num_items_in_batch) * ((weights - 1) * sums).sum()
@@ -145,15 +145,17 @@ class SteeringMixin:
         return (loss, outputs) if return_outputs else loss
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """HF fetches a step's micro-batches up front; under accumulation, weights need all of them.
+        """HF fetches a step's micro-batches up front; under accumulation, step-scoped weights need all of them.
 
-        Per-sample weights are defined over the samples of the whole optimizer step, so with more than
-        one micro-batch the step's losses are computed first in one no-grad forward per micro-batch (the
-        only extra forward datasteer ever runs, and only when a weighter is active with accumulation).
+        With `weighting_scope: step`, per-sample weights are defined over the samples of the whole optimizer
+        step, so with more than one micro-batch the step's losses are computed first in one no-grad forward
+        per micro-batch (the only extra forward datasteer ever runs, and only when a weighter is active with
+        accumulation). With `micro_batch`, `compute_loss` weighs each micro-batch by its own losses instead.
         """
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         self._step_weights_ready = False
-        if self.steering.weights_losses and len(batches) > 1 and self.model.training:
+        whole_step = self.steering.components.weighting_scope == "step"
+        if self.steering.weights_losses and whole_step and len(batches) > 1 and self.model.training:
             rows = []
             for batch in batches:
                 if "sample_id" not in batch or "domain_id" not in batch:
@@ -164,7 +166,7 @@ class SteeringMixin:
         return batches, num_items
 
     def _set_step_weights(self, rows: list[tuple[torch.Tensor, ...]]) -> None:
-        """Gather (ids, domains, losses[, embeddings]) of the step from every rank and compute its weights."""
+        """Gather (ids, domains, losses[, embeddings]) of the step (or micro-batch) from every rank and weigh them."""
         ids, domains, means = (gather_varlen(torch.cat([r[i] for r in rows]).to(self.args.device)) for i in range(3))
         embeddings = None
         if rows[0][3] is not None:

@@ -19,6 +19,8 @@ LLaMA-Factory keys they imply (DataFlex's train length -> `max_steps`) and the t
 - **Train length.** DataFlex ignores `max_steps`: its select and mix trainers train
   `num_train_epochs x (warmup_step + update_step x update_times)` steps, its weight trainer and a static
   mix `train_step` steps (`update_times: -1` runs until `train_step`, or LLaMA-Factory's own length).
+- **Weighting.** DataFlex's weight trainer weighs each micro-batch by its own losses: a weighter config
+  gets `steering.weighting_scope: micro_batch` (no extra forward under gradient accumulation).
 - **Timing.** A DataFlex decision made after step t trains from step t + 1 (it rebuilds its data loader);
   datasteer's sampler streams one batch ahead, so from t + 2 (`steering.lag_steps: 1`): warned.
 
@@ -559,6 +561,7 @@ class _Translator:
         if "warmup_step" in k:
             self._warmup(warmup)
         if self.kind == "weighter":
+            self._weighting_scope()
             for key in ("update_step", "update_times"):
                 if key in k:
                     self.out.mapping.append((f"{key}: {k[key]}", "no effect (a weighter weights every step)"))
@@ -585,6 +588,17 @@ class _Translator:
         if times != 0:
             t = warmup
             self.out.warnings.append(TIMING_NOTE.format(t=t, t1=t + 1, t2=t + 2))
+
+    def _weighting_scope(self) -> None:
+        """DataFlex's weight trainer weighs each micro-batch by its own losses, so no extra forward is needed."""
+        self.steering["weighting_scope"] = "micro_batch"
+        self.out.mapping.append(
+            (
+                f"train_type: {self.keys['train_type']} (weights per micro-batch)",
+                "steering.weighting_scope: micro_batch (each micro-batch weighted by its own losses, as DataFlex "
+                "does; no extra forward under gradient accumulation)",
+            )
+        )
 
     def _warmup(self, steps: int) -> None:
         if self.kind != "weighter":
