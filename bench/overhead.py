@@ -12,8 +12,10 @@ Trainer part. The quickstart setup (demo tiny Llama, demo pretrain corpus packed
 - `loss`: `SteeredTrainer` + static uniform mixer + `loss` weighter (the same rows again, so the difference
   is the weighting: per-sample weights, the extra weighted term and its backward, the weight summary);
 - `odm`: `SteeredTrainer` + `odm` mixer updated every step (its own rows; every block has the same shape);
-- `plain+accN`, `loss+accN`: the same two at gradient accumulation N, where the weighter needs the whole
-  step's losses first (one extra no-grad forward per micro-batch); compared with each other.
+- `plain+accN`, `loss+accN step`, `loss+accN micro_batch`: plain and loss at gradient accumulation N, compared
+  with each other. `steering.weighting_scope: step` (the default) weighs over the whole step, so it computes the
+  step's losses first (one extra no-grad forward per micro-batch); `micro_batch` (DataFlex's weighting) weighs
+  each micro-batch by its own losses from its training forward, with no extra forward.
 
 A step's time is taken between two `on_step_end` events (data, forward, backward, optimizer and every
 callback, the steering's included), after `--warmup` steps, as wall time and as this process's CPU time. The
@@ -173,11 +175,13 @@ class FixedRowsTrainer(Trainer):
 
 @dataclass(frozen=True)
 class Variant:
-    """One configuration to time: steering components (None = the plain Trainer) and gradient accumulation."""
+    """One configuration to time: steering components (None = the plain Trainer), gradient accumulation and the
+    loss weights' scope (`steering.weighting_scope`)."""
 
     name: str
     steering: str | None
     accumulation: int = 1
+    weighting_scope: str = "step"
 
     @property
     def baseline(self) -> str:
@@ -188,10 +192,11 @@ def variants(accumulation: int) -> list[Variant]:
     out = [Variant("plain", None), Variant("static", "static"), Variant("loss", "loss")]
     if "odm" in registry.components("mixer"):
         out.append(Variant("odm", "odm"))
-    if accumulation > 1:  # the weighter's pre-pass: one extra no-grad forward per micro-batch
+    if accumulation > 1:  # step scope: one extra no-grad forward per micro-batch; micro_batch scope: none
         out += [
             Variant(f"plain+acc{accumulation}", None, accumulation),
-            Variant(f"loss+acc{accumulation}", "loss", accumulation),
+            Variant(f"loss+acc{accumulation} step", "loss", accumulation),
+            Variant(f"loss+acc{accumulation} micro_batch", "loss", accumulation, "micro_batch"),
         ]
     return out
 
@@ -214,12 +219,13 @@ def training_args(out: str, opts: argparse.Namespace, accumulation: int) -> Trai
     )
 
 
-def components(steering: str) -> tuple[ComponentSet, Schedule]:
+def components(steering: str, weighting_scope: str = "step") -> tuple[ComponentSet, Schedule]:
     uniform = registry.build("mixer", "static", {"proportions": "uniform"})
     if steering == "static":
         return ComponentSet(mixer=uniform), Schedule()
     if steering == "loss":
-        return ComponentSet(mixer=uniform, weighter=registry.build("weighter", "loss", {})), Schedule()
+        weighter = registry.build("weighter", "loss", {})
+        return ComponentSet(mixer=uniform, weighter=weighter, weighting_scope=weighting_scope), Schedule()
     if steering == "odm":
         return ComponentSet(mixer=registry.build("mixer", "odm", {})), Schedule(warmup_steps=0, update_every=1)
     raise ValueError(steering)
@@ -248,7 +254,7 @@ def time_run(variant: Variant, pool: Any, tokenizer: Any, opts: argparse.Namespa
             rows = static_stream(pool, opts.batch_size * variant.accumulation, opts.steps)
             trainer = FixedRowsTrainer(**common, rows=rows)
         else:
-            comps, schedule = components(variant.steering)
+            comps, schedule = components(variant.steering, variant.weighting_scope)
             index = PoolIndex(pool.sample_ids, pool.domain_ids, list(pool.domains))
             steering = Steering(index, comps, schedule, seed=0, output_dir=out)
             trainer = SteeredTrainer(**common, steering=steering)
@@ -302,13 +308,15 @@ def bench_trainer(opts: argparse.Namespace) -> dict[str, Any]:
                 m = time_run(variant, pool, tokenizer, opts)
                 runs[variant.name].append(m)
                 wall, cpu, steer = (m[k] * 1e3 for k in ("wall", "cpu", "steering"))
-                tag = f"round {r + 1}/{opts.rounds} {variant.name:>10}"
+                tag = f"round {r + 1}/{opts.rounds} {variant.name:>21}"
                 print(f"{tag}: {wall:7.2f} ms wall, {cpu:7.2f} ms cpu, {steer:5.2f} ms steering", flush=True)
     extra = weighted_backward_extra(pool, tokenizer, opts)
     out: dict[str, Any] = {"variants": {}, "weighted_backward_extra_ms": 1e3 * extra}
     for v in todo:
         base = runs[v.baseline]
         entry: dict[str, Any] = {"baseline": v.baseline, "accumulation": v.accumulation}
+        if v.steering == "loss":
+            entry["weighting_scope"] = v.weighting_scope
         entry.update({clock: summarise(runs[v.name], base, clock) for clock in ("cpu", "wall")})
         autograd = extra * v.accumulation if v.steering == "loss" else 0.0  # one weighted backward per micro-batch
         attributed = [1 + (m["steering"] + autograd) / p["cpu"] for m, p in zip(runs[v.name], base)]
@@ -446,8 +454,8 @@ def write_markdown(path: Path, result: dict[str, Any], command: str) -> None:
         "rounds. Ratio = median over rounds of (variant's median step / that round's baseline median step); the "
         "baseline is the plain Trainer at the same gradient accumulation (`+accN`). CPU = this process's CPU time "
         "per step, which other processes on a shared machine disturb less than wall time. Steering = CPU time inside "
-        "datasteer's seams per step (compute_loss extras, the accumulation pre-pass, the step callback, the "
-        "sampler), measured directly, so it is not drowned by the machine's noise. The weighted loss term also "
+        "datasteer's seams per step (compute_loss extras, the step scope's accumulation pre-pass, the step callback, "
+        "the sampler), measured directly, so it is not drowned by the machine's noise. The weighted loss term also "
         "adds autograd work inside the host's backward, measured apart (interleaved backward passes with and "
         f"without it on one batch: {t['weighted_backward_extra_ms']:.2f} ms per micro-batch). Attributed ratio = "
         "1 + (steering + that backward work) / baseline CPU step.",
