@@ -10,7 +10,9 @@ import torch
 from dist_scripts.mixer_fixtures import make_ctx, make_record, stages, steered_mixer_run
 
 from datasteer import Schedule
-from datasteer.mixers.odm import ODMMixer, exploration_rate
+from datasteer.errors import ConfigError
+from datasteer.mixers.odm import ODMMixer, exp3_policy, exploration_rate
+from datasteer.registry import build
 from datasteer.steering_log import read_events
 
 
@@ -19,6 +21,17 @@ def test_exploration_rate_follows_the_paper():
     assert exploration_rate(1, 2) == 0.5  # sqrt(ln 2 / 2) = 0.5887 > 1/2, so 1/K
     assert exploration_rate(4, 2) == pytest.approx(0.2943525, rel=1e-6)  # sqrt(0.693147 / 8)
     assert exploration_rate(5, 1) == 1.0  # one arm: always it
+
+
+def test_exploration_floor_holds_the_rate_up_and_never_above_one_over_k():
+    # DataFlex's ε_t = max(ε_min, min(1/K, sqrt(ln K / (K t)))), ε_min = 0.03, K = 2:
+    assert exploration_rate(100, 2, 0.03) == pytest.approx(0.0588705, rel=1e-6)  # sqrt(ln 2 / 200) > 0.03
+    assert exploration_rate(1000, 2, 0.03) == 0.03  # sqrt(ln 2 / 2000) = 0.0186 < 0.03: the floor
+    assert exploration_rate(1000, 2) == pytest.approx(0.0186166, rel=1e-5)  # no floor: the paper's decay
+    assert exploration_rate(0, 2, 0.03) == 0.5  # ε_0 = 1/K
+    # A floor above 1/K: DataFlex clamps 1 − K ε at 0 and normalises, i.e. uniform; ε = 1/K gives the same.
+    assert exploration_rate(1000, 2, 0.7) == 0.5
+    np.testing.assert_allclose(exp3_policy(np.array([1.0, 50.0]), 1000, floor=0.7), [0.5, 0.5])
 
 
 def run_three_steps(mixer: ODMMixer) -> list[np.ndarray]:
@@ -56,6 +69,48 @@ def test_exp3_update_by_hand():
     np.testing.assert_allclose(w2, [0.38253180, 0.61746820], rtol=1e-7)
     # Step 3 was sampled at w1 (not w2): R̂_a = 0.5·2 + 0.5·1/0.46131031 = 1 + 1.08386913 = 2.08386913.
     np.testing.assert_allclose(mixer.rewards, [2.08386913, 6.5], rtol=1e-7)
+
+
+def test_reward_scale_and_exploration_floor_by_hand():
+    """DataFlex's two parameters on the same three steps: s = 2 scales every reward, ε_min = 0.4 floors ε_3."""
+    mixer = ODMMixer(smoothing=0.5, reward_scale=2.0, min_exploration_rate=0.4)
+    w0, w1, w2 = run_three_steps(mixer)
+    np.testing.assert_allclose(w0, [0.5, 0.5])
+    # After step 1: R̂ = 0.5·0 + 0.5·s·L/π = 0.5·2·(2, 4)/0.5 = (4, 8).
+    # ε_1 = 1/2 (temperature); ε_2 = max(0.4, sqrt(ln 2 / 4) = 0.41627731) = 0.41627731 (the floor is below);
+    # softmax(0.5·(4, 8)) = softmax(2, 4) = (1/(1+e²), e²/(1+e²)) = (0.11920292, 0.88079708);
+    # π = 0.16744539·(0.11920292, 0.88079708) + 0.41627731 = (0.01995998, 0.14748541) + 0.41627731
+    #   = (0.43623729, 0.56376271).
+    np.testing.assert_allclose(w1, [0.43623729, 0.56376271], rtol=1e-7)
+    # Step 2 (sampled at 1/2 each): b's mean 4.5, R̂_b = 0.5·8 + 0.5·2·4.5/0.5 = 4 + 9 = 13, so R̂ = (4, 13).
+    # ε_2 = 0.41627731 (temperature); ε_3 = max(0.4, sqrt(ln 2 / 6) = 0.33988900) = 0.4: the floor holds;
+    # softmax(0.41627731·(4, 13)): b − a = 9·0.41627731 = 3.74649575, e^3.74649575 = 42.37233828,
+    # a = 1/43.37233828 = 0.02305617, b = 0.97694383;
+    # π = (1 − 2·0.4)·(0.02305617, 0.97694383) + 0.4 = (0.00461123, 0.19538877) + 0.4 = (0.40461123, 0.59538877).
+    # (Without the floor: 0.32022201·softmax + 0.33988900 = (0.34727, 0.65273): a would drop further.)
+    np.testing.assert_allclose(w2, [0.40461123, 0.59538877], rtol=1e-7)
+    # Step 3 was sampled at w1: R̂_a = 0.5·4 + 0.5·2·1/0.43623729 = 2 + 2.29233042 = 4.29233042.
+    np.testing.assert_allclose(mixer.rewards, [4.29233042, 13.0], rtol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        ({"reward_scale": 0}, "reward_scale must be > 0"),
+        ({"min_exploration_rate": -0.1}, r"min_exploration_rate must be in \[0, 1\]"),
+        ({"reward_scal": 15}, "Did you mean 'reward_scale'"),
+    ],
+)
+def test_bad_odm_parameters_are_errors_naming_them(params, match):
+    with pytest.raises(ConfigError, match=match):
+        build("mixer", "odm", params)
+
+
+def test_a_floor_at_one_over_k_warns_that_the_mixer_stays_uniform(caplog):
+    mixer = ODMMixer(min_exploration_rate=0.5)
+    with caplog.at_level("WARNING", logger="datasteer.mixers.odm"):
+        mixer.initial_weights(make_ctx(["a", "b"], [0, 1]))
+    assert "min_exploration_rate 0.5 >= 1/K = 0.5" in caplog.text
 
 
 def test_state_round_trip_gives_identical_next_weights():
