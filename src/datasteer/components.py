@@ -166,10 +166,29 @@ class Mixer(Component):
 
 
 class Selector(Component):
-    """Decides which samples of the pool are eligible in the next window."""
+    """Decides which samples of the pool are eligible in the next window.
+
+    An *online* selector (`online = True`, e.g. `greats`) decides every step instead: the sampler draws
+    `candidates_factor` x the step's samples (its candidate draw) and `choose` picks the ones the step trains on.
+    """
+
+    online: ClassVar[bool] = False
+    candidates_factor: float = 1.0  # candidates drawn per trained sample (online selectors)
 
     def select(self, ctx: SteeringContext, budget: int) -> Selection:
         """Return the selection for the next window; `budget` is the number of samples it should hold."""
+        raise NotImplementedError
+
+    def choose(self, ctx: SteeringContext, candidates: list[dict[str, torch.Tensor]], keep: int) -> list[int]:
+        """Online selectors: which `keep` of this rank's candidate rows the coming step trains on.
+
+        Args:
+            candidates: this rank's candidate micro-batches of the step, as collated (rows in stream order).
+            keep: how many rows to train on (per-device batch x micro-batches).
+
+        Returns:
+            `keep` distinct positions into the candidates' rows, counted across the micro-batches in order.
+        """
         raise NotImplementedError
 
 

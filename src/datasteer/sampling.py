@@ -71,7 +71,8 @@ class SteeredSampler(Sampler[int]):
         self.domain_ids = np.asarray(domain_ids, dtype=np.int64)
         self.num_domains = int(num_domains)
         self.seed = int(seed)
-        self.samples_per_step = 0
+        self.samples_per_step = 0  # samples trained per optimizer step
+        self.draws_per_step = 0  # stream positions per optimizer step: the step's candidates (see `bind`)
         self.total_steps = 0
         self.boundaries: set[int] = set()
         self._boundary_list: list[int] = []
@@ -85,21 +86,43 @@ class SteeredSampler(Sampler[int]):
         self._count_cache: dict[int, tuple[int, np.ndarray]] = {}
 
     # ----------------------------------------------------------------------------------- setup
-    def bind(self, samples_per_step: int, total_steps: int, boundary_steps: list[int]) -> None:
-        """Fix the stream geometry once the trainer knows batch sizes, world size and max steps."""
-        if self.stages and self.samples_per_step and samples_per_step != self.samples_per_step:
+    def bind(
+        self, samples_per_step: int, total_steps: int, boundary_steps: list[int], draws_per_step: int | None = None
+    ) -> None:
+        """Fix the stream geometry once the trainer knows batch sizes, world size and max steps.
+
+        `draws_per_step` is the candidate draw: an online batch selector (`greats`) trains on `samples_per_step`
+        of each step's `draws_per_step` candidates, so the stream holds that many positions per step (default:
+        `samples_per_step`, every draw is trained on). Nothing else changes: candidates are drawn like any
+        sample, at the mixer's proportions among the eligible rows.
+        """
+        draws = int(draws_per_step or samples_per_step)
+        if draws < samples_per_step:
+            raise ValueError(f"draws_per_step ({draws}) must be at least samples_per_step ({samples_per_step})")
+        if (
+            self.stages
+            and self.samples_per_step
+            and (samples_per_step, draws)
+            != (
+                self.samples_per_step,
+                self.draws_per_step,
+            )
+        ):
             raise DatasteerError(
                 f"the resumed steering state was made with {self.samples_per_step} samples per optimizer "
-                f"step, but this run has {samples_per_step} (per-device batch x world size x gradient "
-                "accumulation). Resume with the same global batch size, or start a fresh output_dir."
+                f"step drawn from {self.draws_per_step} candidates, but this run has {samples_per_step} from "
+                f"{draws} (per-device batch x world size x gradient accumulation, times the selector's "
+                "candidates_factor). Resume with the same global batch size and candidates_factor, or start a "
+                "fresh output_dir."
             )
         self.samples_per_step = int(samples_per_step)
+        self.draws_per_step = draws
         self.total_steps = int(total_steps)
-        self.boundaries = {int(s) * self.samples_per_step for s in boundary_steps if s > 0}
+        self.boundaries = {int(s) * self.draws_per_step for s in boundary_steps if s > 0}
         self._boundary_list = sorted(self.boundaries)
 
     def __len__(self) -> int:
-        return self.total_steps * self.samples_per_step
+        return self.total_steps * self.draws_per_step
 
     def set_epoch(self, epoch: int) -> None:
         """Called by the data loader; epoch e covers stream positions [e*len, (e+1)*len)."""
@@ -146,11 +169,11 @@ class SteeredSampler(Sampler[int]):
         return self._start_cache
 
     def _stage_at(self, step: int) -> Stage | None:
-        i = self._stage_index(step * self.samples_per_step)
+        i = self._stage_index(step * self.draws_per_step)
         return self.stages[i] if i >= 0 else None
 
     def _add_stage(self, at_step: int, weights: np.ndarray | None, selection: int) -> np.ndarray | None:
-        start = int(at_step) * self.samples_per_step
+        start = int(at_step) * self.draws_per_step
         if start <= self.high_water:
             raise RuntimeError(
                 f"steering decision for step {at_step + 1} arrived after the data loader already fetched "
@@ -258,11 +281,11 @@ class SteeredSampler(Sampler[int]):
         every rank. A later decision that changes the weights or the selection changes the plan; one that
         keeps them does not (the stage continues). Memory: one flag per pool row, whatever the run's length.
         """
-        if self.samples_per_step <= 0:
+        if self.draws_per_step <= 0:
             raise RuntimeError("the sampler has no geometry yet; bind() sets samples per step")
         seen = np.zeros(len(self.domain_ids), dtype=bool)
-        stop = end_step * self.samples_per_step
-        for pos in range(start_step * self.samples_per_step, stop, CHUNK):
+        stop = end_step * self.draws_per_step
+        for pos in range(start_step * self.draws_per_step, stop, CHUNK):
             seen[self.plan(pos, min(pos + CHUNK, stop))] = True
         return np.flatnonzero(seen)
 
@@ -325,7 +348,7 @@ class SteeredSampler(Sampler[int]):
             nxt = min(stop, pos + CHUNK, *self._boundary_list[later : later + 1])
             if pos in self.boundaries and self.stages[self._stage_index(pos)].start != pos:
                 raise RuntimeError(
-                    f"the data loader reached step {pos // self.samples_per_step + 1} before the steering "
+                    f"the data loader reached step {pos // self.draws_per_step + 1} before the steering "
                     "decision for it was made. Increase steering.lag_steps or lower dataloader prefetching."
                 )
             rows = self.plan(pos, nxt)
@@ -338,6 +361,7 @@ class SteeredSampler(Sampler[int]):
         return {
             "seed": self.seed,
             "samples_per_step": self.samples_per_step,
+            "draws_per_step": self.draws_per_step,
             "pool_fingerprint": pool_fingerprint(self.domain_ids),
             "selections": [
                 {
@@ -368,6 +392,7 @@ class SteeredSampler(Sampler[int]):
             )
         self.seed = int(state["seed"])
         self.samples_per_step = int(state["samples_per_step"])
+        self.draws_per_step = int(state.get("draws_per_step", self.samples_per_step))  # older states: no draw
         self.selections = [_Selection(_np(s["rows"]), _np(s["probs"])) for s in state["selections"]]
         self.stages = [_stage(i, s) for i, s in enumerate(state["stages"])]
         self._groups_cache.clear()

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from datasteer.components import ComponentSet, Selection, StepRecord
+from datasteer.components import ComponentSet, Selection, Selector, StepRecord
 from datasteer.distributed import gather_varlen
 from datasteer.errors import ConfigError, DatasteerError, NonFiniteLossError
 from datasteer.sampling import SteeredSampler
@@ -187,11 +187,14 @@ class Steering:
             total = args.max_steps
         else:
             total = max(1, len(self.pool.sample_ids) // per_step) * max(1, int(np.ceil(args.num_train_epochs)))
-        updates = self.schedule.update_steps(total)
+        updates = self.schedule.update_steps(total) if self._decides_at_schedule_points else []
         self._update_steps = set(updates)
         if self.log.is_main:
             self._warn_if_never_decides(updates, total)
-        self.sampler.bind(per_step, total, [self.schedule.effective_step(t) for t in updates])
+        self.micro_batch = args.per_device_train_batch_size
+        self.candidate_micro_batch = self._candidate_micro_batch(args.per_device_train_batch_size)
+        draws = self.candidate_micro_batch * args.world_size * args.gradient_accumulation_steps
+        self.sampler.bind(per_step, total, [self.schedule.effective_step(t) for t in updates], draws)
         if not self.sampler.stages:  # a fresh run: an earlier run's log in the same output_dir goes
             self.log.reset()
             self.sampler.set_weights(0, self.mixer_initial_weights())
@@ -199,10 +202,46 @@ class Steering:
                 self._log_weights(0, 0)
         return self.sampler
 
+    @property
+    def _decides_at_schedule_points(self) -> bool:
+        """A mixer or a window selector: only they change the stream at the schedule's update steps (a weighter
+        and an online selector act inside every step), so without one no step is a stage boundary."""
+        selector = self.components.selector
+        return self.components.mixer is not None or (selector is not None and not selector.online)
+
+    @property
+    def batch_selector(self) -> Selector | None:
+        """The online selector that picks each step's samples from a candidate draw (`greats`), if any."""
+        selector = self.components.selector
+        return selector if selector is not None and selector.online else None
+
+    def _candidate_micro_batch(self, per_device: int) -> int:
+        """Rows per candidate micro-batch: the per-device batch, times the online selector's candidates_factor.
+
+        Every rank's every micro-batch draws the same whole number of candidates, so a step's candidate draw
+        always splits evenly over micro-batches and ranks."""
+        chooser = self.batch_selector
+        if chooser is None:
+            return per_device
+        rows = chooser.candidates_factor * per_device
+        if abs(rows - round(rows)) > 1e-9 or round(rows) <= per_device:
+            raise ConfigError(
+                f"steering.selector '{chooser.registered_name}': candidates_factor {chooser.candidates_factor:g} x "
+                f"train.per_device_train_batch_size {per_device} = {rows:g} candidates per micro-batch, which is "
+                "not a whole number above the batch: every micro-batch of every rank must draw the same whole "
+                f"number of candidates. Use a candidates_factor that is a multiple of 1/{per_device} (e.g. "
+                f"{(per_device + max(1, per_device // 2)) / per_device:g} or 2)."
+            )
+        return round(rows)
+
     def _warn_if_never_decides(self, updates: list[int], total: int) -> None:
         """A mixer or selector whose schedule has no update inside the run trains exactly as without it. The config
         alone cannot tell (the run's length may come from epochs), so this warns once that length is known."""
-        deciders = [f"{k} '{c.registered_name}'" for k, c in self.components.items() if k in ("mixer", "selector")]
+        deciders = [
+            f"{k} '{c.registered_name}'"
+            for k, c in self.components.items()
+            if k == "mixer" or (k == "selector" and not c.online)  # an online selector decides every step
+        ]
         if deciders and not updates:
             s = self.schedule
             log.warning(
@@ -309,7 +348,7 @@ class Steering:
         ctx = self.context()
         at = self.schedule.effective_step(step)
         mixer, selector = self.components.mixer, self.components.selector
-        if selector is not None:
+        if selector is not None and not selector.online:
             selection = selector.select(ctx, self._budget())
             self._apply_selection(step, at, selection)
         if mixer is not None:
@@ -379,12 +418,14 @@ class Steering:
     def _log_record(self, record: StepRecord) -> None:
         means, counts = record.domain_means(len(self.pool.domains))
         losses = {d: float(m) for d, m, c in zip(self.pool.domains, means.tolist(), counts.tolist()) if c > 0}
+        chosen = {"ids": record.sample_ids.tolist()} if self.batch_selector is not None else {}  # its picks
         self.log.event(
             "train",
             record.step,
             domain_loss=losses,
             samples=int(record.sample_ids.numel()),
             overhead_s=round(self._overhead, 6),
+            **chosen,
         )
         for name, value in losses.items():
             self.log.scalar(f"domain_loss/{name}", value)
@@ -400,6 +441,30 @@ class Steering:
         if len(self.pool.sample_ids):
             out["steer/pool_epoch"] = self.step * self.sampler.samples_per_step / len(self.pool.sample_ids)
         return out
+
+    # ------------------------------------------------------------------ online batch selection
+    def choose(self, candidates: list[dict[str, torch.Tensor]]) -> list[int]:
+        """Which of this rank's candidate rows the coming step trains on (positions across its micro-batches).
+
+        Before steering.warmup_steps steps have trained, the first `per_device_train_batch_size` rows of each
+        candidate micro-batch (the candidates are random draws, so that is uniform sampling); then the online
+        selector's pick, timed as overhead. The step's `train` event then lists the trained ids of every rank.
+        """
+        t0 = time.perf_counter()
+        keep = self.micro_batch * len(candidates)
+        if self.step < self.schedule.warmup_steps:
+            sizes = np.cumsum([0] + [len(b["input_ids"]) for b in candidates[:-1]])
+            return [int(start) + r for start in sizes for r in range(self.micro_batch)]
+        chooser = self.batch_selector
+        picked = chooser.choose(self.context(), candidates, keep)
+        total = sum(len(b["input_ids"]) for b in candidates)
+        if len(picked) != keep or len(set(picked)) != keep or not all(0 <= p < total for p in picked):
+            raise DatasteerError(
+                f"selector '{chooser.registered_name}' must pick {keep} distinct positions among its {total} "
+                f"candidates, got {len(picked)} ({len(set(picked))} distinct)"
+            )
+        self._overhead += time.perf_counter() - t0
+        return sorted(picked)
 
     # ------------------------------------------------------------------------ loss weighting
     @property

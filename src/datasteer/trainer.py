@@ -78,6 +78,49 @@ def missing_ids_error(batch: dict[str, Any]) -> DatasteerError:
     )
 
 
+def regroup_rows(
+    batches: list[dict[str, torch.Tensor]], positions: list[int], per_batch: int, pad_id: int
+) -> list[dict[str, torch.Tensor]]:
+    """The picked rows of a step's candidate micro-batches, as micro-batches of `per_batch` rows in stream order.
+
+    Each new micro-batch is cut to its longest picked row (nothing is computed on padding the pick left over) and
+    right-padded like the collator pads: `labels` with -100, `attention_mask` with 0, `input_ids` with the pad
+    id, any other per-token column with 0. Right padding is required: a pad position never influences a real
+    one in a causal LM, so moving rows between batches of different lengths changes no number.
+    """
+    lengths = []
+    for batch in batches:
+        m = batch.get("attention_mask")
+        if m is not None and bool((m[:, 1:] > m[:, :-1]).any()):
+            raise DatasteerError(
+                "an online selector regroups the rows it picks, which needs right-padded batches, but the training "
+                "collator pads on the left. Pad on the right (tokenizer.padding_side = 'right'; datasteer's "
+                "Collator always does)."
+            )
+        t = batch["input_ids"].shape[1]
+        lengths.append(m.sum(dim=1).tolist() if m is not None else [t] * len(batch["input_ids"]))
+    where = [(b, r) for b, batch in enumerate(batches) for r in range(len(batch["input_ids"]))]
+    pads = {"labels": -100, "attention_mask": 0, "input_ids": pad_id}
+    out = []
+    for lo in range(0, len(positions), per_batch):
+        rows = [where[p] for p in positions[lo : lo + per_batch]]
+        t = max(lengths[b][r] for b, r in rows)
+        group: dict[str, torch.Tensor] = {}
+        for key, value in batches[0].items():
+            if not isinstance(value, torch.Tensor):
+                raise DatasteerError(f"an online selector cannot regroup the batch column {key!r}: not a tensor")
+            if value.dim() == 1:
+                group[key] = torch.stack([batches[b][key][r] for b, r in rows])
+                continue
+            part = value.new_full((len(rows), t, *value.shape[2:]), pads.get(key, 0))
+            for i, (b, r) in enumerate(rows):
+                src = batches[b][key][r, :t]
+                part[i, : src.shape[0]] = src
+            group[key] = part
+        out.append(group)
+    return out
+
+
 class SteeringCallback(TrainerCallback):
     """Runs the steering's step and checkpoint events; holds no state of its own."""
 
@@ -114,6 +157,17 @@ class SteeringMixin:
 
     def _get_train_sampler(self, *args: Any, **kwargs: Any) -> torch.utils.data.Sampler:
         return self.steering.bind(self)
+
+    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
+        """The host's loader; with an online selector its micro-batches hold the candidates (the per-device batch
+        times candidates_factor), so HF counts the same micro-batches per step and the step trains on the pick."""
+        factor = getattr(self.steering.batch_selector, "candidates_factor", 1.0)
+        saved = self._train_batch_size
+        self._train_batch_size = round(saved * factor)
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self._train_batch_size = saved
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -153,6 +207,10 @@ class SteeringMixin:
         accumulation). With `micro_batch`, `compute_loss` weighs each micro-batch by its own losses instead.
         """
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.steering.batch_selector is not None and batches and self.model.training:  # train on the pick
+            batches = regroup_rows(batches, self.steering.choose(batches), self.args.per_device_train_batch_size,
+                                   self._pad_id())  # fmt: skip
+            batches, num_items = super().get_batch_samples(iter(batches), len(batches), device)
         self._step_weights_ready = False
         whole_step = self.steering.components.weighting_scope == "step"
         if self.steering.weights_losses and whole_step and len(batches) > 1 and self.model.training:
@@ -174,6 +232,14 @@ class SteeringMixin:
             embeddings = gather_varlen(local.flatten()).view(-1, local.shape[-1])
         self.steering.step_weights(ids, domains.long(), means, embeddings)
         self._step_weights_ready = len(rows) > 1
+
+    def _pad_id(self) -> int:
+        """The collator's pad id (datasteer's Collator), else the tokenizer's, else 0 (never attended to)."""
+        for source in (self.data_collator, getattr(self, "processing_class", None)):
+            pad = getattr(source, "pad_token_id", None)
+            if pad is not None:
+                return int(pad)
+        return 0
 
     @staticmethod
     def _embeddings(outputs: Any, inputs: dict[str, Any]) -> torch.Tensor | None:
