@@ -9,7 +9,9 @@ e_i is the mean-pooled last hidden state of sample i from the *training* forward
 it over in `batch["embeddings"]`; no second forward). The anchors a_j are the same pooled states of the
 target rows under the training model, computed by `datasteer.ops.embeddings` (batched, sharded across
 ranks, gathered by id): once in `setup` and then after every `refresh_every`-th optimizer step, from the
-step callback — so at most once per optimizer step, never per micro-batch. Because the mean of cosines
+step callback — so at most once per optimizer step, never per micro-batch. With a burn-in (weight 1 for the
+first `burn_in_steps` steps, DataFlex's `warmup_step`) the first anchors are those of the model that weighting
+starts with, as in DataFlex, and none are computed before. Because the mean of cosines
 equals the cosine with the anchors' mean direction, only the centroid c (D,) is kept, which is also the
 whole resume state. The trainer rescales the weights to mean 1 over the step (see docs/weighters.md).
 """
@@ -60,11 +62,13 @@ class AdaptWeighter(Weighter):
             anchors, where a small τ saturates the sigmoid and flattens the weights; τ around 0.5-1 gives
             the largest relative spread (which stays gentle: a few percent per 0.1 of similarity).
         refresh_every: recompute the anchor embeddings with the current model after every
-            refresh_every-th optimizer step; 0 keeps the anchors of the initial model.
+            refresh_every-th optimizer step; 0 keeps the first anchors (those of the model weighting starts with).
         clip_min: lower bound on the raw weight sigmoid(s/τ) (in [0, 1]), or null.
         clip_max: upper bound on the raw weight sigmoid(s/τ) (in [0, 1]), or null.
         max_anchors: use only the first max_anchors target rows as anchors; null = all of them.
         anchor_batch_size: rows per forward pass when embedding the anchors.
+        burn_in_steps: optimizer steps trained with weight 1 for every sample before the weighting starts
+            (DataFlex's warmup_step); the anchors are first embedded after the last of them.
     """
 
     needs_embeddings: ClassVar[bool] = True
@@ -78,11 +82,14 @@ class AdaptWeighter(Weighter):
         clip_max: float | None = None,
         max_anchors: int | None = None,
         anchor_batch_size: int = 16,
+        burn_in_steps: int = 0,
     ) -> None:
         if tau <= 0:
             raise ValueError("tau must be > 0")
         if refresh_every < 0 or anchor_batch_size < 1 or (max_anchors is not None and max_anchors < 1):
             raise ValueError("refresh_every must be >= 0, anchor_batch_size >= 1 and max_anchors >= 1 (or null)")
+        if burn_in_steps < 0:
+            raise ValueError("burn_in_steps must be >= 0")
         lo, hi = 0.0 if clip_min is None else clip_min, 1.0 if clip_max is None else clip_max
         if not 0.0 <= lo < hi <= 1.0:
             raise ValueError(f"need 0 <= clip_min < clip_max <= 1 (sigmoid outputs), got {clip_min}, {clip_max}")
@@ -91,19 +98,24 @@ class AdaptWeighter(Weighter):
         self.clip_min, self.clip_max = clip_min, clip_max
         self.max_anchors = max_anchors
         self.anchor_batch_size = anchor_batch_size
+        self.burn_in_steps = burn_in_steps
         self.centroid: torch.Tensor | None = None  # (D,) mean unit anchor embedding
         self.refreshed_at = -1  # optimizer step after which the anchors were last computed
 
     # ------------------------------------------------------------------------------ anchors
     def setup(self, ctx: SteeringContext) -> None:
-        """Embed the anchors with the initial model (a resume then restores the saved centroid)."""
+        """Embed the anchors with the initial model, unless a burn-in comes first (a resume then restores them)."""
         if ctx.target is None:
             raise ConfigError("weighter 'adapt' needs a target set; set data.target (or use the demo sft data).")
-        self.refresh(ctx)
+        if self.burn_in_steps == 0:
+            self.refresh(ctx)
 
     def observe(self, ctx: SteeringContext, record: StepRecord) -> None:
-        """After optimizer step t: refresh when t is a multiple of refresh_every and steps remain."""
-        if self.refresh_every and record.step % self.refresh_every == 0 and record.step < ctx.total_steps:
+        """After optimizer step t: refresh when t ends the burn-in, or is a later multiple of refresh_every."""
+        t = record.step
+        if t < self.burn_in_steps or t >= ctx.total_steps:
+            return
+        if t == self.burn_in_steps or (self.refresh_every and t % self.refresh_every == 0):
             self.refresh(ctx)
 
     def refresh(self, ctx: SteeringContext) -> None:
@@ -132,7 +144,9 @@ class AdaptWeighter(Weighter):
 
     # ------------------------------------------------------------------------------ weights
     def weights(self, ctx: SteeringContext, losses: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Raw weights (N,) in (0, 1); the trainer rescales them to mean 1 over the step."""
+        """Raw weights (N,) in (0, 1), or 1 during the burn-in; the trainer rescales them to mean 1 over the step."""
+        if ctx.step < self.burn_in_steps:
+            return torch.ones_like(losses, dtype=torch.float32)
         if self.centroid is None:
             raise RuntimeError("adapt has no anchors yet; setup() computes them when training begins")
         if "embeddings" not in batch:

@@ -34,7 +34,7 @@ from datasteer.steering import SteeringContext
 
 @register("weighter", "custom")
 class DomainWeighter(Weighter):
-    """Template: fixed per-domain loss weights, ramped in linearly from 1 over the first ramp_steps steps.
+    """Template: fixed per-domain loss weights, ramped in linearly from 1 over ramp_steps steps after a burn-in.
 
     Example: `{name: custom, domain_weights: {noise: 0.1}}` makes a noise sample count a tenth of any
     other sample of the same step.
@@ -42,15 +42,18 @@ class DomainWeighter(Weighter):
     Args:
         domain_weights: {domain name: weight >= 0}; domains not listed keep weight 1.
         ramp_steps: optimizer steps over which each weight moves linearly from 1 to its target; 0 = at once.
+        burn_in_steps: optimizer steps trained with weight 1 for every sample before the ramp starts
+            (DataFlex's warmup_step).
     """
 
-    def __init__(self, domain_weights: dict[str, float], ramp_steps: int = 0) -> None:
+    def __init__(self, domain_weights: dict[str, float], ramp_steps: int = 0, burn_in_steps: int = 0) -> None:
         if any(w < 0 for w in domain_weights.values()):
             raise ValueError(f"domain_weights must be >= 0, got {domain_weights}")
-        if ramp_steps < 0:
-            raise ValueError("ramp_steps must be >= 0")
+        if ramp_steps < 0 or burn_in_steps < 0:
+            raise ValueError("ramp_steps and burn_in_steps must be >= 0")
         self.domain_weights = dict(domain_weights)
         self.ramp_steps = ramp_steps
+        self.burn_in_steps = burn_in_steps
         self.table: torch.Tensor | None = None  # (K,) target weight of each domain index
 
     def check_pool(self, pool: Any) -> None:
@@ -68,11 +71,12 @@ class DomainWeighter(Weighter):
             raise ConfigError(f"weighter 'custom': unknown domain(s) {unknown}; the domains are {domains}")
 
     def weights(self, ctx: SteeringContext, losses: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(N,) weights: each sample gets its domain's weight, blended with 1 during the ramp."""
+        """(N,) weights: 1 during the burn-in, then each sample's domain weight, blended with 1 during the ramp."""
         if self.table is None:
             self.setup(ctx)
         target = self.table.to(losses.device)[batch["domain_id"].to(losses.device)]
-        ramp = 1.0 if self.ramp_steps == 0 else min(1.0, ctx.step / self.ramp_steps)  # ctx.step: steps done
+        done = ctx.step - self.burn_in_steps  # ctx.step: optimizer steps already taken
+        ramp = max(0.0, min(1.0, done / self.ramp_steps)) if self.ramp_steps else float(done >= 0)
         return 1.0 + ramp * (target - 1.0)
 
     def state_dict(self) -> dict[str, Any]:
