@@ -84,13 +84,45 @@ def test_odm_drops_its_extra_eval_passes_and_keeps_updating_until_the_end(no_com
     assert out.steering == {
         "update_every": 10,
         "updates": None,
-        "mixer": {"name": "odm", "smoothing": 0.9, "initial": [0.5, 0.5]},  # DataFlex's alpha is odm's smoothing
+        "mixer": {  # DataFlex's alpha is odm's smoothing; the file sets no reward_scale: DataFlex's defaults
+            "name": "odm",
+            "smoothing": 0.9,
+            "initial": [0.5, 0.5],
+            "reward_scale": 15.0,
+            "min_exploration_rate": 0.03,
+        },
     }
     assert {w.split("'")[3] for w in out.warnings if "is dropped" in w} == {
         "warmup_steps",
         "num_eval_samples",
         "eval_batch_size",
     }
+
+
+def test_odm_reward_scale_and_exploration_floor_keep_dataflex_meaning():
+    """DataFlex 1.1.0's odm: reward = loss x reward_scale (default 15), ε floored at min_exploration_rate (0.03)."""
+    keys = {"train_type": "dynamic_mix", "component_name": "odm", "update_step": 1, "update_times": -1}
+    out = dataflex.translate(keys)  # no components file: DataFlex's constructor defaults, each said once
+    assert {k: v for k, v in out.steering["mixer"].items() if k != "name"} == {
+        "reward_scale": 15.0,
+        "min_exploration_rate": 0.03,
+    }
+    report = out.report()
+    assert "params.reward_scale: (not set)" in report
+    assert "steering.mixer.reward_scale: 15.0 (DataFlex's default; datasteer's own default is 1.0)" in report
+    assert "steering.mixer.min_exploration_rate: 0.03 (DataFlex's default; datasteer's own default is 0.0)" in report
+    # Given in components.yaml or component_overrides: passed through under the same name.
+    given = dataflex.translate({**keys, "component_overrides": {"reward_scale": 5.0, "min_exploration_rate": 0.0}})
+    assert given.steering["mixer"] == {"name": "odm", "reward_scale": 5.0, "min_exploration_rate": 0.0}
+    assert "DataFlex's default" not in given.report()
+    # Validated by the real mixer, with the translation's values; a native config keeps the paper's s = 1, ε_min = 0.
+    mixer = registry.build("mixer", "odm", {k: v for k, v in out.steering["mixer"].items() if k != "name"})
+    assert (mixer.reward_scale, mixer.min_exploration_rate) == (15.0, 0.03)
+    native = registry.build("mixer", "odm", {})
+    assert (native.reward_scale, native.min_exploration_rate) == (1.0, 0.0)
+    bad = dataflex.translate({**keys, "component_overrides": {"reward_scale": -1}})
+    with pytest.raises(ConfigError, match="reward_scale must be > 0"):
+        SteeringConfig.model_validate(bad.steering)
 
 
 def test_renamed_and_overridden_params(no_components):
@@ -143,9 +175,19 @@ def test_weighter_warmup_goes_where_the_weighter_takes_it():
     # never steering.warmup_steps: no decision to delay
     assert out.steering == {"weighting_scope": "micro_batch", "weighter": {"name": "uniform"}}
     assert ("warmup_step: 5", "no effect: the weights are 1 throughout") in out.mapping
-    if registered("weighter", "loss"):  # its burn-in is DataFlex's warmup for dynamic_weight
-        out = dataflex.translate({"train_type": "dynamic_weight", "component_name": "loss", "warmup_step": 5})
-        assert out.steering == {"weighting_scope": "micro_batch", "weighter": {"name": "loss", "burn_in_steps": 5}}
+    # DataFlex's weight trainer weights no sample before warmup_step, whatever the weighter: each takes a burn-in.
+    scope = {"weighting_scope": "micro_batch"}
+    for name in ("loss", "adapt"):
+        out = dataflex.translate({"train_type": "dynamic_weight", "component_name": name, "warmup_step": 5})
+        assert out.steering == {**scope, "weighter": {"name": name, "burn_in_steps": 5}}
+        assert ("warmup_step: 5", "steering.weighter.burn_in_steps: 5") in out.mapping
+        assert SteeringConfig.model_validate(out.steering).weighter == out.steering["weighter"]
+    custom = {"train_type": "dynamic_weight", "component_name": "custom", "warmup_step": 5}
+    out = dataflex.translate({**custom, "component_overrides": {"strategy": "uniform"}})
+    assert out.steering == {**scope, "weighter": {"name": "custom", "domain_weights": {}, "burn_in_steps": 5}}
+    out = dataflex.translate({**custom, "component_overrides": {"domain_weights": {"noise": 0.5}}})
+    assert out.steering["weighter"] == {"name": "custom", "domain_weights": {"noise": 0.5}, "burn_in_steps": 5}
+    assert "warmup_steps" not in out.steering  # never the run's steering.warmup_steps: no decision waits for it
 
 
 def test_a_dataflex_weighter_weighs_each_micro_batch_as_dataflex_does_and_says_so():

@@ -99,10 +99,9 @@ class Drop:
 
 @dataclass(frozen=True)
 class Refuse:
-    """A meaning datasteer cannot honour (yet): an error with what to do, unless the component takes `to`."""
+    """A meaning datasteer cannot honour (yet): an error with what to do."""
 
     what_to_do: str
-    to: str | None = None
 
 
 Rule = Rename | Drop | Refuse | Callable[["_Translator", str, Any], dict[str, Any]]
@@ -252,16 +251,6 @@ PARAMS: dict[tuple[str, str], dict[str, Rule]] = {
         "warmup_steps": Drop("the run's schedule sets the warmup (warmup_step / steering.warmup_steps)"),
         "num_eval_samples": Drop(_NO_EVAL.format("odm")),
         "eval_batch_size": Drop(_NO_EVAL.format("odm")),
-        "reward_scale": Refuse(
-            "datasteer's odm takes the EXP3 rewards unscaled; remove reward_scale from the odm entry of "
-            "components.yaml (the weights then move more slowly than DataFlex's)",
-            to="reward_scale",
-        ),
-        "min_exploration_rate": Refuse(
-            "datasteer's odm decays its exploration rate as in the paper, min(1/K, sqrt(ln K / (K t))), with no "
-            "floor; remove min_exploration_rate from the odm entry of components.yaml",
-            to="min_exploration_rate",
-        ),
     },
     ("mixer", "moe_gate"): {
         "c": Rename("smoothing"),
@@ -272,6 +261,11 @@ PARAMS: dict[tuple[str, str], dict[str, Rule]] = {
     ("weighter", "custom"): {"strategy": _custom_strategy},
     ("weighter", "adapt"): {"refresh_interval": Rename("refresh_every"), "clip": _clip},
 }
+# DataFlex 1.1.0's defaults (its constructors') where datasteer's own differ: a DataFlex config that does not set
+# the parameter gets DataFlex's value, reported as such; datasteer's native configs keep datasteer's default.
+DATAFLEX_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
+    ("mixer", "odm"): {"reward_scale": 15.0, "min_exploration_rate": 0.03},
+}
 # Where a mixer takes init_mixture_proportions / mixture_sample_rule. Unlisted mixers: the first of
 # INITIAL_PROPORTION_PARAMS their constructor accepts.
 INITIAL_PARAM = {
@@ -280,7 +274,8 @@ INITIAL_PARAM = {
     ("mixer", "doremi"): "reference_proportions",
 }
 INITIAL_PROPORTION_PARAMS = ("proportions", "initial", "initial_proportions", "initial_weights")
-# Where a weighter takes DataFlex's `warmup_step` (weight 1 for every sample during it).
+# Where a weighter takes DataFlex's `warmup_step`: DataFlex's weight trainer weights no sample before global step
+# warmup_step, whatever the weighter; datasteer's loss, adapt and custom weighters take it as burn_in_steps.
 WEIGHTER_WARMUP_PARAMS = ("burn_in_steps",)
 # Where datasteer's component deliberately differs from DataFlex's of the same name.
 COMPONENT_NOTES: dict[tuple[str, str], str] = {
@@ -289,7 +284,10 @@ COMPONENT_NOTES: dict[tuple[str, str], str] = {
         "(init_mixture_proportions -> reference_proportions) and reweights its loss by the domain weights; "
         "train step 3 on their time average (doremi_weights.json, 'average'), not on the last weights"
     ),
-    ("mixer", "odm"): "mixer 'odm' rewards each domain from its own training losses, with no extra eval passes",
+    ("mixer", "odm"): (
+        "mixer 'odm' rewards each domain from its own training losses, with no extra eval passes, and keeps "
+        "the softmax exact (DataFlex clips ε R̂ to within 5 of its maximum and R̂ to ±10000)"
+    ),
 }
 TIMING_NOTE = (
     "decision timing: DataFlex trains on a decision from the step after it (decided after step {t}, used from "
@@ -442,6 +440,20 @@ class _Translator:
         self.df_params = params
         for key, value in params.items():
             self._param(key, value)
+        self._dataflex_defaults(params)
+
+    def _dataflex_defaults(self, given: dict[str, Any]) -> None:
+        """The parameters DataFlex would default differently from datasteer: DataFlex's value, said in the report."""
+        native = {p.name: p.default for p in registry.params_of(self.cls)} if self.cls is not None else {}
+        for key, value in DATAFLEX_DEFAULTS.get((self.kind, self.name), {}).items():
+            if key in given:
+                continue
+            self._check_accepted(key, f"DataFlex's default {key}")
+            self.params[key] = value
+            own = f"; datasteer's own default is {native[key]!r}" if key in native else ""
+            self.out.mapping.append(
+                (f"params.{key}: (not set)", f"steering.{self.kind}.{key}: {value!r} (DataFlex's default{own})")
+            )
 
     def _set_component(self, df_name: str) -> None:
         self.df_name = df_name
@@ -524,10 +536,7 @@ class _Translator:
         elif isinstance(rule, Drop):
             self.dropped(key, value, rule.why)
         elif isinstance(rule, Refuse):
-            if rule.to is not None and self.accepted is not None and rule.to in self.accepted:
-                self._put(key, rule.to, value, value)
-            else:
-                raise self.error(key, value, rule.what_to_do)
+            raise self.error(key, value, rule.what_to_do)
         else:
             for target, converted in rule(self, key, value).items():
                 self._check_accepted(target, f"params.{key}")
@@ -608,7 +617,7 @@ class _Translator:
         if param is not None:
             self.params[param] = steps
             self.out.mapping.append((f"warmup_step: {steps}", f"steering.weighter.{param}: {steps}"))
-        elif steps == 0 or self.params.get("domain_weights") == {} or self.name == "uniform":
+        elif steps == 0 or self.name == "uniform":
             self.out.mapping.append((f"warmup_step: {steps}", "no effect: the weights are 1 throughout"))
         else:
             raise ConfigError(
