@@ -69,7 +69,7 @@ from datasteer.runner import run
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 SELECTORS = ("random", "static", "loss", "delta_loss", "less", "near", "tsds", "rho_loss", "ifd")
-REALTEXT_SELECTORS = ("random", "loss", "less", "near", "tsds", "rho_loss")
+REALTEXT_SELECTORS = ("random", "loss", "less", "near", "tsds", "rho_loss", "greats")
 WEIGHTERS = ("uniform", "loss", "adapt")
 MIXERS = ("default", "doremi", "odm")
 UNLEARNABLE = ("noise",)  # demo domains of uniformly random characters
@@ -359,9 +359,14 @@ def run_reweighting(s: Settings, root: Path, notes: list[str]) -> list[Result | 
 
 
 def run_realtext(
-    rs: RealText, root: Path, notes: list[str], cells: dict[str, dict[str, Any]] | None = None
+    rs: RealText,
+    root: Path,
+    notes: list[str],
+    cells: dict[str, dict[str, Any]] | None = None,
+    only: list[str] | None = None,
 ) -> list[Result | None]:
-    """Every cell (label -> selector spec; default: REALTEXT_SELECTORS from their examples) at every seed."""
+    """Every cell (label -> selector spec; default: REALTEXT_SELECTORS from their examples, or those of `only`)
+    at every seed."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import realtext_task
 
@@ -378,6 +383,8 @@ def run_realtext(
         notes += [f"selector `{n}` is not registered here; skipped." for n in REALTEXT_SELECTORS if n not in available]
         if "less" in cells:  # the diagnosis's fix (docs/selectors.md): the LM head's gradient alone
             cells["less (lm_head)"] = {**cells["less"], "layers": ["lm_head"]}
+        if only is not None:
+            cells = {label: spec for label, spec in cells.items() if label in only or spec["name"] in only}
     results = []
     for seed in rs.seeds:
         il = None
@@ -406,6 +413,9 @@ def _realtext_metrics(config: Config, out: Path, target_type: str) -> dict[str, 
     metrics = _sft_metrics(config, out)
     events = read_events(out)
     picked = [e["per_domain"] for e in events if e["event"] == "select"]
+    if not picked:  # an online selector (greats) picks every step: its train events carry the picks' domains
+        warmup = config.steering.warmup_steps
+        picked = [e["per_domain"] for e in events if e["event"] == "train" and "per_domain" in e and e["step"] > warmup]
     total = sum(sum(p.values()) for p in picked)
     share = sum(p.get(target_type, 0) for p in picked) / max(total, 1)
     train = [e for e in events if e["event"] == "train"]
@@ -511,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="folder for quality.{json,md}")
     parser.add_argument("--workdir", type=Path, help="where the runs go (default: a temp dir)")
     parser.add_argument("--name", default="quality", help="file stem of the outputs in --out (default: quality)")
+    parser.add_argument("--selectors", nargs="+", help="realtext group: only these selectors (e.g. random greats)")
     args = parser.parse_args(argv)
     s = Settings(**asdict(QUICK if args.quick else FULL))
     s.seeds = args.seeds or s.seeds
@@ -531,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     if "reweighting" in groups:
         results += run_reweighting(s, root, notes)
     if "realtext" in groups:
-        results += run_realtext(rs, root, notes)
+        results += run_realtext(rs, root, notes, only=args.selectors)
     report = {
         "command": "python bench/quality.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "quick": args.quick,

@@ -418,7 +418,10 @@ class Steering:
     def _log_record(self, record: StepRecord) -> None:
         means, counts = record.domain_means(len(self.pool.domains))
         losses = {d: float(m) for d, m, c in zip(self.pool.domains, means.tolist(), counts.tolist()) if c > 0}
-        chosen = {"ids": record.sample_ids.tolist()} if self.batch_selector is not None else {}  # its picks
+        chosen = {}
+        if self.batch_selector is not None:  # an online selector's picks: the trained ids and their domains
+            counts = np.bincount(record.domain_ids.numpy(), minlength=len(self.pool.domains)).tolist()
+            chosen = {"ids": record.sample_ids.tolist(), "per_domain": dict(zip(self.pool.domains, counts))}
         self.log.event(
             "train",
             record.step,
