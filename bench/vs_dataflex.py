@@ -1,8 +1,8 @@
 """datasteer vs the released DataFlex (1.1.0, PyPI), side by side on the same DataFlex YAML.
 
     make llamafactory-env dataflex-env
-    .cache/venv-llamafactory/bin/python bench/vs_dataflex.py          # ~15 min on 2 CPU cores
-    .cache/venv-llamafactory/bin/python bench/vs_dataflex.py --jobs loss,odm --out /tmp/vs   # a quick look
+    .cache/venv-llamafactory/bin/python bench/vs_dataflex.py          # ~15 min on 2 CPU cores (3 runs per side)
+    .cache/venv-llamafactory/bin/python bench/vs_dataflex.py --jobs loss,odm --repeats 1 --out /tmp/vs  # a quick look
 
 For each job (a DataFlex selector, mixer or weighter that exists in DataFlex 1.1.0) the bench writes ONE
 DataFlex YAML and runs it twice, back to back, from the same working directory: first with DataFlex's CLI
@@ -19,7 +19,11 @@ format), a 16-row target set (`target`: the demo's held-out arithmetic, the YAML
 seed 42, 30 optimizer steps (selectors and mixers: warmup_step 6 + 3 updates every 8 steps; weighters:
 warmup_step 5, train_step 30). `components.yaml` is DataFlex 1.1.0's own file with only the bench's
 changes, listed in the report (cache folders, a smaller LESS projection, ODM's 2000-step warmup, DoReMi's
-reference model, NEAR's precomputed neighbours, and the entries datasteer refuses).
+reference model, NEAR's precomputed neighbours, ADAPT's refresh interval).
+
+Each side runs every job `--repeats` times, the two sides alternating which goes first, and the times are
+medians over those runs: a run takes 12-18 s, mostly start-up shared by both sides, and on a shared 2-core
+machine its wall time varies by a few seconds from run to run, as much as the sides differ.
 
 Measured, per job and side: wall time of the whole command (start-up, data, model, training, saving) and the
 trainer's own `train_runtime`; the time of the decisions themselves (DataFlex: its trainers'
@@ -41,6 +45,7 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -126,44 +131,31 @@ JOBS: tuple[Job, ...] = (
     Job("odm", "dynamic_mix", "odm", dict(MIX)),
     Job("doremi_step2", "dynamic_mix", "doremi", dict(MIX)),
     Job("loss_weighting", "dynamic_weight", "loss", {"warmup_step": 5, "train_step": 30, "max_steps": 30}),
-    # warmup_step 0: datasteer refuses a weighter warmup for adapt (DataFlex's weight trainer honours it for all).
-    Job("adapt", "dynamic_weight", "adapt", {"warmup_step": 0, "train_step": 30, "max_steps": 30}),
+    Job("adapt", "dynamic_weight", "adapt", {"warmup_step": 5, "train_step": 30, "max_steps": 30}),
 )
 NOTES = (
-    "Wall time is mostly start-up (imports, LLaMA-Factory's data preparation, model load, saving): 12-30 s of "
-    "each run, against 1-5 s of training; train_runtime and the decision times isolate the trainers.",
+    "Wall time is mostly start-up (imports, LLaMA-Factory's data preparation, model load, saving): 7-20 s of "
+    "each run, against 0.4-6 s of training; train_runtime and the decision times isolate the trainers. The "
+    "start-up is the same on both sides: the imports (transformers, peft, LLaMA-Factory) differ by 0.2 s, and "
+    "datasteer's own start-up work (translating the keys, building the pool with ids) takes 0.3-0.5 s.",
     "near: DataFlex's selector only reads the bench's precomputed neighbour matrix (its embedding step is "
     "offline and not timed), so its selections repeat; datasteer embeds the pool with the training model at "
     "each update, which is its decide time.",
-    "odm: DataFlex still applies its built-in reward_scale 15 and exploration floor 0.03 (constructor defaults, "
-    "removed from the file only), and attributes each batch's loss to the domain of its first sample; "
-    "datasteer rewards each domain with its own samples' unscaled losses, so its weights move far less.",
+    "odm: both sides take DataFlex's reward_scale 15 and exploration floor 0.03; DataFlex attributes each "
+    "batch's loss to the domain of its first sample and clips its logits, datasteer rewards each domain with "
+    "its own samples' losses.",
     "loss_weighting, adapt: the logged training loss is each side's weighted objective, not comparable "
     "(DataFlex's adapt sums sigmoid-weighted losses over the batch, hence ~3x); the target eval loss is.",
 )
 
-_SCORE_BATCH = (
-    "datasteer refuses DataFlex 1.1.0's score_batch_size (no entry in its translation table); DataFlex then "
-    "scores 1 sample per forward, its default"
-)
-_SCORE_BATCH_DS = (
-    "datasteer's own name, so it scores 1 per forward too; DataFlex's registry drops parameters its constructor lacks"
-)
 # The bench's changes to DataFlex 1.1.0's components.yaml, applied for both sides (section, entry, key): value.
 # None removes the key. Each is reported with its reason.
 COMPONENT_CHANGES: tuple[tuple[str, str, str, Any, str], ...] = (
     ("selectors", "less", "proj_dim", 512, "4096 random projections of the LoRA gradients are slow on CPU"),
-    ("selectors", "loss", "score_batch_size", None, _SCORE_BATCH),
-    ("selectors", "loss", "batch_size", 1, _SCORE_BATCH_DS),
-    ("selectors", "delta_loss", "score_batch_size", None, _SCORE_BATCH),
-    ("selectors", "delta_loss", "batch_size", 1, _SCORE_BATCH_DS),
     ("mixers", "odm", "warmup_steps", 0, "ODM's own 2000-step warmup would keep the initial proportions all run"),
-    ("mixers", "odm", "reward_scale", None, "datasteer refuses it (its odm takes unscaled rewards)"),
-    ("mixers", "odm", "min_exploration_rate", None, "datasteer refuses it (no exploration floor)"),
     ("mixers", "doremi", "reference_model_path", "tiny-llama", "the base tiny model as DoReMi's reference"),
     ("selectors", "near", "indices_path", "near_top_indices.npy", "written by the bench (DataFlex's offline step)"),
     ("weighters", "adapt", "refresh_interval", 10, "50 steps is longer than the 30-step run"),
-    ("weighters", "adapt", "clip", None, "datasteer refuses DataFlex's own default clip: null; null is no clip"),
 )
 
 
@@ -241,6 +233,26 @@ def weight_gap(a: list[list[float]], b: list[list[float]]) -> float | None:
     return max(abs(x - y) for wa, wb in pairs for x, y in zip(wa, wb))
 
 
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One side's result over its repeated runs of a job.
+
+    The run of median wall time stands for the side (its losses and decisions: the runs are seeded, so they
+    decide alike), with its wall, train and decide times replaced by their medians over the runs that
+    succeeded; `wall_s_runs` keeps every run's wall time and `runs_failed` counts the failed ones.
+    """
+    ok = [r for r in runs if r.get("rc") == 0] or runs
+    by_wall = sorted(ok, key=lambda r: r["wall_s"])
+    out = dict(by_wall[(len(by_wall) - 1) // 2])
+    for key in ("wall_s", "train_runtime_s", "decide_s"):
+        values = [r[key] for r in ok if r.get(key) is not None]
+        out[key] = statistics.median(values) if values else None
+    out["wall_s_runs"] = [r["wall_s"] for r in runs]
+    failed = sum(r.get("rc") != 0 for r in runs)
+    if failed:
+        out["runs_failed"] = failed
+    return out
+
+
 def _fmt(value: Any, digits: int = 2) -> str:
     if value is None:
         return "-"
@@ -258,6 +270,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         "",
         f"`{result['command']}` on {result['machine']}; {result['setup']}",
         "",
+        f"Times are medians over {result.get('repeats', 1)} run(s) per side, the sides alternating which runs first. "
         "Ratios are DataFlex / datasteer (above 1: datasteer is faster). Wall: the whole command; train: the "
         "trainer's train_runtime; decide: the decisions' own time (selection/mixing updates, or the per-step "
         "weighting), summed over the run. Final train loss: the mean of the last 5 logged training losses (each "
@@ -296,6 +309,14 @@ def render_markdown(result: dict[str, Any]) -> str:
     for job in result["jobs"]:
         if job.get("decisions"):
             lines.append(f"- **{job['name']}**: {job['decisions']}")
+    spread = [job for job in result["jobs"] if job["dataflex"].get("wall_s_runs")]
+    if spread:
+        lines += ["", "## Wall time of each run (s)", ""]
+        for job in spread:
+            sides = "; ".join(
+                f"{side} " + ", ".join(f"{w:.1f}" for w in job[side].get("wall_s_runs", [])) for side in SIDES
+            )
+            lines.append(f"- **{job['name']}**: {sides}")
     lines += ["", "## Why a side did not run", ""]
     for job in result["jobs"]:
         for side in SIDES:
@@ -657,7 +678,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", default=",".join(j.name for j in JOBS), help="comma-separated job names")
     parser.add_argument("--out", default=str(RESULTS), help="folder for vs_dataflex.{json,md}")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per run before it is stopped")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs per side and job (alternating which side goes first); medians"
+    )
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     names = args.jobs.split(",")
     unknown = sorted(set(names) - {j.name for j in JOBS})
     if unknown:
@@ -669,8 +695,11 @@ def main(argv: list[str] | None = None) -> int:
     setup = build_workspace(WORK)
     rows = []
     for job in (j for j in JOBS if j.name in names):
-        df = run_side("dataflex", job, WORK, args.timeout)
-        ds = run_side("datasteer", job, WORK, args.timeout)
+        runs: dict[str, list[dict[str, Any]]] = {side: [] for side in SIDES}
+        for r in range(args.repeats):
+            for side in SIDES if r % 2 == 0 else SIDES[::-1]:
+                runs[side].append(run_side(side, job, WORK, args.timeout))
+        df, ds = median_run(runs["dataflex"]), median_run(runs["datasteer"])
         rows.append(compare(job, df, ds, setup["domain_sizes"]))
         print(
             f"{job.name}: {rows[-1]['status']}, wall {df['wall_s']:.1f} s / {ds['wall_s']:.1f} s",
@@ -679,7 +708,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     result = {
         "command": "python bench/vs_dataflex.py"
-        + (f" --jobs {args.jobs}" if args.jobs != parser.get_default("jobs") else ""),
+        + (f" --jobs {args.jobs}" if args.jobs != parser.get_default("jobs") else "")
+        + (f" --repeats {args.repeats}" if args.repeats != parser.get_default("repeats") else ""),
+        "repeats": args.repeats,
         "machine": f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, OMP_NUM_THREADS=1",
         "setup": (
             f"demo tiny Llama + LoRA r8, sft domains {', '.join(DOMAINS)} ({ROWS_PER_DOMAIN} rows each), target "

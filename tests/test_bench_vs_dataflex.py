@@ -61,6 +61,20 @@ def test_losses_skip_eval_and_summary_lines_and_final_loss_averages_the_tail(ben
     assert bench.final_loss([]) is None
 
 
+def test_repeated_runs_report_medians_and_the_median_wall_run_stands_for_the_side(bench):
+    runs = [
+        {"rc": 0, "wall_s": 14.0, "train_runtime_s": 2.0, "decide_s": 0.5, "final_loss": 4.1},
+        {"rc": 0, "wall_s": 12.0, "train_runtime_s": 1.0, "decide_s": 0.3, "final_loss": 4.2},
+        {"rc": 1, "wall_s": 3.0, "error": "boom"},  # a failed run counts, but adds no time
+        {"rc": 0, "wall_s": 19.0, "train_runtime_s": 1.5, "decide_s": None, "final_loss": 4.3},
+    ]
+    out = bench.median_run(runs)
+    assert out["wall_s"] == 14.0 and out["final_loss"] == 4.1  # the 14 s run: median of 12, 14, 19
+    assert out["train_runtime_s"] == 1.5 and out["decide_s"] == 0.4  # medians of what was measured
+    assert out["wall_s_runs"] == [14.0, 12.0, 3.0, 19.0] and out["runs_failed"] == 1
+    assert bench.median_run([{"rc": 1, "wall_s": 2.0, "error": "boom"}])["error"] == "boom"
+
+
 def test_weight_gap_is_the_largest_difference_over_updates(bench):
     assert bench.weight_gap([[0.5, 0.5], [0.6, 0.4]], [[0.5, 0.5], [0.3, 0.7]]) == pytest.approx(0.3)
     assert bench.weight_gap([], [[0.5, 0.5]]) is None
@@ -106,7 +120,12 @@ def test_markdown_report_has_a_row_per_job_and_says_why_a_side_did_not_run(bench
             },
         ],
     }
+    result["jobs"][0]["dataflex"]["wall_s_runs"] = [30.0, 31.5]
+    result["jobs"][0]["datasteer"]["wall_s_runs"] = [24.0, 23.0]
+    result["repeats"] = 2
     md = bench.render_markdown(result)
+    assert "Times are medians over 2 run(s) per side" in md
+    assert "- **loss**: dataflex 30.0, 31.5; datasteer 24.0, 23.0" in md
     assert "| loss | both ran | 30 / 30 | 30.0 / 24.0 | 1.25 | 4.0 / 2.0 | 2.00 | 2.000 / 0.500 | 4.00 |" in md
     assert "| 4.00 | 3.100 / 3.200 | 3.050 / 3.000 |" in md
     assert "| near | dataflex only | 30 / - | 20.0 / 9.0 | - |" in md
