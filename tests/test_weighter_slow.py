@@ -60,7 +60,9 @@ def test_overhead_benchmark_runs_and_writes_its_results(tmp_path, monkeypatch):
     bench.main(args)
     assert (SteeringMixin.compute_loss, Trainer.compute_loss, SteeringCallback.on_step_end) == originals
     result = json.loads((tmp_path / "overhead.json").read_text())
-    assert {"plain", "static", "loss", "plain+acc2", "loss+acc2"} <= set(result["trainer"]["variants"])
+    variants = result["trainer"]["variants"]
+    assert {"plain", "static", "loss", "plain+acc2", "loss+acc2 step", "loss+acc2 micro_batch"} <= set(variants)
+    assert variants["loss+acc2 micro_batch"]["weighting_scope"] == "micro_batch"
     assert result["trainer"]["variants"]["loss"]["steering"]["median_step_ms"] > 0
     assert result["sampler"]["plan_samples"] == 20000
     assert "| loss |" in (tmp_path / "overhead.md").read_text()
