@@ -55,12 +55,15 @@ def run_worker(main: Callable[..., object], *args: object) -> None:
     """A torchrun worker's entry point: run `main`, then tear the process group down on every path.
 
     Exiting with a live gloo group can abort the process at interpreter exit ("terminate called without an
-    active exception", SIGABRT), which fails a run whose work succeeded.
+    active exception", SIGABRT), which fails a run whose work succeeded; so can one rank tearing its group down
+    while the other still works (the suspected cause of one SIGABRT in CI, on the FSDP2 test): hence the barrier.
     """
     import torch.distributed as dist
 
     try:
         main(*args)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # no rank tears down while another still has gloo work in flight
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

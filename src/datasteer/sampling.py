@@ -1,7 +1,8 @@
 """The one steered sampler: a training stream that is a pure function of (seed, stages, position).
 
 Mixing, selection and their combination all go through this sampler. Its state is a list of *stages*;
-each stage starts at a stream position (a multiple of the samples per optimizer step) and fixes
+each stage starts at a stream position (a multiple of the draws per optimizer step: its samples, or with an
+online selector its candidates, see `bind`) and fixes
 
 - the domain weights (or `None`: "natural" sampling, uniform over the eligible rows), and
 - the eligible rows (a selection, optionally with per-row probabilities).
@@ -99,21 +100,13 @@ class SteeredSampler(Sampler[int]):
         draws = int(draws_per_step or samples_per_step)
         if draws < samples_per_step:
             raise ValueError(f"draws_per_step ({draws}) must be at least samples_per_step ({samples_per_step})")
-        if (
-            self.stages
-            and self.samples_per_step
-            and (samples_per_step, draws)
-            != (
-                self.samples_per_step,
-                self.draws_per_step,
-            )
-        ):
+        made = (self.samples_per_step, self.draws_per_step)
+        if self.stages and self.samples_per_step and (samples_per_step, draws) != made:
             raise DatasteerError(
-                f"the resumed steering state was made with {self.samples_per_step} samples per optimizer "
-                f"step drawn from {self.draws_per_step} candidates, but this run has {samples_per_step} from "
-                f"{draws} (per-device batch x world size x gradient accumulation, times the selector's "
-                "candidates_factor). Resume with the same global batch size and candidates_factor, or start a "
-                "fresh output_dir."
+                f"the resumed steering state was made with {_per_step(*made)}, "
+                f"but this run has {_per_step(samples_per_step, draws)} (per-device batch x world size x gradient "
+                "accumulation, times an online selector's candidates_factor). Resume with the same global batch "
+                "size and candidates_factor, or start a fresh output_dir."
             )
         self.samples_per_step = int(samples_per_step)
         self.draws_per_step = draws
@@ -415,3 +408,9 @@ def _np(t: torch.Tensor | None) -> np.ndarray | None:
 def pool_fingerprint(domain_ids: np.ndarray) -> str:
     """A short content key of the pool layout, stored with the state to refuse a mismatched resume."""
     return hashlib.sha256(np.ascontiguousarray(domain_ids, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def _per_step(samples: int, draws: int) -> str:
+    """'4 samples per optimizer step', naming the candidate draw only where one was made."""
+    text = f"{samples} samples per optimizer step"
+    return text if draws == samples else f"{text} (drawn from {draws} candidates)"
