@@ -8,7 +8,7 @@ import torch
 from dist_scripts.ops_fixtures import collate, tiny_llama, tiny_lora, tiny_pool
 
 import datasteer.ops.ghost as ghost
-from datasteer.ops.ghost import ghost_inner_products
+from datasteer.ops.ghost import ghost_gradients, ghost_inner_products
 from datasteer.ops.gradients import exact_grads, trainable_linears
 
 
@@ -88,3 +88,23 @@ def test_bad_arguments_are_errors(rows):
         ghost_inner_products(model, *rows, reduction="max")
     with pytest.raises(ValueError, match="match no trainable"):
         ghost_inner_products(model, *rows, layer_patterns=["nothing*"])
+
+
+def test_formed_and_token_layers_mix_and_products_on_demand_match(rows, monkeypatch):
+    """Target rows (3) formed and candidates (6) kept as tokens in the largest layers: every product form agrees
+    with the exact gradients, and so do the on-demand mean and Gram columns."""
+    model = tiny_llama(seed=7).double()
+    largest = max(m.weight.numel() for m in ghost.trainable_linears(model).values())
+    monkeypatch.setattr(ghost, "MATRIX_ROUTE_MAX_ELEMENTS", 3 * largest)
+    cand, target = rows
+    a = ghost_gradients(model, cand, products_per_row=3)
+    b = ghost_gradients(model, target, products_per_row=6)
+    assert {layer.grads is None for layer in a.layers.values()} == {True, False}  # both forms among the layers
+    assert all(layer.grads is not None for layer in b.layers.values())
+    g, v = flat_grads(model, cand), flat_grads(model, target)
+    assert relative_error(a.dot(b), g @ v.T) < 1e-5 and relative_error(b.dot(a), v @ g.T) < 1e-5
+    assert relative_error(a.dot_mean(b), (g @ v.T).mean(1)) < 1e-5
+    assert relative_error(a.columns([4, 1]), (g @ g.T)[:, [4, 1]]) < 1e-5
+    head, tail = a.split(4)
+    assert relative_error(head.dot(tail), (g @ g.T)[:4, 4:]) < 1e-5
+    assert relative_error(a.dot(a.take([1, 3])), g @ g[[1, 3]].T) < 1e-5

@@ -1,16 +1,22 @@
-"""Ghost inner products: ⟨g_i, g_j⟩ of per-sample gradients without ever forming a per-sample gradient.
+"""Ghost inner products: ⟨g_i, g_j⟩ of per-sample gradients without a backward per sample.
 
 For a Linear layer with inputs x_t and output gradients δ_t, sample i's weight gradient is G_i = Σ_t δ_it x_itᵀ, so
 
     ⟨G_i, G_j⟩ = Σ_{t,s} (δ_it·δ_js)(x_it·x_js)
 
 needs only what one batched forward and one backward (with respect to the layer *outputs*, never the weights)
-already hold. Summed over the trainable Linears, this gives the (N, M) matrix of candidate-target products and
-the (N, N) matrix among the candidates that GREATS's greedy rule uses (`datasteer.selectors.greats`). Per layer
-the cheaper of two exact routes is taken, from the shapes alone (never from the values): through the tokens
-(two token-Gram matrices, N·M·T·S·(in + out) multiply-adds, for long-sequence-light or wide layers) or through the
-small (out, in) per-sample gradients (formed, then multiplied, for narrow layers such as LoRA's A and B) — the
-same choice `FactoredProjection.project_outer` makes.
+already hold. Summed over the trainable Linears this gives every product GREATS's greedy rule uses
+(`datasteer.selectors.greats`). `ghost_gradients` keeps each layer of a batch in the cheaper of two exact forms,
+chosen from the shapes alone (never from the values), as `FactoredProjection.project_outer` does:
+
+- formed: the small (out, in) per-sample gradients, N·T·out·in multiply-adds once (the weight-gradient half of a
+  backward, per sample instead of summed), then out·in per product — for narrow or small layers (LoRA's A and B)
+  and whenever the tokens outnumber what a gradient holds;
+- tokens: (x, δ) kept as they are, T·S·(in + out) per product (two token-Gram blocks) — for layers too large to
+  form N gradients of.
+
+Products are computed on demand (`dot`, `dot_mean`, `columns`): a caller pays only for the products it asks for
+(a mean target gradient is one product per row); `ghost_inner_products` returns the full matrices.
 
 The coverage is that of `gradient_features`: weights of trainable nn.Linear modules (LoRA's A/B, or every
 projection and the LM head), optionally narrowed by fnmatch patterns; embeddings, norms and biases are not
@@ -25,11 +31,13 @@ from typing import Literal
 
 import torch
 
-from datasteer.ops.batching import device_of, eval_mode, unwrap
+from datasteer.ops.batching import eval_mode, unwrap
 from datasteer.ops.gradients import capture_linears, sample_losses, select_linears, trainable_linears
 from datasteer.ops.projection import MATRIX_ROUTE_MAX_ELEMENTS
 
+FORMED_MAX_ELEMENTS = 2**28  # all formed per-sample gradients of one set (1 GiB of floats); beyond: token layers
 TOKEN_CHUNK_ELEMENTS = 2**24  # entries of one token-Gram block (64 MiB of floats): larger pairs go in row chunks
+Batches = dict[str, torch.Tensor] | Sequence[dict[str, torch.Tensor]]
 
 
 @dataclass
@@ -46,35 +54,81 @@ class GhostProducts:
 
 
 @dataclass
-class _Side:
-    """One side's captured activations per layer: x (B, T, in) zero at padding, δ (B, T, out)."""
+class _Layer:
+    """One layer of N rows: `grads` (N, out·in) formed, or `x` (N, T, in) and `delta` (N, T, out) as tokens."""
 
-    x: dict[str, torch.Tensor]
-    delta: dict[str, torch.Tensor]
+    grads: torch.Tensor | None = None
+    x: torch.Tensor | None = None
+    delta: torch.Tensor | None = None
 
 
-def ghost_inner_products(
+class GhostGradients:
+    """The per-sample Linear-weight gradients of N rows, held implicitly per layer; exact products on demand."""
+
+    def __init__(self, layers: dict[str, _Layer], rows: int) -> None:
+        self.layers, self.rows = layers, rows
+
+    def dot(self, other: GhostGradients) -> torch.Tensor:
+        """(N, M) ⟨g_i, h_v⟩ with the rows of `other` (the same model and layers)."""
+        return sum(_pair(a, other.layers[n]) for n, a in self.layers.items())
+
+    def dot_mean(self, other: GhostGradients) -> torch.Tensor:
+        """(N,) ⟨g_i, mean_v h_v⟩: one product per row with the mean gradient of `other`'s rows."""
+        return self.dot(other.mean())[:, 0]
+
+    def mean(self) -> GhostGradients:
+        """The mean gradient of the rows, as a set of one row: a formed layer averaged; a token layer's one row holds
+        every row's tokens with δ / N (the sum over rows of Σ_t δ_t x_tᵀ / N is the mean)."""
+        layers = {}
+        for name, a in self.layers.items():
+            if a.grads is not None:
+                layers[name] = _Layer(grads=a.grads.mean(0, keepdim=True))
+            else:
+                x, delta = a.x.reshape(1, -1, a.x.shape[-1]), a.delta.reshape(1, -1, a.delta.shape[-1])
+                layers[name] = _Layer(x=x, delta=delta / self.rows)
+        return GhostGradients(layers, 1)
+
+    def take(self, index: Sequence[int] | slice) -> GhostGradients:
+        """The rows in `index` (a slice or a contiguous range gives views, a list copies those rows)."""
+        if isinstance(index, range) and index.step == 1:
+            index = slice(index.start, index.stop)
+        idx = index if isinstance(index, slice) else torch.as_tensor(list(index), dtype=torch.long)
+        layers = {
+            n: _Layer(grads=a.grads[idx]) if a.grads is not None else _Layer(x=a.x[idx], delta=a.delta[idx])
+            for n, a in self.layers.items()
+        }
+        return GhostGradients(layers, len(range(self.rows)[idx]) if isinstance(idx, slice) else len(idx))
+
+    def split(self, rows: int) -> tuple[GhostGradients, GhostGradients]:
+        """The first `rows` rows and the rest, as two sets (views: nothing is copied)."""
+        return self.take(slice(0, rows)), self.take(slice(rows, None))
+
+    def columns(self, index: Sequence[int]) -> torch.Tensor:
+        """(N, len(index)) ⟨g_i, g_j⟩ for the rows j in `index`: columns of the Gram matrix."""
+        return self.dot(self.take(index))
+
+
+def ghost_gradients(
     model: torch.nn.Module,
-    candidates: dict[str, torch.Tensor] | Sequence[dict[str, torch.Tensor]],
-    target: dict[str, torch.Tensor],
+    batches: Batches,
     *,
     layer_patterns: Sequence[str] | None = None,
     reduction: Literal["mean", "sum"] = "mean",
+    products_per_row: int = 1,
     accelerator=None,
-) -> GhostProducts:
-    """⟨g_i, g_v⟩ for every candidate i and target row v, and ⟨g_i, g_j⟩ among the candidates.
+) -> GhostGradients:
+    """Capture the per-sample gradients of the rows of `batches`: one forward + one backward for all of them.
 
     Args:
         model: causal LM (DDP/accelerate wrappers are unwrapped: no all-reduce hook fires, nothing is written to
             `.grad`). Runs in eval mode (dropout off); its mode is restored.
-        candidates: one collated batch, or several (a step's micro-batches), with `input_ids`, `labels` and
-            optionally `attention_mask`; each is one forward + backward.
-        target: one collated batch of target rows (one forward + backward).
+        batches: one collated batch or several (e.g. a step's candidate micro-batches and a target batch; rows
+            kept in order, merged into one right-padded batch), with `input_ids`, `labels` and optionally
+            `attention_mask`; split the result with `GhostGradients.split`.
         layer_patterns: fnmatch patterns of the Linear names to cover (None: every trainable Linear).
         reduction: each sample's loss is the mean ("mean") or the sum ("sum") of its supervised token losses.
-
-    Returns:
-        GhostProducts in float32 (float64 for a float64 model), candidates in the order given.
+        products_per_row: about how many products each row will take part in (sets the route: forming a
+            layer's gradients pays off when they are reused).
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -83,67 +137,99 @@ def ghost_inner_products(
     if not layers:
         raise ValueError("model has no trainable nn.Linear layer: nothing to take gradients of")
     layers = select_linears(layers, layer_patterns)
-    batches = [candidates] if isinstance(candidates, dict) else list(candidates)
+    batch = _merge([batches] if isinstance(batches, dict) else list(batches))
     with eval_mode(net):
-        cand = _stack([_capture(net, layers, b, reduction) for b in batches])
-        tgt = _capture(net, layers, target, reduction)
-    cross = gram = None
-    for name in layers:
-        c, g = _layer_products(cand.x[name], cand.delta[name], tgt.x[name], tgt.delta[name])
-        cross = c if cross is None else cross + c
-        gram = g if gram is None else gram + g
-    return GhostProducts(cross=cross, gram=gram)
+        captured = _capture(net, layers, batch, reduction)
+    rows = len(batch["input_ids"])
+    held, budget = {}, FORMED_MAX_ELEMENTS
+    for name, (x, d) in captured.items():  # formed while the whole formed matrix stays within its budget
+        held[name] = _hold(x, d, max(1, products_per_row), rows * x.shape[-1] * d.shape[-1] <= budget)
+        budget -= held[name].grads.numel() if held[name].grads is not None else 0
+    return GhostGradients(held, rows)
+
+
+def _merge(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Several collated batches as one (rows in order), right-padded to the longest: one forward and one
+    backward for all of them. A pad is never attended to (attention_mask 0) and never supervised (label -100),
+    so its token id does not matter and no real position's numbers change."""
+    if len(batches) == 1:
+        return batches[0]
+    t = max(b["input_ids"].shape[1] for b in batches)
+    out = {}
+    for key, pad in (("input_ids", 0), ("labels", -100), ("attention_mask", 0)):
+        parts = []
+        for b in batches:
+            value = b.get(key)
+            if value is None:  # a batch without a mask attends to all its tokens
+                value = torch.ones_like(b["input_ids"]) if key == "attention_mask" else b["input_ids"]
+            parts.append(torch.nn.functional.pad(value, (0, t - value.shape[1]), value=pad))
+        out[key] = torch.cat(parts)
+    return out
+
+
+def ghost_inner_products(
+    model: torch.nn.Module,
+    candidates: Batches,
+    target: dict[str, torch.Tensor],
+    *,
+    layer_patterns: Sequence[str] | None = None,
+    reduction: Literal["mean", "sum"] = "mean",
+    accelerator=None,
+) -> GhostProducts:
+    """⟨g_i, g_v⟩ for every candidate i and target row v, and ⟨g_i, g_j⟩ among the candidates.
+
+    One forward + backward over the candidates and the target rows together. Returns float32 (float64 for a
+    float64 model), candidates in the order given. See `ghost_gradients` for the arguments.
+    """
+    parts = [candidates] if isinstance(candidates, dict) else list(candidates)
+    n = sum(len(b["input_ids"]) for b in parts)
+    both = ghost_gradients(
+        model, [*parts, target], layer_patterns=layer_patterns, reduction=reduction,
+        products_per_row=n, accelerator=accelerator,
+    )  # fmt: skip
+    cand, tgt = both.split(n)
+    return GhostProducts(cross=cand.dot(tgt), gram=cand.columns(range(n)))
 
 
 def _capture(
     net: torch.nn.Module, layers: dict[str, torch.nn.Linear], batch: dict[str, torch.Tensor], reduction: str
-) -> _Side:
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """One forward and one backward to the layer outputs: each layer's (x, δ), calls joined along the tokens."""
     with capture_linears(layers) as seen, torch.enable_grad():
         total = sample_losses(net, batch, reduction).sum()  # samples never interact, so δ of the sum is per sample
         calls = [(name, x, y) for name, pairs in seen.items() for x, y in pairs]
         deltas = torch.autograd.grad(total, [y for _, _, y in calls], allow_unused=True)
-    device = device_of(net)
-    mask = batch.get("attention_mask")
-    mask = None if mask is None else mask.to(device).unsqueeze(-1)
     xs: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
     ds: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
-    for (name, x, y), delta in zip(calls, deltas):
-        x = x.detach() if mask is None else x.detach() * mask.to(x.dtype)
-        xs[name].append(x)
+    for (name, x, y), delta in zip(calls, deltas):  # padding needs no mask: no loss depends on a pad's output,
+        xs[name].append(x.detach())  # so its δ is exactly 0 and it adds nothing to any product
         ds[name].append(torch.zeros_like(y) if delta is None else delta.detach())
-    return _Side({n: torch.cat(v, dim=1) for n, v in xs.items()}, {n: torch.cat(v, dim=1) for n, v in ds.items()})
+    join = lambda parts: parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # noqa: E731
+    return {n: (join(xs[n]), join(ds[n])) for n in layers}
 
 
-def _stack(sides: list[_Side]) -> _Side:
-    """Micro-batches of one side as one: rows concatenated, shorter ones zero-padded along the tokens (zeros add
-    nothing to any product)."""
-    if len(sides) == 1:
-        return sides[0]
-
-    def cat(parts: list[torch.Tensor]) -> torch.Tensor:
-        t = max(p.shape[1] for p in parts)
-        return torch.cat([torch.nn.functional.pad(p, (0, 0, 0, t - p.shape[1])) for p in parts])
-
-    names = sides[0].x
-    return _Side({n: cat([s.x[n] for s in sides]) for n in names}, {n: cat([s.delta[n] for s in sides]) for n in names})
+def _hold(x: torch.Tensor, delta: torch.Tensor, products: int, fits: bool) -> _Layer:
+    """One layer's rows, x (N, T, in) and δ (N, T, out), in the cheaper form for `products` products per row
+    (formed only if its N gradients `fit` the formed matrix's budget and the per-layer limit)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    (rows, t, inn), out = x.shape, delta.shape[-1]
+    formed = t * out * inn + products * out * inn
+    tokens = products * t * t * (inn + out)
+    if formed < tokens and fits and rows * out * inn <= MATRIX_ROUTE_MAX_ELEMENTS:
+        return _Layer(grads=torch.einsum("bto,bti->boi", delta.to(dtype), x.to(dtype)).flatten(1))
+    return _Layer(x=x.to(dtype), delta=delta.to(dtype))
 
 
-def _layer_products(
-    xa: torch.Tensor, da: torch.Tensor, xb: torch.Tensor, db: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's (N, M) candidate-target and (N, N) candidate-candidate products, by the cheaper exact route."""
-    dtype = torch.promote_types(xa.dtype, torch.float32)
-    xa, da, xb, db = (t.to(dtype) for t in (xa, da, xb, db))
-    (n, t, inn), out, (m, s) = xa.shape, da.shape[-1], xb.shape[:2]
-    pairs = n * m + n * n
-    tokens = pairs * t * max(t, s) * (inn + out)
-    matrix = (n * t + m * s) * out * inn + pairs * out * inn
-    if matrix < tokens and (n + m) * out * inn <= MATRIX_ROUTE_MAX_ELEMENTS:
-        ga = torch.einsum("bto,bti->boi", da, xa).flatten(1)
-        gb = torch.einsum("bto,bti->boi", db, xb).flatten(1)
-        return ga @ gb.T, ga @ ga.T
-    return _token_products(xa, da, xb, db), _token_products(xa, da, xa, da)
+def _pair(a: _Layer, b: _Layer) -> torch.Tensor:
+    """(A, B) products of one layer's rows of `a` with those of `b`, each in its own form."""
+    if a.grads is not None and b.grads is not None:
+        return a.grads @ b.grads.T
+    if a.grads is not None or b.grads is not None:  # one side formed: contract the other's tokens with it
+        formed, tok, flip = (a, b, False) if a.grads is not None else (b, a, True)
+        g = formed.grads.reshape(len(formed.grads), tok.delta.shape[-1], tok.x.shape[-1])  # (F, out, in)
+        prod = torch.einsum("foi,bto,bti->fb", g, tok.delta, tok.x)
+        return prod.T if flip else prod
+    return _token_products(a.x, a.delta, b.x, b.delta)
 
 
 def _token_products(xa: torch.Tensor, da: torch.Tensor, xb: torch.Tensor, db: torch.Tensor) -> torch.Tensor:

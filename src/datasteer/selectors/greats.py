@@ -14,9 +14,9 @@ marginal gain (divided by η/b, which does not change the argmax)
 
 where η is the learning rate of the coming step: the first term favours candidates aligned with the target, the
 second penalises redundancy with those already picked. Every inner product comes from
-`datasteer.ops.ghost.ghost_inner_products` (each Linear's inputs and output gradients from one forward + backward
-over the candidates and one over the target mini-batch; no per-sample gradient is formed), then the step trains
-on the picked rows with the host Trainer's own loss.
+`datasteer.ops.ghost` (each Linear's inputs and output gradients from one forward + backward over the candidates
+and the target mini-batch together; no backward per sample), then the step trains on the picked rows with the
+host Trainer's own loss.
 
 Under data parallelism each rank picks its share from its own candidates against the same target mini-batch (the
 same rows on every rank): the redundancy term covers pairs on one rank — pairs across ranks would need every
@@ -35,7 +35,7 @@ import torch
 from datasteer.components import Selector
 from datasteer.errors import DatasteerError
 from datasteer.ops.batching import unwrap
-from datasteer.ops.ghost import ghost_inner_products
+from datasteer.ops.ghost import ghost_gradients
 from datasteer.ops.gradients import select_linears, trainable_linears
 from datasteer.registry import register
 from datasteer.selectors.less import current_lr
@@ -44,12 +44,12 @@ from datasteer.steering import SteeringContext
 MODEL_COLUMNS = ("input_ids", "labels", "attention_mask")
 
 
-def greedy_pick(alignment: torch.Tensor, gram: torch.Tensor, keep: int, penalty: float) -> list[int]:
+def greedy_pick(alignment: torch.Tensor, gram: torch.Tensor | None, keep: int, penalty: float) -> list[int]:
     """GREATS's greedy rule: `keep` distinct positions, each maximising alignment_i − penalty · Σ_{j picked} G_ij.
 
     Args:
         alignment: (N,) ⟨g_i, ḡ_v⟩.
-        gram: (N, N) ⟨g_i, g_j⟩.
+        gram: (N, N) ⟨g_i, g_j⟩; may be None when `penalty` is 0 (a pure alignment ranking needs none).
         penalty: the second-order factor, η / b.
 
     Ties go to the earlier candidate (the stream order), so the pick is deterministic.
@@ -57,7 +57,9 @@ def greedy_pick(alignment: torch.Tensor, gram: torch.Tensor, keep: int, penalty:
     n = alignment.numel()
     if not 0 < keep <= n:
         raise ValueError(f"cannot pick {keep} of {n} candidates")
-    alignment, gram = alignment.double(), gram.double()
+    if penalty and gram is None:
+        raise ValueError("a second-order penalty needs the candidates' Gram matrix")
+    alignment = alignment.double().cpu()
     redundancy = torch.zeros(n, dtype=torch.float64)
     taken = torch.zeros(n, dtype=torch.bool)
     picked = []
@@ -66,7 +68,8 @@ def greedy_pick(alignment: torch.Tensor, gram: torch.Tensor, keep: int, penalty:
         i = int(torch.argmax(gain))
         picked.append(i)
         taken[i] = True
-        redundancy += gram[:, i]
+        if penalty:
+            redundancy += gram[:, i].double().cpu()
     return picked
 
 
@@ -133,12 +136,17 @@ class GreatsSelector(Selector):
         return ctx.collate_fn([{k: v for k, v in ctx.target[int(r)].items() if k in MODEL_COLUMNS} for r in rows])
 
     def choose(self, ctx: SteeringContext, candidates: list[dict[str, torch.Tensor]], keep: int) -> list[int]:
-        products = ghost_inner_products(
-            ctx.model, candidates, self.target_batch(ctx), layer_patterns=self.layers, accelerator=ctx.accelerator
-        )
+        n = sum(len(b["input_ids"]) for b in candidates)
+        both = ghost_gradients(
+            ctx.model, [*candidates, self.target_batch(ctx)], layer_patterns=self.layers, products_per_row=n,
+            accelerator=ctx.accelerator,
+        )  # fmt: skip
+        cand, target = both.split(n)  # one forward + backward over the candidates and the target rows together
         eta = current_lr(ctx) if self.lr is None else self.lr
-        alignment = products.cross.mean(dim=1)
-        picked = greedy_pick(alignment.cpu(), products.gram.cpu(), keep, eta / ctx.samples_per_step)
+        penalty = eta / ctx.samples_per_step
+        alignment = cand.dot_mean(target)  # one product per candidate with the target's mean gradient
+        gram = cand.columns(range(n)) if penalty else None
+        picked = greedy_pick(alignment, gram, keep, penalty)
         ctx.log.scalar("greats/alignment_picked", float(alignment[picked].mean()))  # vs all candidates:
         ctx.log.scalar("greats/alignment_candidates", float(alignment.mean()))  # how much the pick gains
         return picked
