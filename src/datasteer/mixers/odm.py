@@ -2,6 +2,8 @@
 
 No extra forward pass: the reward of a domain is the training loss of its own samples in the step, taken
 from the gathered `StepRecord` (so it is the all-ranks statistic and every rank holds the same rewards).
+Each sample of a step is one pull of its domain's arm (the sampler draws its domain with probability π_i),
+so a domain's importance-weighted reward is its share of the step's samples times its loss, over π_i.
 """
 
 from __future__ import annotations
@@ -32,13 +34,17 @@ def exploration_rate(t: int, k: int, floor: float = 0.0) -> float:
     return min(1.0 / k, max(floor, math.sqrt(math.log(k) / (k * t))))
 
 
+def mixed_policy(rewards: np.ndarray, temperature: float, eps: float) -> np.ndarray:
+    """π = (1 − K ε) softmax(temperature · R̂) + ε, exact (no clipping of the logits). Shape (K,)."""
+    logits = temperature * rewards
+    soft = np.exp(logits - logits.max())
+    return (1.0 - len(rewards) * eps) * soft / soft.sum() + eps
+
+
 def exp3_policy(rewards: np.ndarray, t: int, floor: float = 0.0) -> np.ndarray:
     """The policy decided after step t: π = (1 − K ε_{t+1}) softmax(ε_t R̂) + ε_{t+1}. Shape (K,)."""
     k = len(rewards)
-    eps_next, eps_prev = exploration_rate(t + 1, k, floor), exploration_rate(t, k, floor)
-    logits = eps_prev * rewards
-    soft = np.exp(logits - logits.max())
-    return (1.0 - k * eps_next) * soft / soft.sum() + eps_next
+    return mixed_policy(rewards, exploration_rate(t, k, floor), exploration_rate(t + 1, k, floor))
 
 
 @register("mixer", "odm")
@@ -46,13 +52,17 @@ class ODMMixer(Mixer):
     """Online Data Mixing: an EXP3 bandit over domains, rewarded by each domain's training loss.
 
     After every optimizer step, each domain i present in the step (all ranks) gets the importance-weighted
-    reward R̂_i ← α R̂_i + (1 − α) s L_i / π_i, where L_i is the token-mean loss of its own samples, s the
-    reward scale and π_i the probability the step was actually sampled with (the lag is accounted for). An
-    update after step t sets π = (1 − K ε_{t+1}) softmax(ε_t R̂) + ε_{t+1} with
+    reward R̂_i ← α R̂_i + (1 − α) s (n_i / N) L_i / π_i, where L_i is the token-mean loss of its own n_i
+    samples among the step's N, s the reward scale and π_i the probability the step was actually sampled with
+    (the lag is accounted for). Each sample is one EXP3 pull of its domain (drawn with probability π_i), and
+    (n_i / N) L_i / π_i is the mean of the N pulls' estimates 1[d_j = i] ℓ_j / π_i: its expectation is L_i,
+    as in EXP3, where L_i / π_i alone (a domain is in a mixed step with probability near 1, not π_i) would
+    favour whichever domain the last decision turned down. A step drawn from one domain gives the paper's
+    L / π_i. An update after step t sets π = (1 − K ε_{t+1}) softmax(ε_t R̂) + ε_{t+1} with
     ε_t = min(1/K, max(ε_min, sqrt(ln K / (K t)))). Use it with `steering.update_every: 1`, as in the paper;
     `steering.warmup_steps` keeps the initial proportions for that many steps while rewards are already
-    collected. The defaults (s = 1, ε_min = 0) are the paper's; DataFlex's odm uses s = 15, ε_min = 0.03,
-    which a translated DataFlex config gets.
+    collected. The defaults (s = 1, ε_min = 0, exploration_timing "paper") are the paper's; DataFlex's odm
+    uses s = 15, ε_min = 0.03 and its own ε timing, which a translated DataFlex config gets.
 
     Args:
         smoothing: α, the weight of the previous reward in the moving average (0 = last reward only).
@@ -64,6 +74,10 @@ class ODMMixer(Mixer):
         min_exploration_rate: ε_min, a floor under the decaying exploration rate, so every domain keeps at
             least that share and the policy can still react late in training (DataFlex: 0.03). A floor at or
             above 1/K keeps the proportions uniform.
+        exploration_timing: which ε an update after step t uses. "paper": the paper's Algorithm 1, mixing with
+            ε_{t+1} (the step the policy samples next) at temperature ε_t. "dataflex": DataFlex 1.1.0's
+            `odm_mixer`, mixing with ε_t at the temperature of the previous update's ε (1/K at the first), so
+            with `update_every` > 1 the temperature lags a whole interval.
     """
 
     def __init__(
@@ -72,6 +86,7 @@ class ODMMixer(Mixer):
         initial: Literal["uniform", "size"] | list[float] | dict[str, float] = "uniform",
         reward_scale: float = 1.0,
         min_exploration_rate: float = 0.0,
+        exploration_timing: Literal["paper", "dataflex"] = "paper",
     ) -> None:
         if not 0.0 <= smoothing < 1.0:
             raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
@@ -79,10 +94,17 @@ class ODMMixer(Mixer):
             raise ValueError(f"reward_scale must be > 0 (it multiplies the losses), got {reward_scale}")
         if not 0.0 <= min_exploration_rate <= 1.0:
             raise ValueError(f"min_exploration_rate must be in [0, 1] (a probability), got {min_exploration_rate}")
+        if exploration_timing not in ("paper", "dataflex"):
+            raise ValueError(
+                f"exploration_timing must be 'paper' (the paper's ε_t, ε_t+1) or 'dataflex' (DataFlex 1.1.0's), "
+                f"got {exploration_timing!r}"
+            )
         self.smoothing = smoothing
         self.initial = initial
         self.reward_scale = float(reward_scale)
         self.min_exploration_rate = float(min_exploration_rate)
+        self.exploration_timing = exploration_timing
+        self.last_exploration: float | None = None  # the ε the last update mixed with ("dataflex" timing)
         self.rewards: np.ndarray | None = None
         self.policies: list[tuple[int, np.ndarray]] = []  # (first step sampled with it, π), oldest first
 
@@ -97,21 +119,32 @@ class ODMMixer(Mixer):
                 ctx.num_domains,
             )
         self.rewards = np.zeros(ctx.num_domains)
+        self.last_exploration = None
         self.policies = [(1, weights)]
         return weights
 
     def observe(self, ctx: SteeringContext, record: StepRecord) -> None:
         means, counts = record.domain_means(ctx.num_domains)
-        means, present = means.numpy(), counts.numpy() > 0
+        means, counts = means.numpy(), counts.numpy()
         policy = self.policy_at(record.step)
-        present &= np.isfinite(means) & (policy > 0)  # a zero-weight domain cannot be drawn
-        a, rewards = self.smoothing, self.reward_scale * means[present]
+        present = (counts > 0) & np.isfinite(means) & (policy > 0)  # a zero-weight domain cannot be drawn
+        # Each sample is one EXP3 pull of its domain's arm, drawn with probability π_i: the step's estimate for
+        # arm i is the mean over its N pulls of 1[d_j = i] ℓ_j / π_i = (n_i / N) L_i / π_i.
+        share = counts[present] / counts.sum()
+        a, rewards = self.smoothing, self.reward_scale * share * means[present]
         self.rewards[present] = a * self.rewards[present] + (1 - a) * rewards / policy[present]
 
     def update(self, ctx: SteeringContext) -> np.ndarray:
-        weights = exp3_policy(self.rewards, ctx.step, self.min_exploration_rate)
+        k, floor = ctx.num_domains, self.min_exploration_rate
+        if self.exploration_timing == "dataflex":
+            eps = exploration_rate(ctx.step, k, floor)
+            temperature = 1.0 / k if self.last_exploration is None else self.last_exploration
+        else:
+            eps, temperature = exploration_rate(ctx.step + 1, k, floor), exploration_rate(ctx.step, k, floor)
+        weights = mixed_policy(self.rewards, temperature, eps)
+        self.last_exploration = eps
         self.policies.append((ctx.schedule.effective_step(ctx.step) + 1, weights))
-        ctx.log.scalar("odm/exploration", exploration_rate(ctx.step + 1, ctx.num_domains, self.min_exploration_rate))
+        ctx.log.scalar("odm/exploration", eps)
         for name, r in zip(ctx.pool.domains, self.rewards.tolist()):
             ctx.log.scalar(f"odm/reward/{name}", r)
         return weights
@@ -125,11 +158,13 @@ class ODMMixer(Mixer):
     def state_dict(self) -> dict[str, Any]:
         return {
             "rewards": self.rewards.tolist(),
+            "last_exploration": self.last_exploration,
             "policy_steps": [first for first, _ in self.policies],
             "policies": [w.tolist() for _, w in self.policies],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rewards = np.asarray(state["rewards"], dtype=np.float64)
+        self.last_exploration = state.get("last_exploration")  # absent in checkpoints from before it was kept
         steps, policies = state["policy_steps"], state["policies"]
         self.policies = [(int(s), np.asarray(w, dtype=np.float64)) for s, w in zip(steps, policies)]
