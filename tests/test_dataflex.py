@@ -90,6 +90,7 @@ def test_odm_drops_its_extra_eval_passes_and_keeps_updating_until_the_end(no_com
             "initial": [0.5, 0.5],
             "reward_scale": 15.0,
             "min_exploration_rate": 0.03,
+            "exploration_timing": "dataflex",
         },
     }
     assert {w.split("'")[3] for w in out.warnings if "is dropped" in w} == {
@@ -106,20 +107,35 @@ def test_odm_reward_scale_and_exploration_floor_keep_dataflex_meaning():
     assert {k: v for k, v in out.steering["mixer"].items() if k != "name"} == {
         "reward_scale": 15.0,
         "min_exploration_rate": 0.03,
+        "exploration_timing": "dataflex",
     }
     report = out.report()
     assert "params.reward_scale: (not set)" in report
     assert "steering.mixer.reward_scale: 15.0 (DataFlex's default; datasteer's own default is 1.0)" in report
     assert "steering.mixer.min_exploration_rate: 0.03 (DataFlex's default; datasteer's own default is 0.0)" in report
+    assert "steering.mixer.exploration_timing: 'dataflex' (DataFlex's default; datasteer's own default is 'paper')" in (
+        report
+    )
+    assert "crediting the whole batch's loss to the domain of its first sample" in report
     # Given in components.yaml or component_overrides: passed through under the same name.
-    given = dataflex.translate({**keys, "component_overrides": {"reward_scale": 5.0, "min_exploration_rate": 0.0}})
-    assert given.steering["mixer"] == {"name": "odm", "reward_scale": 5.0, "min_exploration_rate": 0.0}
+    given = dataflex.translate(
+        {
+            **keys,
+            "component_overrides": {"reward_scale": 5.0, "min_exploration_rate": 0.0, "exploration_timing": "paper"},
+        }
+    )
+    assert given.steering["mixer"] == {
+        "name": "odm",
+        "reward_scale": 5.0,
+        "min_exploration_rate": 0.0,
+        "exploration_timing": "paper",
+    }
     assert "DataFlex's default" not in given.report()
     # Validated by the real mixer, with the translation's values; a native config keeps the paper's s = 1, ε_min = 0.
     mixer = registry.build("mixer", "odm", {k: v for k, v in out.steering["mixer"].items() if k != "name"})
-    assert (mixer.reward_scale, mixer.min_exploration_rate) == (15.0, 0.03)
+    assert (mixer.reward_scale, mixer.min_exploration_rate, mixer.exploration_timing) == (15.0, 0.03, "dataflex")
     native = registry.build("mixer", "odm", {})
-    assert (native.reward_scale, native.min_exploration_rate) == (1.0, 0.0)
+    assert (native.reward_scale, native.min_exploration_rate, native.exploration_timing) == (1.0, 0.0, "paper")
     bad = dataflex.translate({**keys, "component_overrides": {"reward_scale": -1}})
     with pytest.raises(ConfigError, match="reward_scale must be > 0"):
         SteeringConfig.model_validate(bad.steering)

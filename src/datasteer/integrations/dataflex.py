@@ -264,7 +264,8 @@ PARAMS: dict[tuple[str, str], dict[str, Rule]] = {
 # DataFlex 1.1.0's defaults (its constructors') where datasteer's own differ: a DataFlex config that does not set
 # the parameter gets DataFlex's value, reported as such; datasteer's native configs keep datasteer's default.
 DATAFLEX_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
-    ("mixer", "odm"): {"reward_scale": 15.0, "min_exploration_rate": 0.03},
+    # exploration_timing is no DataFlex parameter: it selects DataFlex's ε timing in datasteer's odm.
+    ("mixer", "odm"): {"reward_scale": 15.0, "min_exploration_rate": 0.03, "exploration_timing": "dataflex"},
 }
 # Where a mixer takes init_mixture_proportions / mixture_sample_rule. Unlisted mixers: the first of
 # INITIAL_PROPORTION_PARAMS their constructor accepts.
@@ -285,8 +286,10 @@ COMPONENT_NOTES: dict[tuple[str, str], str] = {
         "train step 3 on their time average (doremi_weights.json, 'average'), not on the last weights"
     ),
     ("mixer", "odm"): (
-        "mixer 'odm' rewards each domain from its own training losses, with no extra eval passes, and keeps "
-        "the softmax exact (DataFlex clips ε R̂ to within 5 of its maximum and R̂ to ±10000)"
+        "mixer 'odm' rewards each domain after every step from its own samples' losses, weighted by its share of "
+        "the step's samples, with no extra eval passes (DataFlex rewards once per update, from the last batch "
+        "before it, crediting the whole batch's loss to the domain of its first sample), and keeps the softmax "
+        "exact (DataFlex clips ε R̂ to within 5 of its maximum and R̂ to ±10000)"
     ),
 }
 TIMING_NOTE = (
