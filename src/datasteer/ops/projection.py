@@ -21,6 +21,7 @@ import torch
 Kind = Literal["rademacher", "gaussian"]
 Layout = Literal["sum", "split"]
 MATRIX_ROUTE_MAX_ELEMENTS = 2**26  # floats (256 MiB): the most per-sample grads `project_outer` forms at once
+WIDE_INPUT = 32  # `project_matrix` on a tall G: from this input width a batched matmul, below it einsum's one GEMM
 
 
 def random_matrix(rows: int, cols: int, seed: int, kind: Kind = "rademacher") -> torch.Tensor:
@@ -142,14 +143,20 @@ class FactoredProjection:
     def project_matrix(self, name: str, grad: torch.Tensor) -> torch.Tensor:
         """The same map for full gradients G: P_out,rᵀ G P_in,r, (B, out, in) -> (B, R * k_out * k_in).
 
-        Multiplies the larger side of G first (out·in·R·k per sample), then the small block products."""
+        Multiplies the larger side of G first (out·in·R·k per sample), then the small block products. For a
+        tall G with a wide input side that first product is a batched matmul, which reads G in place; einsum
+        would first copy G into one (out, B·in) matrix — the size of the batch's gradients, a third of this
+        call's time on a 1376x512 layer. A narrow G (LoRA's B, in = rank) is cheap to copy and one large GEMM
+        beats B skinny ones, so it keeps the einsum."""
         slot, (out, inn) = self.slots[name], self.shapes[name]
         p_out, p_in = self.matrices(name, grad.device)
-        p_out = p_out.unflatten(-1, (slot.blocks, slot.k_out))  # (out, R, k_out)
         if out <= inn:
             right = (grad.float() @ p_in).unflatten(-1, (slot.blocks, slot.k_in))  # (B, out, R, k_in)
-            return torch.einsum("ork,borj->brkj", p_out, right).flatten(1)
-        left = torch.einsum("ork,boi->brki", p_out, grad.float())  # (B, R, k_out, in)
+            return torch.einsum("ork,borj->brkj", p_out.unflatten(-1, (slot.blocks, slot.k_out)), right).flatten(1)
+        if inn >= WIDE_INPUT:
+            left = torch.matmul(p_out.T, grad.float()).unflatten(1, (slot.blocks, slot.k_out))  # (B, R, k_out, in)
+        else:
+            left = torch.einsum("ork,boi->brki", p_out.unflatten(-1, (slot.blocks, slot.k_out)), grad.float())
         return (left @ p_in.unflatten(-1, (slot.blocks, slot.k_in)).transpose(0, 1)).flatten(1)  # (B, R, k_out, k_in)
 
     def assemble(self, blocks: dict[str, torch.Tensor]) -> torch.Tensor:
