@@ -12,6 +12,12 @@ Trainer part. The quickstart setup (demo tiny Llama, demo pretrain corpus packed
 - `loss`: `SteeredTrainer` + static uniform mixer + `loss` weighter (the same rows again, so the difference
   is the weighting: per-sample weights, the extra weighted term and its backward, the weight summary);
 - `odm`: `SteeredTrainer` + `odm` mixer updated every step (its own rows; every block has the same shape);
+- `greats`: `SteeredTrainer` + the online `greats` selector: every step draws `--greats-factor` x the batch as
+  candidates, runs one forward + backward over them and over a target mini-batch of one batch (ghost inner
+  products), and trains on the pick. Compared with `plain` (a step on the selected batch size) and with
+  `plain@N`, the plain Trainer at N = candidates + target rows per step: one forward + backward over all of
+  them, the physical floor of any method that needs their gradients (goal: at most 1.25x that floor). Its
+  target rows are the first pool blocks (cost, not quality, is measured here).
 - `plain+accN`, `loss+accN step`, `loss+accN micro_batch`: plain and loss at gradient accumulation N, compared
   with each other. `steering.weighting_scope: step` (the default) weighs over the whole step, so it computes the
   step's losses first (one extra no-grad forward per micro-batch); `micro_batch` (DataFlex's weighting) weighs
@@ -72,6 +78,7 @@ from datasteer.trainer import SteeringCallback, SteeringMixin
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_RATIO = 1.03
+GREATS_FLOOR_TARGET = 1.25  # greats step / one forward + backward over its candidates and target rows
 
 
 class SeamClock:
@@ -182,16 +189,24 @@ class Variant:
     steering: str | None
     accumulation: int = 1
     weighting_scope: str = "step"
+    batch: int | None = None  # per-device batch, when not --batch-size (the greats floor)
 
     @property
     def baseline(self) -> str:
         return "plain" if self.accumulation == 1 else f"plain+acc{self.accumulation}"
 
 
-def variants(accumulation: int) -> list[Variant]:
+def greats_floor(opts: argparse.Namespace) -> int:
+    """Rows of one greats step's forward + backward: its candidates and its target mini-batch (one batch)."""
+    return round(opts.greats_factor * opts.batch_size) + opts.batch_size
+
+
+def variants(accumulation: int, opts: argparse.Namespace) -> list[Variant]:
     out = [Variant("plain", None), Variant("static", "static"), Variant("loss", "loss")]
     if "odm" in registry.components("mixer"):
         out.append(Variant("odm", "odm"))
+    if "greats" in registry.components("selector") and opts.greats_factor > 1:
+        out += [Variant("greats", "greats"), Variant(f"plain@{greats_floor(opts)}", None, batch=greats_floor(opts))]
     if accumulation > 1:  # step scope: one extra no-grad forward per micro-batch; micro_batch scope: none
         out += [
             Variant(f"plain+acc{accumulation}", None, accumulation),
@@ -201,11 +216,11 @@ def variants(accumulation: int) -> list[Variant]:
     return out
 
 
-def training_args(out: str, opts: argparse.Namespace, accumulation: int) -> TrainingArguments:
+def training_args(out: str, opts: argparse.Namespace, accumulation: int, batch: int | None) -> TrainingArguments:
     return TrainingArguments(
         output_dir=out,
         max_steps=opts.steps,
-        per_device_train_batch_size=opts.batch_size,
+        per_device_train_batch_size=batch or opts.batch_size,
         gradient_accumulation_steps=accumulation,
         learning_rate=3e-3,
         logging_steps=opts.steps + 1,  # no log line inside the measured steps
@@ -219,8 +234,11 @@ def training_args(out: str, opts: argparse.Namespace, accumulation: int) -> Trai
     )
 
 
-def components(steering: str, weighting_scope: str = "step") -> tuple[ComponentSet, Schedule]:
+def components(steering: str, opts: argparse.Namespace, weighting_scope: str = "step") -> tuple[ComponentSet, Schedule]:
     uniform = registry.build("mixer", "static", {"proportions": "uniform"})
+    if steering == "greats":
+        params = {"candidates_factor": opts.greats_factor, "target_batch_size": opts.batch_size}
+        return ComponentSet(selector=registry.build("selector", "greats", params)), Schedule()
     if steering == "static":
         return ComponentSet(mixer=uniform), Schedule()
     if steering == "loss":
@@ -245,18 +263,19 @@ def time_run(variant: Variant, pool: Any, tokenizer: Any, opts: argparse.Namespa
     with tempfile.TemporaryDirectory(prefix="datasteer-overhead-") as out:
         common = dict(
             model=make_model(tokenizer, seed=0, **opts.model_overrides),
-            args=training_args(out, opts, variant.accumulation),
+            args=training_args(out, opts, variant.accumulation, variant.batch),
             train_dataset=pool.train,
             data_collator=Collator(tokenizer),
             callbacks=[clock],
         )
         if variant.steering is None:
-            rows = static_stream(pool, opts.batch_size * variant.accumulation, opts.steps)
+            rows = static_stream(pool, (variant.batch or opts.batch_size) * variant.accumulation, opts.steps)
             trainer = FixedRowsTrainer(**common, rows=rows)
         else:
-            comps, schedule = components(variant.steering, variant.weighting_scope)
+            comps, schedule = components(variant.steering, opts, variant.weighting_scope)
             index = PoolIndex(pool.sample_ids, pool.domain_ids, list(pool.domains))
-            steering = Steering(index, comps, schedule, seed=0, output_dir=out)
+            target = [pool.train[i] for i in range(4 * opts.batch_size)] if variant.steering == "greats" else None
+            steering = Steering(index, comps, schedule, seed=0, target=target, output_dir=out)
             trainer = SteeredTrainer(**common, steering=steering)
             trainer.remove_callback(clock)
             trainer.add_callback(clock)  # after the steering's callback, so its step work is inside the clock
@@ -300,7 +319,7 @@ def bench_trainer(opts: argparse.Namespace) -> dict[str, Any]:
     data = DataConfig(kind="pretrain", demo=DemoDataConfig(samples_per_domain=300), block_size=64, cache_dir=None)
     pool = build_pool(data, tokenizer)
     with SeamClock.installed():
-        todo = variants(opts.accumulation)
+        todo = variants(opts.accumulation, opts)
         runs: dict[str, list[dict[str, float]]] = {v.name: [] for v in todo}
         time_run(todo[0], pool, tokenizer, opts)  # one untimed run: imports, allocator and caches warm up
         for r in range(opts.rounds):
@@ -326,6 +345,11 @@ def bench_trainer(opts: argparse.Namespace) -> dict[str, Any]:
             "attributed_ratio": statistics.median(attributed),
             "meets_target": statistics.median(attributed) <= TARGET_RATIO,
         }
+        if v.steering == "greats":  # the physical floor: one forward + backward over candidates + target rows
+            floor = f"plain@{greats_floor(opts)}"
+            entry["vs_floor"] = {clock: summarise(runs[v.name], runs[floor], clock) for clock in ("cpu", "wall")}
+            entry["vs_floor"]["floor"] = floor
+            entry["vs_floor"]["meets_target"] = entry["vs_floor"]["cpu"]["ratio_to_baseline"] <= GREATS_FLOOR_TARGET
         out["variants"][v.name] = entry
     out["pool_rows"] = len(pool.train)
     out["model_parameters"] = sum(p.numel() for p in make_model(tokenizer, **opts.model_overrides).parameters())
@@ -480,6 +504,28 @@ def write_markdown(path: Path, result: dict[str, Any], command: str) -> None:
         if v["accumulation"] and not name.startswith("plain")
     )
     lines += ["", f"Attributed ratio <= {TARGET_RATIO}: {verdict}."]
+    if "greats" in t["variants"]:
+        g = t["variants"]["greats"]
+        f = g["vs_floor"]
+        lines += [
+            "",
+            f"## Online selection: greats vs a plain step and vs its floor (goal <= {GREATS_FLOOR_TARGET}x the floor)",
+            "",
+            f"greats draws {o['greats_factor']:g} x {o['batch_size']} candidates per step and takes a "
+            f"{o['batch_size']}-row target mini-batch; its floor `{f['floor']}` is the plain Trainer at "
+            f"{f['floor'].split('@')[1]} rows per step (one forward + backward + optimizer step over all of them).",
+            "",
+            "| compared with | CPU ratio | (rounds min-max) | wall ratio | (rounds min-max) |",
+            "|---|---:|---:|---:|---:|",
+            *(
+                f"| {label} | {x['cpu']['ratio_to_baseline']:.3f} | {x['cpu']['ratio_min']:.3f}-"
+                f"{x['cpu']['ratio_max']:.3f} | {x['wall']['ratio_to_baseline']:.3f} | {x['wall']['ratio_min']:.3f}-"
+                f"{x['wall']['ratio_max']:.3f} |"
+                for label, x in ((f"plain (a step on {o['batch_size']} rows)", g), (f"floor {f['floor']}", f))
+            ),
+            "",
+            f"At most {GREATS_FLOOR_TARGET}x the floor (CPU): {'yes' if f['meets_target'] else 'no'}.",
+        ]
     lines += [
         "",
         f"## Sampler: a {s['plan_samples']:,}-sample plan over a {s['pool_rows']:,}-row pool (5 weighted domains)",
@@ -522,6 +568,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument(
         "--accumulation", type=int, default=2, help="also time plain vs loss at this gradient accumulation (1 = skip)"
+    )
+    parser.add_argument(
+        "--greats-factor", type=float, default=4.0, help="greats' candidates_factor (<= 1: skip the greats variants)"
     )
     parser.add_argument("--hidden-size", type=int, help="model width (default: the quickstart model's 64)")
     parser.add_argument("--layers", type=int, help="model depth (default: the quickstart model's 2)")

@@ -28,8 +28,9 @@ weighter's claims are about a single pass; on a pool repeated many times, up-wei
 - Real-text selection (not in the default groups; `--groups realtext`): the task of `bench/realtext_task.py`,
   built at run time from this interpreter's stdlib (a pool of five instruction types, 600 rows each; target =
   "name the function from its docstring" on held-out functions, 64 target rows and 256 held-out target_eval
-  rows). random, loss, less, near, tsds, rho_loss and `less (lm_head)` (LESS on the LM head's gradient, the
-  diagnosis's fix) on the demo tiny Llama, same warmup, updates and budget. Reported: held-out target loss,
+  rows). random, loss, less, near, tsds, rho_loss, greats, and `less (lm_head)` / `greats (lm_head)` (on the
+  LM head's gradient, LESS's diagnosis's fix) on the demo tiny Llama, same warmup, updates and budget (greats
+  picks every step after the warmup: equal steps and equal trained samples, no budget). Reported: held-out target loss,
   the share of target-type rows among the selected ones, and the steering's seconds (selection included).
 
 Each cell is mean ± std over seeds (std 0 with one seed); a seed changes the data order, the model init and
@@ -381,8 +382,9 @@ def run_realtext(
     if cells is None:
         cells = {n: realtext_spec(n) for n in REALTEXT_SELECTORS if n in available}
         notes += [f"selector `{n}` is not registered here; skipped." for n in REALTEXT_SELECTORS if n not in available]
-        if "less" in cells:  # the diagnosis's fix (docs/selectors.md): the LM head's gradient alone
-            cells["less (lm_head)"] = {**cells["less"], "layers": ["lm_head"]}
+        for name in ("less", "greats"):  # LESS's diagnosis (docs/selectors.md): the LM head's gradient alone
+            if name in cells:
+                cells[f"{name} (lm_head)"] = {**cells[name], "layers": ["lm_head"]}
         if only is not None:
             cells = {label: spec for label, spec in cells.items() if label in only or spec["name"] in only}
     results = []

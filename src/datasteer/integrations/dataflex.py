@@ -248,7 +248,11 @@ PARAMS: dict[tuple[str, str], dict[str, Rule]] = {
     ("mixer", "odm"): {
         "alpha": Rename("smoothing"),
         "initial_proportions": Rename("initial"),
-        "warmup_steps": Drop("the run's schedule sets the warmup (warmup_step / steering.warmup_steps)"),
+        "warmup_steps": Drop(
+            "DataFlex's odm neither updates nor collects rewards for its first warmup_steps steps (2000 in its "
+            "shipped components.yaml); datasteer's odm starts deciding after the run's warmup (DataFlex's "
+            "warmup_step, steering.warmup_steps): set that to the same number for the same start"
+        ),
         "num_eval_samples": Drop(_NO_EVAL.format("odm")),
         "eval_batch_size": Drop(_NO_EVAL.format("odm")),
     },
