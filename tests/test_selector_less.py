@@ -159,6 +159,24 @@ def test_less_on_the_lm_head_selects_the_top_budget_of_the_head_only_scores(setu
         wrong.setup(ctx)  # before training starts, not at the first update
 
 
+def test_adam_exact_max_elements_chooses_exact_or_factored_adam_for_the_scores(setup):
+    """0 puts every layer on the factored approximation: the scores are those of the op called with 0, and they
+    differ from the default's (every layer of the tiny model is under 2^17 weights, so exact Adam)."""
+    from datasteer.ops import gradient_features
+
+    kw = dict(collate_fn=setup.collate, proj_dim=256, seed=0, progress=False, adam_exact_max_elements=0)
+    train = gradient_features(setup.model, setup.pool.train, optimizer=setup.optimizer, **kw)
+    target = gradient_features(setup.model, setup.pool.target, **kw)
+    ref = subtask_cosines(train.values, target.values, np.zeros(len(setup.pool.target), dtype=np.int64), 1)[:, 0]
+    less = registry.build("selector", "less", {"proj_dim": 256, "seed": 0, "adam_exact_max_elements": 0})
+    ctx = fake_ctx(setup)
+    less.setup(ctx)
+    sel = less.select(ctx, 7)
+    np.testing.assert_allclose(sel.scores, np.sort(ref.numpy())[::-1][:7], rtol=1e-6, atol=1e-9)
+    _, exact = less_reference(setup)
+    assert not np.allclose(np.sort(exact)[::-1][:7], sel.scores)
+
+
 def test_a_non_adam_optimizer_is_an_error_that_says_what_to_do(setup):
     sgd = torch.optim.SGD(setup.model.parameters(), lr=0.1)
     sgd.state[next(setup.model.parameters())]["momentum_buffer"] = None  # "has stepped"
@@ -177,6 +195,7 @@ def test_a_non_adam_optimizer_is_an_error_that_says_what_to_do(setup):
         ({"precondition": "sign"}, "precondition"),
         ({"layers": "lm_head"}, "layers"),
         ({"layers": []}, "layers"),
+        ({"adam_exact_max_elements": -1}, "adam_exact_max_elements"),
     ],
 )
 def test_bad_parameters_are_config_errors(params, match):

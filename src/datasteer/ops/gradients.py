@@ -54,7 +54,11 @@ from datasteer.ops.resume import ResumablePass
 from datasteer.ops.store import FeatureStore
 from datasteer.ops.token_losses import token_losses
 
-ADAM_EXACT_MAX_ELEMENTS = 2**20  # out·in of a layer: at or below it fast mode forms its per-sample grads (exact Adam)
+# out·in of a layer: at or below it fast mode forms its per-sample grads (exact Adam). Forming them costs about
+# proj_dim / block multiply-adds per weight and sample; above 2^17 weights (a 362 x 362 layer) that outweighs the
+# rest of the pass: on a 20M-parameter model every layer exact up to 2^20 ran LESS's pass at 0.28 of training's
+# throughput, the factored approximation at 0.86 (bench/grad_features.py). LoRA's A/B and small models stay exact.
+ADAM_EXACT_MAX_ELEMENTS = 2**17
 # Per-sample grads formed at once (16 MiB of floats): larger batches go in row chunks. Kept under glibc's 32 MiB
 # mmap ceiling, so a chunk's buffers (the grads, their Adam image) are reused from the heap: at 64 MiB every chunk
 # was a fresh mmap that page-faulted on first write, 12% of a 20M model's LESS pass (bench/grad_features.py).
