@@ -141,9 +141,9 @@ NOTES = (
     "near: DataFlex's selector only reads the bench's precomputed neighbour matrix (its embedding step is "
     "offline and not timed), so its selections repeat; datasteer embeds the pool with the training model at "
     "each update, which is its decide time.",
-    "odm: both sides take DataFlex's reward_scale 15 and exploration floor 0.03; DataFlex attributes each "
-    "batch's loss to the domain of its first sample and clips its logits, datasteer rewards each domain with "
-    "its own samples' losses.",
+    "odm: both sides take DataFlex's reward_scale 15, exploration floor 0.03 and epsilon timing; DataFlex "
+    "feeds its mixer once per update (the last batch's loss, credited to its first sample's domain) and clips "
+    "its logits; datasteer rewards every domain after every step, weighted by its share of the step's samples.",
     "loss_weighting, adapt: the logged training loss is each side's weighted objective, not comparable "
     "(DataFlex's adapt sums sigmoid-weighted losses over the batch, hence ~3x); the target eval loss is.",
 )
