@@ -307,3 +307,19 @@ def test_less_selects_against_the_eval_set_as_its_target(tmp_path, model_dir):
     _, pool = pool_of(tmp_path / "out")
     assert len(pool[lf.TARGET_SPLIT]) == 8  # heldout.json, processed like eval data, with target ids
     assert set(selection["ids"]) <= set(pool["train"]["sample_id"]) and selection["size"] == 8
+
+
+def test_a_target_dataset_with_no_usable_row_is_an_error_naming_it(tmp_path, model_dir):
+    """Each target_dataset is one subtask; one without rows would silently drop out of LESS's max."""
+    data = tmp_path / "data"
+    shutil.copytree(FIXTURES, data)
+    rows = [{"instruction": "say nothing", "input": "", "output": None}] * 3  # no response: LF drops the row
+    (data / "blank.json").write_text(json.dumps(rows))
+    info = json.loads((data / "dataset_info.json").read_text())
+    (data / "dataset_info.json").write_text(json.dumps({**info, "blank": {"file_name": "blank.json"}}))
+    steering = {"warmup_steps": 1, "update_every": 2, "budget": 8, "selector": {"name": "random"}}
+    config = write_config(
+        tmp_path, model_dir, "sft", dataset_dir=str(data), target_dataset="heldout,blank", steering=steering
+    )
+    with pytest.raises(ConfigError, match="target_dataset 'blank' has no usable row"):
+        lf.run(config)

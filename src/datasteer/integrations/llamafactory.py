@@ -509,9 +509,23 @@ def _target_set(
         parts = []
         for i, name in enumerate(names):
             raw = lf.merged([name], model_args, data_args, training_args, stage)
-            part = lf.preprocess(
-                raw, data_args, training_args, stage, template, tok["tokenizer"], tok["processor"], True
+            empty = ConfigError(
+                f"target_dataset '{name}' has no usable row after LLaMA-Factory's preprocessing (its rows are "
+                "empty or were dropped as invalid, e.g. without a response), so its subtask would have no target "
+                "rows: each dataset in target_dataset is one subtask (LESS's max over subtasks, moe_gate's held-out "
+                f"rows of domain {i}). Fix the file of '{name}' (see {data_args.dataset_dir}/dataset_info.json) or "
+                "remove it from target_dataset."
             )
+            try:  # LLaMA-Factory raises on its logging rank only; the others get an empty dataset
+                part = lf.preprocess(
+                    raw, data_args, training_args, stage, template, tok["tokenizer"], tok["processor"], True
+                )
+            except RuntimeError as err:
+                if not str(err).startswith("Cannot find"):
+                    raise
+                raise empty from None
+            if len(part) == 0:
+                raise empty
             parts.append(part.add_column("subtask", [i] * len(part)))
         target = concatenate_datasets(parts)
     elif processed_eval:
