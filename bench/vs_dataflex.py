@@ -138,9 +138,10 @@ NOTES = (
     "each run, against 0.4-6 s of training; train_runtime and the decision times isolate the trainers. The "
     "start-up is the same on both sides: the imports (transformers, peft, LLaMA-Factory) differ by 0.2 s, and "
     "datasteer's own start-up work (translating the keys, building the pool with ids) takes 0.3-0.5 s.",
-    "near: DataFlex's selector only reads the bench's precomputed neighbour matrix (its embedding step is "
-    "offline and not timed), so its selections repeat; datasteer embeds the pool with the training model at "
-    "each update, which is its decide time.",
+    "near: both sides read the bench's precomputed neighbour matrix (DataFlex's offline embedding step, not "
+    "timed; datasteer's neighbours_file), so each side's selections repeat; they differ only in the turn order "
+    "(DataFlex's column walk skips a target's turn when its next neighbour is taken, datasteer's round robin "
+    "gives it its next untaken one).",
     "odm: both sides take DataFlex's reward_scale 15, exploration floor 0.03 and epsilon timing; DataFlex "
     "feeds its mixer once per update (the last batch's loss, credited to its first sample's domain) and clips "
     "its logits; datasteer rewards every domain after every step, weighted by its share of the step's samples.",

@@ -306,3 +306,20 @@ def test_dataflex_1_1_parameter_spellings(no_components):
         assert {k: v for k, v in out.steering["weighter"].items() if k != "name"} == params
     with pytest.raises(ConfigError, match=r"clip: \[min, max\]"):
         dataflex.translate({**weigh, "component_overrides": {"clip": "high"}})
+
+
+def test_near_reads_dataflex_neighbour_matrix_and_says_how_its_turns_differ(tmp_path):
+    """indices_path is DataFlex's offline top_indices.npy: read as neighbours_file, the turn order reported once."""
+    keys = {
+        "train_type": "dynamic_select",
+        "component_name": "near",
+        "component_overrides": {"indices_path": "top_indices.npy"},
+    }
+    out = dataflex.translate(keys)
+    assert out.steering["selector"] == {"name": "near", "neighbours_file": "top_indices.npy"}
+    assert [w for w in out.warnings if "near" in w] == [
+        "selector 'near' reads indices_path 'top_indices.npy' as neighbours_file and takes turns over the targets' "
+        "rows: a target whose next neighbour another target took takes its next untaken one (DataFlex walks the "
+        "matrix column by column, so that target loses its turn)"
+    ]
+    SteeringConfig.model_validate(out.steering)

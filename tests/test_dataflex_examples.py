@@ -14,6 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -97,7 +98,16 @@ def workspace(tmp_path_factory) -> Path:
     _save_tiny_llama(root / "tiny-llama")
     _save_tiny_moe(root / "tiny-moe", root / "tiny-llama")
     _write_data(root / "data")
+    _write_near_neighbours(root / "src" / "dataflex" / "offline_selector" / "top_indices.npy")
     return root
+
+
+def _write_near_neighbours(path: Path, targets: int = 4) -> None:
+    """What DataFlex's offline near step writes for near.yaml's pool (alpaca_en_demo's ROWS rows): a (targets x K)
+    matrix of pool row positions, each row nearest first; here every target ranks all the rows in a seeded order."""
+    rng = np.random.default_rng(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, np.stack([rng.permutation(ROWS) for _ in range(targets)]))
 
 
 def _steering_seen(kind: str | None, events: list[dict]) -> bool:

@@ -14,6 +14,7 @@ from datasteer import PoolIndex, Schedule, SteeredTrainer, registry
 from datasteer.components import Component
 from datasteer.config import load_config
 from datasteer.data import Collator, build_pool
+from datasteer.errors import ConfigError, DatasteerError
 from datasteer.model import load_model, load_tokenizer
 from datasteer.ops import EmbeddingResult
 from datasteer.runner import build_steering, training_arguments
@@ -164,12 +165,50 @@ def test_with_refresh_every_update_embeds_again():
 
 
 def test_bad_parameters_are_config_errors():
-    from datasteer.errors import ConfigError
-
     with pytest.raises(ConfigError, match="pooling"):
         registry.build("selector", "near", {"pooling": "max"})
     with pytest.raises(ConfigError, match="Unknown parameter 'k'"):
         registry.build("selector", "near", {"k": 3})
+
+
+def test_a_neighbours_file_is_read_round_robin_by_pool_position(tmp_path):
+    # targets t0..t2 over a pool of 5 rows (ids 10..50): t0 lists rows 0, 1, 3; t1 rows 2, 4, 0; t2 rows 0, 1, 2.
+    np.save(tmp_path / "top.npy", np.array([[0, 1, 3], [2, 4, 0], [0, 1, 2]], dtype=np.int32))
+    selector = registry.build("selector", "near", {"neighbours_file": str(tmp_path / "top.npy")})
+    ctx = context(np.array([10, 20, 30, 40, 50]))
+    selector.setup(ctx)  # no target set and no model: nothing is embedded
+    selection = selector.select(ctx, budget=4)
+    # t0 takes row 0; t1 row 2; t2's row 0 is taken, so row 1; t0's row 1 is taken, so row 3.
+    assert selection.ids.tolist() == [10, 30, 20, 40] and selection.probs is None
+    np.testing.assert_allclose(selection.scores, [1.0, 0.75, 0.5, 0.25])
+    with pytest.raises(DatasteerError, match="lists 5 distinct pool rows, fewer than the 6"):
+        selector.select(context(np.arange(6)), budget=6)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "does not exist"),
+        (np.arange(5), r"shape \(5,\); it must be a non-empty 2-D"),
+        (np.zeros((2, 3)), "holds float64 values"),
+        (np.array([[0, 1], [2, 5]]), "row 1, column 1 holds position 5, outside the pool's rows 0..4"),
+        ("not numpy", "not a readable .npy"),
+    ],
+)
+def test_a_bad_neighbours_file_is_an_error_naming_it(tmp_path, content, message):
+    path = tmp_path / "top.npy"
+    if isinstance(content, str):
+        path.write_text(content)
+    elif content is not None:
+        np.save(path, content)
+    selector = registry.build("selector", "near", {"neighbours_file": str(path)})
+    with pytest.raises(ConfigError, match=f"neighbours_file '{path}'.*{message}"):
+        selector.setup(context(np.array([10, 20, 30, 40, 50])))
+
+
+def test_scores_file_and_neighbours_file_together_are_refused():
+    with pytest.raises(ConfigError, match="set one of them"):
+        registry.build("selector", "near", {"scores_file": "s.parquet", "neighbours_file": "n.npy"})
 
 
 def test_example_config_validates():

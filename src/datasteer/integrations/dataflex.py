@@ -141,6 +141,16 @@ def _probs_path(tr: _Translator, key: str, value: Any) -> dict[str, Any]:
     return {}
 
 
+def _indices_path(tr: _Translator, key: str, value: Any) -> dict[str, Any]:
+    """DataFlex's offline neighbour matrix is read as it is; only the turn order over its rows differs."""
+    tr.out.warnings.append(
+        f"selector 'near' reads {key} {value!r} as neighbours_file and takes turns over the targets' rows: a target "
+        "whose next neighbour another target took takes its next untaken one (DataFlex walks the matrix column "
+        "by column, so that target loses its turn)"
+    )
+    return {"neighbours_file": value}
+
+
 def _max_prompt_length(tr: _Translator, key: str, value: Any) -> dict[str, Any]:
     cutoff = int(tr.raw.get("cutoff_len", DEFAULT_CUTOFF_LEN))
     if int(value) < cutoff:
@@ -236,7 +246,7 @@ PARAMS: dict[tuple[str, str], dict[str, Rule]] = {
         "sample_size": Drop("the window's draws are steering.budget"),
         "seed": Drop("draws come from the sampler's seeded stream (steering.seed)"),
     },
-    ("selector", "near"): {"indices_path": Drop("near computes its neighbours itself at each update")},
+    ("selector", "near"): {"indices_path": _indices_path},
     ("selector", "random"): {"replacement": _random_replacement},
     ("mixer", "doremi"): {
         "reweight_eta": Rename("eta"),

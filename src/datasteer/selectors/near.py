@@ -15,6 +15,9 @@ every update, so the selection follows the model as it trains. `Embedder` is sha
 Offline (`datasteer score near CONFIG`) the round robin runs over the whole pool and each sample's score is its
 priority 1 − r/N (r = its turn, 0 first), so the `budget` highest scores of that file (`scores_file`) are
 exactly the round-robin selection of that budget with those embeddings.
+
+A neighbour matrix computed elsewhere (`neighbours_file`: DataFlex's `indices_path`, the `top_indices.npy` of its
+offline near step, with any encoder) replaces the embedding: the same round robin runs over its rows.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 
 from datasteer.components import Selection
 from datasteer.distributed import broadcast_object, gather_varlen
-from datasteer.errors import ConfigError
+from datasteer.errors import ConfigError, DatasteerError
 from datasteer.ops import EmbeddingResult, FeatureStore, dataset_fingerprint, embeddings, model_fingerprint
 from datasteer.registry import register
 from datasteer.scores import ScoringInputs
@@ -121,6 +124,41 @@ def near_selection(pool: np.ndarray, targets: np.ndarray, budget: int, k: int | 
         k = min(n, 2 * k)
     gap = pool[picks].astype(np.float64) - targets[owners].astype(np.float64)
     return picks, owners, (gap**2).sum(axis=1)
+
+
+def read_neighbours(path: str, pool_size: int) -> np.ndarray:
+    """A (targets x K) matrix of pool row positions from a .npy file, each row nearest first, checked.
+
+    Raises:
+        ConfigError: naming the file, when it is missing or unreadable, not a non-empty 2-D integer matrix,
+            or holds a position outside the pool's rows 0..pool_size-1.
+    """
+    where = f"selector 'near': neighbours_file '{path}'"
+    fix = (
+        "(a .npy of shape (targets, K), row j = target j's pool row positions nearest first, e.g. DataFlex's "
+        "top_indices.npy)"
+    )
+    try:
+        matrix = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{where} does not exist; write it {fix}, or remove neighbours_file to embed in the run"
+        ) from None
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{where} is not a readable .npy file ({err}); write it {fix}") from None
+    if matrix.ndim != 2 or matrix.size == 0:
+        raise ConfigError(f"{where} has shape {matrix.shape}; it must be a non-empty 2-D matrix {fix}")
+    if not np.issubdtype(matrix.dtype, np.integer):
+        raise ConfigError(f"{where} holds {matrix.dtype} values; neighbours are integer row positions {fix}")
+    bad = np.argwhere((matrix < 0) | (matrix >= pool_size))
+    if bad.size:
+        j, k = (int(v) for v in bad[0])
+        raise ConfigError(
+            f"{where}: row {j}, column {k} holds position {int(matrix[j, k])}, outside the pool's rows "
+            f"0..{pool_size - 1} (entries out of range: {len(bad)}); the file was written for another pool or "
+            "another order of its rows"
+        )
+    return matrix.astype(np.int64)
 
 
 class Embedder:
@@ -238,6 +276,10 @@ class NearSelector(ScoreFileSelector):
         scores_strict: a scores_file whose row under some id holds other tokens than the pool's row of that id
             (an edited source, another dataset with as many rows, another tokenizer), or a file without row
             fingerprints, is an error; false = use its scores by id anyway, with a warning.
+        neighbours_file: a .npy integer matrix (targets x K) of pool row positions, each target's neighbours
+            nearest first, computed elsewhere (DataFlex's `indices_path`, its offline step's top_indices.npy): the
+            round robin runs over it and nothing is embedded. Positions are rows of the training pool in its order
+            (with LLaMA-Factory: its datasets concatenated, the rows DataFlex indexes).
     """
 
     requires_target: ClassVar[bool] = True
@@ -253,21 +295,40 @@ class NearSelector(ScoreFileSelector):
         cache_dir: str | None = ".cache/datasteer/ops",
         scores_file: str | None = None,
         scores_strict: bool = True,
+        neighbours_file: str | None = None,
     ) -> None:
+        if scores_file is not None and neighbours_file is not None:
+            raise ValueError("scores_file and neighbours_file are two precomputed selections: set one of them")
         self.embedder = Embedder(encoder, layer, pooling, text_column, batch_size, cache_dir)
         self.refresh, self.scores_file, self.scores_strict = refresh, scores_file, scores_strict
+        self.neighbours_file = neighbours_file
+        self.neighbours: np.ndarray | None = None  # (M, K) the neighbours_file's pool row positions
         self.precomputed: np.ndarray | None = None  # (N,) the scores_file's priorities, in pool order
         self.last: Selection | None = None
         self.computed_at = -1  # optimizer step after which `last` was computed
 
+    def check_pool(self, pool: Any) -> None:
+        super().check_pool(pool)
+        if self.neighbours_file is not None:
+            self.neighbours = read_neighbours(self.neighbours_file, len(pool.sample_ids))
+
     def setup(self, ctx: SteeringContext) -> None:
         if self.scores_file is not None:
             self.precomputed = self.file_scores(ctx)
+        elif self.neighbours_file is not None:
+            if self.neighbours is None:
+                self.neighbours = read_neighbours(self.neighbours_file, len(ctx.pool.sample_ids))
         else:
             self.embedder.check(ctx, "near")
 
     def offline_scores(self, inputs: ScoringInputs) -> np.ndarray:
         """`datasteer score near`: each row's round-robin priority 1 − r/N over the whole pool, (N,) pool order."""
+        n = len(inputs.pool_ids)
+        if self.neighbours_file is not None:
+            picks, _, _ = round_robin(read_neighbours(self.neighbours_file, n), n)
+            priority = np.full(n, np.nan)
+            priority[picks] = 1.0 - np.arange(len(picks)) / n
+            return priority
         self.embedder.check(inputs, "near")
         pool, target = self.embedder(inputs)
         picks, _, _ = near_selection(pool.values.numpy(), target.values.numpy(), len(pool.ids))
@@ -279,6 +340,8 @@ class NearSelector(ScoreFileSelector):
         if self.precomputed is not None:
             rows = top_k(self.precomputed, ctx.pool.sample_ids, budget)
             return Selection(ids=ctx.pool.sample_ids[rows], scores=self.precomputed[rows])
+        if self.neighbours is not None:
+            return self._from_neighbours(ctx, budget)
         if self.last is not None and not self.refresh and self.last.ids.size == min(budget, ctx.pool.sample_ids.size):
             return self.last
         pool, target = self.embedder(ctx)
@@ -288,6 +351,19 @@ class NearSelector(ScoreFileSelector):
         self.computed_at = ctx.step
         ctx.log.scalar("near/targets_served", float(np.unique(owners).size))
         return self.last
+
+    def _from_neighbours(self, ctx: SteeringContext, budget: int) -> Selection:
+        """The round robin over `neighbours_file`'s rows; scores are the priorities 1 − r/n of the turns r."""
+        assert self.neighbours is not None
+        want = min(budget, ctx.pool.sample_ids.size)
+        picks, owners, _ = round_robin(self.neighbours, want)
+        if picks.size < want:
+            raise DatasteerError(
+                f"selector 'near': neighbours_file '{self.neighbours_file}' lists {picks.size} distinct pool rows, "
+                f"fewer than the {want} to select; give each target more neighbours (columns) or lower the budget"
+            )
+        ctx.log.scalar("near/targets_served", float(np.unique(owners).size))
+        return Selection(ids=ctx.pool.sample_ids[picks], scores=1.0 - np.arange(want) / want)
 
     def state_dict(self) -> dict[str, Any]:
         if self.last is None:
