@@ -117,3 +117,30 @@ def _hub_problem(err: OSError) -> str:
 
 def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+_GGUF_SPECIAL_IDS = {
+    "bos_token": "tokenizer.ggml.bos_token_id",
+    "eos_token": "tokenizer.ggml.eos_token_id",
+    "pad_token": "tokenizer.ggml.padding_token_id",
+}
+
+
+def gguf_special_tokens(gguf_path: str | Path, tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
+    """The special tokens a .gguf file declares in its metadata, where the loaded tokenizer disagrees.
+
+    transformers' GGUF tokenizer conversion (seen on 5.6 with SmolLM2-Instruct) can take eos from the wrong id and
+    drop the pad token; a chat model whose eos is `<|im_start|>` would learn to never end a turn. The file's own
+    `tokenizer.ggml.*_token_id` fields are the truth.
+    """
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf_path)).fields
+    fixes = {}
+    for name, key in _GGUF_SPECIAL_IDS.items():
+        if key not in fields:
+            continue
+        token = tokenizer.convert_ids_to_tokens(int(fields[key].parts[-1][0]))
+        if token is not None and getattr(tokenizer, name) != token:
+            fixes[name] = token
+    return fixes
