@@ -54,8 +54,9 @@ def convert(gguf: Path, out: Path) -> None:
     """De-quantize into an HF folder. The tokenizer's special tokens are set from the file's own metadata: the
     GGUF tokenizer conversion of transformers (5.6) reads SmolLM2's eos as `<|im_start|>` and drops its pad
     token, which would make every chat turn end on the wrong token."""
-    from datasteer.model import gguf_special_tokens
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from datasteer.model import gguf_special_tokens
 
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
