@@ -43,8 +43,8 @@ chromium:
 		echo "warning: could not install chromium; the report's browser test will be skipped" >&2
 
 test: $(STAMP) chromium
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check src tests bench scripts
 	$(call run_pytest,-m "not slow and not pretrained")
 
 test-slow: $(STAMP)
@@ -119,11 +119,11 @@ test-lower: $(LOWER_STAMP)
 	if [ $$rc -eq 5 ]; then echo "ERROR: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench scripts
 
 format: $(STAMP)
-	$(BIN)/ruff format src tests bench
-	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests bench scripts
+	$(BIN)/ruff check --fix src tests bench scripts
 
 clean:
 	rm -rf $(VENV) .cache runs .pytest_cache
