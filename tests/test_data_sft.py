@@ -75,7 +75,7 @@ def test_messages_supervise_only_the_last_assistant_turn(tmp_path: Path, chat: b
     if chat:
         assert tok.decode(prompt) == "<bos>" + head + "assistant: "
     else:
-        assert tok.decode(prompt) == head.replace("<eos>", "\n") + "assistant: "
+        assert tok.decode(prompt) == head + "assistant: "  # no template: every reply ends with eos
     assert tok.decode(response) == "4<eos>"
     assert pool.train[0]["prompt"] == "be brief\n1+1=\n2\n2+2="
 
@@ -128,7 +128,7 @@ def test_sft_eval_rows_are_disjoint_from_training() -> None:
 
 
 def test_a_template_whose_prompt_is_not_a_prefix_is_split_at_the_common_prefix() -> None:
-    from datasteer.data.sft import _render
+    from datasteer.data.chat import Segment, segments
 
     tok = make_tokenizer()
     # the generation prompt says "A: " but a finished turn renders as "A:" + content
@@ -137,5 +137,9 @@ def test_a_template_whose_prompt_is_not_a_prefix_is_split_at_the_common_prefix()
         "{% else %}{{ 'U: ' + m['content'] + '\\n' }}{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}{{ 'A: ' }}{% endif %}"
     )
-    head, tail = _render(tok, [{"role": "user", "content": "hi"}], "yo")
-    assert (head, tail) == ("U: hi\nA:", "yo<eos>")
+    conv = {
+        "system": None,
+        "tools": None,
+        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+    }
+    assert segments(conv, tok.chat_template, tok, "last") == [Segment("U: hi\nA:", False), Segment("yo<eos>", True)]

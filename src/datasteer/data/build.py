@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from datasteer.data import cache, pretokenized, pretrain, row_store, sft, workers
+from datasteer.data import cache, chat, pretokenized, pretrain, row_store, sft, workers
 from datasteer.data import ids as id_scheme
 from datasteer.data.config import DataConfig
-from datasteer.data.domains import Task, row_key, target_tasks, tasks
+from datasteer.data.domains import Task, row_key, row_text, target_tasks, tasks
 from datasteer.data.pool import Pool, open_pool
 from datasteer.data.sources import ResolvedSource, resolve
 from datasteer.data.token_store import TokenStoreWriter, token_dtype
@@ -70,14 +70,16 @@ def build_pool(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Pool:
     # `datasets` writes arrow copies of what it reads (and the demo corpus is written here): temporary
     with tempfile.TemporaryDirectory(prefix=".read-", dir=root) as tmp:
         inputs = _inputs(cfg, Path(tmp))
-        key = cache.pool_key(cfg, tokenizer, inputs.sources, inputs.evals, [inputs.target, inputs.target_eval])
+        template = chat.load_template(cfg.chat_template, tokenizer) if cfg.kind == "sft" else None
+        targets = [inputs.target, inputs.target_eval]
+        key = cache.pool_key(cfg, tokenizer, inputs.sources, inputs.evals, targets, template)
         folder = root / key if root is not None else None
         if folder is not None and (meta := cache.read_meta(folder)) is not None:
             logger.info("data: opened the encoded pool in %s", folder)
             return open_pool(folder, meta, cfg, key, from_cache=True)
         build_to = cache.staging(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="datasteer-pool-"))
         try:
-            meta = _write(cfg, tokenizer, inputs, build_to, Path(tmp))
+            meta = _write(cfg, tokenizer, template, inputs, build_to, Path(tmp))
         except OSError as err:  # a full disk or quota: nothing half-written may stay where a later run looks
             shutil.rmtree(build_to, ignore_errors=True)
             raise DatasteerError(
@@ -112,11 +114,18 @@ def _inputs(cfg: DataConfig, tmp: Path) -> Inputs:
 
 
 def _write(
-    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, inputs: Inputs, folder: Path, hf_cache: Path
+    cfg: DataConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    template: str | None,
+    inputs: Inputs,
+    folder: Path,
+    hf_cache: Path,
 ) -> dict[str, Any]:
-    """Encode every source into `folder`; returns the metadata that `open_pool` reads."""
+    """Encode every source into `folder` (sft rows through `template`, None = none); returns the metadata that
+    `open_pool` reads."""
     input_bytes = sum(f.stat().st_size for _, s in inputs.sources for f in s.files)
     state = {"tokenizer": tokenizer, "max_length": cfg.max_length, "dtype": token_dtype(len(tokenizer))}
+    state.update(template=template, supervise=cfg.supervise)
     if cfg.kind == "pretrain":
         state["eos"] = pretrain.require_eos(tokenizer)
     held = _held_out_keys(cfg, inputs.target_eval, hf_cache)
@@ -147,8 +156,8 @@ def _held_out_keys(cfg: DataConfig, target_eval: ResolvedSource | None, hf_cache
     keys = {}
     for task in target_tasks(cfg, target_eval, hf_cache, split=1):
         for i, row in enumerate(task.ids):
-            text = task.columns.get("text", task.columns.get("response"))[i]
-            keys[row_key(task.columns, i)] = f"{id_scheme.describe(int(row))} ({str(text)[:60]!r})"
+            text = row_text(task.columns, i)
+            keys[row_key(task.columns, i)] = f"{id_scheme.describe(int(row))} ({text[:60]!r})"
     return keys
 
 

@@ -31,7 +31,7 @@ from datasteer.data.config import DataConfig
 from datasteer.data.sources import ResolvedSource, digest
 from datasteer.data.token_store import CorruptStore, file_checksum
 
-CODE_VERSION = "datasteer.data/2"
+CODE_VERSION = "datasteer.data/3"  # 3: sft formats, chat_template, supervise
 META = "meta.json"
 LAYOUT_KEYS = ("eval_per_domain", "seed", "cache_dir", "num_proc", "sources", "eval", "target", "target_eval", "demo")
 logger = logging.getLogger(__name__)
@@ -43,9 +43,15 @@ def pool_key(
     sources: list[tuple[int, ResolvedSource]],
     evals: list[tuple[int, ResolvedSource]],
     targets: list[ResolvedSource | None],
+    template: str | None = None,
 ) -> str:
-    """The content key of the encoded rows `build_pool` would write (a sha256 hex digest)."""
-    layout_only = set(LAYOUT_KEYS) | ({"block_size", "max_length"} if cfg.kind == "pretrain" else set())
+    """The content key of the encoded rows `build_pool` would write (a sha256 hex digest). `template` is the
+    Jinja text sft rows are rendered with (None: none), keyed by content, so an edited template file (or a
+    switch between the tokenizer's and a file's) never reuses rows rendered with the old one."""
+    # chat_template is keyed by the text it selects (auto and tokenizer name the same text, auto and none the same
+    # absence of one), so the setting itself is left out
+    sft_only = {"block_size", "max_length", "supervise"}
+    layout_only = set(LAYOUT_KEYS) | {"chat_template"} | (sft_only if cfg.kind == "pretrain" else set())
     desc: dict[str, Any] = {
         "version": CODE_VERSION,
         "config": cfg.model_dump(mode="json", exclude=layout_only),
@@ -54,6 +60,7 @@ def pool_key(
         "targets": [_source(t) if t is not None else None for t in targets],
         "target_block_size": cfg.block_size if cfg.kind == "pretrain" and any(targets) else None,
         "tokenizer": tokenizer_digest(tokenizer),
+        "template": _sha(template) if template is not None else None,
     }
     return _sha(json.dumps(desc, sort_keys=True))
 
@@ -65,9 +72,10 @@ def layout_key(cfg: DataConfig, key: str) -> str:
     )
 
 
-def _source(src: ResolvedSource) -> dict[str, str]:
-    """The path itself is left out: the same bytes elsewhere give the same pool."""
-    return {"format": src.format, "domain": src.domain, "content": digest(src)}
+def _source(src: ResolvedSource) -> dict[str, Any]:
+    """The path itself is left out: the same bytes elsewhere give the same pool. The sft declaration (format,
+    columns, tags) is in: it decides what the bytes mean."""
+    return {"format": src.format, "domain": src.domain, "content": digest(src), "sft": src.sft}
 
 
 def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from datasteer.data.formats import COLUMN_KEYS, TAG_KEYS, TAGGED
 from datasteer.errors import unknown_choice
 from datasteer.validation import StrictModel
 
@@ -36,6 +37,29 @@ class SourceConfig(StrictModel):
         "tokenized shards (a .ds file or a folder of them). The last two are pre-tokenized (pretrain only): "
         "their tokens are used as they are, so they must come from the run's tokenizer.",
     )
+    sft_format: Literal["auto", "prompt_response", "alpaca", "sharegpt", "messages"] = Field(
+        "auto",
+        description="Row format of an sft source (data.kind sft; see docs/data.md, 'SFT formats'). prompt_response: "
+        "data.prompt_column + data.response_column. alpaca: instruction, input, output, optional system and history "
+        "(a list of [prompt, response] pairs). sharegpt: conversations of {from, value} (human/gpt/observation/"
+        "function_call/system), optional system and tools columns. messages: OpenAI {role, content} lists in "
+        "data.messages_column, optional system and tools columns. auto: the one format whose required columns the "
+        "file has (an error when none or several fit).",
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="File column of each part of the sft format, named as in LLaMA-Factory's dataset_info.json: "
+        "prompt, query, response, system, history (alpaca; prompt_response takes prompt, response, system), "
+        "messages, system, tools (sharegpt, messages). Parts not named keep their defaults (alpaca: instruction, "
+        "input, output, system, history; sharegpt: conversations, system, tools). A named column must exist.",
+    )
+    tags: dict[str, str] = Field(
+        default_factory=dict,
+        description="Keys and role names inside each message (sharegpt, messages), as LLaMA-Factory's "
+        "dataset_info.json 'tags': role_tag, content_tag, user_tag, assistant_tag, observation_tag, function_tag, "
+        "system_tag. Defaults: sharegpt from/value/human/gpt/observation/function_call/system; messages "
+        "role/content/user/assistant/tool/function_call/system.",
+    )
 
     @field_validator("path")
     @classmethod
@@ -43,6 +67,23 @@ class SourceConfig(StrictModel):
         if not v.strip():
             raise ValueError("path must not be empty")
         return v
+
+    @model_validator(mode="after")
+    def _sft_keys(self) -> SourceConfig:
+        allowed = COLUMN_KEYS.get(self.sft_format, sorted({k for keys in COLUMN_KEYS.values() for k in keys}))
+        for part, column in self.columns.items():
+            if part not in allowed:
+                raise unknown_choice(f"columns part for sft_format {self.sft_format}", part, allowed, where="columns")
+            if not column.strip():
+                raise ValueError(f"columns.{part} must name a column, not be empty")
+        if self.tags and self.sft_format not in ("auto", *TAGGED):
+            raise ValueError(f"tags apply to sft_format sharegpt or messages, not {self.sft_format}; remove them")
+        for tag, value in self.tags.items():
+            if tag not in TAG_KEYS:
+                raise unknown_choice("tag", tag, TAG_KEYS, where="tags")
+            if not value.strip():
+                raise ValueError(f"tags.{tag} must not be empty")
+        return self
 
 
 class DemoDataConfig(StrictModel):
@@ -96,6 +137,20 @@ class DataConfig(StrictModel):
     )
     block_size: int = Field(128, ge=2, description="Tokens per packed block (pretrain).")
     max_length: int = Field(512, ge=2, description="Longest sft example in tokens; longer ones are cut from the right.")
+    chat_template: str = Field(
+        "auto",
+        description="How sft rows become text (docs/data.md, 'SFT formats'). auto: the tokenizer's chat template "
+        "when it has one, else none. tokenizer: the tokenizer's chat template (an error when it has none). none: "
+        "no template: a single-turn row is prompt + response + eos; a row with a system prompt, tools or history "
+        "is 'role: content' lines, each assistant reply ending with eos. Anything else: the path of a Jinja chat "
+        "template file (HF apply_chat_template syntax), used instead of the tokenizer's.",
+    )
+    supervise: Literal["last", "all"] = Field(
+        "last",
+        description="Which assistant turns of an sft row are supervised: last (the final reply; earlier turns are "
+        "context, LLaMA-Factory's mask_history: true) or all (every assistant reply, each with its end-of-turn "
+        "token as the template renders it; LLaMA-Factory's default, mask_history: false). Everything else is -100.",
+    )
     eval_per_domain: int = Field(
         0,
         ge=0,
@@ -139,6 +194,13 @@ class DataConfig(StrictModel):
     )
     seed: int = Field(0, description="Seed of the eval split.")
 
+    @field_validator("chat_template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("data.chat_template must be auto, tokenizer, none or the path of a Jinja file")
+        return v
+
     @field_validator("text_column", "prompt_column", "response_column", "messages_column", "domain_column")
     @classmethod
     def _column_name(cls, v: str | None) -> str | None:
@@ -174,7 +236,21 @@ class DataConfig(StrictModel):
         if self.eval and self.demo is not None:
             raise ValueError("data.eval needs data.sources; for the demo corpus use data.eval_per_domain")
         self._check_pretokenized()
+        self._check_sft_keys()
         return self
+
+    def _check_sft_keys(self) -> None:
+        """SFT-only keys on a pretraining run would be ignored silently: refuse them instead."""
+        if self.kind == "sft":
+            return
+        if self.chat_template != "auto" or self.supervise != "last":
+            raise ValueError("data.chat_template and data.supervise apply to data.kind sft only; remove them")
+        named = [(k, i, s) for k in ("sources", "eval") for i, s in enumerate(getattr(self, k))]
+        named += [(k, None, getattr(self, k)) for k in ("target", "target_eval") if getattr(self, k) is not None]
+        for key, i, src in named:
+            if src.sft_format != "auto" or src.columns or src.tags:
+                where = f"data.{key}[{i}]" if i is not None else f"data.{key}"
+                raise ValueError(f"{where}: sft_format, columns and tags apply to data.kind sft only; remove them")
 
     def _check_pretokenized(self) -> None:
         named = [(f"data.{k}[{i}]", src) for k in ("sources", "eval") for i, src in enumerate(getattr(self, k))]

@@ -20,7 +20,8 @@ from datasets import Dataset
 
 from datasteer.data import ids as id_scheme
 from datasteer.data.config import DataConfig
-from datasteer.data.sources import ResolvedSource, read, stream
+from datasteer.data.formats import RowError, RowFormat, conversations, resolve_format
+from datasteer.data.sources import ResolvedSource, locate, read, stream
 from datasteer.errors import ConfigError
 
 ROWS_PER_TASK = 1000  # rows per encoding task: large enough to amortise a worker round trip, small in memory
@@ -28,9 +29,8 @@ ROWS_PER_TASK = 1000  # rows per encoding task: large enough to amortise a worke
 
 @dataclass
 class Task:
-    """Raw rows of one domain: pretrain columns `text`; sft columns `prompt`, `messages`, `response`.
-
-    A sft row uses one style, the other column holds None; `extra` holds kept `data.target_columns`.
+    """Raw rows of one domain: pretrain column `text`; sft column `conversation` (see `formats.py`; None for
+    a row without a reply to supervise). `extra` holds kept `data.target_columns`.
     """
 
     domain: str
@@ -44,11 +44,11 @@ def tasks(cfg: DataConfig, sources: list[tuple[int, ResolvedSource]], hf_cache: 
     """Tasks of every source, in source order and row order; `sources` pairs each with its id index."""
     for index, src in sources:
         ds = read(src, hf_cache)
-        needed = _needed_columns(ds, cfg, src)
+        needed, fmt = _needed_columns(ds, cfg, src)
         start = 0
         for batch in stream(ds, needed, ROWS_PER_TASK):
             ids = id_scheme.row_ids(index, batch.num_rows, start)
-            columns = _normalise({c: batch.column(c).to_pylist() for c in needed}, cfg)
+            columns = _normalise({c: batch.column(c).to_pylist() for c in needed}, cfg, fmt, src, start)
             yield from _by_domain(cfg, src, ids, columns, batch, start)
             start += batch.num_rows
 
@@ -58,22 +58,31 @@ def target_tasks(cfg: DataConfig, source: ResolvedSource, hf_cache: Path, split:
     ds = read(source, hf_cache)
     extra = cfg.target_columns if split == 0 else []
     _require(ds, extra, source, "data.target_columns")
-    needed = _needed_columns(ds, cfg, source)
+    needed, fmt = _needed_columns(ds, cfg, source)
     start = 0
     for batch in stream(ds, needed + [c for c in extra if c not in needed], ROWS_PER_TASK):
         ids = id_scheme.target_ids(batch.num_rows, start, split)
-        columns = _normalise({c: batch.column(c).to_pylist() for c in needed}, cfg)
+        columns = _normalise({c: batch.column(c).to_pylist() for c in needed}, cfg, fmt, source, start)
         yield Task(source.key, ids, columns, batch.select(extra) if extra else None)
         start += batch.num_rows
 
 
 def row_key(columns: dict[str, list[Any]], i: int) -> int:
-    """A 64-bit hash of row i's text (what makes two rows the same example), for overlap checks."""
+    """A 64-bit hash of row i's text (what makes two rows the same example), for overlap checks. An sft row is
+    keyed by its conversation, so the same example in two formats (alpaca, messages) is the same row."""
     if "text" in columns:
         text = str(columns["text"][i] or "").strip()
     else:
-        text = json.dumps([columns["prompt"][i], columns["messages"][i], columns["response"][i]], default=str)
+        text = json.dumps(columns["conversation"][i], sort_keys=True, default=str)
     return xxhash.xxh3_64_intdigest(text.encode())
+
+
+def row_text(columns: dict[str, list[Any]], i: int) -> str:
+    """Row i's document, or its final reply (sft), to quote in messages."""
+    if "text" in columns:
+        return str(columns["text"][i])
+    conv = columns["conversation"][i]
+    return conv["messages"][-1]["content"] if conv is not None else ""
 
 
 def find_overlap(task: Task, forbidden: frozenset[int]) -> None:
@@ -83,47 +92,39 @@ def find_overlap(task: Task, forbidden: frozenset[int]) -> None:
         task.overlap = [(int(task.ids[i]), k) for i, k in enumerate(keys) if k in forbidden]
 
 
-def _needed_columns(ds: Dataset, cfg: DataConfig, src: ResolvedSource) -> list[str]:
-    """The columns encoding reads; a missing one is a ConfigError that lists the file's columns."""
-    present = set(ds.column_names)
+def _needed_columns(ds: Dataset, cfg: DataConfig, src: ResolvedSource) -> tuple[list[str], RowFormat | None]:
+    """The columns encoding reads and the sft row format; a missing column is a ConfigError that lists the
+    file's columns."""
+    fmt = None
     if cfg.kind == "pretrain":
         _require(ds, [cfg.text_column], src, "data.text_column")
         needed = [cfg.text_column]
-    elif {cfg.prompt_column, cfg.response_column} <= present:
-        needed = [cfg.prompt_column, cfg.response_column]
-    elif cfg.messages_column in present:
-        needed = [cfg.messages_column]
     else:
-        raise ConfigError(
-            f"{src.key} ('{src.path}') has neither the columns '{cfg.prompt_column}' + '{cfg.response_column}' "
-            f"(data.prompt_column / data.response_column) nor '{cfg.messages_column}' (data.messages_column). "
-            f"Its columns are: {', '.join(ds.column_names)}. Set those keys to the names your file uses."
-        )
-    if cfg.domain_column is not None and not src.key.startswith("data.target"):
+        sft = src.sft or {"sft_format": "auto", "columns": {}, "tags": {}}
+        where = f"{src.key} ('{src.path}')"
+        fmt = resolve_format(cfg, sft["sft_format"], sft["columns"], sft["tags"], ds.column_names, where)
+        needed = list(dict.fromkeys(fmt.columns.values()))
+    if cfg.domain_column is not None and not src.key.startswith("data.target") and cfg.domain_column not in needed:
         _require(ds, [cfg.domain_column], src, "data.domain_column")
         needed.append(cfg.domain_column)
-    return needed
+    return needed, fmt
 
 
-def _normalise(raw: dict[str, list[Any]], cfg: DataConfig) -> dict[str, list[Any]]:
-    """The columns encoding needs, under the names of `Task` (see there)."""
-    if cfg.kind == "pretrain":
+def _normalise(
+    raw: dict[str, list[Any]], cfg: DataConfig, fmt: RowFormat | None, src: ResolvedSource, start: int
+) -> dict[str, list[Any]]:
+    """The columns encoding needs, under the names of `Task` (see there); a row that does not fit its sft
+    format is a ConfigError naming the file, the line and what the format expects."""
+    if fmt is None:
         return {"text": raw[cfg.text_column]}
-    if cfg.prompt_column in raw:
-        prompts = raw[cfg.prompt_column]
-        return {"prompt": prompts, "messages": [None] * len(prompts), "response": raw[cfg.response_column]}
-    return _sft_chat(raw[cfg.messages_column])
-
-
-def _sft_chat(conversations: list[Any]) -> dict[str, list[Any]]:
-    """Split each conversation into its context and the final assistant reply (None when there is none)."""
-    contexts, responses = [], []
-    for conv in conversations:
-        last = conv[-1] if conv else None
-        ok = isinstance(last, dict) and last.get("role") == "assistant"
-        contexts.append(list(conv[:-1]) if ok else None)
-        responses.append(last.get("content") if ok else None)
-    return {"prompt": [None] * len(conversations), "messages": contexts, "response": responses}
+    try:
+        return {"conversation": conversations(fmt, raw)}
+    except RowError as err:
+        raise ConfigError(
+            f"{src.key}: {locate(src, start + err.index)} does not fit sft_format {fmt.name}: {err.problem}. "
+            f"Expected: {fmt.expected()}. Fix or remove the row, or set {src.key}.sft_format / columns / tags "
+            "to match the file."
+        ) from None
 
 
 def _by_domain(

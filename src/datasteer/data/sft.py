@@ -1,13 +1,12 @@
-"""SFT encoding: format prompt/response (or chat) rows and mask the prompt out of the labels.
+"""SFT encoding: conversations to token ids and labels, every token outside a supervised reply set to -100.
 
-Why the prompt and the response are tokenized separately: the boundary between them must be exact,
-or prompt tokens leak into the loss (or response tokens drop out of it). With a chat template the
-rendered generation prompt is split off the rendered conversation as a string, then each part is
-tokenized on its own; without one, rows are `prompt + response + eos`.
+Why segments are tokenized one by one: the boundary between context and reply must be exact, or prompt
+tokens leak into the loss (or reply tokens drop out of it); `chat.py` cuts the row's text at those
+boundaries (the template's or none), and here each piece is tokenized on its own and the pieces concatenated.
+For the templates checked in the tests (ChatML, SmolLM2's) the result equals tokenizing the whole text.
 
 The raw prompt text is kept in a `prompt` column because selectors (e.g. NICE) generate from it; ids
-cannot be decoded back to it reliably. For chat rows it is the context messages' contents joined by
-newlines; earlier assistant turns are part of the prompt, only the last reply is supervised.
+cannot be decoded back to it reliably (`chat.raw_prompt` says what it holds).
 """
 
 from __future__ import annotations
@@ -18,72 +17,70 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from datasteer.data import workers
+from datasteer.data.chat import Segment, raw_prompt, segments
 from datasteer.data.domains import Task, find_overlap
+from datasteer.data.ids import describe
+from datasteer.errors import ConfigError
 
 IGNORE = -100
 
 
 def encode_task(task: Task) -> tuple[Task, np.ndarray, list[list[int]], list[list[int]], list[str]]:
     """(task, kept row positions, token ids, masked labels, raw prompts) of the rows that keep a supervised
-    token. Runs in a worker: reads the tokenizer and `max_length` from `workers.state()`."""
+    token. Runs in a worker: reads the tokenizer, template and settings from `workers.state()`."""
     st = workers.state()
     find_overlap(task, st.get("forbidden", frozenset()))
-    tokenizer, max_length = st["tokenizer"], st["max_length"]
-    chat = bool(getattr(tokenizer, "chat_template", None))
-    parts = [_texts(task.columns, i, tokenizer, chat) for i in range(len(task.ids))]
-    keep = [i for i, p in enumerate(parts) if p is not None]
-    prompts = _tokenize([parts[i][0] for i in keep], tokenizer, specials=not chat)
-    responses = _tokenize([parts[i][1] for i in keep], tokenizer, specials=False)
-    eos = [] if chat or tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    tokenizer, template = st["tokenizer"], st.get("template")
+    convs = task.columns["conversation"]
+    rows = [i for i, c in enumerate(convs) if c is not None]
+    pieces = [_segments(convs[i], template, tokenizer, st.get("supervise", "last"), int(task.ids[i])) for i in rows]
+    tokens = _tokenize(pieces, tokenizer, specials_first=template is None)
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     out_ids, out_labels, out_rows = [], [], []
-    for row, p, r in zip(keep, prompts, responses):
-        ids = (p + r + eos)[:max_length]
-        labels = ([IGNORE] * len(p) + r + eos)[:max_length]
-        if len(p) < len(labels):  # at least one supervised token survived truncation
+    for row, segs, toks in zip(rows, pieces, tokens):
+        ids, labels = _join(segs, toks, eos, st["max_length"])
+        if any(x != IGNORE for x in labels):  # at least one supervised token survived truncation
             out_ids.append(ids)
             out_labels.append(labels)
             out_rows.append(row)
-    raw = [parts[i][2] for i in out_rows]
+    raw = [raw_prompt(convs[i]) for i in out_rows]
     task.columns = {}  # the text need not travel back to the parent
     return task, np.asarray(out_rows, dtype=np.int64), out_ids, out_labels, raw
 
 
-def _tokenize(texts: list[str], tokenizer: PreTrainedTokenizerBase, specials: bool) -> list[list[int]]:
-    if not texts:
-        return []
-    return list(tokenizer(texts, add_special_tokens=specials)["input_ids"])
+def _segments(
+    conv: dict[str, Any], template: str | None, tokenizer: PreTrainedTokenizerBase, supervise: str, row_id: int
+) -> list[Segment]:
+    """The row's segments; a template that fails on it (e.g. one that requires alternating roles) names the row."""
+    try:
+        return segments(conv, template, tokenizer, supervise)
+    except ConfigError:
+        raise
+    except Exception as err:  # the template is user code (Jinja): its own exceptions name no row
+        raise ConfigError(
+            f"data.chat_template failed on {describe(row_id)} ({type(err).__name__}: {err}). Fix that row, or set "
+            "data.chat_template to a template that renders it (or none)."
+        ) from None
 
 
-def _texts(
-    columns: dict[str, list[Any]], i: int, tokenizer: PreTrainedTokenizerBase, chat: bool
-) -> tuple[str, str, str] | None:
-    """(prompt text to tokenize, response text to tokenize, raw prompt), or None when there is no response."""
-    response = columns["response"][i]
-    if not isinstance(response, str) or not response:
-        return None
-    context = columns["messages"][i]
-    if context is None:
-        prompt = columns["prompt"][i] or ""
-        raw = str(prompt)
-        context = [{"role": "user", "content": raw}]
-        if not chat:
-            return raw, response, raw
-    else:
-        raw = "\n".join(str(m.get("content", "")) for m in context)
-        if not chat:
-            lines = "".join(f"{m.get('role')}: {m.get('content')}\n" for m in context)
-            return lines + "assistant: ", response, raw
-    head, tail = _render(tokenizer, context, response)
-    return head, tail, raw
+def _tokenize(
+    pieces: list[list[Segment]], tokenizer: PreTrainedTokenizerBase, specials_first: bool
+) -> list[list[list[int]]]:
+    """Token ids of every segment, by row. Two calls for the whole task: each row's first segment (with the
+    tokenizer's special tokens, e.g. bos, when there is no template to render them) and all the others."""
+    firsts = [segs[0].text for segs in pieces]
+    rest = [s.text for segs in pieces for s in segs[1:]]
+    head = list(tokenizer(firsts, add_special_tokens=specials_first)["input_ids"]) if firsts else []
+    tail = iter(tokenizer(rest, add_special_tokens=False)["input_ids"] if rest else [])
+    return [[head[r]] + [next(tail) for _ in segs[1:]] for r, segs in enumerate(pieces)]
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, context: list[dict[str, Any]], response: str) -> tuple[str, str]:
-    """Split the rendered conversation into (generation prompt, response part) at the string level."""
-    head = tokenizer.apply_chat_template(context, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template([*context, {"role": "assistant", "content": response}], tokenize=False)
-    if not full.startswith(head):  # templates that rewrite earlier turns: split at the common prefix
-        n = 0
-        while n < min(len(head), len(full)) and head[n] == full[n]:
-            n += 1
-        head = full[:n]
-    return head, full[len(head) :]
+def _join(segs: list[Segment], toks: list[list[int]], eos: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """(ids, labels) cut to max_length: a supervised segment's tokens (and its eos) are labels, the rest -100."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for seg, t in zip(segs, toks):
+        t = list(t) + (eos if seg.eos else [])
+        ids += t
+        labels += t if seg.supervised else [IGNORE] * len(t)
+    return ids[:max_length], labels[:max_length]

@@ -12,10 +12,12 @@ import codecs
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import xxhash
 from datasets import Dataset, DatasetDict, load_from_disk
 from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
@@ -48,15 +50,17 @@ class ResolvedSource:
     format: str  # json | parquet | text | disk
     files: tuple[Path, ...]
     domain: str  # the configured domain, or the file stem / folder name
+    sft: dict[str, Any] = field(default_factory=dict)  # sft_format, columns, tags as configured (sft rows)
 
 
 def resolve(src: SourceConfig, key: str) -> ResolvedSource:
     """Check that the path exists and work out its format and files; errors name `key`."""
     path = Path(src.path).expanduser()
+    sft = {"sft_format": src.sft_format, "columns": dict(src.columns), "tags": dict(src.tags)}
     if src.format in pretokenized.FORMATS:  # a Megatron prefix names files, not a path of its own
         files = pretokenized.data_files(path, src.format, key)
         domain = src.domain or (path.name if path.is_dir() else files[0].name.split(".")[0])
-        return ResolvedSource(key, path, src.format, files, domain)
+        return ResolvedSource(key, path, src.format, files, domain, sft)
     if not path.exists():
         raise ConfigError(
             f"{key}.path = '{src.path}' does not exist (looked in {path.absolute()}). Fix {key}.path or remove "
@@ -64,11 +68,11 @@ def resolve(src: SourceConfig, key: str) -> ResolvedSource:
         )
     domain = src.domain or (path.stem if path.is_file() else path.name)
     if path.is_dir() and (src.format == "disk" or (src.format == "auto" and _is_disk(path))):
-        return ResolvedSource(key, path, "disk", (), domain)
+        return ResolvedSource(key, path, "disk", (), domain, sft)
     if src.format == "disk":
         raise ConfigError(f"{key}: '{path}' is not a datasets.save_to_disk folder (no {' / '.join(DISK_MARKERS)}).")
     files = _data_files(path, src.format, key)
-    return ResolvedSource(key, path, FORMAT_FAMILY[_format_of(files[0], src.format, key)], files, domain)
+    return ResolvedSource(key, path, FORMAT_FAMILY[_format_of(files[0], src.format, key)], files, domain, sft)
 
 
 def _is_disk(path: Path) -> bool:
@@ -187,6 +191,47 @@ def stream(ds: Dataset, columns: list[str], rows: int) -> Iterator[pa.RecordBatc
                 batch = batch.select(columns)
                 for start in range(0, batch.num_rows, rows):
                     yield batch.slice(start, rows)
+
+
+def locate(src: ResolvedSource, row: int) -> str:
+    """Where row `row` (0-based, over the source's files in order) is: "'file' line N" for JSON Lines (blank
+    lines skipped, as the reader skips them), else "'file' row N" (1-based). Only called to report an error."""
+    if src.format == "disk":
+        return f"'{src.path}' row {row + 1}"
+    for file in src.files:
+        n = _rows_in(file, src.format)
+        if row < n:
+            line = _line_of(file, row) if src.format in ("json", "text") else None
+            return f"'{file}' line {line}" if line is not None else f"'{file}' row {row + 1}"
+        row -= n
+    return f"'{src.path}' row {row + 1}"
+
+
+def _rows_in(file: Path, fmt: str) -> int:
+    if fmt == "parquet":
+        return pq.ParquetFile(file).metadata.num_rows
+    if file.suffix.lower() == ".json":
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+            return len(data) if isinstance(data, list) else 1
+        except ValueError:
+            pass  # a .json file of JSON Lines
+    with open(file, encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def _line_of(file: Path, row: int) -> int | None:
+    """The 1-based line of the row-th non-blank line, or None for a JSON array file (rows are not lines)."""
+    with open(file, encoding="utf-8") as f:
+        if file.suffix.lower() == ".json" and f.read(1024).lstrip().startswith("["):
+            return None
+        f.seek(0)
+        seen = -1
+        for number, line in enumerate(f, start=1):
+            seen += bool(line.strip())
+            if seen == row:
+                return number
+    return None
 
 
 def _root_cause(err: BaseException) -> str:
