@@ -120,8 +120,9 @@ def _normalise(
     try:
         return {"conversation": conversations(fmt, raw)}
     except RowError as err:
+        where, problem = locate(src, start + err.index), err.problem.rstrip(".")
         raise ConfigError(
-            f"{src.key}: {locate(src, start + err.index)} does not fit sft_format {fmt.name}: {err.problem}. "
+            f"{src.key}: {where} does not fit sft_format {fmt.name}: {problem}. "
             f"Expected: {fmt.expected()}. Fix or remove the row, or set {src.key}.sft_format / columns / tags "
             "to match the file."
         ) from None

@@ -226,6 +226,8 @@ def _tagged(fmt: RowFormat, row: dict[str, Any], i: int) -> dict[str, Any] | Non
 def _message(fmt: RowFormat, item: Any, i: int, k: int) -> tuple[str, str]:
     """(tag key, content) of message k; keys of the other tagged format get a hint to switch."""
     t, column = fmt.tags, fmt.columns["messages"]
+    if isinstance(item, dict):  # arrow gives every message every key seen in the file, None where it had none
+        item = {k: v for k, v in item.items() if v is not None}
     if not isinstance(item, dict) or t["role_tag"] not in item or t["content_tag"] not in item:
         keys = sorted(item) if isinstance(item, dict) else type(item).__name__
         hint = ""
