@@ -1,16 +1,22 @@
-"""`datasteer init` (starter configs the loader accepts, packaged examples), `--version`, and the packaging
-metadata a wheel needs to stand alone (LICENSE, examples as package data, the setuptools floor)."""
+"""`datasteer init` (starter configs the loader accepts, `--model` for a pretrained model, packaged examples),
+`--version`, and the packaging metadata a wheel needs to stand alone (LICENSE, examples as package data, the
+setuptools floor)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from datasteer import __version__
-from datasteer.cli import examples_folder, main
+from datasteer.cli import CHAT_EXAMPLES, examples_folder, main, starter_config
 from datasteer.config import load_config
+from datasteer.demo import save_tiny_model
 from datasteer.runner import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +49,7 @@ def test_init_names_what_must_be_filled_in(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "fill in steering.selector.irreducible_model" in out
     raw = yaml.safe_load(path.read_text())
-    assert raw["model"] == {"name_or_path": "Qwen/Qwen2.5-0.5B"}
+    assert raw["model"]["name_or_path"] == "Qwen/Qwen2.5-0.5B"  # a hub id is written, never fetched
     assert main(["init", str(path)]) == 2  # exists: never overwritten without --force
     assert "--force" in capsys.readouterr().err
 
@@ -64,6 +70,69 @@ def test_the_starter_config_trains_as_written(tmp_path, monkeypatch):
     result = run(config)
     assert (result.output_dir / "model.safetensors").is_file()  # save_final: true in the starter
     assert set(result.domain_eval) == {"repeat", "arith", "kv", "markov", "noise"}
+
+
+def test_init_model_writes_a_lora_chat_sft_config_that_validates(tmp_path, capsys):
+    """`--model`: LoRA (r 16, alpha 32, all-linear) at 2e-4 on an OpenAI-messages file written beside the config."""
+    folder = save_tiny_model(tmp_path / "tiny")
+    path = tmp_path / "cfg" / "ft.yaml"
+    assert main(["init", str(path), "--model", str(folder)]) == 0
+    raw = yaml.safe_load(path.read_text())
+    lora = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
+    assert raw["model"] == {"name_or_path": str(folder), "dtype": "auto", "lora": lora}
+    assert raw["data"]["kind"] == "sft" and raw["train"]["learning_rate"] == 2e-4
+    assert raw["train"]["save_final"] and raw["train"]["save_strategy"] == "steps" and raw["train"]["eval_steps"] > 0
+    source = raw["data"]["sources"][0]
+    assert source["sft_format"] == "messages" and Path(source["path"]) == path.with_name("ft_chat.jsonl")
+    rows = [json.loads(line) for line in Path(source["path"]).read_text().splitlines()]
+    assert rows == CHAT_EXAMPLES and {r["domain"] for r in rows} == {"general", "math"}
+    assert all(r["messages"][-1]["role"] == "assistant" for r in rows)
+    config = load_config(path)
+    assert config.model.lora.r == 16 and config.steering.mixer["name"] == "odm"
+    assert main(["init", str(path), "--model", str(folder)]) == 2  # never overwritten without --force
+    assert main(["init", str(path), "--model", str(folder), "--force"]) == 0
+
+
+def test_init_model_trains_the_tiny_model_as_written(tmp_path, monkeypatch):
+    pytest.importorskip("peft", reason="LoRA is an optional extra (pip install 'datasteer[lora]')")
+    monkeypatch.chdir(tmp_path)
+    save_tiny_model(tmp_path / "tiny")
+    assert main(["init", "--model", "tiny"]) == 0
+    result = run(load_config("datasteer.yaml", ["train.max_steps=2", "train.use_cpu=true", "data.cache_dir=null"]))
+    assert (result.output_dir / "adapter_config.json").is_file()  # LoRA: the adapter is the final save
+    assert set(result.domain_eval) == {"general", "math"}
+
+
+def test_init_model_of_a_gguf_file_names_its_folder_and_file(tmp_path):
+    gguf = tmp_path / "models" / "m.Q4_0.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF")  # only its name is written; nothing is loaded
+    text, todo = starter_config("sft", {"mixer": "odm"}, str(gguf), tmp_path / "c_chat.jsonl")
+    model = yaml.safe_load(text)["model"]
+    assert (model["name_or_path"], model["gguf_file"]) == (str(gguf.parent), gguf.name) and not todo
+
+
+def test_init_model_with_a_target_selector_asks_for_a_target(tmp_path, capsys):
+    assert main(["init", str(tmp_path / "c.yaml"), "--model", "Qwen/Qwen2.5-0.5B", "--selector", "less"]) == 0
+    assert "fill in data.target" in capsys.readouterr().out
+    assert "# target: {path:" in (tmp_path / "c.yaml").read_text()
+
+
+@pytest.mark.pretrained
+def test_init_model_on_smollm2_trains_as_written_through_the_cli(pretrained_dir, tmp_path):
+    """`datasteer init --model <SmolLM2>` then `datasteer train` of the file as written (2 steps), as subprocesses."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cli = [sys.executable, "-m", "datasteer.cli"]
+    init = subprocess.run([*cli, "init", "ft.yaml", "--model", str(pretrained_dir)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    assert init.returncode == 0, init.stderr
+    train = subprocess.run([*cli, "train", "ft.yaml", "train.max_steps=2"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, check=False)  # fmt: skip
+    assert train.returncode == 0, train.stderr[-3000:]
+    out = tmp_path / "runs" / "starter"
+    assert (out / "adapter_model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    evals = json.loads((out / "domain_eval.json").read_text())
+    assert set(evals) == {"general", "math"} and all(0 < m["loss"] < 5 for m in evals.values())  # pretrained, not 10.8
 
 
 def test_packaged_examples_and_init_example(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""`datasteer init | train | doremi | score | report | components | version`.
+"""`datasteer init | train | doremi | score | prepare | report | export | components | version`.
 
 User errors (bad config, missing file, ...) print one paragraph and exit with code 2; the traceback is
 shown only with `--debug`.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import logging
 import os
 import subprocess
@@ -59,12 +60,21 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     parser.add_argument("--version", action="version", version=f"datasteer {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    init = sub.add_parser("init", help="write a starter config (runs as is: demo model and data until you edit it)")
+    init = sub.add_parser(
+        "init", help="write a starter config that runs as written (the demo model and data, or --model with LoRA)"
+    )
     init.add_argument("path", nargs="?", default="datasteer.yaml", help="config file to write (default datasteer.yaml)")
-    init.add_argument("--kind", choices=("pretrain", "sft"), default="pretrain", help="pretraining or SFT data")
+    init.add_argument(
+        "--kind", choices=("pretrain", "sft"), help="pretraining or SFT data (default: pretrain, sft with --model)"
+    )
     for kind in registry.KINDS:
         init.add_argument(f"--{kind}", metavar="NAME", help=f"a {kind} (see `datasteer components {kind}`)")
-    init.add_argument("--model", metavar="ID_OR_FOLDER", help="a hub id or a local folder (default: the demo model)")
+    init.add_argument(
+        "--model",
+        metavar="ID_OR_PATH",
+        help="a pretrained model (hub id, local folder or .gguf file) to fine-tune with LoRA on a chat example file "
+        "written beside the config (default: the demo model)",
+    )
     init.add_argument("--example", metavar="NAME", help="copy a packaged example instead (e.g. quickstart, mixers/odm)")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
     init.set_defaults(func=_init)
@@ -100,9 +110,18 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (train.output_dir)")
     report.add_argument("--out", help="output folder (default: RUN_DIR/report for one run, ./report for several)")
     report.set_defaults(func=_report)
+    export = sub.add_parser("export", help="write a run's model as a plain HF folder (--merge: LoRA into the base)")
+    export.add_argument("run", metavar="RUN_DIR", help="a run folder (train.output_dir) or a checkpoint-N folder in it")
+    export.add_argument(
+        "--merge", action="store_true", help="merge a LoRA adapter into its base: a model that loads without peft"
+    )
+    export.add_argument("--out", help="folder to write (default RUN_DIR/export)")
+    export.add_argument("--base", metavar="ID_OR_FOLDER", help="the base model, where the run's recorded one moved")
+    export.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    export.set_defaults(func=_export)
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=lambda a: print(__version__) or 0)
-    for p in (init, train, doremi, score, prepare, comps, report, version):
+    for p in (init, train, doremi, score, prepare, comps, report, export, version):
         # SUPPRESS as default: a sub-command must not reset a top-level `datasteer --debug ...`
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
@@ -246,6 +265,15 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from datasteer.export import export_run
+
+    result = export_run(args.run, args.out, merge=args.merge, base=args.base, force=args.force)
+    what = {"merged": "merged model", "adapter": "LoRA adapter", "model": "model"}[result.kind]
+    print(f"datasteer: {what} and tokenizer written to {result.out}" + (f" ({result.note})" if result.note else ""))
+    return 0
+
+
 def _init(args: argparse.Namespace) -> int:
     from datasteer.config import validate
 
@@ -259,10 +287,15 @@ def _init(args: argparse.Namespace) -> int:
         return 0
     if not any(getattr(args, kind) for kind in registry.KINDS):
         args.mixer = "odm"
-    text, todo = starter_config(args.kind, {k: getattr(args, k) for k in registry.KINDS}, args.model)
-    if not todo and not args.model:  # a hub model is not fetched here; everything else is checked now
+    kind = args.kind or ("sft" if args.model else "pretrain")
+    data_file = path.with_name(f"{path.stem}_chat.jsonl") if args.model and kind == "sft" else None
+    text, todo = starter_config(kind, {k: getattr(args, k) for k in registry.KINDS}, args.model, data_file)
+    if not todo:  # checks keys and installed extras; no model is loaded or fetched
         validate(yaml.safe_load(text), str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
+    if data_file is not None and (args.force or not data_file.exists()):
+        data_file.write_text("".join(json.dumps(row) + "\n" for row in CHAT_EXAMPLES))
+        print(f"datasteer: wrote {data_file} ({len(CHAT_EXAMPLES)} example chats in OpenAI `messages` format)")
     path.write_text(text)
     print(f"datasteer: wrote {path}; train with `datasteer train {path}`")
     for item in todo:
@@ -286,23 +319,81 @@ def packaged_example(name: str) -> Path:
     return path
 
 
-def starter_config(kind: str, components: dict[str, str | None], model: str | None = None) -> tuple[str, list[str]]:
-    """A commented starter config: the demo model and data (so it runs as written) and the named components with
-    every parameter at its default. Returns the YAML and the keys that must be filled in (required parameters)."""
-    todo: list[str] = []
-    needs_target = False
+def starter_config(
+    kind: str, components: dict[str, str | None], model: str | None = None, data_file: Path | None = None
+) -> tuple[str, list[str]]:
+    """A commented starter config and the keys that must be filled in (required component parameters).
+
+    Without `model`: the demo model and data, fully trained, so it runs as written. With `model` (a pretrained
+    model): LoRA at a fine-tuning learning rate, and for sft the chat file `data_file` (`CHAT_EXAMPLES`, two
+    domains) as its source; the named components follow with every parameter at its default.
+    """
+    comp_lines, todo, needs_target = _starter_components(components)
+    has_target = model is None and kind == "sft"  # the demo sft data has a target set built in
+    if needs_target and not has_target:
+        todo.append("data.target (a file of target examples" + ("; or use --kind sft, whose demo data has one)"
+                    if model is None else ")"))  # fmt: skip
     lines = [
         "# datasteer starter config, written by `datasteer init`. Train: datasteer train <this file>",
         "# Every key is checked; `datasteer components` lists the algorithms and their parameters.",
-        "model:",
-        f"  name_or_path: {model}  # a Hugging Face Hub id or a local folder"
-        if model
-        else "  demo: true  # or name_or_path: Qwen/Qwen2.5-0.5B (a Hugging Face Hub id or a local folder)",
-        "data:",
-        f"  kind: {kind}",
-        "  demo: {samples_per_domain: 200}  # or sources: [{path: data/code.jsonl, domain: code}, ...]",
-        "  block_size: 128" if kind == "pretrain" else "  max_length: 256",
-        "  eval_per_domain: 8  # held-out rows per domain: per-domain eval loss at the end",
+        *_starter_model(model),
+        *_starter_data(kind, data_file if model else None, needs_target and not has_target),
+        *(_starter_train_pretrained() if model else _starter_train_demo()),
+        "steering:",
+        "  warmup_steps: 10",
+        "  update_every: 10",
+        *comp_lines,
+    ]
+    return "\n".join(lines) + "\n", todo
+
+
+def _starter_model(model: str | None) -> list[str]:
+    if model is None:
+        return ["model:", "  demo: true  # or name_or_path: Qwen/Qwen2.5-0.5B (a Hugging Face Hub id or a local path)"]
+    gguf = Path(model).suffix == ".gguf" and Path(model).is_file()
+    lines = ["model:"]
+    if gguf:
+        lines += [
+            f"  name_or_path: {Path(model).parent}  # the folder of the llama.cpp checkpoint",
+            f"  gguf_file: {Path(model).name}  # de-quantized by transformers (needs datasteer[gguf])",
+        ]
+    else:
+        lines.append(f"  name_or_path: {model}  # a Hugging Face Hub id or a local folder")
+    return [
+        *lines,
+        "  dtype: auto  # the checkpoint's dtype for the frozen base; the adapters train in float32",
+        "  lora:  # only the adapters train; `datasteer export <output_dir> --merge` folds them into the base",
+        "    r: 16",
+        "    alpha: 32",
+        "    dropout: 0.05",
+        "    target_modules: all-linear",
+    ]
+
+
+def _starter_data(kind: str, data_file: Path | None, needs_target: bool) -> list[str]:
+    lines = ["data:", f"  kind: {kind}"]
+    if data_file is not None:
+        lines += [
+            "  sources:  # (relative paths are read from the directory you train in)",
+            f"    - path: {data_file}",
+            "      sft_format: messages  # OpenAI chat rows {messages: [{role, content}, ...]}; also alpaca, sharegpt",
+            "  domain_column: domain  # each row's domain; or one domain per source file (sources[i].domain)",
+            "  max_length: 512",
+            "  eval_per_domain: 1  # held-out rows per domain: per-domain eval loss at the end",
+        ]
+    else:
+        lines += [
+            "  demo: {samples_per_domain: 200}  # or sources: [{path: data/code.jsonl, domain: code}, ...]",
+            "  block_size: 128" if kind == "pretrain" else "  max_length: 256",
+            "  eval_per_domain: 8  # held-out rows per domain: per-domain eval loss at the end",
+        ]
+    if needs_target:
+        lines.insert(len(lines) - 1, "  # target: {path: data/target.jsonl}  # REQUIRED by the chosen component")
+    return lines
+
+
+def _starter_train_demo() -> list[str]:
+    return [
         "train:  # any transformers.TrainingArguments key",
         "  output_dir: runs/starter",
         "  max_steps: 100",
@@ -310,17 +401,42 @@ def starter_config(kind: str, components: dict[str, str | None], model: str | No
         "  learning_rate: 1.0e-3",
         "  logging_steps: 10",
         "  save_final: true  # the final model and tokenizer go to output_dir",
-        "steering:",
-        "  warmup_steps: 10",
-        "  update_every: 10",
     ]
+
+
+def _starter_train_pretrained() -> list[str]:
+    return [
+        "train:  # any transformers.TrainingArguments key",
+        "  output_dir: runs/starter",
+        "  max_steps: 60",
+        "  per_device_train_batch_size: 4",
+        "  gradient_accumulation_steps: 1",
+        "  learning_rate: 2.0e-4  # LoRA's usual rate; a full fine-tune (no model.lora) wants about 1e-5",
+        "  lr_scheduler_type: cosine",
+        "  warmup_steps: 3",
+        "  logging_steps: 5",
+        "  eval_strategy: steps",
+        "  eval_steps: 20",
+        "  save_strategy: steps",
+        "  save_steps: 20",
+        "  save_total_limit: 2  # checkpoints kept (resume with --resume)",
+        "  save_final: true  # the adapter and tokenizer go to output_dir",
+        "  # bf16: true  # on a GPU with bfloat16",
+    ]
+
+
+def _starter_components(components: dict[str, str | None]) -> tuple[list[str], list[str], bool]:
+    """The `steering:` lines of the named components (every parameter at its default), the required parameters
+    to fill in, and whether one of them needs a target set."""
+    lines: list[str] = []
+    todo: list[str] = []
+    needs_target = False
     for kind_name, name in components.items():
         if not name:
             continue
         cls = registry.get(kind_name, name, where=f"--{kind_name}")  # type: ignore[arg-type]
         needs_target = needs_target or cls.requires_target
-        lines.append(f"  {kind_name}:")
-        lines.append(f"    name: {name}")
+        lines += [f"  {kind_name}:", f"    name: {name}"]
         for p in registry.params_of(cls):
             doc = f"  # {p.doc}" if p.doc else ""
             if p.required:
@@ -329,11 +445,33 @@ def starter_config(kind: str, components: dict[str, str | None], model: str | No
             else:
                 value = yaml.safe_dump(p.default, default_flow_style=True, width=1000).strip().removesuffix("...")
                 lines.append(f"    {p.name}: {value.strip()}{doc}")
-    if needs_target and kind == "pretrain":
-        todo.append("data.target (a file of target examples; or use --kind sft, whose demo data has one)")
-        lines.insert(lines.index("  eval_per_domain: 8  # held-out rows per domain: per-domain eval loss at the end"),
-                     "  # target: {path: data/target.jsonl}  # REQUIRED by the chosen component")  # fmt: skip
-    return "\n".join(lines) + "\n", todo
+    return lines, todo, needs_target
+
+
+def _chat(domain: str, *turns: tuple[str, str]) -> dict[str, Any]:
+    return {"domain": domain, "messages": [{"role": role, "content": text} for role, text in turns]}
+
+
+# The example file `datasteer init --model` writes beside the config: OpenAI `messages` rows in two domains,
+# with a system prompt and a multi-turn conversation among them. Replace it with your own data.
+CHAT_EXAMPLES: list[dict[str, Any]] = [
+    _chat("general", ("user", "What is the capital of France?"), ("assistant", "The capital of France is Paris.")),
+    _chat("general", ("user", "Name three primary colours."), ("assistant", "Red, yellow and blue.")),
+    _chat("general", ("system", "You answer in one short sentence."), ("user", "Why is the sky blue?"),
+          ("assistant", "Air scatters blue sunlight more than red, so the sky looks blue.")),
+    _chat("general", ("user", "Give me a synonym for happy."), ("assistant", "Cheerful.")),
+    _chat("general", ("user", "Translate 'good morning' into Spanish."), ("assistant", "Buenos días.")),
+    _chat("general", ("user", "Suggest a name for a grey cat."), ("assistant", "How about Smokey?"),
+          ("user", "Another one, please."), ("assistant", "Ash, after the colour of its fur.")),
+    _chat("math", ("user", "What is 12 + 30?"), ("assistant", "12 + 30 = 42.")),
+    _chat("math", ("user", "What is 7 times 8?"), ("assistant", "7 × 8 = 56.")),
+    _chat("math", ("system", "Show your working briefly."), ("user", "What is 15% of 200?"),
+          ("assistant", "15% of 200 is 0.15 × 200 = 30.")),
+    _chat("math", ("user", "Is 17 a prime number?"), ("assistant", "Yes: 17 has no divisors but 1 and itself.")),
+    _chat("math", ("user", "What is the square root of 81?"), ("assistant", "The square root of 81 is 9.")),
+    _chat("math", ("user", "What is 100 divided by 4?"), ("assistant", "100 / 4 = 25."),
+          ("user", "And divided by 8?"), ("assistant", "100 / 8 = 12.5.")),
+]  # fmt: skip
 
 
 def _peek_yaml(path: str) -> object:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import typing
 from collections.abc import Hashable
 from pathlib import Path
@@ -22,16 +23,59 @@ from datasteer.data.config import DataConfig
 from datasteer.errors import ConfigError, did_you_mean
 from datasteer.validation import StrictModel, format_validation_error
 
+# init_lora_weights values peft takes that a plain `get_peft_model` cannot honour here, and why.
+_LORA_INITS_REFUSED = {
+    "pissa": "rewrites the base weights at initialisation, so the saved adapter would not apply to the base model "
+    "that peft and `datasteer export` load (peft converts it only when told at save time)",
+    "olora": "rewrites the base weights at initialisation, so the saved adapter would not apply to the base model "
+    "that peft and `datasteer export` load",
+    "eva": "needs a pass over data before training (peft's initialize_lora_eva_weights), which datasteer does not run",
+    "corda": "needs a pass over data before training (peft's preprocess_corda), which datasteer does not run",
+    "loftq": "needs a LoftQ quantisation config, which datasteer does not build",
+}
+
 
 class LoraConfig(StrictModel):
-    """LoRA adapters via peft; only the adapters train."""
+    """LoRA adapters via peft; only the adapters (and `modules_to_save`) train."""
 
-    r: int = Field(8, description="Adapter rank.")
-    alpha: int = Field(16, description="LoRA scaling numerator (lora_alpha).")
-    dropout: float = Field(0.0, description="Dropout on the adapter input.")
+    r: int = Field(8, ge=1, description="Adapter rank.")
+    alpha: int = Field(16, ge=1, description="LoRA scaling numerator (lora_alpha): the update is scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
     target_modules: list[str] | str = Field(
-        "all-linear", description="Module names to adapt, or 'all-linear' (peft's shortcut)."
+        "all-linear", description="Module names to adapt, or 'all-linear' (peft's shortcut: every linear but the head)."
     )
+    modules_to_save: list[str] | None = Field(
+        None,
+        description="Modules trained in full beside the adapters and saved with them (peft's modules_to_save), "
+        "e.g. [lm_head, embed_tokens] when the vocabulary gained tokens.",
+    )
+    use_dora: bool = Field(
+        False, description="DoRA: adapt the weights' direction and learn their magnitude (slower steps; merges)."
+    )
+    use_rslora: bool = Field(False, description="rsLoRA: scale by alpha / sqrt(r) instead of alpha / r.")
+    init_lora_weights: bool | Literal["gaussian", "orthogonal"] = Field(
+        True,
+        description="peft's initialisation of the adapters: true (B = 0, so training starts at the base model), "
+        "gaussian, orthogonal (needs an even r; also starts at the base model), or false (random; for debugging). "
+        "pissa, olora, eva, corda and loftq are refused: they rewrite the base weights or need a data pass.",
+    )
+
+    @field_validator("init_lora_weights", mode="before")
+    @classmethod
+    def _init_method(cls, v: Any) -> Any:
+        """Name the reason for peft's methods that this config cannot run, instead of pydantic's bare list."""
+        method = v.split("_niter_")[0] if isinstance(v, str) else v
+        if isinstance(method, str) and method in _LORA_INITS_REFUSED:
+            raise ValueError(
+                f"{v!r} is not supported: it {_LORA_INITS_REFUSED[method]}. Use true, gaussian or orthogonal."
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _even_rank_for_orthogonal(self) -> LoraConfig:
+        if self.init_lora_weights == "orthogonal" and self.r % 2:
+            raise ValueError(f"init_lora_weights: orthogonal needs an even rank r (got r: {self.r})")
+        return self
 
 
 class ModelConfig(StrictModel):
@@ -42,12 +86,32 @@ class ModelConfig(StrictModel):
         description="A HF causal LM: a local folder or a Hugging Face Hub id (e.g. Qwen/Qwen2.5-0.5B), as "
         "from_pretrained takes it. HF_HOME / HF_HUB_CACHE / HF_HUB_OFFLINE / HF_TOKEN are honoured.",
     )
+    gguf_file: str | None = Field(
+        None,
+        description="A llama.cpp checkpoint (.gguf) in name_or_path (a folder or a hub repo), passed to "
+        "from_pretrained as gguf_file: transformers de-quantizes it. The tokenizer comes from the same file "
+        "(unless model.tokenizer is set), with the special tokens the file's metadata declares. Needs "
+        "`pip install 'datasteer[gguf]'`.",
+    )
     config: dict[str, Any] | None = Field(
         None, description="HF config kwargs with `model_type`, to initialise a model from scratch."
     )
     demo: bool = Field(False, description="Use datasteer.demo's tiny Llama and character tokenizer.")
     tokenizer: str | None = Field(None, description="Tokenizer folder or hub id; defaults to name_or_path.")
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field("float32", description="Weights dtype.")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "auto",
+        description="Weights dtype. auto: a pretrained model with LoRA keeps its checkpoint's dtype (config.json; "
+        "only the adapters train, and peft keeps them in float32); a full fine-tune, a from-scratch model and "
+        "the demo are float32 (the optimizer updates float32 weights; train.bf16: true adds mixed precision). "
+        "bfloat16 / float16 train the weights in that dtype.",
+    )
+    load_in_4bit: bool = Field(
+        False,
+        description="QLoRA: load the base in 4-bit NF4 (double quantization) with bitsandbytes, compute in "
+        "model.dtype when it is bfloat16 / float16 (else bfloat16), and prepare it with peft's "
+        "prepare_model_for_kbit_training. Needs model.lora, a pretrained name_or_path, a CUDA GPU and "
+        "`pip install bitsandbytes`. `datasteer export --merge` merges into the unquantized base.",
+    )
     lora: LoraConfig | None = Field(None, description="Train LoRA adapters instead of all weights.")
     seed: int = Field(0, description="Seed of a from-scratch initialisation.")
 
@@ -63,7 +127,27 @@ class ModelConfig(StrictModel):
             raise ValueError("model.config needs a 'model_type' (e.g. llama) to pick the architecture")
         if self.config is not None and self.tokenizer is None:
             raise ValueError("model.config builds a model from scratch and needs model.tokenizer (a folder)")
+        if self.load_in_4bit and (self.lora is None or not self.name_or_path):
+            raise ValueError(
+                "model.load_in_4bit quantizes a pretrained base for LoRA (QLoRA): it needs model.name_or_path and "
+                "model.lora; 4-bit weights cannot be trained in full"
+            )
+        self._check_gguf_file()
         return self
+
+    def _check_gguf_file(self) -> None:
+        """A .gguf missing from a local folder fails here, not after the tokenizer and the data are built."""
+        if self.gguf_file is None:
+            return
+        if not self.name_or_path:
+            raise ValueError("model.gguf_file names a file in model.name_or_path (a folder or hub repo); set it")
+        folder = Path(self.name_or_path).expanduser()
+        if folder.is_dir() and not (folder / self.gguf_file).is_file():
+            found = sorted(p.name for p in folder.glob("*.gguf"))
+            raise ValueError(
+                f"model.gguf_file {self.gguf_file!r} is not a file in {folder}; "
+                + (f"the .gguf files there: {', '.join(found)}" if found else "that folder holds no .gguf file")
+            )
 
 
 ComponentSpec = str | dict[str, Any]
@@ -197,6 +281,62 @@ class Config(StrictModel):
                 "Lower steering.lag_steps or raise train.max_steps."
             )
         return self
+
+    @model_validator(mode="after")
+    def _optional_packages_installed(self) -> Config:
+        """A missing extra fails at config check (exit 2), not after the data is built and the model loaded."""
+        check_optional_packages(self)
+        return self
+
+
+# `train.report_to` integrations: the modules transformers looks for, and how to install one.
+_REPORTERS: dict[str, tuple[tuple[str, ...], str]] = {
+    "tensorboard": (("tensorboard", "tensorboardX"), "pip install tensorboard"),
+    "wandb": (("wandb",), "pip install wandb"),
+    "mlflow": (("mlflow",), "pip install mlflow"),
+    "comet_ml": (("comet_ml",), "pip install comet-ml"),
+    "clearml": (("clearml",), "pip install clearml"),
+    "neptune": (("neptune",), "pip install neptune"),
+    "dvclive": (("dvclive",), "pip install dvclive"),
+    "swanlab": (("swanlab",), "pip install swanlab"),
+    "trackio": (("trackio",), "pip install trackio"),
+    "codecarbon": (("codecarbon",), "pip install codecarbon"),
+}
+
+
+def required_packages(config: Config) -> list[tuple[str, tuple[str, ...], str]]:
+    """(key that asks for it, modules of which one must import, how to install) for each optional package the
+    config needs. `report_to: all` is left to transformers: it reports to whichever integrations are installed."""
+    model, needs = config.model, []
+    if model.lora is not None:
+        needs.append(("model.lora", ("peft",), "pip install 'datasteer[lora]'"))
+    if model.gguf_file is not None:
+        needs.append(("model.gguf_file", ("gguf",), "pip install 'datasteer[gguf]'"))
+    if model.load_in_4bit:
+        needs.append(("model.load_in_4bit", ("bitsandbytes",), "pip install bitsandbytes"))
+    report_to = config.train.get("report_to") or []
+    for name in [report_to] if isinstance(report_to, str) else report_to:
+        if name in _REPORTERS:
+            needs.append((f"train.report_to: {name}", *_REPORTERS[name]))
+    return needs
+
+
+def check_optional_packages(config: Config) -> None:
+    """Raise one ConfigError naming every optional package the config needs but that does not import."""
+    missing = [(key, mods, how) for key, mods, how in required_packages(config) if not any(map(_installed, mods))]
+    if missing:
+        raise ConfigError(
+            " ".join(f"{key} needs the {mods[0]} package, which is not installed: {how}." for key, mods, how in missing)
+            + " (Checked before any data or model is loaded.)"
+        )
+
+
+def _installed(module: str) -> bool:
+    """Whether `module` can be imported, without importing it (a module blocked in sys.modules counts as absent)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 @functools.cache
