@@ -3,7 +3,7 @@
 It plugs into the four seams the Trainer already has:
 
 1. the train sampler (`_get_train_sampler` returns the steered sampler),
-2. `compute_loss` (per-sample losses from the same forward pass; optional per-sample weights),
+2. `compute_loss` (per-sample losses from the same forward pass, taken by a hook; optional per-sample weights),
 3. a callback (after each optimizer step: gather, observe, decide; on save: write the state),
 4. the checkpoint files (`steering_state.pt` beside HF's own files, read back by `train(resume_...)`).
 
@@ -33,8 +33,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from datasteer.distributed import gather_varlen
 from datasteer.errors import DatasteerError, NonFiniteLossError
+from datasteer.ops.forward_capture import ForwardCapture, is_fused_output
 from datasteer.ops.pooling import mean_pool
-from datasteer.ops.token_losses import batch_losses, token_losses
+from datasteer.ops.token_losses import batch_losses, output_token_losses
 from datasteer.state_file import read_steering_state
 from datasteer.steering import Steering
 
@@ -174,29 +175,41 @@ class SteeringMixin:
         self._signature_columns += [c for c in STEERING_COLUMNS if c not in self._signature_columns]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The host's loss, plus per-sample losses from the same logits (and weights when steering asks)."""
+        """The host's loss, plus per-sample losses from its own training forward (and weights when steering asks).
+
+        The forward's outputs are taken by a hook (`ForwardCapture`), not by asking the host for them: TRL >= 1.0
+        computes its loss with a fused LM head that builds no logits, and `return_outputs=True` would make it
+        rebuild them in a second forward. Its per-token log-probabilities are read instead, so the weighted
+        loss is built from the very terms of TRL's own loss.
+        """
         ids, domains = inputs.pop("sample_id", None), inputs.pop("domain_id", None)
         if not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if ids is None or domains is None:
             raise missing_ids_error(inputs)
         weighted = self.steering.weights_losses
-        if weighted and self.steering.needs_embeddings:
+        embed = weighted and self.steering.needs_embeddings
+        if embed:
             inputs["output_hidden_states"] = True
-        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
-        with torch.set_grad_enabled(weighted and torch.is_grad_enabled()):
-            per_token, mask = token_losses(logits if weighted else logits.detach(), inputs["labels"])
+        labels = inputs.get("labels")  # HF's label smoothing pops them from `inputs`
+        with ForwardCapture(model, self._backbone() if embed else None) as capture:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        with_grad = weighted and torch.is_grad_enabled()
+        outputs = capture.pick(with_grad)
+        with torch.set_grad_enabled(with_grad):
+            per_token, mask = output_token_losses(outputs, labels, with_grad)
         sums, tokens = per_token.sum(dim=1), mask.sum(dim=1).to(per_token.dtype)
         means = sums.detach() / tokens.clamp_min(1)
         if weighted:
             if not self._step_weights_ready:  # no accumulation, or weights scoped to each micro-batch
-                self._set_step_weights([(ids, domains, means, self._embeddings(outputs, inputs))])
+                self._set_step_weights([(ids, domains, means, self._embeddings(capture, outputs, inputs))])
             weights = self.steering.lookup_weights(ids).to(sums.device)
-            loss = loss + self._token_loss_scale(tokens, num_items_in_batch) * ((weights - 1) * sums).sum()
+            scale = self._token_loss_scale(tokens, num_items_in_batch, is_fused_output(outputs))
+            loss = loss + scale * ((weights - 1) * self._loss_terms(per_token, sums)).sum()
         kept = per_token.detach()[mask] if self.steering.needs_token_losses else None
         self.steering.record(ids, domains, means, tokens, kept)
-        return (loss, outputs) if return_outputs else loss
+        return (loss, result[1]) if return_outputs else loss
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """HF fetches a step's micro-batches up front; under accumulation, step-scoped weights need all of them.
@@ -241,14 +254,32 @@ class SteeringMixin:
                 return int(pad)
         return 0
 
-    @staticmethod
-    def _embeddings(outputs: Any, inputs: dict[str, Any]) -> torch.Tensor | None:
-        hidden = outputs.get("hidden_states") if isinstance(outputs, dict) else None
-        return None if hidden is None else mean_pool(hidden[-1].detach(), inputs.get("attention_mask"))
+    def _loss_terms(self, per_token: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+        """(B,) each sample's summed terms of the host's loss, the ones its weight multiplies: the NLL, or under
+        TRL's DFT (`loss_type="dft"`) the NLL of each token times its detached probability, as TRL weighs it."""
+        if getattr(self.args, "loss_type", "nll") == "dft":
+            return (per_token * torch.exp(-per_token).detach()).sum(dim=1)
+        return sums
 
-    def _token_loss_scale(self, tokens: torch.Tensor, num_items_in_batch: Any) -> torch.Tensor | float:
-        """d(loss)/d(summed token loss), mirroring how the HF Trainer normalises the loss it returns."""
-        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+    def _backbone(self) -> torch.nn.Module | None:
+        """The decoder under the LM head (PEFT unwrapped): a fused head returns no hidden states, it still does."""
+        model = self.accelerator.unwrap_model(self.model)
+        model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return getattr(model, "base_model", None)
+
+    @staticmethod
+    def _embeddings(capture: ForwardCapture, outputs: Any, inputs: dict[str, Any]) -> torch.Tensor | None:
+        hidden = capture.last_hidden_state(outputs)
+        return None if hidden is None else mean_pool(hidden.detach(), inputs.get("attention_mask"))
+
+    def _token_loss_scale(self, tokens: torch.Tensor, num_items_in_batch: Any, fused: bool) -> torch.Tensor | float:
+        """d(loss)/d(summed token loss), mirroring how the host normalises the loss it returns.
+
+        HF divides by `num_items_in_batch` only for a model that takes loss kwargs; TRL's fused loss divides by
+        it whenever it is given. Either way it is multiplied back by the process count under
+        `average_tokens_across_devices`, and without it the micro-batch's own supervised tokens are the divisor.
+        """
+        if (self.model_accepts_loss_kwargs or fused) and num_items_in_batch is not None:
             scale = 1.0 / num_items_in_batch
             if self.args.average_tokens_across_devices:
                 scale = scale * (self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu)

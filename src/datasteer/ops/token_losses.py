@@ -1,9 +1,15 @@
-"""Per-sample losses from the logits of the training forward pass (no second forward)."""
+"""Per-token losses from the outputs of the training forward pass (no second forward): its logits, or the
+per-token log-probabilities of a fused LM head (TRL >= 1.0), which never builds the logits."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+
+from datasteer.errors import DatasteerError
+from datasteer.ops.forward_capture import is_fused_output, per_token_field
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,6 +33,32 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
         reduction="none",
     )
     return flat.view(shift_labels.shape), mask
+
+
+def output_token_losses(
+    outputs: Any, labels: torch.Tensor | None, with_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token losses of one training forward's outputs, whichever LM head produced them.
+
+    A fused head (TRL's `add_fused_lm_head`) returns `log_probs` (zero where the label is -100) and
+    `label_mask`; the host's loss is `-log_probs` summed and normalised, so these are its exact terms. Other
+    heads return logits, scored with `token_losses`. Without `with_grad` nothing is added to the graph.
+
+    Args:
+        outputs: the forward's ModelOutput (or tuple: loss, logits, ...).
+        labels: (B, T) targets, -100 where not supervised; read only for logits.
+
+    Returns:
+        losses: (B, T-1) float32 loss per predicted position, 0 where masked.
+        mask: (B, T-1) bool, True where the position is supervised.
+    """
+    values = per_token_field(outputs)
+    values = values if with_grad else values.detach()
+    if is_fused_output(outputs):
+        return -values.float(), outputs["label_mask"]
+    if labels is None:
+        raise DatasteerError("per-sample losses need the batch's labels, and this training batch has none")
+    return token_losses(values, labels)
 
 
 STEERING_KEYS = ("sample_id", "domain_id")
