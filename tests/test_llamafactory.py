@@ -323,3 +323,70 @@ def test_a_target_dataset_with_no_usable_row_is_an_error_naming_it(tmp_path, mod
     )
     with pytest.raises(ConfigError, match="target_dataset 'blank' has no usable row"):
         lf.run(config)
+
+
+# --- datasteer's native sft formats against LLaMA-Factory's own converter, template and masking ---------------
+# Same alpaca and ShareGPT files, declared in a dataset_info.json for LF and as native sources for datasteer; LF's
+# template smollm2 renders as SmolLM2-135M-Instruct's own chat template once every row has a system prompt (their
+# default system prompts differ by a full stop). mask_history true <-> supervise last; false <-> supervise all.
+
+SFT_ROWS = {
+    "alpaca": [
+        {"system": "Be terse.", "instruction": "Add", "input": "1 and 1", "output": "2", "history": []},
+        {"system": "Be kind.", "instruction": "Name a colour", "input": "", "output": "Blue.",
+         "history": [["Hi", "Hello!"], ["How are you?", "Well, thanks."]]},
+    ],
+    "sharegpt": [
+        {"conversations": [{"from": "system", "value": "Be terse."}, {"from": "human", "value": "1+1?"},
+                           {"from": "gpt", "value": "2"}, {"from": "human", "value": "Times 3?"},
+                           {"from": "gpt", "value": "6"}]},
+        {"conversations": [{"from": "human", "value": "Capital of France?"}, {"from": "gpt", "value": "Paris."}],
+         "system": "Answer in one word."},
+    ],
+}  # fmt: skip
+SFT_INFO = {
+    "alpaca": {"file_name": "alpaca.json", "columns": {"prompt": "instruction", "query": "input", "response": "output",
+                                                       "system": "system", "history": "history"}},
+    "sharegpt": {"file_name": "sharegpt.json", "formatting": "sharegpt",
+                 "columns": {"messages": "conversations", "system": "system"}},
+}  # fmt: skip
+
+
+def lf_sft_rows(tmp_path: Path, model: Path, name: str, mask_history: bool) -> list[dict]:
+    """LF's tokenized rows of dataset `name` (its get_train_args, tokenizer, template and get_dataset)."""
+    from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
+    from llamafactory.hparams import get_train_args
+    from llamafactory.model import load_tokenizer
+
+    data = tmp_path / "lf_data"
+    data.mkdir(exist_ok=True)
+    (data / "dataset_info.json").write_text(json.dumps(SFT_INFO))
+    for key, rows in SFT_ROWS.items():
+        (data / f"{key}.json").write_text(json.dumps(rows))
+    args = {"model_name_or_path": str(model), "stage": "sft", "do_train": True, "finetuning_type": "lora",
+            "dataset": name, "dataset_dir": str(data), "template": "smollm2", "cutoff_len": 1024,
+            "mask_history": mask_history, "output_dir": str(tmp_path / "lf_out"), "overwrite_cache": True,
+            "report_to": "none", "preprocessing_num_workers": 1}  # fmt: skip
+    model_args, data_args, training_args, *_ = get_train_args(args)
+    tokenizer_module = load_tokenizer(model_args)
+    template = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
+    module = get_dataset(template, model_args, data_args, training_args, "sft", **tokenizer_module)
+    return list(module["train_dataset"])
+
+
+@pytest.mark.pretrained
+@pytest.mark.parametrize("supervise", ["last", "all"])
+@pytest.mark.parametrize("name", ["alpaca", "sharegpt"])
+def test_native_sft_formats_equal_llamafactory_encoding(tmp_path, pretrained_dir, name, supervise):
+    from datasteer.data import DataConfig, SourceConfig, build_pool
+
+    theirs = lf_sft_rows(tmp_path, pretrained_dir, name, mask_history=supervise == "last")
+    path = tmp_path / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in SFT_ROWS[name]))
+    cfg = DataConfig(kind="sft", sources=[SourceConfig(path=str(path), sft_format=name)], supervise=supervise,
+                     max_length=1024, cache_dir=None)  # fmt: skip
+    ours = list(build_pool(cfg, AutoTokenizer.from_pretrained(pretrained_dir)).train)
+    assert len(ours) == len(theirs) == len(SFT_ROWS[name])
+    for mine, lf_row in zip(ours, theirs):
+        assert mine["input_ids"] == lf_row["input_ids"]
+        assert mine["labels"] == lf_row["labels"]
