@@ -20,6 +20,7 @@ from pydantic import Field, TypeAdapter, ValidationError, field_validator, model
 
 from datasteer import registry
 from datasteer.data.config import DataConfig
+from datasteer.downstream_config import DownstreamConfig
 from datasteer.errors import ConfigError, did_you_mean
 from datasteer.validation import StrictModel, format_validation_error
 
@@ -240,6 +241,9 @@ class Config(StrictModel):
         "`save_final` (default true: save the final model and tokenizer to output_dir; false to skip).",
     )
     steering: SteeringConfig = Field(default_factory=SteeringConfig, description="The steering of the run.")
+    downstream: DownstreamConfig | None = Field(
+        None, description="lm-evaluation-harness tasks run on the model at eval points and at the end (optional)."
+    )
 
     @field_validator("imports")
     @classmethod

@@ -37,6 +37,7 @@ from datasteer import registry
 from datasteer.components import ComponentSet
 from datasteer.config import DATASTEER_TRAIN_KEYS, Config, SteeringConfig, split_component
 from datasteer.data import Collator, Pool, build_pool
+from datasteer.downstream import build_callback as build_downstream
 from datasteer.errors import ConfigError, DatasteerError
 from datasteer.model import load_model, load_tokenizer
 from datasteer.report import TARGET_EVAL, plot_domain_weights
@@ -133,6 +134,7 @@ def run(config: Config, resume_from_checkpoint: str | bool | None = None, force:
 
 def _train(config: Config, args: TrainingArguments, out: Path, resume: str | None) -> RunResult:
     tokenizer = load_tokenizer(config.model)
+    downstream = build_downstream(config.downstream, args, tokenizer)  # unknown tasks fail before any data is read
     # each node's main process encodes; the other ranks wait, then open the same cached folder (memory maps)
     with args.main_process_first(desc="datasteer pool"):
         pool = build_pool(config.data, tokenizer)
@@ -152,6 +154,8 @@ def _train(config: Config, args: TrainingArguments, out: Path, resume: str | Non
         steering=steering,
     )
     trainer.add_callback(RunConfigCallback(trainer.callback_handler.callbacks, config.model_dump(mode="json")))
+    if downstream is not None:
+        downstream.attach(trainer)
     if trainer.is_world_process_zero():
         _write_atomic(out / CONFIG_FILE, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     result = trainer.train(resume_from_checkpoint=resume)
