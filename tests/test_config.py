@@ -233,3 +233,116 @@ def test_a_duplicate_yaml_key_is_an_error_naming_it(tmp_path):
 def test_an_unparsable_override_value_names_the_override(tmp_path):
     msg = error_of(tmp_path, base(), "train.max_steps=[1,")
     assert "Override 'train.max_steps=[1,': the value '[1,' is not valid YAML" in msg
+
+
+# --- model: LoRA options, gguf_file, 4-bit; optional packages checked before anything loads ---------------------
+
+
+@pytest.mark.parametrize(
+    ("lora", "expected"),
+    [
+        ({"r": 5, "init_lora_weights": "orthogonal"}, "orthogonal needs an even rank r (got r: 5)"),
+        ({"init_lora_weights": "pissa"}, "'pissa' is not supported: it rewrites the base weights"),
+        ({"init_lora_weights": "pissa_niter_4"}, "'pissa_niter_4' is not supported: it rewrites the base weights"),
+        ({"init_lora_weights": "eva"}, "'eva' is not supported: it needs a pass over data"),
+        ({"init_lora_weights": "kaiming"}, "'model.lora.init_lora_weights"),
+        ({"r": 0}, "'model.lora.r': Input should be greater than or equal to 1"),
+        ({"modules_to_save": "lm_head"}, "'model.lora.modules_to_save': Input should be a valid list"),
+    ],
+)
+def test_bad_lora_options_name_the_key_and_why(tmp_path, lora, expected):
+    cfg = base()
+    cfg["model"] = {"demo": True, "lora": lora}
+    assert expected in error_of(tmp_path, cfg)
+
+
+def test_lora_options_load():
+    lora = {"r": 4, "use_dora": True, "use_rslora": True, "init_lora_weights": "gaussian", "modules_to_save": ["x"]}
+    cfg = load_config(None, **{**base(), "model": {"demo": True, "lora": lora}})
+    assert cfg.model.lora.use_dora and cfg.model.lora.init_lora_weights == "gaussian"
+    assert cfg.model.dtype == "auto"  # the default
+
+
+def test_gguf_file_needs_a_folder_that_holds_it(tmp_path):
+    cfg = base()
+    cfg["model"] = {"demo": True, "gguf_file": "m.gguf"}
+    assert "model.gguf_file names a file in model.name_or_path" in error_of(tmp_path, cfg)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "other.Q4_0.gguf").write_bytes(b"GGUF")
+    cfg["model"] = {"name_or_path": str(tmp_path / "models"), "gguf_file": "m.gguf"}
+    assert "'m.gguf' is not a file in" in (msg := error_of(tmp_path, cfg)) and "other.Q4_0.gguf" in msg
+    cfg["model"]["gguf_file"] = "other.Q4_0.gguf"
+    assert load_config(write(tmp_path, cfg)).model.gguf_file == "other.Q4_0.gguf"
+
+
+def test_load_in_4bit_needs_lora_on_a_pretrained_base(tmp_path):
+    cfg = base()
+    cfg["model"] = {"demo": True, "load_in_4bit": True, "lora": {}}
+    assert "model.load_in_4bit quantizes a pretrained base for LoRA" in error_of(tmp_path, cfg)
+    cfg["model"] = {"name_or_path": "Qwen/Qwen2.5-0.5B", "load_in_4bit": True}
+    assert "needs model.name_or_path and model.lora" in error_of(tmp_path, cfg)
+
+
+def hide_modules(monkeypatch, *names: str) -> None:
+    """Make `importlib.util.find_spec` report `names` as not installed (what the config check asks)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in names else real(name, *a))
+
+
+OPTIONAL = {  # what asks for the package, the override that asks, the modules hidden, the install line
+    "peft": ("model.lora", ["model.lora.r=4"], ("peft",), "pip install 'datasteer[lora]'"),
+    "gguf": ("model.gguf_file", ["model.gguf_file=m.gguf"], ("gguf",), "pip install 'datasteer[gguf]'"),
+    "bitsandbytes": ("model.load_in_4bit", ["model.load_in_4bit=true", "model.lora.r=4"], ("bitsandbytes",),
+                     "pip install bitsandbytes"),
+    "tensorboard": ("train.report_to: tensorboard", ["train.report_to=tensorboard"], ("tensorboard", "tensorboardX"),
+                    "pip install tensorboard"),
+    "wandb": ("train.report_to: wandb", ["train.report_to=[wandb]"], ("wandb",), "pip install wandb"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("package", list(OPTIONAL))
+def test_a_missing_optional_package_is_a_config_error_naming_the_install(tmp_path, monkeypatch, package):
+    key, overrides, modules, install = OPTIONAL[package]
+    cfg = base()
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    cfg["model"] = {"name_or_path": str(tmp_path)}
+    hide_modules(monkeypatch, *modules)
+    msg = error_of(tmp_path, cfg, *overrides)
+    assert f"{key} needs the {modules[0]} package, which is not installed: {install}." in msg
+
+
+@pytest.mark.parametrize("module", ["tensorboard", "wandb", "bitsandbytes"])
+def test_packages_absent_here_are_found_missing_without_any_patch(tmp_path, module):
+    """The test environment lacks these for real: the check must see that, with nothing faked."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is not None:
+        pytest.skip(f"{module} is installed here")
+    key, overrides, _, install = OPTIONAL[module]
+    cfg = base()
+    cfg["model"] = {"name_or_path": str(tmp_path)}
+    msg = error_of(tmp_path, cfg, *overrides)
+    assert f"{key} needs the {module} package, which is not installed: {install}." in msg
+
+
+def test_every_missing_package_is_named_at_once(tmp_path, monkeypatch):
+    hide_modules(monkeypatch, "peft", "wandb")
+    msg = error_of(tmp_path, base(), "model.lora.r=4", "train.report_to=wandb")
+    assert "datasteer[lora]" in msg and "pip install wandb" in msg
+    monkeypatch.undo()
+    assert load_config(write(tmp_path, base()), ["train.report_to=all"])  # `all`: whatever is installed
+
+
+def test_cli_without_peft_exits_2_at_config_check_in_a_real_process(tmp_path):
+    """peft blocked from importing (sys.modules[name] = None, as Python documents): exit 2 before anything runs."""
+    cfg = base()
+    cfg["model"]["lora"] = {"r": 4}
+    cfg["train"]["output_dir"] = str(tmp_path / "run")
+    script = ("import sys; sys.modules['peft'] = None; from datasteer.cli import main; "
+              f"sys.exit(main(['train', {str(write(tmp_path, cfg))!r}]))")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "model.lora needs the peft package, which is not installed: pip install 'datasteer[lora]'" in proc.stderr
+    assert not (tmp_path / "run").exists()  # stopped before the output folder, the data or the model
