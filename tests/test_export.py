@@ -98,6 +98,9 @@ def test_export_errors_name_the_folder_and_the_fix(tmp_path, capsys):
     assert (tmp_path / "taken" / "x").is_file()  # left as it was
     assert main(["export", str(out / "checkpoint-2"), "--out", str(tmp_path / "taken"), "--force"]) == 0
     assert not (tmp_path / "taken" / "x").exists()
+    assert main(["export", str(out / "checkpoint-2"), "--merge", "--base", str(tmp_path / "moved")]) == 2
+    assert "the run's base model cannot be loaded" in (err := capsys.readouterr().err) and "--base" in err
+    assert not (out / "checkpoint-2" / "export").exists()  # a failed export leaves nothing
 
 
 @pytest.mark.pretrained

@@ -129,7 +129,10 @@ def _merge(folder: Path, cfg: ModelConfig, out: Path) -> None:
     from datasteer.model import load_base_model
 
     tokenizer = _run_tokenizer(folder, cfg)
-    model = load_base_model(cfg, tokenizer, training=False)
+    try:
+        model = load_base_model(cfg, tokenizer, training=False)
+    except ConfigError as err:  # e.g. a relative base path recorded from another working directory
+        raise ConfigError(f"the run's base model cannot be loaded: {err} Pass it with --base ID_OR_FOLDER.") from None
     merged = PeftModel.from_pretrained(model, folder).merge_and_unload()
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
