@@ -110,6 +110,16 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (train.output_dir)")
     report.add_argument("--out", help="output folder (default: RUN_DIR/report for one run, ./report for several)")
     report.set_defaults(func=_report)
+    export = _export_parser(sub)
+    version = sub.add_parser("version", help="print the version")
+    version.set_defaults(func=lambda a: print(__version__) or 0)
+    for p in (init, train, doremi, score, prepare, comps, report, export, version):
+        # SUPPRESS as default: a sub-command must not reset a top-level `datasteer --debug ...`
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
+
+
+def _export_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write a run's model as a plain HF folder (--merge: LoRA into the base)")
     export.add_argument("run", metavar="RUN_DIR", help="a run folder (train.output_dir) or a checkpoint-N folder in it")
     export.add_argument(
@@ -119,12 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--base", metavar="ID_OR_FOLDER", help="the base model, where the run's recorded one moved")
     export.add_argument("--force", action="store_true", help="replace an existing --out folder")
     export.set_defaults(func=_export)
-    version = sub.add_parser("version", help="print the version")
-    version.set_defaults(func=lambda a: print(__version__) or 0)
-    for p in (init, train, doremi, score, prepare, comps, report, export, version):
-        # SUPPRESS as default: a sub-command must not reset a top-level `datasteer --debug ...`
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    return parser
+    return export
 
 
 def _launch_torchrun(argv: list[str]) -> int | None:
