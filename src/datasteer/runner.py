@@ -36,6 +36,7 @@ from transformers import TrainingArguments
 from datasteer import registry
 from datasteer.components import ComponentSet
 from datasteer.config import DATASTEER_TRAIN_KEYS, Config, SteeringConfig, split_component
+from datasteer.continuation import check_length
 from datasteer.data import Collator, Pool, build_pool
 from datasteer.downstream import build_callback as build_downstream
 from datasteer.errors import ConfigError, DatasteerError
@@ -129,6 +130,7 @@ def run(config: Config, resume_from_checkpoint: str | bool | None = None, force:
         resume = resume_path(config, resume_from_checkpoint, out)
         if resume is not None:
             check_same_steering(config, out, force)
+            check_length(int(read_steering_state(resume)["step"]), args.max_steps)  # a longer run continues it
         return _train(config, args, out, resume)
 
 

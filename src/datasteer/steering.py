@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from datasteer.components import ComponentSet, Selection, Selector, StepRecord
+from datasteer.continuation import StepTail, check_length, continue_run, deciders, tail_start
 from datasteer.distributed import gather_varlen
 from datasteer.errors import ConfigError, DatasteerError, NonFiniteLossError
 from datasteer.sampling import SteeredSampler
@@ -158,6 +159,7 @@ class Steering:
         self._step_weights: tuple[torch.Tensor, torch.Tensor] | None = None
         self._weight_stats: list[torch.Tensor] = []
         self._overhead = 0.0
+        self.tail = StepTail()  # the last steps' records, for a continuation with more steps (continuation.py)
         self._check_components()
 
     def _check_components(self) -> None:
@@ -187,6 +189,8 @@ class Steering:
             total = args.max_steps
         else:
             total = max(1, len(self.pool.sample_ids) // per_step) * max(1, int(np.ceil(args.num_train_epochs)))
+        if self._pending is not None:  # resuming: the new plan may be longer, never shorter than what is trained
+            check_length(self.step, total, "train.max_steps" if args.max_steps > 0 else "train.num_train_epochs")
         updates = self.schedule.update_steps(total) if self._decides_at_schedule_points else []
         self._update_steps = set(updates)
         if self.log.is_main:
@@ -274,7 +278,9 @@ class Steering:
 
     # ------------------------------------------------------------------------- the run's events
     def begin(self, step: int) -> None:
-        """Training starts (or resumes at `step`): set components up, restore them, decide at t=0."""
+        """Training starts (or resumes at `step`): set components up, restore them, decide at t=0.
+
+        A resume with a longer plan first makes the decisions the checkpoint's run cut off (`continue_run`)."""
         self.step = step
         ctx = self.context()
         if not self._is_setup:
@@ -284,8 +290,12 @@ class Steering:
         if self._pending is not None:
             for name, comp in self.components.items():
                 comp.load_state_dict(self._pending["components"].get(name, {}))
+            loaded = StepTail.from_state(self._pending.get("tail"))
+            self.tail = continue_run(self, step, loaded, self._pending.get("total_steps"))
             self._pending = None
-        elif step == 0 and 0 in self._update_steps:
+            return
+        self.tail = StepTail(tail_start(self.sampler.total_steps, self.schedule.lag_steps) if deciders(self) else 0)
+        if step == 0 and 0 in self._update_steps:
             self.update(0)
 
     @property
@@ -316,9 +326,11 @@ class Steering:
         if self._buffer:
             record = self._gather(step)
             self._check_finite(step, record.losses, record.domain_ids)
+            self.tail.before_observe(step, deciders(self))
             ctx = self.context()
             for _, comp in self.components.items():
                 comp.observe(ctx, record)
+            self.tail.keep(record)
             self._log_record(record)
         self._log_weight_stats(step)
         if step in self._update_steps:
@@ -531,6 +543,8 @@ class Steering:
             "step": self.step,
             "update_index": self.update_index,
             "overhead_s": self._overhead,
+            "total_steps": self.sampler.total_steps,  # the planned length, for a continuation's start-up line
+            "tail": self.tail.state_dict(),
             "sampler": self.sampler.state_dict(),
             "selections": list(self.selection_log),
             "components": {name: comp.state_dict() for name, comp in self.components.items()},
