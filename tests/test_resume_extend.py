@@ -83,6 +83,7 @@ def test_an_odm_run_continued_to_12_steps_decides_as_a_12_step_run(tmp_path, cap
     assert weights == full_weights  # the decisions after steps 8, 9 and 10 included
     assert by_step(out, "train") == by_step(tmp_path / "full", "train")  # steps 10-12 trained on the same rows
     assert "train.max_steps 9 -> 12" in startup and "after step(s) 8, 9" in startup
+    assert "mixer 'odm' replayed" in startup and "read(s) the model" not in startup
     assert "decisions follow after step(s) 10" in startup
     assert "Learning rate (constant)" in startup
 
@@ -136,7 +137,7 @@ def test_a_selector_run_continued_to_12_steps_selects_at_the_cut_off_point(tmp_p
         assert len(chosen) == 48
     trained = [e for e in read_events(out) if e["event"] == "train"]
     assert [e["step"] for e in trained] == list(range(1, 13))
-    assert "after step(s) 8" in startup and "read the model after step 9" in startup and later in startup
+    assert "after step(s) 8" in startup and "loss read(s) the model after step 9" in startup and later in startup
 
 
 def test_a_loss_weighter_run_continued_to_12_steps_weighs_every_added_step(tmp_path, caplog):

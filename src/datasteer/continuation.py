@@ -161,7 +161,7 @@ def _steering_sentence(steering: Steering, step: int, missed: list[int], replaye
         acting = " and ".join(f"{k} '{c.registered_name}'" for k, c in named)
         return f"Steering: the {acting} acts inside every step; no decision was cut off." if acting else ""
     s = steering.schedule
-    made = _made_sentence(step, missed, replayed) if missed else ""
+    made = _made_sentence(comps, step, missed, replayed) if missed else ""
     later = [t for t in s.update_steps(total) if t > step]
     if later:
         nxt = f"decisions follow after step(s) {_steps(later)}, each trained on from {s.lag_steps + 1} step(s) later."
@@ -175,17 +175,19 @@ def _steering_sentence(steering: Steering, step: int, missed: list[int], replaye
     return f"Steering: {made}{nxt}"
 
 
-def _made_sentence(step: int, missed: list[int], replayed: bool) -> str:
+MODEL_FREE_DECIDERS = {"odm", "doremi", "static", "random"}  # decide from their own state, never from the model
+
+
+def _made_sentence(comps: dict[str, Component], step: int, missed: list[int], replayed: bool) -> str:
     """How the cut-off decisions were made; a decision that reads the model could only read the checkpoint's."""
     text = f"the decision(s) after step(s) {_steps(missed)}, which the shorter run's end cut off, were made now"
     if not replayed:
         return f"{text} from the checkpoint's state (it keeps no record of its last steps: an older datasteer's); "
-    text += " from the mixer's and selector's state of those steps, replayed from the checkpoint"
-    if missed[0] < step:
-        text += (
-            f" (a decision that reads the model, such as a selector scoring the pool or moe_gate, read the model "
-            f"after step {step}, the only one saved)"
-        )
+    names = " and ".join(f"{k} '{c.registered_name}'" for k, c in comps.items())
+    text += f" as a longer run makes them: the {names} replayed the checkpoint's last steps"
+    reads_model = [c.registered_name for c in comps.values() if c.registered_name not in MODEL_FREE_DECIDERS]
+    if missed[0] < step and reads_model:
+        text += f" ({' and '.join(reads_model)} read(s) the model after step {step}, the only one saved)"
     return text + "; "
 
 

@@ -543,11 +543,11 @@ class Steering:
             "step": self.step,
             "update_index": self.update_index,
             "overhead_s": self._overhead,
-            "total_steps": self.sampler.total_steps,  # the planned length, for a continuation's start-up line
-            "tail": self.tail.state_dict(),
             "sampler": self.sampler.state_dict(),
             "selections": list(self.selection_log),
             "components": {name: comp.state_dict() for name, comp in self.components.items()},
+            "total_steps": self.sampler.total_steps,  # the planned length, for a continuation's start-up line
+            "tail": self.tail.state_dict(),  # last: the sampler's tensors stay the file's first records
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
