@@ -116,7 +116,8 @@ class DataConfig(StrictModel):
     kind: Literal["pretrain", "sft"] = Field(
         "pretrain",
         description="pretrain: documents packed into domain-pure blocks of block_size tokens, every token "
-        "supervised. sft: prompt/response (or chat messages) rows, only response tokens supervised.",
+        "supervised. sft: rows in an sft format (sources' sft_format: prompt_response, alpaca, sharegpt, messages), "
+        "only assistant replies supervised (data.supervise).",
     )
     sources: list[SourceConfig] = Field(
         default_factory=list, description="Files or folders to read. Set exactly one of sources or demo."
