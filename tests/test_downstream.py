@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from datasteer.config import load_config
 from datasteer.downstream import evaluate_model
 from datasteer.downstream_config import DownstreamConfig
 from datasteer.errors import ConfigError
+from datasteer.report import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,10 +134,16 @@ def _run_config(tmp_path: Path, tasks: Path, downstream: dict | None = None, **t
     }  # fmt: skip
 
 
-def test_a_run_evaluates_at_its_eval_points_and_at_the_end(tasks, tmp_path):
-    raw = _run_config(tmp_path, tasks, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=3)
+@pytest.fixture(scope="module")
+def evaluated_run(tasks, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("evaluated")
+    raw = _run_config(root, tasks, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=3)
     runner.run(load_config(None, **raw))
-    out = tmp_path / "run"
+    return root / "run"
+
+
+def test_a_run_evaluates_at_its_eval_points_and_at_the_end(evaluated_run):
+    out = evaluated_run
     events = [json.loads(line) for line in (out / "steering" / "events.jsonl").read_text().splitlines()]
     ran = [e for e in events if e["event"] == "downstream"]
     # eval_on_start, step 2, and step 3 (HF evaluates the last step too): once each, not once per eval set, and the
@@ -153,6 +161,15 @@ def test_a_run_evaluates_at_its_eval_points_and_at_the_end(tasks, tmp_path):
     logged = [h for h in history if "downstream/stdlib_module/acc" in h]
     assert [h["step"] for h in logged] == [0, 2, 3]  # the Trainer's log, what TensorBoard and W&B are handed
     assert logged[-1]["downstream/stdlib_docline/word_prefix"] == ran[-1]["tasks"]["stdlib_docline"]["word_prefix"]
+
+
+def test_the_report_has_a_downstream_panel(evaluated_run, tmp_path):
+    page = write_report([evaluated_run], tmp_path / "report").read_text()
+    panel = page[page.index('<section id="downstream">') :].split("</section>")[0]
+    assert 'alt="downstream"' in panel  # the headline metric over steps 0, 2, 3
+    assert "<th>stdlib_module</th>" in panel and "<th>stdlib_docline</th>" in panel and "(step 3)" in panel
+    assert re.search(r"<td>acc 0\.\d{3} ± 0\.\d{3} \(8 docs\)</td>", panel)  # the headline metric, ± its stderr
+    assert (tmp_path / "report" / "downstream.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_without_evaluations_it_runs_once_at_the_end(tasks, tmp_path):

@@ -435,6 +435,58 @@ def section_sample_weights(runs: list[Run], out: Path) -> Section:
     return sec
 
 
+def _headline(row: dict[str, float]) -> str | None:
+    """A task's first metric (the harness lists its main one first: acc before acc_norm), not a stderr or count."""
+    return next((m for m in row if not m.endswith("_stderr") and m != "samples"), None)
+
+
+def downstream_series(run: Run) -> dict[str, tuple[list[int], list[float]]]:
+    """`{"<task> <metric>": (steps, values)}` of each task's headline metric, from `downstream` events."""
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for e in run.of("downstream"):
+        for task, row in e["tasks"].items():
+            if (metric := _headline(row)) is not None and row[metric] is not None:
+                steps, values = series.setdefault(f"{task} {metric}", ([], []))
+                steps.append(e["step"])
+                values.append(float(row[metric]))
+    return series
+
+
+def section_downstream(runs: list[Run], out: Path) -> Section:
+    """The harness's accuracy per task: the last evaluation as a table (± the harness's stderr), and each task's
+    headline metric over steps when a run evaluated more than once."""
+    sec = Section("downstream", "Downstream evaluation (lm-evaluation-harness)")
+    have = [r for r in runs if r.of("downstream")]
+    sec.notes += [f"{r.name}: no `downstream` events (no downstream: section)." for r in runs if r not in have]
+    if not have:
+        return sec
+    series = {r.name: downstream_series(r) for r in have}
+    if any(len(steps) > 1 for per_run in series.values() for steps, _ in per_run.values()):
+        fig = per_domain_figure(have, series, "value", "headline metric of each task over steps", marker="o-")
+        sec.images.append(_save(fig, out / "downstream.png"))
+    sec.html = _downstream_table(have)
+    return sec
+
+
+def _downstream_table(runs: list[Run]) -> str:
+    last = {r.name: r.of("downstream")[-1] for r in runs}
+    tasks = list(dict.fromkeys(t for e in last.values() for t in e["tasks"]))
+    head = "".join(f"<th>{html.escape(t)}</th>" for t in tasks)
+    body = ""
+    for name, event in last.items():
+        cells = ""
+        for task in tasks:
+            row = event["tasks"].get(task, {})
+            metric = _headline(row)
+            err = row.get(f"{metric}_stderr")
+            text = "–" if metric is None or row[metric] is None else f"{metric} {row[metric]:.3f}"
+            text += f" ± {err:.3f}" if isinstance(err, float) and text != "–" else ""
+            text += f" ({int(row['samples'])} docs)" if row.get("samples") else ""
+            cells += f"<td>{html.escape(text)}</td>"
+        body += f"<tr><td>{html.escape(name)} (step {event['step']})</td>{cells}</tr>"
+    return f"<table><tr><th>run (last evaluation)</th>{head}</tr>{body}</table>"
+
+
 def _runtime(run: Run) -> tuple[float, str] | None:
     """Training wall time and where it came from: HF's `train_runtime` (trainer_state.json, or the
     train_results.json / all_results.json of `trainer.save_metrics`), else an estimate from file times."""
@@ -536,6 +588,7 @@ SECTIONS: list[Callable[[list[Run], Path], Section]] = [
     section_losses,
     section_selection,
     section_sample_weights,
+    section_downstream,
     section_step_time,
 ]
 
