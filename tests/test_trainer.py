@@ -17,11 +17,12 @@ from datasteer.steering_log import read_events
 
 
 class CaptureLoss:
-    """Test-only: remember the loss each micro-batch returned."""
+    """Test-only: remember the loss each micro-batch returned, and the num_items_in_batch HF divided it by."""
 
     def compute_loss(self, *args, **kwargs):
         loss = super().compute_loss(*args, **kwargs)
         self.captured.append(float(loss.detach()))
+        self.num_items.append(kwargs.get("num_items_in_batch"))
         return loss
 
 
@@ -30,7 +31,7 @@ class FixedRowsTrainer(CaptureLoss, Trainer):
 
     def __init__(self, *args, rows, **kwargs):
         super().__init__(*args, **kwargs)
-        self.rows, self.captured = rows, []
+        self.rows, self.captured, self.num_items = rows, [], []
 
     def _get_train_sampler(self, *args, **kwargs):
         rows = self.rows
@@ -48,7 +49,7 @@ class FixedRowsTrainer(CaptureLoss, Trainer):
 class CapturingSteeredTrainer(CaptureLoss, SteeredTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.captured = []
+        self.captured, self.num_items = [], []
 
 
 class Recorder(Component):
@@ -136,8 +137,10 @@ def test_weights_span_the_optimizer_step_under_accumulation(tmp_path):
     sums, counts = np.array(sums), np.array(counts)
     means = sums / counts
     w = means / means.mean()  # normalised over all 8 samples of the step, not per micro-batch
-    # HF divides a step's summed token loss by num_items_in_batch = labels != -100 before the shift: 8 x 16.
-    num_items = 8 * len(pool[0]["labels"])
+    # HF divides a step's summed token loss by num_items_in_batch, the step's supervised labels: 8 x 16 before
+    # the shift up to transformers 5.6, 8 x 15 after it in newer releases; the weighting must follow either.
+    num_items = int(trainer.num_items[0])
+    assert num_items in (8 * len(pool[0]["labels"]), 8 * (len(pool[0]["labels"]) - 1))
     expected = [(w[m * 4 : m * 4 + 4] * sums[m * 4 : m * 4 + 4]).sum() / num_items for m in range(2)]
     np.testing.assert_allclose(trainer.captured, expected, rtol=1e-5)
 
@@ -240,3 +243,16 @@ def test_selections_are_logged_and_kept_in_the_checkpoint(tmp_path):
     events = [e for e in read_events(tmp_path / "steered") if e["event"] == "select"]
     assert [len(e["ids"]) for e in events] == [8, 8]
     assert trainer.steering.selection_log == state["selections"]
+
+
+def test_a_training_forward_without_logits_or_log_probs_is_an_error_that_names_the_cause():
+    """Per-sample losses come from the host's own forward (ForwardCapture); one that hides them must not pass."""
+    from datasteer.errors import DatasteerError
+    from datasteer.ops.forward_capture import ForwardCapture
+
+    decoder = make_model().model  # the decoder alone: hidden states, no LM head, so no logits
+    with ForwardCapture(decoder) as capture:
+        decoder(input_ids=torch.tensor([[3, 4, 5, 6]]))
+    assert len(capture.outputs) == 1
+    with pytest.raises(DatasteerError, match=r"neither logits nor per-token log-probabilities.*Liger"):
+        capture.pick(with_grad=False)
