@@ -63,8 +63,9 @@ PARADIGMS = {
 @pytest.mark.parametrize("paradigm", list(PARADIGMS))
 def test_lora_sft_on_a_pretrained_chat_model_per_paradigm(paradigm, pretrained_dir, tmp_path):
     out = tmp_path / "run"
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
     config = load_config(
-        model={"name_or_path": str(pretrained_dir), "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
+        model={"name_or_path": str(pretrained_dir), "lora": lora},
         data={"kind": "sft", "sources": write_sources(tmp_path), "max_length": 64, "cache_dir": None},
         train={"output_dir": str(out), "max_steps": 3, "per_device_train_batch_size": 2, "learning_rate": 2e-4,
                "logging_steps": 1, "use_cpu": True, "seed": 0, "save_strategy": "no"},
