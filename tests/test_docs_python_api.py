@@ -30,7 +30,9 @@ def python_blocks(path: Path, start: str | None = None, stop: str | None = None)
 def workdir(tmp_path, monkeypatch):
     monkeypatch.setitem(registry._REGISTRY, "mixer", dict(registry.components("mixer")))  # the page registers one
     cache = tmp_path / "hub"
-    publish_to_hub_cache(save_tiny_model(tmp_path / "tiny"), cache, "Qwen/Qwen2.5-0.5B")
+    tiny = save_tiny_model(tmp_path / "tiny")  # served under the ids the pages name
+    for repo_id in ("Qwen/Qwen2.5-0.5B", "HuggingFaceTB/SmolLM2-135M-Instruct"):
+        publish_to_hub_cache(tiny, cache, repo_id)
     use_hub_cache(monkeypatch, cache)
     work = tmp_path / "work"
     work.mkdir()
@@ -54,7 +56,8 @@ def test_python_api_page_runs_end_to_end(workdir):
 
 def test_readme_python_example_runs_as_written(workdir):
     code = python_blocks(ROOT / "README.md", "## Use it from Python", "## Configuration")
-    assert "SteeredSFTTrainer" in code
+    assert "SteeredSFTTrainer" in code and "LoraConfig" in code
     exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
     weights = [e["weights"] for e in read_events(workdir / "runs" / "readme-trl") if e["event"] == "weights"]
     assert len(weights) > 1
+    assert (workdir / "runs" / "readme-trl" / "checkpoint-4" / "adapter_config.json").is_file()  # LoRA trained

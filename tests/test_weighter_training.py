@@ -38,11 +38,18 @@ def test_loss_weights_span_the_optimizer_step_and_the_loss_matches_a_manual_comp
     w = reference_loss_weights(sums / counts, "linupper", r=0.5)  # over all 8 samples, not per micro-batch
     np.testing.assert_allclose(weighter.calls[0]["losses"], sums / counts, rtol=1e-5)
     assert w.max() / w.min() > 2  # a non-trivial case
-    # HF divides the step's summed token loss by num_items_in_batch (labels != -100 before the shift: 8 x 16);
-    # each micro-batch's loss is s · Σ_i w_i L_i over its own samples.
-    num_items = 8 * BLOCK
+    # HF divides the step's summed token loss by num_items_in_batch (the step's labels: 8 x 16 before the shift
+    # up to transformers 5.6, 8 x 15 after it); each micro-batch's loss is s · Σ_i w_i L_i over its own samples.
+    num_items = step_token_count(trainer, samples=8)
     expected = [(w[m * 4 : m * 4 + 4] * sums[m * 4 : m * 4 + 4]).sum() / num_items for m in range(2)]
     np.testing.assert_allclose(trainer.captured, expected, rtol=1e-5)
+
+
+def step_token_count(trainer: CapturingSteeredTrainer, samples: int) -> int:
+    """The num_items_in_batch HF divided the first step by, checked to be one of its two conventions."""
+    num_items = int(trainer.num_items[0])
+    assert num_items in (samples * BLOCK, samples * (BLOCK - 1))
+    return num_items
 
 
 def run_counting_forwards(out, components, **args) -> tuple[CapturingSteeredTrainer, list[int]]:
@@ -69,7 +76,7 @@ def test_micro_batch_scope_weighs_each_micro_batch_by_its_own_losses_with_no_ext
     ids = recorder.records[0].sample_ids.tolist()  # micro-batch 1 then 2, 4 samples each
     assert [c["ids"] for c in weighter.calls] == [ids[:4], ids[4:]]  # one call per micro-batch, its own samples
     sums, counts = sample_sums(make_pool(), ids, make_model())  # both micro-batches see the initial model
-    num_items = 8 * BLOCK  # HF still divides each micro-batch's summed token loss by the step's token count
+    num_items = step_token_count(trainer, samples=8)  # each micro-batch's summed loss over the step's tokens
     for m, call in enumerate(weighter.calls):
         own = slice(4 * m, 4 * m + 4)
         w = reference_loss_weights(sums[own] / counts[own], "linupper", r=0.5)  # mean 1 over these 4 samples
@@ -119,7 +126,7 @@ def test_sample_weights_and_mixer_domain_weights_multiply_then_renormalise(tmp_p
     sums, counts = sample_sums(make_pool(), ids, make_model())
     combined = reference_loss_weights(sums / counts, "quadratic") * domain_w[domains]
     final = combined * len(combined) / combined.sum()  # the product is rescaled to mean 1 over the step
-    np.testing.assert_allclose(trainer.captured, [(final * sums).sum() / (4 * BLOCK)], rtol=1e-5)
+    np.testing.assert_allclose(trainer.captured, [(final * sums).sum() / step_token_count(trainer, samples=4)], rtol=1e-5)
     (summary,) = [e for e in read_events(tmp_path) if e["event"] == "sample_weights"]
     assert summary["mean"] == 1.0
     assert summary["min"] == pytest.approx(final.min(), rel=1e-5)
@@ -157,7 +164,7 @@ def test_custom_template_downweights_its_domains_in_a_real_run(tmp_path):
     sums, _ = sample_sums(make_pool(), ids, make_model())
     w = np.array([0.5, 1.0, 0.25])[domains]  # const 0.5, cycle 1, noise 0.25 ...
     w = w * len(w) / w.sum()  # ... relative to the other samples of the step (mean 1)
-    np.testing.assert_allclose(trainer.captured, [(w * sums).sum() / (4 * BLOCK)], rtol=1e-5)
+    np.testing.assert_allclose(trainer.captured, [(w * sums).sum() / step_token_count(trainer, samples=4)], rtol=1e-5)
 
 
 def test_adapt_uses_the_training_forward_and_no_second_forward(tmp_path):

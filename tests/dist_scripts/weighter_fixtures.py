@@ -99,17 +99,20 @@ class RecordingAdaptWeighter(AdaptWeighter):
 
 
 class CapturingSteeredTrainer(SteeredTrainer):
-    """Remembers the loss of each training micro-batch and the ids this rank trained on."""
+    """Remembers the loss of each training micro-batch, the num_items_in_batch HF divided it by, and the ids
+    this rank trained on. HF's count changed across releases (labels before the shift up to transformers 5.6,
+    after it in newer ones), so tests divide by what HF passed rather than by a hard-coded count."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.captured, self.local = [], []
+        self.captured, self.local, self.num_items = [], [], []
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         if model.training and "sample_id" in inputs:
             self.local.append(inputs["sample_id"].tolist())
         loss = super().compute_loss(model, inputs, *args, **kwargs)
         if model.training:
+            self.num_items.append(kwargs.get("num_items_in_batch"))
             self.captured.append(float((loss[0] if isinstance(loss, tuple) else loss).detach()))
         return loss
 
