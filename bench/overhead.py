@@ -94,10 +94,14 @@ class SeamClock:
 
     @classmethod
     @contextlib.contextmanager
-    def installed(cls) -> Iterator[None]:
-        """Wrap the seams for the duration of the block; the original methods are restored after it."""
+    def installed(cls, host: type = Trainer) -> Iterator[None]:
+        """Wrap the seams for the duration of the block; the original methods are restored after it.
+
+        `host` is the trainer class whose `compute_loss` runs inside the mixin's (TRL's `SFTTrainer` for
+        bench/sft_overhead.py), so its time counts as the host's, not datasteer's.
+        """
         seams = [
-            (SteeringMixin, "compute_loss", Trainer, "compute_loss"),
+            (SteeringMixin, "compute_loss", host, "compute_loss"),
             (SteeringMixin, "get_batch_samples", Trainer, "get_batch_samples"),
             (SteeringCallback, "on_step_end", None, ""),
             (SteeredSampler, "plan", None, ""),

@@ -27,7 +27,6 @@ machine's noise does not drown.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import importlib.metadata
 import json
@@ -37,7 +36,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +46,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 import transformers
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, Trainer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by path from the tests
 from overhead import TARGET_RATIO, SeamClock, StepClock, machine, summarise
 
 from datasteer import ComponentSet, PoolIndex, Schedule, Steering, registry
 from datasteer.demo import make_model, make_tokenizer
-from datasteer.sampling import SteeredSampler
-from datasteer.trainer import SteeringCallback, SteeringMixin
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRETRAINED = Path(__file__).resolve().parents[1] / ".cache" / "models" / "SmolLM2-135M-Instruct"
@@ -140,33 +136,13 @@ def time_run(variant: str, base: Any, tokenizer: Any, rows: Dataset, opts: argpa
     return clock.medians(opts.warmup)
 
 
-@contextlib.contextmanager
-def seam_clock() -> Iterator[None]:
-    """bench/overhead.py's SeamClock with TRL's `SFTTrainer.compute_loss` as the host inside the mixin's."""
-    import trl
-
-    seams = [
-        (SteeringMixin, "compute_loss", trl.SFTTrainer, "compute_loss"),
-        (SteeringMixin, "get_batch_samples", Trainer, "get_batch_samples"),
-        (SteeringCallback, "on_step_end", None, ""),
-        (SteeredSampler, "plan", None, ""),
-    ]
-    saved = [(owner, name, owner.__dict__[name]) for owner, name, *_ in seams]
-    saved += [(host, name, host.__dict__[name]) for _, _, host, name in seams if host is not None]
-    try:
-        for seam in seams:
-            SeamClock._wrap(*seam)
-        yield
-    finally:
-        for owner, name, fn in saved:
-            setattr(owner, name, fn)
-
-
 def bench(opts: argparse.Namespace) -> dict[str, Any]:
     base, tokenizer = load_base(opts)
     rows = sft_rows(opts.rows)
     runs: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
-    with seam_clock():
+    import trl
+
+    with SeamClock.installed(host=trl.SFTTrainer):  # TRL's compute_loss runs inside the mixin's
         time_run("plain", base, tokenizer, rows, opts)  # one untimed run: imports, allocator and caches warm up
         for r in range(opts.rounds):
             for variant in VARIANTS[r % 3 :] + VARIANTS[: r % 3]:  # rotated: no fixed position bias
