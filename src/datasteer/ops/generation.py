@@ -81,13 +81,10 @@ def generate(
     with eval_mode(net), torch.no_grad():
         for n in range(calls):
             c = mine[min(n, len(mine) - 1)] if mine else 0  # a rank out of chunks repeats one (result dropped)
-            rows = chunks[c]
-            responses = _sample(net, [prompts[i] for i in rows], config, eos_token_id, [seed, c], synced)
-            if n >= len(mine):
-                continue
-            for j, i in enumerate(rows):
-                out_ids.append(ids[i : i + 1])
-                out_vals.append(_pack(responses[j * num_samples : (j + 1) * num_samples]))
+            responses = _sample(net, [prompts[i] for i in chunks[c]], config, eos_token_id, [seed, c], synced)
+            if n < len(mine):
+                out_ids += [ids[i : i + 1] for i in chunks[c]]
+                out_vals += [_pack(responses[j : j + num_samples]) for j in range(0, len(responses), num_samples)]
     all_ids, packed = gather_rows(np.concatenate(out_ids), out_vals, world)
     return GenerationResult(ids=all_ids, values=[_unpack(p, num_samples) for p in packed])
 

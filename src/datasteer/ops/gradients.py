@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -279,23 +279,20 @@ def gradient_features(
     layers = select_linears(layers, layer_patterns)
     proj = _projection(layers, proj_dim, seed, kind, projection, block, layout)
     adam = adam_states(optimizer, {n: m.weight for n, m in layers.items()}) if optimizer is not None else None
+
+    def features(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if mode == "fast":
+            return fast_batch(net, layers, proj, batch, loss_reduction, adam, adam_exact_max_elements)
+        return exact_batch(exact_grads(net, layers, batch, loss_reduction), projection, proj, adam)
+
     indices = shard(len(dataset), rank, world)
     plan = plan_batches(dataset, indices, batch_size, world)
     resume = ResumablePass(store, store_key, plan, chunk_batches, rank, world) if store is not None else None
     skip, parts = resume.restore() if resume is not None else (set(), [])
-    ids_out, vals_out = [i for i, _ in parts], [v for _, v in parts]
     batches = run_plan(dataset, plan, collate_fn, filler_row=int(indices[0]) if len(indices) else 0, skip=skip,
                        progress=is_main(rank, progress), desc=f"gradient features ({mode})")  # fmt: skip
     with eval_mode(net):
-        for pos, ids, batch in batches:
-            if mode == "fast":
-                feats = fast_batch(net, layers, proj, batch, loss_reduction, adam, adam_exact_max_elements)
-            else:
-                feats = exact_batch(exact_grads(net, layers, batch, loss_reduction), projection, proj, adam)
-            ids_out.append(ids)
-            vals_out.append(feats.detach().float().cpu())
-            if resume is not None:
-                resume.add(pos, ids, vals_out[-1])
+        ids_out, vals_out = _feature_pass(batches, features, parts, resume)
     values = torch.cat(vals_out) if vals_out else torch.zeros(0, proj_dim)
     ids, values = gather_rows(np.concatenate(ids_out) if ids_out else np.zeros(0, np.int64), values, world)
     result = FeatureResult(ids=ids, values=values)
@@ -304,6 +301,22 @@ def gradient_features(
             store.save(store_key, result)
         resume.finish()
     return result
+
+
+def _feature_pass(
+    batches: Iterable[tuple[int, np.ndarray, dict[str, torch.Tensor]]],
+    features: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    parts: list[tuple[np.ndarray, torch.Tensor]],
+    resume: ResumablePass | None,
+) -> tuple[list[np.ndarray], list[torch.Tensor]]:
+    """Features of every batch this rank runs, after `parts`: the chunks an interrupted pass had already saved."""
+    ids_out, vals_out = [i for i, _ in parts], [v for _, v in parts]
+    for pos, ids, batch in batches:
+        ids_out.append(ids)
+        vals_out.append(features(batch).detach().float().cpu())
+        if resume is not None:
+            resume.add(pos, ids, vals_out[-1])
+    return ids_out, vals_out
 
 
 def _check(mode: str, projection: str | None, reduction: str) -> str:

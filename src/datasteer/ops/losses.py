@@ -87,17 +87,10 @@ def per_sample_losses(
     device = device_of(net)
     ids_out: list[np.ndarray] = []
     vals_out: list = []
-    indices = shard(len(dataset), rank, world)
+    batches = iter_batches(dataset, shard(len(dataset), rank, world), collate_fn, batch_size,
+                           progress=is_main(rank, progress), desc="per-sample losses", world=world)  # fmt: skip
     with eval_mode(net), torch.no_grad(), autocast(accelerator):
-        for ids, batch in iter_batches(
-            dataset,
-            indices,
-            collate_fn,
-            batch_size,
-            progress=is_main(rank, progress),
-            desc="per-sample losses",
-            world=world,
-        ):
+        for ids, batch in batches:
             logits = net(**model_inputs(batch, device)).logits  # (B, T, V)
             losses, mask = token_losses(logits, batch["labels"].to(device))  # (B, T-1) each
             ids_out.append(ids)

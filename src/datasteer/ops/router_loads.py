@@ -8,9 +8,10 @@ under `no_grad` and the accelerator's autocast, through the bare module (never D
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from datasteer.distributed import gather_varlen
@@ -64,24 +65,12 @@ def router_loads(
     rank, world = rank_world(accelerator)
     net = unwrap(model, accelerator)
     k = top_k or _experts_per_token(net)
-    counts: list[torch.Tensor | None] = []
     with eval_mode(net), torch.no_grad(), autocast(accelerator):
-        for dataset in datasets:
-            total = None
-            batches = iter_batches(
-                dataset, shard(len(dataset), rank, world), collate_fn, batch_size, progress=is_main(rank, progress),
-                world=world,
-            )  # fmt: skip
-            for ids, batch in batches:
-                logits = net(**model_inputs(batch, device_of(net)), output_router_logits=True).router_logits
-                if not logits:
-                    raise ValueError(f"{type(net).__name__} returns no router logits: is it an MoE model?")
-                if (ids < 0).all():  # a filler batch that only keeps the ranks in lockstep
-                    continue
-                mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
-                c = expert_counts(logits, mask, k)
-                total = c if total is None else total + c
-            counts.append(total)
+        counts = [
+            _dataset_counts(net, iter_batches(dataset, shard(len(dataset), rank, world), collate_fn, batch_size,
+                                              progress=is_main(rank, progress), world=world), k)
+            for dataset in datasets
+        ]  # fmt: skip
     summed = _sum_over_ranks(counts, world)
     tokens = summed.sum(-1, keepdim=True)  # (K, L, 1)
     if (tokens == 0).any():
@@ -95,6 +84,23 @@ def _experts_per_token(net: torch.nn.Module) -> int:
     if not k:
         raise ValueError("the model's config has no num_experts_per_tok; pass top_k")
     return int(k)
+
+
+def _dataset_counts(
+    net: torch.nn.Module, batches: Iterable[tuple[np.ndarray, dict[str, torch.Tensor]]], k: int
+) -> torch.Tensor | None:
+    """(L, E) expert counts of one dataset's tokens on this rank; None when it ran only filler batches."""
+    total = None
+    for ids, batch in batches:
+        logits = net(**model_inputs(batch, device_of(net)), output_router_logits=True).router_logits
+        if not logits:
+            raise ValueError(f"{type(net).__name__} returns no router logits: is it an MoE model?")
+        if (ids < 0).all():  # a filler batch that only keeps the ranks in lockstep
+            continue
+        mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
+        c = expert_counts(logits, mask, k)
+        total = c if total is None else total + c
+    return total
 
 
 def _sum_over_ranks(counts: list[torch.Tensor | None], world: int) -> torch.Tensor:

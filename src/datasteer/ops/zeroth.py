@@ -12,7 +12,7 @@ scoring never changes the model that trains on (one copy of the trainable parame
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,26 @@ import torch
 
 from datasteer.ops.batching import Collate, unwrap
 from datasteer.ops.losses import per_sample_losses
+
+
+def _central_difference(
+    params: list[torch.nn.Parameter],
+    saved: list[torch.Tensor],
+    z_seed: int,
+    eps: float,
+    losses: Callable[[], list],
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids, (L(θ + εz) − L(θ − εz)) / 2ε) per dataset along the direction z of `z_seed`; θ restored after."""
+    sides = []
+    for scale in (eps, -2 * eps):  # θ + εz, then θ − εz
+        _perturb(params, z_seed, scale)
+        sides.append(losses())
+    with torch.no_grad():  # back to θ exactly (θ + εz − 2εz + εz would drift by rounding)
+        for p, original in zip(params, saved):
+            p.copy_(original)
+    return [
+        (plus.ids, (plus.values.double() - minus.values.double()).numpy() / (2 * eps)) for plus, minus in zip(*sides)
+    ]
 
 
 def _perturb(params: list[torch.Tensor], seed: int, scale: float) -> None:
@@ -68,22 +88,17 @@ def directional_derivatives(
     saved = [p.detach().clone() for p in params]
     columns: list[list[np.ndarray]] = [[] for _ in datasets]
     ids: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * len(datasets)
+
+    def losses() -> list:
+        return [
+            per_sample_losses(model, ds, collate_fn=collate_fn, batch_size=batch_size, accelerator=accelerator,
+                              progress=progress)
+            for ds in datasets
+        ]  # fmt: skip
+
     for k in range(directions):
         z_seed = int(np.random.default_rng([seed, k]).integers(2**62))
-        sides = []
-        for scale in (eps, -2 * eps):  # θ + εz, then θ − εz
-            _perturb(params, z_seed, scale)
-            sides.append(
-                [
-                    per_sample_losses(model, ds, collate_fn=collate_fn, batch_size=batch_size,
-                                      accelerator=accelerator, progress=progress)
-                    for ds in datasets
-                ]
-            )  # fmt: skip
-        with torch.no_grad():  # back to θ exactly (θ + εz − 2εz + εz would drift by rounding)
-            for p, original in zip(params, saved):
-                p.copy_(original)
-        for j, (plus, minus) in enumerate(zip(*sides)):
-            ids[j] = plus.ids
-            columns[j].append((plus.values.double() - minus.values.double()).numpy() / (2 * eps))
+        for j, (sample_ids, d) in enumerate(_central_difference(params, saved, z_seed, eps, losses)):
+            ids[j] = sample_ids
+            columns[j].append(d)
     return [(ids[j], np.stack(columns[j], axis=1)) for j in range(len(datasets))]
