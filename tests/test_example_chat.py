@@ -23,7 +23,7 @@ def train_example(out: Path, model: list[str], monkeypatch, steps: int = 8) -> N
     """The example as written, from the repository root, shortened: `steps` steps, no checkpoints."""
     monkeypatch.chdir(ROOT)  # the example's data paths are relative to the directory you train in
     overrides = [f"train.output_dir={out}", f"train.max_steps={steps}", "train.save_strategy=no", *model]
-    run(load_config(EXAMPLE, overrides + ["train.use_cpu=true", "train.per_device_train_batch_size=2"]))
+    run(load_config(EXAMPLE, [*overrides, "train.use_cpu=true", "train.per_device_train_batch_size=2"]))
 
 
 def check_run(out: Path) -> None:

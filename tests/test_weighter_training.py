@@ -126,7 +126,8 @@ def test_sample_weights_and_mixer_domain_weights_multiply_then_renormalise(tmp_p
     sums, counts = sample_sums(make_pool(), ids, make_model())
     combined = reference_loss_weights(sums / counts, "quadratic") * domain_w[domains]
     final = combined * len(combined) / combined.sum()  # the product is rescaled to mean 1 over the step
-    np.testing.assert_allclose(trainer.captured, [(final * sums).sum() / step_token_count(trainer, samples=4)], rtol=1e-5)
+    expected = (final * sums).sum() / step_token_count(trainer, samples=4)
+    np.testing.assert_allclose(trainer.captured, [expected], rtol=1e-5)
     (summary,) = [e for e in read_events(tmp_path) if e["event"] == "sample_weights"]
     assert summary["mean"] == 1.0
     assert summary["min"] == pytest.approx(final.min(), rel=1e-5)
