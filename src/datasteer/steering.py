@@ -43,6 +43,7 @@ class PoolIndex:
     sample_ids: np.ndarray  # (N,) int64 stable ids
     domain_ids: np.ndarray  # (N,) int64
     domains: list[str]
+    content: str = ""  # content key of the rows (`Pool.fingerprint`), checked on resume; "" when unknown
     _sorted: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)  # sorted ids, order
 
     @classmethod
@@ -148,7 +149,7 @@ class Steering:
         self.budget = budget
         self.target = target
         self.log = SteeringLog(output_dir)
-        self.sampler = SteeredSampler(pool.domain_ids, len(pool.domains), seed=seed)
+        self.sampler = SteeredSampler(pool.domain_ids, len(pool.domains), seed=seed, content=pool.content)
         self.update_index = 0
         self.step = 0
         self._update_steps: set[int] = set()
