@@ -118,7 +118,9 @@ def test_a_full_cache_disk_is_blamed_on_the_disk_not_the_source(tmp_path, mount,
 
 def test_ctrl_c_stops_with_exit_130_and_one_line(tmp_path):
     cfg = write_config(tmp_path, config(tmp_path / "run"))
-    proc, _ = start_child(tmp_path, WAIT_AT_STEP_2, str(cfg))
+    # a shell's background job starts with SIGINT ignored, and Python then installs no handler: restore Python's
+    patch = "import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n" + WAIT_AT_STEP_2
+    proc, _ = start_child(tmp_path, patch, str(cfg))
     os.kill(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=120) == 130
     err = (tmp_path / "child.log").read_text()

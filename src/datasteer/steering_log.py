@@ -34,6 +34,7 @@ class SteeringLog:
         self.is_main = is_main
         self._scalars: dict[str, list[float]] = defaultdict(list)
         self._pending: list[str] = []
+        self.resumed_from: Path | None = None  # the checkpoint folder being resumed, when known (see truncate_after)
 
     def event(self, kind: str, step: int, **fields: Any) -> None:
         """Queue one decision or observation for events.jsonl (main process only)."""
@@ -72,14 +73,20 @@ class SteeringLog:
 
         The rewrite is atomic (temporary file + `os.replace`): a kill during it leaves the old log whole. A log
         that lacks the checkpoint's steps (deleted, or cut short) is an error: the resumed run would write a log
-        of its own steps only, and the report would show a different run. An empty file is taken as consent
+        of its own steps only, and the report would show a different run (a checkpoint of another output_dir starts
+        a new log here: that run's log is elsewhere, whole). An empty file is taken as consent
         (the fix the error offers): the log then starts after the checkpoint, with a warning.
         """
         self.flush()
         if not (self.is_main and self.path):
             return
         if not self.path.exists():
-            if step > 0:
+            # a checkpoint of another output_dir starts a new log here (a fork); one of this run's lost its log
+            forked = (
+                self.resumed_from is not None
+                and self.resumed_from.resolve().parent != self.path.parent.parent.resolve()
+            )
+            if step > 0 and not forked:
                 raise self._lost(step, "is missing")
             return
         kept = [e for e in parse_events(self.path) if e["step"] <= step]

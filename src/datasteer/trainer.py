@@ -308,6 +308,7 @@ class SteeringMixin:
                 )
         if path:
             self.steering.log.is_main = self.is_world_process_zero()  # only the main process checks the log
+            self.steering.log.resumed_from = Path(path)
             verify_checkpoint(path)
             self.steering.load_state_dict(read_steering_state(path))
         return super().train(path or None, *args, **kwargs)
