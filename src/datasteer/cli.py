@@ -35,9 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     _show_progress_logs()
-    if args.command in ("train", "doremi") and (launched := _launch_torchrun(argv)) is not None:
-        return launched
     try:
+        if args.command in ("train", "doremi") and (launched := _launch_torchrun(argv)) is not None:
+            return launched
         return args.func(args)
     except DatasteerError as err:
         if args.debug:
