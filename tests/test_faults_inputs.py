@@ -62,6 +62,8 @@ def test_a_yaml_alias_bomb_is_refused_quickly_with_a_short_message(tmp_path, cap
         (["train.per_device_train_batch_size=1000000000000"], "train.per_device_train_batch_size is 1000000000000"),
         (["train.gradient_accumulation_steps=1e12"], "train.gradient_accumulation_steps"),
         (["train.output_dir=''"], "train.output_dir must name a folder (got '')"),
+        (["train.max_steps=1000000000000"], "train.max_steps is 1000000000000: above 10,000,000"),
+        (["train.max_steps=-1", "train.num_train_epochs=1e12"], "train.num_train_epochs is 1000000000000.0"),
         (["data.block_size=1000000000000"], "data.block_size"),
         (["data.demo.samples_per_domain=1000000000000"], "data.demo.samples_per_domain"),
     ],

@@ -101,6 +101,21 @@ def test_a_checkpoint_whose_checksum_file_has_no_file_list_still_resumes(tmp_pat
     assert train_losses(out) == train_losses(reference)
 
 
+@pytest.mark.parametrize("name", ["trainer_state.json", "model.safetensors"])
+def test_a_cut_hf_file_of_a_checkpoint_without_a_file_list_is_damaged(tmp_path, reference, capsys, caplog, name):
+    """Without a list only the structure can be checked: HF's JSON parses, the safetensors header fits the file."""
+    out = copy_run(reference, tmp_path)
+    for checksum in out.glob(f"checkpoint-*/{CHECKSUM_FILE}"):
+        checksum.write_text(json.dumps({k: v for k, v in json.loads(checksum.read_text()).items() if k != "files"}))
+    cut_in_half(name)(out / "checkpoint-9")
+    cfg = str(write_config(tmp_path, config(out)))
+    code, err = cli(capsys, cfg, "--resume", str(out / "checkpoint-9"))
+    assert code == 2 and "Traceback" not in err and f"is damaged: its {name}" in err, err
+    code, err = cli(capsys, cfg, "--resume")
+    assert code == 0, err
+    assert train_losses(out) == train_losses(reference)
+
+
 HOSTILE = {
     "huge-number": '{"bytes": ' + "9" * 5000 + ', "xxh3_128": "00000000000000000000000000000000"}',
     "deep-nesting": "[" * 100_000 + "]" * 100_000,

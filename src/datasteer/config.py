@@ -378,6 +378,8 @@ def _coerce_train_value(key: str, value: Any, annotation: Any) -> Any:
 
 
 MAX_BATCH = 1 << 20  # rows in one device batch or accumulation: above this no run fits in any memory
+MAX_STEPS = 10_000_000  # optimizer steps; the largest pretraining runs take a few million
+MAX_EPOCHS = 1_000_000
 
 
 def _check_train_ranges(train: dict[str, Any]) -> None:
@@ -394,6 +396,12 @@ def _check_train_ranges(train: dict[str, Any]) -> None:
             raise ConfigError(
                 f"train.{key} is {train[key]}: above {MAX_BATCH:,} rows no batch fits in memory. Give a real size "
                 "(a typical one is 1-64 per device)."
+            )
+    for key, most in (("max_steps", MAX_STEPS), ("num_train_epochs", MAX_EPOCHS)):
+        if train.get(key, 0) > most:
+            raise ConfigError(
+                f"train.{key} is {train[key]}: above {most:,} the steering's schedule (one entry per decision "
+                "point) would take unbounded memory, and no run trains that long. Give a real length."
             )
     if train.get("max_steps", -1) < -1:
         raise ConfigError(

@@ -98,6 +98,10 @@ def file_problem(path: Path, check: dict[str, Any]) -> str | None:
     size = path.stat().st_size
     if size != check["bytes"]:
         return f"{path} holds {size} bytes but was saved with {check['bytes']} (cut short or overwritten)"
-    if hash_file(path)["xxh3_128"] != check["xxh3_128"]:
+    try:
+        digest = hash_file(path)["xxh3_128"]
+    except OSError as err:
+        return f"{path} cannot be read ({err.strerror})"
+    if digest != check["xxh3_128"]:
         return f"the bytes of {path} do not match the checksum saved with it (changed on disk: a bit flip, a bad copy)"
     return None

@@ -71,6 +71,11 @@ def verify_checkpoint(checkpoint: str | os.PathLike) -> None:
         files = _listed_files(folder)
     except Unreadable as err:
         raise _damaged(folder / CHECKSUM_FILE, str(err)) from None
+    if not files:  # saved before the list existed: at least HF's small files must parse, or HF fails on them
+        problem = _legacy_problem(folder)
+        if problem is not None:
+            raise _damaged(folder, problem)
+        return
     signature = tuple((name, *_stat(folder / name)) for name in files)
     if _VERIFIED.get(str(folder)) == signature:
         return
@@ -108,6 +113,32 @@ def _listed_files(folder: Path) -> dict[str, dict[str, Any]]:
             raise Unreadable(f"it names a file outside the checkpoint ({str(name)[:80]!r})")
         checked_entry(check, name)
     return files
+
+
+def _legacy_problem(folder: Path) -> str | None:
+    """Why a checkpoint without a file list cannot be resumed by HF: an unparsable `trainer_state.json`, or a
+    `model.safetensors` whose header is cut; None when these read (their contents cannot be checked)."""
+    state = folder / "trainer_state.json"
+    if state.exists():
+        try:
+            read_json_object(state)
+        except Unreadable as err:
+            return f"its {state.name} cannot be read ({err})"
+    model = folder / "model.safetensors"
+    if model.exists():
+        size = model.stat().st_size
+        with open(model, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            header = f.read(n) if 0 < n <= min(size - 8, 100 << 20) else b""
+        try:
+            entries = json.loads(header)
+            end = max((int(v["data_offsets"][1]) for k, v in entries.items() if k != "__metadata__"), default=0)
+        except (ValueError, RecursionError, TypeError, KeyError, IndexError, AttributeError):
+            return f"its {model.name} has no readable header (cut short?)"
+        if 8 + n + end != size:
+            return f"its {model.name} holds {size} bytes but its header describes {8 + n + end} (cut short?)"
+    return None
 
 
 def _damaged(path: Path, why: str) -> DatasteerError:
