@@ -8,6 +8,7 @@ files (a score file with NaN scores, an arrow file edited in place, a cache meta
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -79,6 +80,19 @@ def test_a_nul_byte_in_a_path_names_the_key(tmp_path, capsys):
     cfg["data"]["cache_dir"] = str(tmp_path / "ca\0che")
     err = run_cli(capsys, tmp_path, cfg)
     assert "data.cache_dir holds a NUL byte" in err
+
+
+def test_an_override_that_is_not_utf8_names_the_key(tmp_path, capsys):
+    run_name = os.fsdecode(b"caf\xe9")  # how Python hands over a Latin-1 command-line argument
+    err = run_cli(capsys, tmp_path, config(tmp_path / "run"), f"train.run_name={run_name}")
+    assert "train.run_name holds bytes that are not UTF-8" in err
+
+
+def test_a_config_nested_too_deeply_is_refused(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("a: " + "[" * 20_000 + "]" * 20_000 + "\n")
+    code, err = cli(capsys, str(path))
+    assert code == 2 and "Traceback" not in err and "nests its values too deeply" in err, err
 
 
 def test_an_error_never_echoes_a_huge_value(tmp_path, capsys):

@@ -453,9 +453,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def check_no_nul(value: Any, key: str) -> None:
     """A NUL byte in any string (a path above all) is an error naming the key: the OS cannot take such a path, and
-    Python's error about it ("embedded null byte") names neither the key nor the file."""
+    Python's error about it ("embedded null byte") names neither the key nor the file. So are the stand-ins Python
+    gives command-line bytes that are not UTF-8 (lone surrogates), which fail later when the config is saved."""
     if isinstance(value, str) and "\0" in value:
         raise ConfigError(f"{key or 'a key'} holds a NUL byte (\\0) in {short(value)}; remove it.")
+    if isinstance(value, str) and any("\udc80" <= c <= "\udcff" for c in value):  # argv bytes that were not UTF-8
+        raise ConfigError(f"{key or 'a key'} holds bytes that are not UTF-8 in {short(value)}; write it in UTF-8.")
     if isinstance(value, dict):
         for k, v in value.items():
             check_no_nul(k, key)
@@ -490,6 +493,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"Override '{item}': '{part}' is not a section.")
         node = child
+    check_no_nul(value, key.strip())  # before YAML, whose own error would echo the bad characters
     try:
         parsed = yaml.safe_load(value)
     except yaml.YAMLError as err:

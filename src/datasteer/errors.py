@@ -45,5 +45,7 @@ def short(value: object, limit: int = MAX_ECHO) -> str:
 
 
 def short_paragraph(text: str, limit: int = MAX_PARAGRAPH) -> str:
-    """The last guard on an error paragraph's length, for values echoed by code that does not use `short`."""
+    """The last guard on an error paragraph: its length, for values echoed by code that does not use `short`, and
+    characters no terminal can print (the surrogates standing for command-line bytes that are not UTF-8)."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text if len(text) <= limit else f"{text[:limit]}... (message cut: {len(text)} characters)"
