@@ -7,14 +7,18 @@ without it those tests are skipped with the reason.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
+import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_faults import WAIT_AT_STEP_2, cli, config, start_child, train_losses, write_config
+from test_faults import CHILD, ROOT, WAIT_AT_STEP_2, cli, config, start_child, train_losses, write_config
 
 from datasteer.config import load_config
 from datasteer.runner import run
@@ -126,3 +130,39 @@ def test_ctrl_c_stops_with_exit_130_and_one_line(tmp_path):
     err = (tmp_path / "child.log").read_text()
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
     assert err.strip().splitlines()[-1].startswith("datasteer: stopped (Ctrl-C).")
+
+
+STOP_IN_AN_ENCODING_WORKER = """
+import signal
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from datasteer.data import workers
+init = workers._init
+def stopping_init(values):
+    init(values)
+    stop_here()
+workers._init = stopping_init
+"""
+
+
+def test_ctrl_c_during_a_parallel_pool_build_is_one_line_for_the_whole_process_group(tmp_path):
+    """A terminal's Ctrl-C signals every process of the group: the encoding workers must stay silent."""
+    source = tmp_path / "a.jsonl"
+    source.write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(400)))
+    cfg = config(tmp_path / "run")
+    cfg["data"] = {"kind": "pretrain", "sources": [{"path": str(source)}], "block_size": 32, "num_proc": 2}
+    cfg["data"]["cache_dir"] = str(tmp_path / "cache")
+    marker, log = tmp_path / "stopped", (tmp_path / "child.log").open("w")
+    code = CHILD.format(patch=textwrap.dedent(STOP_IN_AN_ENCODING_WORKER))
+    env = {**os.environ, "DATASTEER_TEST_MARKER": str(marker)}
+    argv = [sys.executable, "-c", code, "train", str(write_config(tmp_path, cfg))]
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "child.log").read_text()[-3000:]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal does: the parent and its workers
+    assert proc.wait(timeout=120) == 130
+    err = (tmp_path / "child.log").read_text()
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("datasteer: stopped (Ctrl-C).")
+    assert not list((tmp_path / "cache").iterdir())  # no entry, no temporary folder

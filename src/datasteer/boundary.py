@@ -66,6 +66,18 @@ def os_failure(err: BaseException) -> str | None:
     )
 
 
+def interrupted(err: BaseException) -> bool:
+    """Whether a Ctrl-C (KeyboardInterrupt) is in `err`'s cause chain: libraries wrap it in their own errors."""
+    seen: set[int] = set()
+    link: BaseException | None = err
+    while link is not None and id(link) not in seen:
+        if isinstance(link, KeyboardInterrupt):
+            return True
+        seen.add(id(link))
+        link = link.__cause__ or link.__context__
+    return False
+
+
 def _os_error_in(err: BaseException) -> tuple[int, str] | None:
     """(errno, path) of the first OS error in `err`'s cause chain, or of a library message naming one."""
     seen: set[int] = set()

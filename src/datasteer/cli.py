@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from datasteer import __version__, registry
-from datasteer.boundary import RESUME_HINT, os_failure
+from datasteer.boundary import RESUME_HINT, interrupted, os_failure
 from datasteer.errors import DatasteerError, short_paragraph
 
 if TYPE_CHECKING:
@@ -39,16 +39,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("train", "doremi") and (launched := _launch_torchrun(argv)) is not None:
             return launched
         return args.func(args)
-    except DatasteerError as err:
-        if args.debug:
-            raise
-        print(f"datasteer: error: {short_paragraph(str(err))}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:  # Ctrl-C: checkpoints and cache entries are published atomically, nothing to undo
         print(f"datasteer: stopped (Ctrl-C). {RESUME_HINT}", file=sys.stderr)
         return 130
-    except Exception as err:  # an OS failure anywhere (full disk, read-only mount): one paragraph, exit 2
-        message = os_failure(err)
+    except Exception as err:
+        if interrupted(err):  # a library (datasets) wrapped the Ctrl-C in an error of its own
+            print(f"datasteer: stopped (Ctrl-C). {RESUME_HINT}", file=sys.stderr)
+            return 130
+        if isinstance(err, DatasteerError) and not args.debug:
+            print(f"datasteer: error: {short_paragraph(str(err))}", file=sys.stderr)
+            return 2
+        message = os_failure(err)  # an OS failure anywhere (full disk, read-only mount): one paragraph, exit 2
         if message is None or args.debug:
             raise
         print(f"datasteer: error: {message}", file=sys.stderr)
