@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from datasteer import __version__, registry
-from datasteer.errors import DatasteerError
+from datasteer.boundary import RESUME_HINT, interrupted, os_failure
+from datasteer.errors import DatasteerError, short_paragraph
 
 if TYPE_CHECKING:
     from datasteer.components import Selector
@@ -34,14 +35,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     _show_progress_logs()
-    if args.command in ("train", "doremi") and (launched := _launch_torchrun(argv)) is not None:
-        return launched
     try:
+        if args.command in ("train", "doremi") and (launched := _launch_torchrun(argv)) is not None:
+            return launched
         return args.func(args)
-    except DatasteerError as err:
-        if args.debug:
+    except KeyboardInterrupt:  # Ctrl-C: checkpoints and cache entries are published atomically, nothing to undo
+        print(f"datasteer: stopped (Ctrl-C). {RESUME_HINT}", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if interrupted(err):  # a library (datasets) wrapped the Ctrl-C in an error of its own
+            print(f"datasteer: stopped (Ctrl-C). {RESUME_HINT}", file=sys.stderr)
+            return 130
+        if isinstance(err, DatasteerError) and not args.debug:
+            print(f"datasteer: error: {short_paragraph(str(err))}", file=sys.stderr)
+            return 2
+        message = os_failure(err)  # an OS failure anywhere (full disk, read-only mount): one paragraph, exit 2
+        if message is None or args.debug:
             raise
-        print(f"datasteer: error: {err}", file=sys.stderr)
+        print(f"datasteer: error: {message}", file=sys.stderr)
         return 2
 
 
@@ -481,9 +492,11 @@ CHAT_EXAMPLES: list[dict[str, Any]] = [
 
 def _peek_yaml(path: str) -> object:
     """The raw YAML, only to tell a LLaMA-Factory config from a native one; load_config reports errors."""
+    from datasteer.config_file import load_yaml, read_config_text
+
     try:
-        return yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
+        return load_yaml(read_config_text(Path(path)))
+    except (OSError, yaml.YAMLError, RecursionError, DatasteerError):
         return None
 
 

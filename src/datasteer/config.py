@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import math
 import typing
-from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,9 +19,10 @@ import yaml
 from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from datasteer import registry
+from datasteer.config_file import load_yaml, read_config_text
 from datasteer.data.config import DataConfig
 from datasteer.downstream_config import DownstreamConfig
-from datasteer.errors import ConfigError, did_you_mean
+from datasteer.errors import ConfigError, did_you_mean, short, short_paragraph
 from datasteer.validation import StrictModel, format_validation_error
 
 # init_lora_weights values peft takes that a plain `get_peft_model` cannot honour here, and why.
@@ -269,6 +270,11 @@ class Config(StrictModel):
                 )
         if "output_dir" not in v:
             raise ValueError("train.output_dir is required (where checkpoints and the steering log go)")
+        if not isinstance(v["output_dir"], str) or not v["output_dir"].strip():
+            raise ValueError(
+                f"train.output_dir must name a folder (got {short(v['output_dir'])}): checkpoints and the steering "
+                "log go there"
+            )
         coerced = {key: _coerce_train_value(key, value, hints[key]) for key, value in v.items()}
         _check_train_ranges(coerced)
         return coerced
@@ -366,16 +372,37 @@ def _coerce_train_value(key: str, value: Any, annotation: Any) -> Any:
     except ValidationError as err:
         expected = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
         raise ConfigError(
-            f"train.{key}: {value!r} is not a valid value: {err.errors()[0]['msg']}. TrainingArguments declares "
+            f"train.{key}: {short(value)} is not a valid value: {err.errors()[0]['msg']}. TrainingArguments declares "
             f"it as {expected}; give a value of that type."
         ) from None
 
 
+MAX_BATCH = 1 << 20  # rows in one device batch or accumulation: above this no run fits in any memory
+MAX_STEPS = 10_000_000  # optimizer steps; the largest pretraining runs take a few million
+MAX_EPOCHS = 1_000_000
+
+
 def _check_train_ranges(train: dict[str, Any]) -> None:
-    """Values TrainingArguments accepts but that end in a crash or a silently different run later."""
+    """Values TrainingArguments accepts but that end in a crash, an unbounded allocation or a silently different
+    run later: a NaN or infinite number (`learning_rate: .nan` fails inside torch's optimizer), a batch of a
+    trillion rows."""
+    for key, value in train.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"train.{key} is {value}, not a finite number. Give a finite value.")
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if key in train and train[key] < 1:
             raise ConfigError(f"train.{key} must be at least 1 (got {train[key]}).")
+        if key in train and train[key] > MAX_BATCH:
+            raise ConfigError(
+                f"train.{key} is {train[key]}: above {MAX_BATCH:,} rows no batch fits in memory. Give a real size "
+                "(a typical one is 1-64 per device)."
+            )
+    for key, most in (("max_steps", MAX_STEPS), ("num_train_epochs", MAX_EPOCHS)):
+        if train.get(key, 0) > most:
+            raise ConfigError(
+                f"train.{key} is {train[key]}: above {most:,} the steering's schedule (one entry per decision "
+                "point) would take unbounded memory, and no run trains that long. Give a real length."
+            )
     if train.get("max_steps", -1) < -1:
         raise ConfigError(
             f"train.max_steps must be a positive number of steps, or -1 to train for num_train_epochs "
@@ -408,36 +435,37 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"Config file {path} does not exist. Pass the path of a YAML file.")
         try:
-            loaded = yaml.load(path.read_text(), Loader=UniqueKeyLoader) or {}
+            loaded = load_yaml(read_config_text(path)) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+            raise ConfigError(f"{path} is not valid YAML: {short_paragraph(' '.join(str(err).split()), 600)}") from None
+        except RecursionError:
+            raise ConfigError(f"{path} nests its values too deeply to be a config file.") from None
         except ConfigError as err:
-            raise ConfigError(f"{path}: {err}") from None
+            raise ConfigError(f"{path}: {err}" if str(path) not in str(err) else str(err)) from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping with the sections model, data, train, steering.")
         raw = {**loaded, **raw}
     for item in overrides or []:
         apply_override(raw, item)
+    check_no_nul(raw, "")
     return validate(raw, source)
 
 
-class UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, but a repeated key is an error: plain YAML keeps the last and drops the first silently."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            line = key_node.start_mark.line + 1
-            if not isinstance(key, Hashable):
-                continue  # the safe loader's own error names an unhashable key
-            if key in seen:
-                raise ConfigError(
-                    f"duplicate key '{key}' at line {line} (first at line {seen[key]}); YAML would keep only the "
-                    "last one and silently drop the other. Merge them into one."
-                )
-            seen[key] = line
-        return super().construct_mapping(node, deep=deep)
+def check_no_nul(value: Any, key: str) -> None:
+    """A NUL byte in any string (a path above all) is an error naming the key: the OS cannot take such a path, and
+    Python's error about it ("embedded null byte") names neither the key nor the file. So are the stand-ins Python
+    gives command-line bytes that are not UTF-8 (lone surrogates), which fail later when the config is saved."""
+    if isinstance(value, str) and "\0" in value:
+        raise ConfigError(f"{key or 'a key'} holds a NUL byte (\\0) in {short(value)}; remove it.")
+    if isinstance(value, str) and any("\udc80" <= c <= "\udcff" for c in value):  # argv bytes that were not UTF-8
+        raise ConfigError(f"{key or 'a key'} holds bytes that are not UTF-8 in {short(value)}; write it in UTF-8.")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            check_no_nul(k, key)
+            check_no_nul(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_no_nul(v, f"{key}[{i}]")
 
 
 def validate(raw: dict[str, Any], source: str = "") -> Config:
@@ -465,6 +493,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"Override '{item}': '{part}' is not a section.")
         node = child
+    check_no_nul(value, key.strip())  # before YAML, whose own error would echo the bad characters
     try:
         parsed = yaml.safe_load(value)
     except yaml.YAMLError as err:

@@ -31,3 +31,21 @@ def unknown_choice(what: str, name: str, choices: Iterable[str], where: str = ""
     return ConfigError(
         f"Unknown {what} '{name}'{loc}.{did_you_mean(name, choices)} Valid choices: {', '.join(choices)}."
     )
+
+
+MAX_ECHO = 200  # characters of a user's value quoted in an error
+MAX_PARAGRAPH = 4000  # characters of one error paragraph
+
+
+def short(value: object, limit: int = MAX_ECHO) -> str:
+    """`repr(value)`, cut to `limit` characters with the length said: an error never echoes a megabyte value
+    (a YAML alias bomb, a pasted document) back at the user."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def short_paragraph(text: str, limit: int = MAX_PARAGRAPH) -> str:
+    """The last guard on an error paragraph: its length, for values echoed by code that does not use `short`, and
+    characters no terminal can print (the surrogates standing for command-line bytes that are not UTF-8)."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else f"{text[:limit]}... (message cut: {len(text)} characters)"

@@ -19,8 +19,10 @@ import importlib
 import inspect
 import logging
 import pkgutil
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError
@@ -62,8 +64,14 @@ def _load_builtin(kind: Kind) -> None:
 
 
 def import_modules(modules: list[str], where: str = "imports") -> None:
-    """Import user modules so that their `@register` decorators run; a module that fails to import is an error."""
+    """Import user modules so that their `@register` decorators run; a module that fails to import is an error.
+
+    Whatever the module raises while importing (a typo, a missing file it reads, a failed assertion) is the
+    user's code failing, so it is reported as a config error naming the module and the line, not a traceback.
+    """
     for name in modules:
+        if not isinstance(name, str) or not name.replace(".", "").replace("_", "").isalnum():
+            raise ConfigError(f"{where}: {_module_hint(name)}")
         try:
             importlib.import_module(name)
         except ImportError as err:
@@ -71,6 +79,26 @@ def import_modules(modules: list[str], where: str = "imports") -> None:
                 f"{where}: cannot import {name!r} ({err}). Install the package that holds it, or put its folder on "
                 "PYTHONPATH; give the module's dotted name (my_pkg.my_mixer), not a file path."
             ) from None
+        except Exception as err:  # anything the user's module raises at import
+            frame = traceback.extract_tb(err.__traceback__)[-1]
+            raise ConfigError(
+                f"{where}: importing {name!r} failed inside it: {type(err).__name__}: {str(err)[:300]} (at "
+                f"{frame.filename}:{frame.lineno}). Fix the module (`python -c 'import {name}'` shows the whole "
+                "traceback)."
+            ) from None
+
+
+def _module_hint(entry: object) -> str:
+    """The error for an `imports:` entry that is not a dotted module name, with the name it probably means."""
+    text = str(entry)[:200]
+    path = Path(text)
+    if text.endswith(".py") or "/" in text or "\\" in text:
+        folder = str(path.parent) if str(path.parent) not in ("", ".") else "its folder"
+        return (
+            f"{text!r} is a file path; give a module's dotted name instead: put {folder} on PYTHONPATH and write "
+            f"{path.stem!r} (or a package's my_pkg.{path.stem})."
+        )
+    return f"{text!r} is not a module name; give a dotted name such as my_pkg.my_mixer."
 
 
 def load_plugins() -> None:

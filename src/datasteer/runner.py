@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,7 @@ from datasteer.report import TARGET_EVAL, plot_domain_weights
 from datasteer.schedule import Schedule
 from datasteer.steering import PoolIndex, Steering
 from datasteer.steering_log import RunConfigCallback
-from datasteer.trainer import SteeredTrainer, last_complete_checkpoint, read_steering_state
+from datasteer.trainer import SteeredTrainer, last_complete_checkpoint, read_steering_state, verify_checkpoint
 
 TRAIN_DEFAULTS: dict[str, Any] = {"report_to": "none", "save_strategy": "no", "logging_steps": 10}
 LOCK_FILE = ".datasteer.lock"
@@ -79,7 +80,7 @@ def build_components(cfg: SteeringConfig) -> ComponentSet:
 
 def build_steering(cfg: SteeringConfig, pool: Pool, output_dir: str) -> Steering:
     schedule = Schedule(cfg.warmup_steps, cfg.update_every, cfg.updates, cfg.lag_steps)
-    index = PoolIndex(pool.sample_ids, pool.domain_ids, list(pool.domains))
+    index = PoolIndex(pool.sample_ids, pool.domain_ids, list(pool.domains), content=pool.fingerprint)
     return Steering(
         index,
         build_components(cfg),
@@ -251,6 +252,13 @@ def prepare_output_dir(output_dir: str) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(f"train.output_dir {out} cannot be created ({err.strerror}). Choose another one.") from None
+    try:  # a read-only mount fails here, before any data is read, not at the first checkpoint
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".probe-"):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            f"train.output_dir {out} cannot be written ({err.strerror}). Choose a writable folder."
+        ) from None
     return out
 
 
@@ -302,6 +310,7 @@ def resume_path(config: Config, resume: str | bool | None, out: Path) -> str | N
             )
         return path
     read_steering_state(given)
+    verify_checkpoint(given)
     return str(given)
 
 

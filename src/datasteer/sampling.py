@@ -66,10 +66,13 @@ class SteeredSampler(Sampler[int]):
         domain_ids: (N,) domain index of each pool row.
         num_domains: K, the number of domains.
         seed: seed of the whole stream.
+        content: a content key of the pool's rows ("" when unknown), saved with the state so that a resume on
+            rows whose text changed (same count, same domains) is refused instead of continuing silently.
     """
 
-    def __init__(self, domain_ids: np.ndarray, num_domains: int, seed: int = 0) -> None:
+    def __init__(self, domain_ids: np.ndarray, num_domains: int, seed: int = 0, content: str = "") -> None:
         self.domain_ids = np.asarray(domain_ids, dtype=np.int64)
+        self.content = content
         self.num_domains = int(num_domains)
         self.seed = int(seed)
         self.samples_per_step = 0  # samples trained per optimizer step
@@ -356,6 +359,7 @@ class SteeredSampler(Sampler[int]):
             "samples_per_step": self.samples_per_step,
             "draws_per_step": self.draws_per_step,
             "pool_fingerprint": pool_fingerprint(self.domain_ids),
+            "pool_content": self.content,
             "selections": [
                 {
                     "rows": None if s.rows is None else torch.from_numpy(s.rows),
@@ -382,6 +386,15 @@ class SteeredSampler(Sampler[int]):
                 f"the checkpoint's steering state was made for a different training pool (this pool has "
                 f"{len(self.domain_ids)} rows in {self.num_domains} domains). Resume with the data settings the "
                 "run started with (its datasteer_config.yaml), or start a fresh output_dir."
+            )
+        saved = str(state.get("pool_content", ""))  # "" in states saved before it, or for a pool of unknown content
+        if saved and self.content and saved != self.content:
+            raise DatasteerError(
+                "the checkpoint's steering state was made for a training pool with other content: it has as many "
+                f"rows ({len(self.domain_ids)}) in the same domains, but a source's bytes (e.g. a row's text edited), "
+                "the tokenizer or a data setting changed since, so the steps trained so far and the decisions made "
+                "on them do not belong to this data. Restore the data the run started with, or start a fresh "
+                "output_dir."
             )
         self.seed = int(state["seed"])
         self.samples_per_step = int(state["samples_per_step"])

@@ -239,7 +239,42 @@ def read_scores(path: str | Path, where: str = "scores_file") -> ScoreFile:
     fingerprints = None
     if fmt == FORMAT:
         fingerprints = table.column(FINGERPRINT).to_numpy().astype(np.int64).view(np.uint64)
-    return ScoreFile(path, ids, table.column("score").to_numpy().astype(np.float64), meta, fingerprints)
+    file = ScoreFile(path, ids, table.column("score").to_numpy().astype(np.float64), meta, fingerprints)
+    _check_values(file, where)
+    return file
+
+
+def _check_values(file: ScoreFile, where: str) -> None:
+    """Refuse scores the scorer did not write: an infinite score, or more or fewer NaN ("no score") than it wrote.
+
+    NaN is how a scorer marks a row it could not score (IFD: a row without a prompt), and such a row is never
+    selected; so a NaN that appeared since (a file rewritten by hand or by another tool, with valid page CRCs)
+    would silently drop rows. The writer records the count in the metadata (`nan`); a file without it (written
+    before the count existed) is used with a warning that counts its NaN rows.
+    """
+    nan = np.isnan(file.scores)
+    inf = np.isinf(file.scores)
+    fix = f"Re-score this pool: datasteer score {file.meta.get('method', '<method>')} CONFIG --out {file.path}"
+    if inf.any():
+        raise DatasteerError(
+            f"{where} = '{file.path}' holds {int(inf.sum())} infinite score(s), the first for {_first(file.ids[inf])}; "
+            f"no scorer writes one. {fix}."
+        )
+    written = file.meta.get("nan")
+    if written is None:
+        if nan.any():
+            log.warning(
+                "%s = '%s' has %d row(s) without a score (NaN), the first %s: they are never selected",
+                where, file.path, int(nan.sum()), _first(file.ids[nan]),
+            )  # fmt: skip
+        return
+    if type(written) is not int or written != int(nan.sum()):
+        first = f" (the first for {_first(file.ids[nan])})" if nan.any() else ""
+        raise DatasteerError(
+            f"{where} = '{file.path}' holds {int(nan.sum())} NaN score(s){first}, but it was written with "
+            f"{str(written)[:40]}: its scores were changed after scoring, and a NaN row is never "
+            f"selected. {fix}."
+        )
 
 
 def check_method(file: ScoreFile, method: str) -> None:

@@ -43,11 +43,16 @@ class PoolIndex:
     sample_ids: np.ndarray  # (N,) int64 stable ids
     domain_ids: np.ndarray  # (N,) int64
     domains: list[str]
+    content: str = ""  # content key of the rows (`Pool.fingerprint`), checked on resume; "" when unknown
     _sorted: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)  # sorted ids, order
 
     @classmethod
-    def from_dataset(cls, dataset: Any, domains: list[str] | None = None) -> PoolIndex:
-        """Read `sample_id` / `domain_id` columns of a datasets.Dataset (domains default to their indices)."""
+    def from_dataset(cls, dataset: Any, domains: list[str] | None = None, content: str = "") -> PoolIndex:
+        """Read `sample_id` / `domain_id` columns of a datasets.Dataset (domains default to their indices).
+
+        `content` is a key of the rows' content for the resume check (see the field); none is derived here:
+        datasets' own fingerprint is random for a `map` whose function it cannot hash, and a random key would
+        refuse every resume."""
         missing = {"sample_id", "domain_id"} - set(dataset.column_names)
         if missing:
             raise DatasteerError(
@@ -58,7 +63,7 @@ class PoolIndex:
         ids = np.asarray(table["sample_id"], dtype=np.int64).reshape(-1)
         doms = np.asarray(table["domain_id"], dtype=np.int64).reshape(-1)
         names = domains or [str(i) for i in range(int(doms.max()) + 1)]
-        return cls(ids, doms, list(names))
+        return cls(ids, doms, list(names), content)
 
     @property
     def domain_sizes(self) -> np.ndarray:
@@ -148,7 +153,7 @@ class Steering:
         self.budget = budget
         self.target = target
         self.log = SteeringLog(output_dir)
-        self.sampler = SteeredSampler(pool.domain_ids, len(pool.domains), seed=seed)
+        self.sampler = SteeredSampler(pool.domain_ids, len(pool.domains), seed=seed, content=pool.content)
         self.update_index = 0
         self.step = 0
         self._update_steps: set[int] = set()

@@ -34,6 +34,7 @@ class SteeringLog:
         self.is_main = is_main
         self._scalars: dict[str, list[float]] = defaultdict(list)
         self._pending: list[str] = []
+        self.resumed_from: Path | None = None  # the checkpoint folder being resumed, when known (see truncate_after)
 
     def event(self, kind: str, step: int, **fields: Any) -> None:
         """Queue one decision or observation for events.jsonl (main process only)."""
@@ -70,17 +71,43 @@ class SteeringLog:
     def truncate_after(self, step: int) -> None:
         """On resume, drop events of steps beyond the checkpoint so the resumed run does not duplicate them.
 
-        The rewrite is atomic (temporary file + `os.replace`): a kill during it leaves the old log whole.
+        The rewrite is atomic (temporary file + `os.replace`): a kill during it leaves the old log whole. A log
+        that lacks the checkpoint's steps (deleted, or cut short) is an error: the resumed run would write a log
+        of its own steps only, and the report would show a different run (a checkpoint of another output_dir starts
+        a new log here: that run's log is elsewhere, whole). An empty file is taken as consent
+        (the fix the error offers): the log then starts after the checkpoint, with a warning.
         """
         self.flush()
-        if not (self.is_main and self.path and self.path.exists()):
+        if not (self.is_main and self.path):
+            return
+        if not self.path.exists():
+            # a checkpoint of another output_dir starts a new log here (a fork); one of this run's lost its log
+            forked = (
+                self.resumed_from is not None
+                and self.resumed_from.resolve().parent != self.path.parent.parent.resolve()
+            )
+            if step > 0 and not forked:
+                raise self._lost(step, "is missing")
             return
         kept = [e for e in parse_events(self.path) if e["step"] <= step]
+        trained = [e["step"] for e in kept if e.get("event") == "train"]
+        if step > 0 and not kept and self.path.stat().st_size == 0:
+            log.warning("%s is empty: the events log of this run starts after step %d", self.path, step)
+        elif step > 0 and (not trained or max(trained) < step):
+            raise self._lost(step, f"holds the steps up to {max(trained, default=0)} only")
         # One temporary file per process: under torchrun a rank may rewrite the log before it learns it is not the
         # main one, and two ranks renaming one shared temporary file race (the second finds it gone).
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         tmp.write_text("".join(to_json_line(e) for e in kept))
         os.replace(tmp, self.path)
+
+    def _lost(self, step: int, what: str) -> DatasteerError:
+        return DatasteerError(
+            f"{self.path} {what}, but the checkpoint resumed from was saved at step {step}: the events of the "
+            "steps trained so far are lost, and the resumed run would write a log of its later steps only (the "
+            "report and the decisions shown would not be this run's). Restore the file from a backup, or, to "
+            f"resume with a log that starts after step {step}, empty it: `: > {self.path}`."
+        )
 
 
 def run_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from datasteer.errors import DatasteerError, NonFiniteLossError
 from datasteer.ops.forward_capture import ForwardCapture, is_fused_output
 from datasteer.ops.pooling import mean_pool
 from datasteer.ops.token_losses import batch_losses, output_token_losses
-from datasteer.state_file import read_steering_state
+from datasteer.state_file import read_steering_state, verify_checkpoint
 from datasteer.steering import Steering
 
 STEERING_COLUMNS = ("sample_id", "domain_id")
@@ -49,13 +49,15 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
 
     `steering_state.pt` is the last file a save writes (HF's files come first), so a kill during a save leaves
     a checkpoint without it, or a torn one: resuming from it would mix a new model with an old steering. A state
-    whose bytes no longer match its checksum (a bit flip on disk) would resume a different run.
+    whose bytes no longer match its checksum (a bit flip on disk) would resume a different run, and so would any
+    other file of the folder that no longer matches the list saved with the state (`verify_checkpoint`).
     """
     folders = [p for p in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir()]
     numbered = [p for p in folders if re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", p.name)]
     for folder in sorted(numbered, key=lambda p: int(p.name.rsplit("-", 1)[1]), reverse=True):
         try:
             read_steering_state(folder)
+            verify_checkpoint(folder)
         except DatasteerError as err:
             log.warning("skipping the incomplete or damaged checkpoint %s: %s", folder, err)
             continue
@@ -142,6 +144,10 @@ class SteeringCallback(TrainerCallback):
         self.steering.log.flush()
 
     def on_save(self, args, state, control, **kwargs):
+        # every rank writes its own RNG state (and, under DeepSpeed/FSDP, its shards) after HF's last barrier:
+        # wait for them, so the checksum list the main process writes covers the whole folder
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
         if state.is_world_process_zero:
             folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
             self.steering.save(folder)
@@ -301,6 +307,9 @@ class SteeringMixin:
                     "Start a fresh run (drop --resume / train.resume_from_checkpoint)."
                 )
         if path:
+            self.steering.log.is_main = self.is_world_process_zero()  # only the main process checks the log
+            self.steering.log.resumed_from = Path(path)
+            verify_checkpoint(path)
             self.steering.load_state_dict(read_steering_state(path))
         return super().train(path or None, *args, **kwargs)
 

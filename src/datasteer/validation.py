@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from datasteer.errors import ConfigError, did_you_mean
+from datasteer.errors import ConfigError, did_you_mean, short
 
 
 class StrictModel(BaseModel):
@@ -59,6 +59,6 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], source
             lines.append(f"missing required key '{key}'.")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"'{key}': {msg} (got {e.get('input')!r}).")
+            lines.append(f"'{key}': {msg} (got {short(e.get('input'))}).")
     head = f"Invalid configuration{where}: "
     return ConfigError(head + " ".join(lines))

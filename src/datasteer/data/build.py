@@ -66,17 +66,16 @@ def build_pool(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Pool:
     """Build (or open from the cache) the training pool, per-domain eval sets and target sets."""
     root = Path(cfg.cache_dir) if cfg.cache_dir is not None else None
     if root is not None:
-        root.mkdir(parents=True, exist_ok=True)
+        prepare_cache_dir(root)
     # `datasets` writes arrow copies of what it reads (and the demo corpus is written here): temporary
-    with tempfile.TemporaryDirectory(prefix=".read-", dir=root) as tmp:
+    with tempfile.TemporaryDirectory(prefix=f".read-{cache.owner_tag()}-", dir=root) as tmp:
         inputs = _inputs(cfg, Path(tmp))
         template = chat.load_template(cfg.chat_template, tokenizer) if cfg.kind == "sft" else None
         targets = [inputs.target, inputs.target_eval]
         key = cache.pool_key(cfg, tokenizer, inputs.sources, inputs.evals, targets, template)
         folder = root / key if root is not None else None
-        if folder is not None and (meta := cache.read_meta(folder)) is not None:
-            logger.info("data: opened the encoded pool in %s", folder)
-            return open_pool(folder, meta, cfg, key, from_cache=True)
+        if folder is not None and (pool := _open_cached(folder, cfg, key)) is not None:
+            return pool
         build_to = cache.staging(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="datasteer-pool-"))
         try:
             meta = _write(cfg, tokenizer, template, inputs, build_to, Path(tmp))
@@ -96,6 +95,39 @@ def build_pool(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Pool:
         return pool
     cache.publish(build_to, folder, meta)
     return open_pool(folder, cache.read_meta(folder) or meta, cfg, key, from_cache=False)
+
+
+def _open_cached(folder: Path, cfg: DataConfig, key: str) -> Pool | None:
+    """The cached pool in `folder`, or None when there is none; a `meta.json` whose checksums hold but whose
+    other fields are not what this code wrote (hand-edited, another tool's) is set aside like a damaged file."""
+    meta = cache.read_meta(folder)
+    if meta is None:
+        return None
+    try:
+        pool = open_pool(folder, meta, cfg, key, from_cache=True)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        cache.set_aside(folder, f"its {cache.META} does not describe the files ({type(err).__name__}: {err})")
+        return None
+    logger.info("data: opened the encoded pool in %s", folder)
+    return pool
+
+
+def prepare_cache_dir(root: Path) -> None:
+    """Create `data.cache_dir`, check that it can be written, and remove what killed builds left in it.
+
+    A file in its place or a read-only mount is an error naming the key, before any source is read."""
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"data.cache_dir {root} is a file, not a folder. Move it away or choose another cache_dir.")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".probe-"):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            f"data.cache_dir {root} cannot be written ({err.strerror}). Choose a writable folder, or set "
+            "data.cache_dir: null to build the pool in a temporary folder for this run only."
+        ) from None
+    cache.remove_stale(root)
 
 
 def _inputs(cfg: DataConfig, tmp: Path) -> Inputs:

@@ -20,7 +20,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -30,10 +33,14 @@ from transformers import PreTrainedTokenizerBase
 from datasteer.data.config import DataConfig
 from datasteer.data.sources import ResolvedSource, digest
 from datasteer.data.token_store import CorruptStore, file_checksum
+from datasteer.integrity import Unreadable, checked_entry, fsync_dir, read_json_object
 
 CODE_VERSION = "datasteer.data/3"  # 3: sft formats, chat_template, supervise
 META = "meta.json"
-LAYOUT_KEYS = ("eval_per_domain", "seed", "cache_dir", "num_proc", "sources", "eval", "target", "target_eval", "demo")
+LAYOUT_KEYS = (
+    *("eval_per_domain", "seed", "cache_dir", "num_proc", "sources", "eval", "target", "target_eval", "demo"),
+    "max_line_bytes",  # a guard on reading, not on what is encoded
+)
 logger = logging.getLogger(__name__)
 
 
@@ -99,20 +106,33 @@ def read_meta(folder: Path) -> dict[str, Any] | None:
 
     A corrupt folder is moved aside (renamed, so processes that already opened it keep their mappings).
     """
-    try:
-        meta = json.loads((folder / META).read_text())
-    except FileNotFoundError:
+    if not (folder / META).exists():
         return None
-    except (OSError, ValueError) as err:
-        return _set_aside(folder, f"its {META} is unreadable ({err})")
+    try:
+        meta = read_json_object(folder / META)
+        files = meta.get("files")
+        if meta.get("version") == CODE_VERSION and not isinstance(files, dict):
+            raise Unreadable("it has no mapping of files")
+    except Unreadable as err:
+        return set_aside(folder, f"its {META} is unreadable ({err})")
     if meta.get("version") != CODE_VERSION:
         return None
     try:
-        for name, check in meta["files"].items():
-            verify(folder / name, check)
+        for name, check in files.items():
+            verify(folder / name, _entry(name, check))
     except CorruptStore as err:
-        return _set_aside(folder, str(err))
+        return set_aside(folder, str(err))
     return meta
+
+
+def _entry(name: str, check: Any) -> dict[str, Any]:
+    """A file entry of `meta.json` as a checked {bytes, xxh3_128}; a wrong shape is a damaged folder."""
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise CorruptStore(f"{META} names a file outside the folder ({name[:80]!r})")
+    try:
+        return checked_entry(check, name)
+    except Unreadable as err:
+        raise CorruptStore(f"{META}: {err}") from None
 
 
 def verify(path: Path, check: dict[str, Any]) -> None:
@@ -126,7 +146,7 @@ def verify(path: Path, check: dict[str, Any]) -> None:
         raise CorruptStore(f"{path} does not match its checksum (altered or corrupted)")
 
 
-def _set_aside(folder: Path, why: str) -> None:
+def set_aside(folder: Path, why: str) -> None:
     """Rename a damaged folder out of the way (processes that mapped it keep their files) and log why."""
     aside = folder.with_name(f".corrupt-{folder.name}-{uuid.uuid4().hex[:8]}")
     logger.warning("data: the cached pool in %s is damaged: %s; moved it to %s and rebuilding", folder, why, aside)
@@ -136,22 +156,68 @@ def _set_aside(folder: Path, why: str) -> None:
 
 
 def staging(folder: Path) -> Path:
-    """A fresh temporary folder beside `folder` to build into."""
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    """A fresh temporary folder beside `folder` to build into, named by host and PID (see `remove_stale`)."""
+    tmp = folder.parent / f".{folder.name}.tmp-{owner_tag()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     return tmp
 
 
+def owner_tag() -> str:
+    """`<host>~<pid>`: who builds into a temporary folder, so that a later build can tell a dead builder's."""
+    return f"{socket.gethostname().replace('-', '_')}~{os.getpid()}"
+
+
+STALE_AFTER_S = 24 * 3600  # a temporary folder of another host is removed only once this old
+
+
+def remove_stale(root: Path) -> None:
+    """Remove the temporary folders (`.<key>.tmp-*`, `.read-*`) that killed builds left in the cache root.
+
+    A folder of a process on this host that no longer runs is removed at once; one of another host (a shared
+    file system: its PID says nothing here) once untouched for a day; one of a live process never. Folders made
+    before names carried a host (no `~`) are treated as another host's.
+    """
+    for path in root.glob(".*"):
+        if not path.is_dir() or not (".tmp-" in path.name or path.name.startswith(".read-")):
+            continue
+        owner = re.search(r"(?:\.tmp-|^\.read-)(.+?)~(\d+)-", path.name)
+        here = owner is not None and owner.group(1) == socket.gethostname().replace("-", "_")
+        if here and _alive(int(owner.group(2))):
+            continue
+        with contextlib.suppress(OSError):
+            if here or time.time() - path.stat().st_mtime > STALE_AFTER_S:
+                logger.info("data: removing %s, left by a build that was stopped", path)
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def write_meta(folder: Path, meta: dict[str, Any]) -> None:
-    """`meta.json` is written last: its presence marks a complete folder."""
-    (folder / META).write_text(json.dumps({"version": CODE_VERSION, **meta}, indent=1))
+    """`meta.json` is written last (and fsynced): its presence marks a complete folder."""
+    with open(folder / META, "w") as f:
+        f.write(json.dumps({"version": CODE_VERSION, **meta}, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def publish(tmp: Path, folder: Path, meta: dict[str, Any]) -> None:
     """Write `meta.json` last, then rename into place. If another process published first, keep its copy
     (identical by construction; readers may already have it open); a folder of another code version under
     the same key is moved aside first."""
+    for path in tmp.rglob("*"):  # on disk before the rename publishes them: a power loss leaves no short file
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
     write_meta(tmp, meta)
+    fsync_dir(tmp)
     if _version(folder) not in (None, CODE_VERSION):
         with contextlib.suppress(OSError):  # another process may have moved it already
             os.rename(folder, folder.with_name(f".stale-{folder.name}-{uuid.uuid4().hex[:8]}"))
@@ -159,13 +225,15 @@ def publish(tmp: Path, folder: Path, meta: dict[str, Any]) -> None:
         os.rename(tmp, folder)
     except OSError:  # lost the race to a concurrent writer
         shutil.rmtree(tmp, ignore_errors=True)
+        return
+    fsync_dir(folder.parent)
 
 
 def _version(folder: Path) -> str | None:
     """The code version of a published folder, None when there is none ("" when its meta is unreadable)."""
-    try:
-        return str(json.loads((folder / META).read_text()).get("version", ""))
-    except FileNotFoundError:
+    if not (folder / META).exists():
         return None
-    except (OSError, ValueError):
+    try:
+        return str(read_json_object(folder / META).get("version", ""))
+    except Unreadable:
         return ""

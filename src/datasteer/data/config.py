@@ -89,7 +89,9 @@ class SourceConfig(StrictModel):
 class DemoDataConfig(StrictModel):
     """Use the synthetic corpus of `datasteer.demo` instead of files (quickstart, tests, benchmarks)."""
 
-    samples_per_domain: int = Field(400, ge=1, description="Rows (documents or prompt/response pairs) per domain.")
+    samples_per_domain: int = Field(
+        400, ge=1, le=10_000_000, description="Rows (documents or prompt/response pairs) per domain."
+    )
     seed: int = Field(0, description="Seed of the corpus generator (independent of the eval split seed).")
     domains: list[str] | None = Field(
         None, description="Subset of the demo domains (repeat, arith, kv, markov, noise); null = all of them."
@@ -136,8 +138,10 @@ class DataConfig(StrictModel):
         description="Column of chat conversations, lists of {role, content} (sft, used when the prompt/response "
         "columns are absent). The last message must be the assistant's response; earlier turns are the prompt.",
     )
-    block_size: int = Field(128, ge=2, description="Tokens per packed block (pretrain).")
-    max_length: int = Field(512, ge=2, description="Longest sft example in tokens; longer ones are cut from the right.")
+    block_size: int = Field(128, ge=2, le=1 << 24, description="Tokens per packed block (pretrain).")
+    max_length: int = Field(
+        512, ge=2, le=1 << 24, description="Longest sft example in tokens; longer ones are cut from the right."
+    )
     chat_template: str = Field(
         "auto",
         description="How sft rows become text (docs/data.md, 'SFT formats'). auto: the tokenizer's chat template "
@@ -187,6 +191,12 @@ class DataConfig(StrictModel):
         ge=1,
         description="Processes that encode the sources. null = the machine's cores, or 1 for inputs under 4 MiB "
         "(forking costs more than it saves there).",
+    )
+    max_line_bytes: int = Field(
+        8 << 20,
+        ge=1024,
+        description="Longest line of a jsonl or text source, in bytes: a longer one is an error naming the file and "
+        "line (one 50 MB line takes gigabytes to parse). Raise it for sources with very long documents.",
     )
     cache_dir: str | None = Field(
         ".cache/datasteer/data",

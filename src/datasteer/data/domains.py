@@ -22,7 +22,7 @@ from datasteer.data import ids as id_scheme
 from datasteer.data.config import DataConfig
 from datasteer.data.formats import RowError, RowFormat, conversations, resolve_format
 from datasteer.data.sources import ResolvedSource, locate, read, stream
-from datasteer.errors import ConfigError
+from datasteer.errors import ConfigError, short
 
 ROWS_PER_TASK = 1000  # rows per encoding task: large enough to amortise a worker round trip, small in memory
 
@@ -43,7 +43,7 @@ class Task:
 def tasks(cfg: DataConfig, sources: list[tuple[int, ResolvedSource]], hf_cache: Path) -> Iterator[Task]:
     """Tasks of every source, in source order and row order; `sources` pairs each with its id index."""
     for index, src in sources:
-        ds = read(src, hf_cache)
+        ds = read(src, hf_cache, cfg.max_line_bytes)
         needed, fmt = _needed_columns(ds, cfg, src)
         start = 0
         for batch in stream(ds, needed, ROWS_PER_TASK):
@@ -55,7 +55,7 @@ def tasks(cfg: DataConfig, sources: list[tuple[int, ResolvedSource]], hf_cache: 
 
 def target_tasks(cfg: DataConfig, source: ResolvedSource, hf_cache: Path, split: int = 0) -> Iterator[Task]:
     """Tasks of `data.target` (split 0, its `data.target_columns` ride along as arrow) or `data.target_eval`."""
-    ds = read(source, hf_cache)
+    ds = read(source, hf_cache, cfg.max_line_bytes)
     extra = cfg.target_columns if split == 0 else []
     _require(ds, extra, source, "data.target_columns")
     needed, fmt = _needed_columns(ds, cfg, source)
@@ -116,6 +116,7 @@ def _normalise(
     """The columns encoding needs, under the names of `Task` (see there); a row that does not fit its sft
     format is a ConfigError naming the file, the line and what the format expects."""
     if fmt is None:
+        _require_text(raw[cfg.text_column], cfg.text_column, src, start)
         return {"text": raw[cfg.text_column]}
     try:
         return {"conversation": conversations(fmt, raw)}
@@ -126,6 +127,20 @@ def _normalise(
             f"Expected: {fmt.expected()}. Fix or remove the row, or set {src.key}.sft_format / columns / tags "
             "to match the file."
         ) from None
+
+
+def _require_text(values: list[Any], column: str, src: ResolvedSource, start: int) -> None:
+    """Documents must be strings: a number or a list in the text column would be dropped as an "empty document",
+    and the error would blame the data's emptiness instead of its type."""
+    bad = next((i for i, v in enumerate(values) if v is not None and not isinstance(v, str)), None)
+    if bad is None:
+        return
+    value = values[bad]
+    raise ConfigError(
+        f"{src.key}: {locate(src, start + bad)}: the text column '{column}' holds {short(value, 80)} (of type "
+        f"{type(value).__name__}), not a string. Quote the documents as strings in the file, or point data.text_column "
+        "at the column that holds them."
+    )
 
 
 def _by_domain(

@@ -16,16 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import xxhash
 from datasets import Dataset, DatasetDict, load_from_disk
 from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
+from datasteer.boundary import os_failure
 from datasteer.data import pretokenized
 from datasteer.data.config import SourceConfig
 from datasteer.data.token_store import HASH_CHUNK
-from datasteer.errors import ConfigError
+from datasteer.errors import ConfigError, DatasteerError
 
 SUFFIX_FORMATS = {
     ".jsonl": "jsonl",
@@ -109,8 +111,12 @@ def _data_files(path: Path, fmt: str, key: str) -> tuple[Path, ...]:
     return tuple(files)
 
 
-def read(src: ResolvedSource, hf_cache: Path) -> Dataset:
-    """Load the rows with `datasets`; its intermediate arrow files go to `hf_cache`, never to $HOME."""
+def read(src: ResolvedSource, hf_cache: Path, max_line_bytes: int = 8 << 20) -> Dataset:
+    """Load the rows with `datasets`; its intermediate arrow files go to `hf_cache`, never to $HOME.
+
+    Text files are checked first, streamed: UTF-8, and no line longer than `max_line_bytes` (a jsonl or text
+    file; a .json file is one document). A full disk under the reader is an error about that disk, not the file.
+    """
     empty = [f for f in src.files if f.stat().st_size == 0]
     if empty and src.format != "disk":
         raise ConfigError(
@@ -119,7 +125,8 @@ def read(src: ResolvedSource, hf_cache: Path) -> Dataset:
         )
     if src.format in ("json", "text"):
         for file in src.files:
-            _check_utf8(file, src.key)
+            line_limit = max_line_bytes if src.format == "text" or file.suffix.lower() != ".json" else None
+            _check_text(file, src.key, line_limit)
     try:
         with quiet():
             if src.format == "disk":
@@ -129,20 +136,31 @@ def read(src: ResolvedSource, hf_cache: Path) -> Dataset:
     except ConfigError:
         raise
     except Exception as err:  # a user-data boundary: malformed JSON, bad parquet, a full disk under the reader
-        where = next((w for f in src.files if (w := _bad_json_line(f))), "") if src.format == "json" else ""
+        if os_failure(err) is not None:  # the disk datasets writes its arrow copy to, not the source, failed
+            raise DatasteerError(
+                f"{src.key}: reading '{src.path}' failed while writing its arrow copy under {hf_cache}: "
+                f"{os_failure(err)}"
+            ) from None
+        where = (
+            next((w for f in src.files if (w := _bad_json_line(f) or _mixed_types(f))), "")
+            if src.format == "json"
+            else ""
+        )
         raise ConfigError(
             f"{src.key}: could not read '{src.path}' as {src.format}: {where or _root_cause(err)}"
         ) from err
 
 
-def _check_utf8(file: Path, key: str) -> None:
-    """Text sources must be UTF-8; the first bad byte is named by line, before anything is tokenized.
+def _check_text(file: Path, key: str, max_line: int | None) -> None:
+    """Text sources must be UTF-8, with no line over `max_line` bytes (None: no limit); the first bad byte or long
+    line is named by line, before anything is tokenized.
 
     Why a pass of our own: pyarrow's JSON reader lets invalid bytes through into strings, which then fail
-    deep inside encoding with no file or line. Decoding in 16 MiB chunks costs about a second per GB and
-    runs only when a pool is built, not when it is opened from the cache.
+    deep inside encoding with no file or line, and it parses a 50 MB line into gigabytes of memory before any
+    error. Decoding in 16 MiB chunks costs about a second per GB and runs only when a pool is built, not when
+    it is opened from the cache.
     """
-    decoder, lines = codecs.getincrementaldecoder("utf-8")(), 0
+    decoder, lines, line_start, pos = codecs.getincrementaldecoder("utf-8")(), 0, 0, 0
     with open(file, "rb") as f:
         for chunk in iter(lambda: f.read(HASH_CHUNK), b""):
             try:
@@ -153,7 +171,60 @@ def _check_utf8(file: Path, key: str) -> None:
                     f"{key}: '{file}' is not UTF-8 (line {line}: byte 0x{chunk[err.start]:02x} is not valid UTF-8). "
                     f"Re-encode it, e.g. `iconv -f latin1 -t utf-8 '{file}' > fixed.{file.suffix.lstrip('.')}`."
                 ) from None
+            if max_line is not None:
+                line_start = _check_lines(chunk, pos, line_start, lines, max_line, file, key)
             lines += chunk.count(b"\n")
+            pos += len(chunk)
+        if max_line is not None and pos - line_start > max_line:
+            raise _long_line(file, key, lines + 1, pos - line_start, max_line)
+
+
+def _check_lines(chunk: bytes, pos: int, line_start: int, lines: int, max_line: int, file: Path, key: str) -> int:
+    """Raise on the first line of `chunk` longer than `max_line`; returns where the chunk's last line starts."""
+    ends = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == 10) + pos  # absolute offsets of the newlines
+    starts = np.concatenate(([line_start], ends[:-1] + 1))
+    long = np.flatnonzero(ends - starts > max_line)
+    if long.size:
+        raise _long_line(file, key, lines + int(long[0]) + 1, int(ends[long[0]] - starts[long[0]]), max_line)
+    if ends.size == 0 and pos + len(chunk) - line_start > max_line:
+        raise _long_line(file, key, lines + 1, pos + len(chunk) - line_start, max_line)
+    return int(ends[-1]) + 1 if ends.size else line_start
+
+
+def _long_line(file: Path, key: str, line: int, size: int, max_line: int) -> ConfigError:
+    return ConfigError(
+        f"{key}: '{file}' line {line} is longer than data.max_line_bytes ({max_line:,} bytes; it holds {size:,} "
+        "or more). Split that document, or raise data.max_line_bytes if such lines are "
+        "meant (parsing one takes memory many times its size)."
+    )
+
+
+JSON_TYPES = {"str": "string", "int": "number", "float": "number", "bool": "boolean", "list": "list", "dict": "object"}
+
+
+def _mixed_types(file: Path) -> str:
+    """Where a JSONL column first changes type ("line 11: 'text' holds int where line 1 holds str"), or "".
+
+    Arrow infers one type per column, so a number among strings fails the whole read with a message that names
+    neither the line nor the column; this pass runs only after such a failure."""
+    if file.suffix.lower() == ".json":
+        return ""
+    first: dict[str, tuple[str, int]] = {}
+    with open(file, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            row = json.loads(line) if line.strip() else {}
+            for key, value in row.items() if isinstance(row, dict) else ():
+                kind = JSON_TYPES.get(type(value).__name__, type(value).__name__)
+                if value is None:
+                    continue
+                seen = first.setdefault(key, (kind, number))
+                if seen[0] != kind:
+                    return (
+                        f"'{file}' line {number}: the column '{key}' holds a {kind} ({json.dumps(value)[:60]}) "
+                        f"where line {seen[1]} holds a {seen[0]}; every row must give it the same type (quote "
+                        "numbers meant as text)"
+                    )
+    return ""
 
 
 def _bad_json_line(file: Path) -> str:
@@ -266,20 +337,21 @@ def _train_split(loaded: Dataset | DatasetDict, src: ResolvedSource) -> Dataset:
 
 
 def digest(src: ResolvedSource) -> str:
-    """Content hash of what `read` reads: file bytes, or a disk folder's fingerprint.
+    """Content hash of what `read` reads: the bytes of every file, names included, streamed.
 
-    A `save_to_disk` folder is keyed by its json metadata (state.json holds the datasets fingerprint)
-    and its files' names and sizes, so large arrow files are not re-hashed on every run. File bytes are
-    hashed with xxh3-128 (several GB/s), so keying a multi-GB corpus costs seconds, not minutes.
+    A `save_to_disk` folder is hashed like any other source, arrow files included: its `state.json`
+    fingerprint and the files' sizes stay the same when a row's text is edited in place, and a key that
+    missed such an edit would train on the old text. xxh3-128 runs at several GB/s, so keying a multi-GB
+    corpus costs seconds (bench/data_scale.py measures it), and files are read in 1 MiB chunks, never whole.
     """
     h = xxhash.xxh3_128(src.format.encode())
     if src.format == "disk":
-        for file in sorted(p for p in src.path.rglob("*") if p.is_file()):
-            h.update(str(file.relative_to(src.path)).encode())
-            h.update(file.read_bytes() if file.suffix == ".json" else str(file.stat().st_size).encode())
-        return h.hexdigest()
-    for file in src.files:
-        h.update(str(file.relative_to(src.path) if src.path.is_dir() else file.name).encode())
+        files = sorted(p for p in src.path.rglob("*") if p.is_file())
+        root = src.path
+    else:
+        files, root = list(src.files), src.path if src.path.is_dir() else None
+    for file in files:
+        h.update(str(file.relative_to(root) if root is not None else file.name).encode())
         h.update(str(file.stat().st_size).encode())
         with open(file, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+import signal
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
@@ -31,6 +32,9 @@ def state() -> dict[str, Any]:
 
 
 def _init(values: dict[str, Any]) -> None:
+    # Ctrl-C reaches the terminal's whole process group: the parent stops the pool (and says so in one line);
+    # a worker that took the signal too would print a KeyboardInterrupt traceback of its own
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the processes are the parallelism
     _STATE.clear()
     _STATE.update(values)
