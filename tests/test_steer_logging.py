@@ -129,3 +129,33 @@ def test_the_overlap_after_a_resume_is_the_uninterrupted_runs(tmp_path):
     assert len(whole) == 3 and whole[0] is None and all(0 < o < 1 for o in whole[1:])
     resumed = run(tmp_path / "resumed", str(tmp_path / "whole" / "checkpoint-2"))
     assert resumed == whole[2:]  # the update after step 3 compares with step 2's, restored from the checkpoint
+
+
+def test_per_domain_scalars_keep_the_domain_order_whatever_order_they_arrive_in():
+    from datasteer.steering_log import SteeringLog
+
+    log = SteeringLog(None, domains=["zeta", "alpha", "mid"])  # not alphabetical: the pool's order wins
+    for name in ["mid", "zeta", "alpha"]:  # a first step that drew only `mid`, then the others
+        log.scalar(f"domain_loss/{name}", 1.0)
+        log.scalar(f"weight/{name}", 0.5)
+    log.scalar("overhead_s", 0.1)
+    assert list(log.pop_scalars()) == [
+        "steer/domain_loss/zeta", "steer/domain_loss/alpha", "steer/domain_loss/mid", "steer/overhead_s",
+        "steer/weight/zeta", "steer/weight/alpha", "steer/weight/mid",
+    ]  # fmt: skip
+
+
+def test_every_log_line_lists_domain_losses_in_the_domain_order(tmp_path):
+    pool = make_pool(rows_per_domain=ROWS)
+    steering = make_steering(pool, ComponentSet(mixer=registry.build("mixer", "odm")), Schedule(update_every=1))
+    # 2 samples a step from 3 domains, 3 steps a line: a line's domains arrive in changing orders
+    args = make_args(str(tmp_path), max_steps=12, per_device_train_batch_size=2, logging_steps=3)
+    trainer = SteeredTrainer(
+        model=make_model(), args=args, train_dataset=pool, data_collator=Collator(make_tokenizer()), steering=steering
+    )
+    trainer.train()
+    lines = [[k.split("/")[-1] for k in h if k.startswith("steer/domain_loss/")] for h in trainer.state.log_history]
+    lines = [line for line in lines if line]
+    assert len(lines) == 4 and any(len(line) == 3 for line in lines)
+    for line in lines:
+        assert line == [d for d in DOMAINS if d in line]

@@ -147,7 +147,7 @@ class Steering:
         self.seed = seed
         self.budget = budget
         self.target = target
-        self.log = SteeringLog(output_dir)
+        self.log = SteeringLog(output_dir, domains=pool.domains)
         self.sampler = SteeredSampler(pool.domain_ids, len(pool.domains), seed=seed)
         self.update_index = 0
         self.step = 0
