@@ -30,9 +30,7 @@ log = logging.getLogger(__name__)
 
 
 class SteeringLog:
-    def __init__(
-        self, output_dir: str | os.PathLike | None, is_main: bool = True, domains: Sequence[str] = ()
-    ) -> None:
+    def __init__(self, output_dir: str | os.PathLike | None, is_main: bool = True, domains: Sequence[str] = ()) -> None:
         self.path = Path(output_dir) / "steering" / "events.jsonl" if output_dir else None
         self.is_main = is_main
         self.domains = list(domains)  # the order of per-domain scalars (`steer/domain_loss/<domain>`, ...)
