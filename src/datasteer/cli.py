@@ -100,7 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--out", required=True, help="parquet file to write (columns sample_id, score)")
     score.set_defaults(func=_score)
     prepare = sub.add_parser("prepare", help="encode a config's data into its cache (once, for many runs and nodes)")
-    prepare.add_argument("config", help="YAML config: its data and model.tokenizer sections are used")
+    prepare.add_argument(
+        "config", help="YAML config: only its data section and model.tokenizer are read (no model section needed)"
+    )
     prepare.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. data.num_proc=32")
     prepare.set_defaults(func=_prepare)
     comps = sub.add_parser("components", help="list registered components with their parameters")
@@ -491,11 +493,11 @@ def _prepare(args: argparse.Namespace) -> int:
     """Build (or open) the pool and print where it is and what it holds: runs and nodes then only open it."""
     import time
 
-    from datasteer.config import load_config
+    from datasteer.config import load_prepare_config
     from datasteer.data import build_pool
     from datasteer.model import load_tokenizer
 
-    config = load_config(args.config, args.overrides)
+    config = load_prepare_config(args.config, args.overrides)
     if config.data.cache_dir is None:
         raise DatasteerError("datasteer prepare writes the pool into data.cache_dir; set it (it is null here).")
     start = time.perf_counter()
