@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +31,12 @@ from transformers import PreTrainedTokenizerBase
 from datasteer.data.config import DataConfig
 from datasteer.data.sources import ResolvedSource, digest
 from datasteer.data.token_store import CorruptStore, file_checksum
+from datasteer.progress import Meter
 
 CODE_VERSION = "datasteer.data/3"  # 3: sft formats, chat_template, supervise
 META = "meta.json"
 LAYOUT_KEYS = ("eval_per_domain", "seed", "cache_dir", "num_proc", "sources", "eval", "target", "target_eval", "demo")
+METER_BYTES = 1 << 30  # checking a store this large takes a second or more per GB: show its progress
 logger = logging.getLogger(__name__)
 
 
@@ -107,22 +110,27 @@ def read_meta(folder: Path) -> dict[str, Any] | None:
         return _set_aside(folder, f"its {META} is unreadable ({err})")
     if meta.get("version") != CODE_VERSION:
         return None
+    total = sum(int(check.get("bytes", 0)) for check in meta.get("files", {}).values())
+    meter = Meter(f"data: checking {folder}", total, "MB", logger=logger, scale=1e6) if total >= METER_BYTES else None
     try:
         for name, check in meta["files"].items():
-            verify(folder / name, check)
+            verify(folder / name, check, meter.update if meter else None)
     except CorruptStore as err:
         return _set_aside(folder, str(err))
+    finally:
+        if meter is not None:
+            meter.close()
     return meta
 
 
-def verify(path: Path, check: dict[str, Any]) -> None:
+def verify(path: Path, check: dict[str, Any], progress: Callable[[int], None] | None = None) -> None:
     """Size always, then the checksum: a truncated or altered file is never read as tokens."""
     if not path.is_file():
         raise CorruptStore(f"{path} is missing")
     size = path.stat().st_size
     if size != check["bytes"]:
         raise CorruptStore(f"{path} has {size} bytes, {META} says {check['bytes']} (truncated?)")
-    if file_checksum(path) != check["xxh3_128"]:
+    if file_checksum(path, progress) != check["xxh3_128"]:
         raise CorruptStore(f"{path} does not match its checksum (altered or corrupted)")
 
 
