@@ -64,3 +64,12 @@ def test_public_names_import_lazily_and_unknown_names_are_errors():
     assert result["is_trainer"] and result["dir"]
     assert result["all"] == []  # every name in __all__ resolves
     assert "NoSuchThing" in result["bad"]
+
+
+def test_the_config_schema_imports_without_torch():
+    """`datasteer.config` (and through it `datasteer.data.config`) is pydantic only: the data package's builder
+    and collator, which need torch and transformers, load when a pool is built, not when a config is read."""
+    code = f"import sys, datasteer.config; print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.strip() == "[]"
