@@ -37,12 +37,37 @@ def _probe(*argv: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["version"], ["train", "--help"]])
-def test_help_and_version_import_no_torch(argv):
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["version"], ["train", "--help"], ["components"]])
+def test_help_version_and_components_import_no_torch(argv):
     result = _probe(*argv)
     assert result["code"] in (0, None)
-    assert "datasteer" in result["stdout"] or result["stdout"].strip() == "0.1.0"
+    assert "datasteer" in result["stdout"] or result["stdout"].strip() == "0.1.0" or "selectors:" in result["stdout"]
     assert result["heavy"] == [], f"`datasteer {' '.join(argv)}` imported {result['heavy']}"
+
+
+def test_the_components_read_from_source_are_the_registered_ones():
+    """`datasteer.catalog` (no imports) lists what `registry` lists after importing every built-in: names,
+    summaries, parameters with their type names, defaults and docs, and which need a target set."""
+    import inspect
+
+    from datasteer import registry
+    from datasteer.catalog import builtin
+    from datasteer.cli import _type_name
+
+    def shown(params):
+        return [(p.name, _type_name(p.annotation), repr(p.default), p.doc) for p in params]
+
+    for kind in registry.KINDS:
+        entries = builtin(kind)
+        assert entries is not None, kind
+        package = registry._PACKAGES[kind] + "."  # other tests of the session may have registered their own
+        imported = {n: c for n, c in registry.components(kind).items() if c.__module__.startswith(package)}
+        assert list(entries) == list(imported)
+        for name, cls in imported.items():
+            entry = entries[name]
+            assert entry.doc == (inspect.getdoc(cls) or "").split("\n")[0], name
+            assert shown(entry.params) == shown(registry.params_of(cls)), name
+            assert entry.requires_target == cls.requires_target, name
 
 
 def test_public_names_import_lazily_and_unknown_names_are_errors():

@@ -515,12 +515,21 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _components(args: argparse.Namespace) -> int:
+    """List the components; the built-ins are read from their source (`datasteer.catalog`: no torch import)
+    unless a plugin is installed or the source needs running, then they are imported."""
+    from datasteer.catalog import builtin
+
     for kind in [args.kind] if args.kind else registry.KINDS:
         print(f"{kind}s:")
-        for name, cls in registry.components(kind).items():
-            summary = (inspect.getdoc(cls) or "").split("\n")[0]
+        entries = builtin(kind)
+        if entries is not None:
+            listing = [(name, e.doc, e.params) for name, e in entries.items()]
+        else:
+            found = registry.components(kind).items()
+            listing = [(n, (inspect.getdoc(c) or "").split("\n")[0], registry.params_of(c)) for n, c in found]
+        for name, summary, params in listing:
             print(f"  {name}: {summary}")
-            for p in registry.params_of(cls):
+            for p in params:
                 default = "required" if p.required else f"default {p.default!r}"
                 print(f"      {p.name} ({_type_name(p.annotation)}, {default}): {p.doc}")
         print()
