@@ -45,6 +45,15 @@ def test_help_version_and_components_import_no_torch(argv):
     assert result["heavy"] == [], f"`datasteer {' '.join(argv)}` imported {result['heavy']}"
 
 
+@pytest.mark.parametrize(
+    "flags", [[], ["--selector", "less", "--kind", "sft"], ["--model", "org/model", "--weighter", "adapt"]]
+)
+def test_init_imports_no_torch(tmp_path, flags):
+    result = _probe("init", str(tmp_path / "starter.yaml"), *flags)
+    assert result["code"] == 0 and "wrote" in result["stdout"]
+    assert result["heavy"] == [], f"`datasteer init {' '.join(flags)}` imported {result['heavy']}"
+
+
 def test_the_components_read_from_source_are_the_registered_ones():
     """`datasteer.catalog` (no imports) lists what `registry` lists after importing every built-in: names,
     summaries, parameters with their type names, defaults and docs, and which need a target set."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from datasteer.errors import unknown_choice
 from datasteer.registry import _PACKAGES, ENTRY_POINT_GROUP, Kind, Param, _arg_docs
 
 _BASES = "datasteer.components"  # Component, Selector, Mixer, Weighter
@@ -50,6 +51,21 @@ def builtin(kind: Kind) -> dict[str, Entry] | None:
     except (Unreadable, OSError, SyntaxError):
         return None
     return dict(sorted(found.items()))
+
+
+def lookup(kind: Kind, name: str, where: str = "") -> Entry:
+    """One component as `datasteer init` needs it: from the source when it can, else imported; an unknown name
+    is the registry's error (with its suggestion)."""
+    entries = builtin(kind)
+    if entries is None:
+        from datasteer import registry
+
+        cls = registry.get(kind, name, where)
+        doc = (inspect.getdoc(cls) or "").split("\n")[0]
+        return Entry(name, doc, registry.params_of(cls), bool(cls.requires_target))
+    if name not in entries:
+        raise unknown_choice(kind, name, entries, where)
+    return entries[name]
 
 
 def _module_file(module: str) -> Path:

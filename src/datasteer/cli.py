@@ -282,8 +282,6 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _init(args: argparse.Namespace) -> int:
-    from datasteer.config import validate
-
     path = Path(args.path)
     if path.exists() and not args.force:
         raise DatasteerError(f"{path} exists; pass --force to overwrite it, or give another path.")
@@ -298,7 +296,7 @@ def _init(args: argparse.Namespace) -> int:
     data_file = path.with_name(f"{path.stem}_chat.jsonl") if args.model and kind == "sft" else None
     text, todo = starter_config(kind, {k: getattr(args, k) for k in registry.KINDS}, args.model, data_file)
     if not todo:  # checks keys and installed extras; no model is loaded or fetched
-        validate(yaml.safe_load(text), str(path))
+        _check_starter(text, str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     if data_file is not None and (args.force or not data_file.exists()):
         data_file.write_text("".join(json.dumps(row) + "\n" for row in CHAT_EXAMPLES))
@@ -308,6 +306,29 @@ def _init(args: argparse.Namespace) -> int:
     for item in todo:
         print(f"  fill in {item} before training")
     return 0
+
+
+def _check_starter(text: str, source: str) -> None:
+    """Check the starter's model and data sections as `datasteer train` will, and the packages they need.
+
+    Not the whole `load_config`: its check of the `train:` keys imports transformers (seconds), and those keys
+    and the components' parameters (their defaults, read from the source) are this module's own, which
+    tests/test_cli_init.py loads with `load_config` for every kind of starter.
+    """
+    from pydantic import ValidationError
+
+    from datasteer.config import Config, PrepareConfig, check_optional_packages
+    from datasteer.validation import format_validation_error
+
+    raw = yaml.safe_load(text)
+    try:
+        sections = PrepareConfig.model_validate(raw)
+    except ValidationError as err:
+        raise format_validation_error(err, PrepareConfig, source) from None
+    try:
+        check_optional_packages(Config.model_construct(model=sections.model, data=sections.data, train=raw["train"]))
+    except DatasteerError as err:
+        raise DatasteerError(f"{err} (in {source})") from None
 
 
 def examples_folder() -> Path:
@@ -435,16 +456,18 @@ def _starter_train_pretrained() -> list[str]:
 def _starter_components(components: dict[str, str | None]) -> tuple[list[str], list[str], bool]:
     """The `steering:` lines of the named components (every parameter at its default), the required parameters
     to fill in, and whether one of them needs a target set."""
+    from datasteer.catalog import lookup
+
     lines: list[str] = []
     todo: list[str] = []
     needs_target = False
     for kind_name, name in components.items():
         if not name:
             continue
-        cls = registry.get(kind_name, name, where=f"--{kind_name}")  # type: ignore[arg-type]
-        needs_target = needs_target or cls.requires_target
+        entry = lookup(kind_name, name, where=f"--{kind_name}")  # type: ignore[arg-type]
+        needs_target = needs_target or entry.requires_target
         lines += [f"  {kind_name}:", f"    name: {name}"]
-        for p in registry.params_of(cls):
+        for p in entry.params:
             doc = f"  # {p.doc}" if p.doc else ""
             if p.required:
                 todo.append(f"steering.{kind_name}.{p.name}")
