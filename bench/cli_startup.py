@@ -3,6 +3,10 @@
     nice -n 10 python bench/cli_startup.py          # 7 runs per command: bench/results/cli_startup.{json,md}
     python bench/cli_startup.py --runs 2 --out /tmp/c   # the plumbing
 
+`--before FILE` adds the medians of another checkout's run of this script (its cli_startup.json) as a column:
+bench/results/cli_startup_before.json holds commit d2d9180's, before the package imported its names lazily
+(measured from `git archive d2d9180 src` with this script beside it, 3 runs, under the same load).
+
 Each command runs `--runs` times (interleaved, so a burst of load hits every command alike) and is summarised by
 its median wall time. Goal: `--help` under 1 s on an idle machine. Alongside, `python -X importtime` of each
 command lists which heavy modules it imported (torch, transformers, ...) and the slowest top-level imports, so a
@@ -94,13 +98,20 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
         f"1-min load average {m['load_before']} before, {m['load_after']} after. Each figure is the median wall time "
         f"of {result['runs']} fresh processes (interleaved). Goal: `--help` under {GOAL_HELP_S} s idle.",
         "",
-        "| command | median s | min s | max s | heavy modules imported | slowest top-level imports (ms) |",
-        "|---|---|---|---|---|---|",
+        "| command | median s | min s | max s | before: median s | heavy modules imported "
+        "| slowest top-level imports (ms) |",
+        "|---|---|---|---|---|---|---|",
     ]
+    before = result.get("before", {})
     for name, r in result["commands"].items():
         slow = ", ".join(f"{k} {v:,.0f}" for k, v in r["slowest_top_level_ms"].items())
         heavy = ", ".join(r["heavy_imported"]) or "none"
-        lines.append(f"| `datasteer {name}` | {r['median_s']} | {r['min_s']} | {r['max_s']} | {heavy} | {slow} |")
+        was = before.get(name, "–")
+        lines.append(
+            f"| `datasteer {name}` | {r['median_s']} | {r['min_s']} | {r['max_s']} | {was} | {heavy} | {slow} |"
+        )
+    if before:
+        lines += ["", f"Before: {result['before_source']}."]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -108,11 +119,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--before", help="another checkout's cli_startup.json, shown as a column")
     args = parser.parse_args(argv)
     load_before = round(os.getloadavg()[0], 2)
     commands = measure(args.runs)
     result = {
-        "command": "python bench/cli_startup.py" + (f" --runs {args.runs}" if args.runs != 7 else ""),
+        "command": "python bench/cli_startup.py"
+        + (f" --runs {args.runs}" if args.runs != 7 else "")
+        + (f" --before {args.before}" if args.before else ""),
         "runs": args.runs,
         "goal_help_s": GOAL_HELP_S,
         "commands": commands,
@@ -121,6 +135,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "load_before": load_before, "load_after": round(os.getloadavg()[0], 2),
         },
     }  # fmt: skip
+    if args.before:
+        earlier = json.loads(Path(args.before).read_text())
+        result["before"] = {name: r["median_s"] for name, r in earlier["commands"].items()}
+        m = earlier["machine"]
+        result["before_source"] = (
+            f"{Path(args.before).name}, {earlier['runs']} runs, 1-min load average {m['load_before']} before and "
+            f"{m['load_after']} after"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cli_startup.json").write_text(json.dumps(result, indent=2) + "\n")
