@@ -86,3 +86,30 @@ def test_prepare_encodes_once_and_later_runs_only_open_the_pool(tmp_path: Path, 
     assert "opened from the cache" in capsys.readouterr().out
     assert main(["prepare", str(cfg), "data.cache_dir=null"]) == 2
     assert "set it" in capsys.readouterr().err
+
+
+def test_prepare_needs_only_the_data_and_a_tokenizer(tmp_path: Path, capsys) -> None:
+    """A data machine's config: `data` and `model.tokenizer`, no model, no train section; the pool it writes is
+    the one a run that loads the model (and its tokenizer from the same folder) opens."""
+    import yaml
+
+    from datasteer.cli import main
+    from datasteer.config import ModelConfig
+    from datasteer.model import load_tokenizer
+
+    folder = tmp_path / "tok"
+    make_tokenizer().save_pretrained(folder)
+    data = {"kind": "pretrain", "demo": {"samples_per_domain": 30}, "block_size": 16, "cache_dir": str(tmp_path / "c")}
+    cfg = tmp_path / "data.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"tokenizer": str(folder)}, "data": data}))
+    assert main(["prepare", str(cfg)]) == 0
+    assert "encoded in" in capsys.readouterr().out
+    run_tokenizer = load_tokenizer(ModelConfig(name_or_path=str(folder)))  # as `datasteer train` loads it
+    assert build_pool(DataConfig.model_validate(data), run_tokenizer).from_cache
+
+    cfg.write_text(yaml.safe_dump({"data": data}))
+    assert main(["prepare", str(cfg)]) == 2
+    assert "set model.tokenizer" in capsys.readouterr().err
+    cfg.write_text(yaml.safe_dump({"model": {"tokenizer": str(folder), "dtpye": "auto"}, "data": data}))
+    assert main(["prepare", str(cfg)]) == 2  # still strict: a misspelt key is an error
+    assert "dtype" in capsys.readouterr().err

@@ -188,6 +188,8 @@ def test_datasteer_doremi_runs_the_three_steps_on_the_demo_corpus(tmp_path):
     cmd = [sys.executable, "-m", "datasteer.cli", "doremi", str(config), f"data.cache_dir={tmp_path / 'data'}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    headings = [line for line in proc.stderr.splitlines() if "DoReMi step" in line]
+    assert [h.split(":")[1].strip() for h in headings] == ["DoReMi step 1/3", "DoReMi step 2/3", "DoReMi step 3/3"]
     root = tmp_path / "doremi"
     assert (root / "reference" / "checkpoint-4" / "model.safetensors").exists()
     weights = read_weights(root / "proxy" / "doremi_weights.json")

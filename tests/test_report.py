@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -88,7 +89,8 @@ def test_eval_has_a_step_0_baseline_and_the_final_step_is_evaluated_once(runs):
 def test_report_holds_every_chart_embedded_and_beside_the_page(report):
     page = report.read_text()
     images = _images(page)
-    expected = {"domain_weights", "train_loss", "eval_loss", "selection", "sample_weights", "step_time"}
+    expected = {"domain_weights", "train_loss", "eval_loss", "selection", "selection_scores", "sample_weights",
+                "step_time"}  # fmt: skip
     assert set(images) == expected
     for name, data in images.items():
         assert data[:8] == PNG and len(data) > 3000, name
@@ -108,7 +110,7 @@ def test_missing_logs_become_notes_not_errors(runs, tmp_path):
     (broken / "steering" / "events.jsonl").write_text('{"event": "train"}\n')
     page = write_report([bare, broken, tmp_path / "absent"], tmp_path / "out").read_text()
     assert not _images(page)
-    assert "bare: no `weights` events" in page and "no datasteer_config.yaml" in page
+    assert "every run: no `weights` events" in page and "every run: no datasteer_config.yaml" in page  # one note
     assert "could not render" in page  # the malformed `train` event (no step) cost one section only
 
 
@@ -124,7 +126,7 @@ def test_domain_weights_are_lines_from_zero_not_a_stack(runs):
 
 def test_eval_panels_share_one_scale_from_zero(runs):
     compared = [load_run(runs["odm"]), load_run(runs["loss"], "loss")]
-    fig = per_domain_figure(compared, {r.name: eval_losses(r) for r in compared}, "eval loss", "t", marker="o-")
+    fig = per_domain_figure(compared, {r.name: eval_losses(r) for r in compared}, "eval loss", "t", marker="o")
     limits = {ax.get_ylim() for ax in fig.axes if ax.get_visible()}
     assert len(limits) == 1 and next(iter(limits))[0] == 0
     fig.clf()
@@ -189,3 +191,47 @@ def test_trainer_state_passes_over_a_checkpoint_best_folder(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     assert _trainer_state(tmp_path) == {"global_step": 10}  # the highest numbered step; `best` is no step
+
+
+# --------------------------------------------------------------------------------- the page, in a browser
+def _layout(page: Path, tmp_path: Path, width: int) -> dict:
+    """Chromium's layout of the page at a window width: each chart's drawn width, the content width and
+    whether anything overflows sideways."""
+    probe = tmp_path / f"probe{width}.html"
+    script = (
+        "<pre id='layout'></pre><script>window.addEventListener('load', () => {"
+        "const w = document.body.clientWidth - parseFloat(getComputedStyle(document.body).paddingLeft)"
+        " - parseFloat(getComputedStyle(document.body).paddingRight);"
+        "document.getElementById('layout').textContent = JSON.stringify({content: w,"
+        " overflow: document.documentElement.scrollWidth > document.documentElement.clientWidth,"
+        " images: [...document.images].map(i => [i.alt, i.naturalWidth, i.getBoundingClientRect().width])});"
+        "});</script>"
+    )
+    probe.write_text(page.read_text().replace("</body>", script + "</body>"))
+    proc = subprocess.run(
+        [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         f"--window-size={width},1200", "--virtual-time-budget=5000", f"--user-data-dir={tmp_path / 'profile'}",
+         "--dump-dom", probe.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(re.search(r'<pre id="layout">([^<]*)</pre>', proc.stdout)[1].replace("&quot;", '"'))
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="headless check needs Debian's chromium at /usr/bin/chromium")
+@pytest.mark.parametrize("count", [1, 2, 4])
+def test_every_chart_spans_the_page_at_two_widths(runs, tmp_path, count):
+    folders = [runs["odm"], runs["loss"]]
+    for copy in ("again", "more"):  # four runs: copies in other folders (their labels say which)
+        for name in ("odm", "loss"):
+            if len(folders) < count:
+                folders.append(shutil.copytree(runs[name], tmp_path / copy / name))
+    page = write_report(folders[:count], tmp_path / "report")
+    names = set(_images(page.read_text()))
+    for width in (800, 1400):
+        layout = _layout(page, tmp_path, width)
+        assert not layout["overflow"], width
+        assert {alt for alt, _, _ in layout["images"]} == names
+        for alt, natural, drawn in layout["images"]:
+            assert natural > 100, alt  # decoded
+            assert drawn >= 0.97 * layout["content"], (alt, drawn, layout["content"], width)

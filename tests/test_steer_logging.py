@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from datasteer.data import Collator
 from datasteer.demo import make_tokenizer
 from datasteer.report import jaccard
 from datasteer.steering_log import read_events
+from datasteer.weighters.loss import LossWeighter
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = 20  # per domain: a pool of 60
@@ -129,3 +131,74 @@ def test_the_overlap_after_a_resume_is_the_uninterrupted_runs(tmp_path):
     assert len(whole) == 3 and whole[0] is None and all(0 < o < 1 for o in whole[1:])
     resumed = run(tmp_path / "resumed", str(tmp_path / "whole" / "checkpoint-2"))
     assert resumed == whole[2:]  # the update after step 3 compares with step 2's, restored from the checkpoint
+
+
+def test_per_domain_scalars_keep_the_domain_order_whatever_order_they_arrive_in():
+    from datasteer.steering_log import SteeringLog
+
+    log = SteeringLog(None, domains=["zeta", "alpha", "mid"])  # not alphabetical: the pool's order wins
+    for name in ["mid", "zeta", "alpha"]:  # a first step that drew only `mid`, then the others
+        log.scalar(f"domain_loss/{name}", 1.0)
+        log.scalar(f"weight/{name}", 0.5)
+    log.scalar("overhead_s", 0.1)
+    assert list(log.pop_scalars()) == [
+        "steer/domain_loss/zeta", "steer/domain_loss/alpha", "steer/domain_loss/mid", "steer/overhead_s",
+        "steer/weight/zeta", "steer/weight/alpha", "steer/weight/mid",
+    ]  # fmt: skip
+
+
+def test_every_log_line_lists_domain_losses_in_the_domain_order(tmp_path):
+    pool = make_pool(rows_per_domain=ROWS)
+    steering = make_steering(pool, ComponentSet(mixer=registry.build("mixer", "odm")), Schedule(update_every=1))
+    # 2 samples a step from 3 domains, 3 steps a line: a line's domains arrive in changing orders
+    args = make_args(str(tmp_path), max_steps=12, per_device_train_batch_size=2, logging_steps=3)
+    trainer = SteeredTrainer(
+        model=make_model(), args=args, train_dataset=pool, data_collator=Collator(make_tokenizer()), steering=steering
+    )
+    trainer.train()
+    lines = [[k.split("/")[-1] for k in h if k.startswith("steer/domain_loss/")] for h in trainer.state.log_history]
+    lines = [line for line in lines if line]
+    assert len(lines) == 4 and any(len(line) == 3 for line in lines)
+    for line in lines:
+        assert line == [d for d in DOMAINS if d in line]
+
+
+class SlowWeighter(LossWeighter):
+    """The loss weighter, taking a known minimum time per step: its cost must show in `steer/overhead_s`."""
+
+    seconds = 0.02
+
+    def weights(self, ctx, losses, batch):
+        time.sleep(self.seconds)
+        return super().weights(ctx, losses, batch)
+
+
+def _overhead_run(tmp_path: Path, components: ComponentSet, target=None, **args) -> SteeredTrainer:
+    pool = make_pool(rows_per_domain=ROWS)
+    steering = make_steering(pool, components, Schedule(warmup_steps=1), output_dir=str(tmp_path), target=target)
+    trainer = SteeredTrainer(
+        model=make_model(), args=make_args(str(tmp_path), max_steps=4, logging_steps=1, **args), train_dataset=pool,
+        data_collator=Collator(make_tokenizer()), steering=steering,
+    )  # fmt: skip
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("case", ["greats", "weighter_accumulation"])
+def test_overhead_scalar_counts_every_component_cost_of_the_step(tmp_path, case):
+    """`steer/overhead_s` of each step adds up to the run's total steering time, which the report splits from the
+    step time: an online selector's pick and the loss weights with their extra forwards run outside `end_step`."""
+    if case == "greats":
+        greats = registry.build("selector", "greats", {"target_batch_size": 4, "candidates_factor": 2})
+        target = make_pool(rows_per_domain=4, seed=9)
+        trainer = _overhead_run(tmp_path, ComponentSet(selector=greats), target=target)
+    else:
+        trainer = _overhead_run(tmp_path, ComponentSet(weighter=SlowWeighter()), gradient_accumulation_steps=2)
+    per_step = [h["steer/overhead_s"] for h in trainer.state.log_history if "steer/overhead_s" in h]
+    assert len(per_step) == 4
+    if case == "weighter_accumulation":  # each step's weights took at least the weighter's sleep
+        assert min(per_step) >= SlowWeighter.seconds
+    total = trainer.steering.state_dict()["overhead_s"]
+    assert sum(per_step) == pytest.approx(total, rel=1e-9, abs=1e-12)
+    last_event = [e for e in read_events(tmp_path) if e["event"] == "train"][-1]
+    assert last_event["overhead_s"] <= total  # the report's split: everything but the last step's own end_step

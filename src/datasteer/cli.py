@@ -111,7 +111,9 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--out", required=True, help="parquet file to write (columns sample_id, score)")
     score.set_defaults(func=_score)
     prepare = sub.add_parser("prepare", help="encode a config's data into its cache (once, for many runs and nodes)")
-    prepare.add_argument("config", help="YAML config: its data and model.tokenizer sections are used")
+    prepare.add_argument(
+        "config", help="YAML config: only its data section and model.tokenizer are read (no model section needed)"
+    )
     prepare.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. data.num_proc=32")
     prepare.set_defaults(func=_prepare)
     comps = sub.add_parser("components", help="list registered components with their parameters")
@@ -291,8 +293,6 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _init(args: argparse.Namespace) -> int:
-    from datasteer.config import validate
-
     path = Path(args.path)
     if path.exists() and not args.force:
         raise DatasteerError(f"{path} exists; pass --force to overwrite it, or give another path.")
@@ -307,7 +307,7 @@ def _init(args: argparse.Namespace) -> int:
     data_file = path.with_name(f"{path.stem}_chat.jsonl") if args.model and kind == "sft" else None
     text, todo = starter_config(kind, {k: getattr(args, k) for k in registry.KINDS}, args.model, data_file)
     if not todo:  # checks keys and installed extras; no model is loaded or fetched
-        validate(yaml.safe_load(text), str(path))
+        _check_starter(text, str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     if data_file is not None and (args.force or not data_file.exists()):
         data_file.write_text("".join(json.dumps(row) + "\n" for row in CHAT_EXAMPLES))
@@ -317,6 +317,29 @@ def _init(args: argparse.Namespace) -> int:
     for item in todo:
         print(f"  fill in {item} before training")
     return 0
+
+
+def _check_starter(text: str, source: str) -> None:
+    """Check the starter's model and data sections as `datasteer train` will, and the packages they need.
+
+    Not the whole `load_config`: its check of the `train:` keys imports transformers (seconds), and those keys
+    and the components' parameters (their defaults, read from the source) are this module's own, which
+    tests/test_cli_init.py loads with `load_config` for every kind of starter.
+    """
+    from pydantic import ValidationError
+
+    from datasteer.config import Config, PrepareConfig, check_optional_packages
+    from datasteer.validation import format_validation_error
+
+    raw = yaml.safe_load(text)
+    try:
+        sections = PrepareConfig.model_validate(raw)
+    except ValidationError as err:
+        raise format_validation_error(err, PrepareConfig, source) from None
+    try:
+        check_optional_packages(Config.model_construct(model=sections.model, data=sections.data, train=raw["train"]))
+    except DatasteerError as err:
+        raise DatasteerError(f"{err} (in {source})") from None
 
 
 def examples_folder() -> Path:
@@ -444,16 +467,18 @@ def _starter_train_pretrained() -> list[str]:
 def _starter_components(components: dict[str, str | None]) -> tuple[list[str], list[str], bool]:
     """The `steering:` lines of the named components (every parameter at its default), the required parameters
     to fill in, and whether one of them needs a target set."""
+    from datasteer.catalog import lookup
+
     lines: list[str] = []
     todo: list[str] = []
     needs_target = False
     for kind_name, name in components.items():
         if not name:
             continue
-        cls = registry.get(kind_name, name, where=f"--{kind_name}")  # type: ignore[arg-type]
-        needs_target = needs_target or cls.requires_target
+        entry = lookup(kind_name, name, where=f"--{kind_name}")  # type: ignore[arg-type]
+        needs_target = needs_target or entry.requires_target
         lines += [f"  {kind_name}:", f"    name: {name}"]
-        for p in registry.params_of(cls):
+        for p in entry.params:
             doc = f"  # {p.doc}" if p.doc else ""
             if p.required:
                 todo.append(f"steering.{kind_name}.{p.name}")
@@ -504,11 +529,11 @@ def _prepare(args: argparse.Namespace) -> int:
     """Build (or open) the pool and print where it is and what it holds: runs and nodes then only open it."""
     import time
 
-    from datasteer.config import load_config
+    from datasteer.config import load_prepare_config
     from datasteer.data import build_pool
     from datasteer.model import load_tokenizer
 
-    config = load_config(args.config, args.overrides)
+    config = load_prepare_config(args.config, args.overrides)
     if config.data.cache_dir is None:
         raise DatasteerError("datasteer prepare writes the pool into data.cache_dir; set it (it is null here).")
     start = time.perf_counter()
@@ -526,12 +551,21 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _components(args: argparse.Namespace) -> int:
+    """List the components; the built-ins are read from their source (`datasteer.catalog`: no torch import)
+    unless a plugin is installed or the source needs running, then they are imported."""
+    from datasteer.catalog import builtin
+
     for kind in [args.kind] if args.kind else registry.KINDS:
         print(f"{kind}s:")
-        for name, cls in registry.components(kind).items():
-            summary = (inspect.getdoc(cls) or "").split("\n")[0]
+        entries = builtin(kind)
+        if entries is not None:
+            listing = [(name, e.doc, e.params) for name, e in entries.items()]
+        else:
+            found = registry.components(kind).items()
+            listing = [(n, (inspect.getdoc(c) or "").split("\n")[0], registry.params_of(c)) for n, c in found]
+        for name, summary, params in listing:
             print(f"  {name}: {summary}")
-            for p in registry.params_of(cls):
+            for p in params:
                 default = "required" if p.required else f"default {p.default!r}"
                 print(f"      {p.name} ({_type_name(p.annotation)}, {default}): {p.doc}")
         print()

@@ -299,6 +299,50 @@ class Config(StrictModel):
         return self
 
 
+class PrepareConfig(StrictModel):
+    """What `datasteer prepare` reads of a config: `data` and the tokenizer (no model is loaded or needed).
+
+    `model` may be the run's full section (checked as training checks it) or just `model.tokenizer`: a
+    tokenizer-only config for a data machine. The other sections are accepted as they are and checked when the
+    run trains; the pool's cache key depends on the tokenizer's content, not on which key named it.
+    """
+
+    imports: list[str] = Field(default_factory=list, description="Not read by prepare.")
+    model: ModelConfig | None = Field(None, description="model.tokenizer (or the model it comes with).")
+    data: DataConfig
+    train: dict[str, Any] = Field(default_factory=dict, description="Not read by prepare.")
+    steering: dict[str, Any] = Field(default_factory=dict, description="Not read by prepare.")
+    downstream: dict[str, Any] | None = Field(None, description="Not read by prepare.")
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _tokenizer_only(cls, v: Any) -> Any:
+        """`model: {tokenizer: X}` alone names the tokenizer's folder or hub id as the source to load it from."""
+        if isinstance(v, dict) and v.get("tokenizer") and not any(v.get(k) for k in ("name_or_path", "config", "demo")):
+            return {**v, "name_or_path": v["tokenizer"]}
+        return v
+
+    @model_validator(mode="after")
+    def _has_tokenizer(self) -> PrepareConfig:
+        if self.model is None:
+            raise ValueError(
+                "datasteer prepare encodes the data with a tokenizer: set model.tokenizer (a tokenizer folder or "
+                "hub id), or keep the run's model section (model.name_or_path, or model.demo: true)"
+            )
+        return self
+
+
+def load_prepare_config(path: str | Path, overrides: list[str] | None = None) -> PrepareConfig:
+    """A config for `datasteer prepare`: read and overridden like `load_config`, checked as a `PrepareConfig`."""
+    raw, source = read_raw(path, overrides)
+    try:
+        return PrepareConfig.model_validate(raw)
+    except ValidationError as err:
+        raise format_validation_error(err, PrepareConfig, source) from None
+    except ConfigError as err:
+        raise ConfigError(f"{err} (in {source})") from None
+
+
 # `train.report_to` integrations: the modules transformers looks for, and how to install one.
 _REPORTERS: dict[str, tuple[tuple[str, ...], str]] = {
     "tensorboard": (("tensorboard", "tensorboardX"), "pip install tensorboard"),
@@ -427,6 +471,14 @@ def _components_need_target(config: Config) -> None:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **data: Any) -> Config:
     """Read a YAML file (or keyword sections), apply `a.b=value` overrides, and validate."""
+    raw, source = read_raw(path, overrides, **data)
+    return validate(raw, source)
+
+
+def read_raw(
+    path: str | Path | None = None, overrides: list[str] | None = None, **data: Any
+) -> tuple[dict[str, Any], str]:
+    """The YAML file's mapping (merged over keyword sections) with the overrides applied, and its source name."""
     raw: dict[str, Any] = dict(data)
     source = ""
     if path is not None:
@@ -448,7 +500,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for item in overrides or []:
         apply_override(raw, item)
     check_no_nul(raw, "")
-    return validate(raw, source)
+    return raw, source
 
 
 def check_no_nul(value: Any, key: str) -> None:

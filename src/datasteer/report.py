@@ -24,6 +24,9 @@ import yaml
 
 from datasteer.steering_log import read_events
 
+PAGE_IN = 12.0  # width of every chart in inches: at the saved dpi, the page's full width (`_CSS` max-width)
+DPI = 110
+
 
 def _pyplot():
     """Matplotlib with a headless backend and its cache outside $HOME."""
@@ -51,11 +54,22 @@ def _weights_from(events: list[dict[str, Any]]) -> tuple[list[str], np.ndarray, 
     return domains, steps, weights
 
 
+# Line k of a chart: drawn later, thinner and dashed, so a line that lies exactly on an earlier one (two domains
+# with the same weights, two runs with the same losses) leaves the earlier one's colour showing on both sides.
+_DASHES: list[Any] = ["-", (0, (5, 2)), (0, (2, 2)), (0, (7, 2, 1, 2)), (0, (1, 1)), (0, (4, 1, 1, 1, 1, 1))]
+
+
+def line_style(k: int) -> dict[str, Any]:
+    """Width and dash pattern of the k-th line drawn on one axes (see `_DASHES`)."""
+    return {"lw": (2.4, 1.5, 1.1)[k] if k < 3 else 0.9, "ls": _DASHES[k % len(_DASHES)]}
+
+
 def _weight_lines(ax: Any, events: list[dict[str, Any]], total_steps: int | None = None) -> bool:
     """Draw each domain's weight as a step line on `ax`, with the uniform share dashed; False without `weights`.
 
     Lines, not a stacked area: a stack draws each domain on top of the others' sum, so a change of a few
-    percent in a thin band does not show. The y-axis runs from 0 to just above the largest weight.
+    percent in a thin band does not show. The y-axis runs from 0 to just above the largest weight, above 1.0
+    when a weight is 1.0, so no line is drawn on the axes' border.
     """
     domains, steps, weights = _weights_from(events)
     if not domains:
@@ -65,10 +79,10 @@ def _weight_lines(ax: Any, events: list[dict[str, Any]], total_steps: int | None
     xs = np.append(steps, end)
     ys = np.vstack([weights, weights[-1:]])
     for k, domain in enumerate(domains):
-        ax.step(xs, ys[:, k], where="post", label=domain, lw=1.4)
+        ax.step(xs, ys[:, k], where="post", label=domain, color=f"C{k % 10}", **line_style(k))
     ax.axhline(1 / len(domains), color="0.5", ls="--", lw=0.8, label="uniform")
     ax.set(xlabel="optimizer step", ylabel="domain weight", xlim=(xs[0], xs[-1]))
-    ax.set_ylim(0, min(1.0, 1.15 * float(ys.max())) or 1.0)
+    ax.set_ylim(0, min(1.06, 1.15 * float(ys.max())) or 1.0)
     return True
 
 
@@ -86,7 +100,7 @@ def plot_domain_weights(run_dir: str | Path, out_png: str | Path, total_steps: i
 
 def _save(fig: Any, out_png: str | Path) -> Path:
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110, bbox_inches="tight")  # legends placed beside the axes stay in the picture
+    fig.savefig(out_png, dpi=DPI, bbox_inches="tight")  # legends placed beside the axes stay in the picture
     _pyplot().close(fig)
     return Path(out_png)
 
@@ -142,6 +156,38 @@ def _unique_names(run_dirs: list[Path]) -> list[str]:
     return out
 
 
+def domain_order(runs: list[Run]) -> list[str]:
+    """The pool's domain order for a whole page, so train panels, eval panels and tables list domains alike.
+
+    A run's `weights` and `select` events name every domain in the pool's order; its `train` events name the
+    domains each step drew, in that order too, so merging them keeps it. Runs over different pools are merged
+    in the order given.
+    """
+    order: dict[str, None] = {}
+    for run in runs:
+        for e in run.events:
+            names = e.get("weights") or e.get("domain_sizes") or e.get("domain_loss") or {}
+            if e["event"] in ("weights", "select", "train") and isinstance(names, dict):
+                order.update(dict.fromkeys(names))
+    return list(order)
+
+
+def ordered_domains(runs: list[Run], names: list[str]) -> list[str]:
+    """`names` (deduplicated) in the page's domain order; names the log never put in order (the held-out target
+    split, a harness task) follow in the order given."""
+    known = [d for d in domain_order(runs) if d in set(names)]
+    return known + [d for d in dict.fromkeys(names) if d not in known]
+
+
+def runs_note(names: list[str], text: str, runs: list[Run]) -> list[str]:
+    """One note for every run it applies to (`a, b: text`; `every run: text` when it is all of them), not one per
+    run: on a page of four runs the same sentence four times hides the notes that differ."""
+    if not names:
+        return []
+    who = "every run" if len(names) == len(runs) > 1 else ", ".join(names)
+    return [f"{who}: {text}"]
+
+
 # ---------------------------------------------------------------------------------------- sections
 @dataclass
 class Section:
@@ -161,12 +207,12 @@ def section_weights(runs: list[Run], out: Path) -> Section:
         if len(fixed := run.of("weights")) == 1:
             shares = ", ".join(f"{d} {w:.3f}" for d, w in fixed[0]["weights"].items())
             sec.notes.append(f"{run.name}: the domain weights never changed from those of step 0: {shares}.")
-        elif run not in have:
-            sec.notes.append(f"{run.name}: no `weights` events (no steered run, or its log is missing).")
+    missing = [r.name for r in runs if not r.of("weights")]
+    sec.notes += runs_note(missing, "no `weights` events (no steered run, or its log is missing).", runs)
     if have:
         cols = min(2, len(have))  # two runs a row: a page of compared runs stays short
         rows = -(-len(have) // cols)
-        fig, axes = _pyplot().subplots(rows, cols, figsize=(6.2 * cols, 3.0 * rows), squeeze=False)
+        fig, axes = _pyplot().subplots(rows, cols, figsize=(PAGE_IN, (3.0 if cols > 1 else 3.6) * rows), squeeze=False)
         for ax, run in zip(axes.flat, have):
             _weight_lines(ax, run.events)
             ax.set_title(run.name, fontsize=10)
@@ -213,55 +259,76 @@ def eval_losses(run: Run) -> dict[str, tuple[list[int], list[float]]]:
 def per_domain_figure(
     runs: list[Run], series: dict[str, dict[str, tuple]], ylabel: str, title: str, marker: str = ""
 ) -> Any:
-    """One panel per domain, one line per run: `series[run name][domain] = (steps, values)`.
+    """One panel per domain, one line per run: `series[run name][domain] = (steps, values)`, domains in the
+    page's domain order. When no series has two points (one evaluation), one grouped bar chart instead: a panel
+    per domain holding a single dot says nothing a bar does not say better.
 
     The panels share one y-scale from 0: on a scale of its own, a panel with one point or a change in the third
     decimal fills its whole height and looks as dramatic as a real one.
     """
-    domains = list(dict.fromkeys(d for per_run in series.values() for d in per_run))
+    domains = ordered_domains(runs, [d for per_run in series.values() for d in per_run])
+    if all(len(steps) <= 1 for per_run in series.values() for steps, _ in per_run.values()):
+        return _per_domain_bars(runs, series, domains, ylabel, title)
     cols = min(3, len(domains))
     rows = -(-len(domains) // cols)
-    plt = _pyplot()
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.7 * rows), squeeze=False, sharey=True)
+    fig, axes = _pyplot().subplots(rows, cols, figsize=(PAGE_IN, 2.9 * rows), squeeze=False, sharey=True)
     top = max(max(v) for per_run in series.values() for _, v in per_run.values())
     for ax, domain in zip(axes.flat, domains):
-        for run in runs:
-            if domain in series.get(run.name, {}):
-                steps, values = series[run.name][domain]
-                ax.plot(steps, values, marker, label=run.name, lw=1.2, color=run.color)
+        for k, run in enumerate(r for r in runs if domain in series.get(r.name, {})):
+            steps, values = series[run.name][domain]
+            ax.plot(steps, values, marker=marker or None, label=run.name, color=run.color, ms=4, **line_style(k))
         ax.set_title(domain, fontsize=10)
         ax.set(xlabel="step", ylabel=ylabel, ylim=(0, 1.05 * top))
         ax.yaxis.set_tick_params(labelleft=True)  # sharey hides the labels of inner panels; keep them readable
     for ax in list(axes.flat)[len(domains) :]:
         ax.set_visible(False)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
+    legend = {lab: h for ax in axes.flat for h, lab in zip(*ax.get_legend_handles_labels())}  # runs may differ
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(labels), 4), fontsize=8)
+    ncol = min(len(legend), 4)
+    fig.legend(legend.values(), legend.keys(), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=ncol, fontsize=8)
+    return fig
+
+
+def _per_domain_bars(
+    runs: list[Run], series: dict[str, dict[str, tuple]], domains: list[str], ylabel: str, title: str
+) -> Any:
+    """Each domain's single value as a group of bars, one bar per run (its colour), the step in the legend."""
+    fig, ax = _pyplot().subplots(figsize=(PAGE_IN, 3.4))
+    have = [r for r in runs if r.name in series]
+    width = 0.8 / max(len(have), 1)
+    for i, run in enumerate(have):
+        values = [series[run.name][d][1][0] if series[run.name].get(d, ((), ()))[1] else np.nan for d in domains]
+        steps = sorted({step for at, _ in series[run.name].values() for step in at})
+        label = f"{run.name} (step {', '.join(map(str, steps))})"
+        ax.bar(np.arange(len(domains)) + i * width, values, width, label=label, color=run.color)
+    ax.set_xticks(np.arange(len(domains)) + 0.4 - width / 2, domains, fontsize=9)
+    ax.set(ylabel=ylabel, title=f"{title} (one value each)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
 
 def section_losses(runs: list[Run], out: Path) -> Section:
     sec = Section("losses", "Per-domain train and eval loss")
     train = {r.name: _domain_series(r.of("train"), "domain_loss") for r in runs if r.of("train")}
-    sec.notes += [f"{r.name}: no `train` events." for r in runs if r.name not in train]
+    sec.notes += runs_note([r.name for r in runs if r.name not in train], "no `train` events.", runs)
     if train:
         title = "train loss: each step's mean over its samples"
         sec.images.append(_save(per_domain_figure(runs, train, "train loss", title), out / "train_loss.png"))
     evals = {r.name: series for r in runs if (series := eval_losses(r))}
-    sec.notes += [
-        f"{r.name}: no per-domain `eval` events (set train.eval_strategy and data.eval_per_domain)."
-        for r in runs
-        if r.name not in evals
-    ]
-    sec.notes += [
-        f"{name}: no step-0 evaluation, so its eval curves have no baseline of the untrained model "
-        "(train.eval_on_start: true, the runner's default when it evaluates)."
-        for name, series in evals.items()
-        if not any(steps and steps[0] == 0 for steps, _ in series.values())
-    ]
+    no_eval = [r.name for r in runs if r.name not in evals]
+    sec.notes += runs_note(
+        no_eval, "no per-domain `eval` events (set train.eval_strategy and data.eval_per_domain).", runs
+    )
+    no_baseline = [n for n, series in evals.items() if not any(st and st[0] == 0 for st, _ in series.values())]
+    sec.notes += runs_note(
+        no_baseline,
+        "no step-0 evaluation, so the eval curves have no baseline of the untrained model "
+        "(train.eval_on_start: true, the runner's default when it evaluates).",
+        runs,
+    )
     if evals:
-        fig = per_domain_figure(runs, evals, "eval loss", "eval loss on each domain's held-out split", marker="o-")
+        fig = per_domain_figure(runs, evals, "eval loss", "eval loss on each domain's held-out split", marker="o")
         sec.images.append(_save(fig, out / "eval_loss.png"))
         sec.html = _final_eval_table(runs, evals)
     return sec
@@ -270,7 +337,7 @@ def section_losses(runs: list[Run], out: Path) -> Section:
 def _final_eval_table(runs: list[Run], evals: dict[str, dict[str, tuple]]) -> str:
     """Last eval loss per domain and run, with the mean and the worst domain; the held-out target split
     (`target_eval`, not a domain) gets its own column and stays out of the mean and the worst."""
-    names = list(dict.fromkeys(d for per_run in evals.values() for d in per_run))
+    names = ordered_domains(runs, [d for per_run in evals.values() for d in per_run])
     domains = [d for d in names if d != TARGET_EVAL]
     target = [TARGET_EVAL] if TARGET_EVAL in names else []
     head = "".join(f"<th>{html.escape(d)}</th>" for d in domains) + "<th>mean</th><th>worst</th>"
@@ -330,38 +397,63 @@ def selection_stats(run: Run) -> dict[str, Any]:
 def section_selection(runs: list[Run], out: Path) -> Section:
     sec = Section("selection", "Selection coverage")
     stats = {r.name: selection_stats(r) for r in runs if r.of("select")}
-    sec.notes += [f"{r.name}: no `select` events (no selector)." for r in runs if r.name not in stats]
+    sec.notes += runs_note([r.name for r in runs if r.name not in stats], "no `select` events (no selector).", runs)
     if not stats:
         return sec
-    plt = _pyplot()
-    colors = {r.name: r.color for r in runs}
-    fig, grid = plt.subplots(2, 2, figsize=(12, 7))
-    axes = grid.flat
-    _plot_domain_shares(axes[0], stats, colors)
-    _plot_times_chosen(axes[1], stats, colors)
-    for name, s in stats.items():
-        if s["jaccard"]:
-            axes[2].plot(s["steps"][1:], s["jaccard"], "o-", label=name, color=colors[name])
-        if s["scores"]:
-            steps, low, mean, high = zip(*s["scores"])
-            axes[3].plot(steps, mean, "o-", label=f"{name} mean", color=colors[name])
-            axes[3].fill_between(steps, low, high, alpha=0.2, color=colors[name])
-    axes[2].set(title="Jaccard overlap with previous selection", xlabel="step of update", ylim=(0, 1.05))
-    axes[3].set(title="scores of the selected samples (min–max, mean)", xlabel="step of update", ylabel="score")
-    for ax in axes[2:]:
-        if ax.has_data():
-            ax.legend(fontsize=7)
-        else:
-            ax.text(0.5, 0.5, "one update only" if ax is axes[2] else "no scores logged", ha="center",
-                    transform=ax.transAxes, color="0.5")  # fmt: skip
+    fig = selection_figure(stats, {r.name: r.color for r in runs})
     sec.images.append(_save(fig, out / "selection.png"))
+    if any(s["scores"] for s in stats.values()):
+        sec.images.append(_save(_scores_figure(runs, stats), out / "selection_scores.png"))
     sec.html = _selection_table(stats)
-    sec.notes += [
-        f"{n}: its `select` events carry no domain sizes (an older log), so counts are shown, not shares."
-        for n, s in stats.items()
-        if s["domain_share"] is None
-    ]
+    sec.notes += runs_note(
+        [n for n, s in stats.items() if s["domain_share"] is None],
+        "its `select` events carry no domain sizes (an older log), so counts are shown, not shares.",
+        runs,
+    )
     return sec
+
+
+def selection_figure(stats: dict[str, dict[str, Any]], colors: dict[str, str]) -> Any:
+    """Domain shares, times chosen, and the Jaccard overlap over updates when some run has two values or more
+    (one value is a lone dot; the table below gives it)."""
+    jaccard_runs = {n: s for n, s in stats.items() if len(s["jaccard"]) > 1}
+    fig, axes = _pyplot().subplots(1, 3 if jaccard_runs else 2, figsize=(PAGE_IN, 3.8), squeeze=False)
+    _plot_domain_shares(axes[0, 0], stats, colors)
+    _plot_times_chosen(axes[0, 1], stats, colors)
+    if jaccard_runs:
+        for k, (name, s) in enumerate(jaccard_runs.items()):
+            axes[0, 2].plot(
+                s["steps"][1:], s["jaccard"], marker="o", label=name, color=colors[name], ms=4, **line_style(k)
+            )
+        axes[0, 2].set(title="Jaccard overlap with previous selection", xlabel="step of update", ylim=(0, 1.05))
+        axes[0, 2].legend(fontsize=7)
+    return fig
+
+
+def _selector_name(run: Run) -> str:
+    """The run's selector as its config names it ("scores" when the config is missing)."""
+    spec = ((run.config or {}).get("steering") or {}).get("selector")
+    return str(spec.get("name") if isinstance(spec, dict) else spec or "scores")
+
+
+def _scores_figure(runs: list[Run], stats: dict[str, dict[str, Any]]) -> Any:
+    """The selected samples' score min–max band and mean per update, one panel (and y-axis) per selector:
+    scores of different selectors are different quantities (a loss in nats, a LESS cosine near 0.2), and on one
+    axis the small ones would be a flat line."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        if run.name in stats and stats[run.name]["scores"]:
+            groups.setdefault(_selector_name(run), []).append(run)
+    fig, axes = _pyplot().subplots(1, len(groups), figsize=(PAGE_IN, 3.4), squeeze=False)
+    for ax, (selector, members) in zip(axes.flat, groups.items()):
+        for k, run in enumerate(members):
+            steps, low, mean, high = zip(*stats[run.name]["scores"])
+            ax.plot(steps, mean, marker="o", label=f"{run.name} mean", color=run.color, ms=4, **line_style(k))
+            ax.fill_between(steps, low, high, alpha=0.2, color=run.color)
+        ax.set(title=f"{selector}: scores of the selected samples (min–max, mean)", xlabel="step of update")
+        ax.set(ylabel="score")
+        ax.legend(fontsize=7)
+    return fig
 
 
 def _plot_domain_shares(ax: Any, stats: dict[str, dict[str, Any]], colors: dict[str, str]) -> None:
@@ -416,17 +508,17 @@ def _selection_table(stats: dict[str, dict[str, Any]]) -> str:
 def section_sample_weights(runs: list[Run], out: Path) -> Section:
     sec = Section("sample-weights", "Weighter weight distributions")
     have = [r for r in runs if r.of("sample_weights")]
-    sec.notes += [f"{r.name}: no `sample_weights` events (no weighter)." for r in runs if r not in have]
+    sec.notes += runs_note([r.name for r in runs if r not in have], "no `sample_weights` events (no weighter).", runs)
     if not have:
         return sec
     plt = _pyplot()
-    fig, (ax_w, ax_h) = plt.subplots(1, 2, figsize=(12, 3.4))
-    for run in have:
+    fig, (ax_w, ax_h) = plt.subplots(1, 2, figsize=(PAGE_IN, 3.4))
+    for k, run in enumerate(have):
         ev = run.of("sample_weights")
         steps = [e["step"] for e in ev]
-        ax_w.plot(steps, [e["mean"] for e in ev], lw=1, label=f"{run.name} mean", color=run.color)
+        ax_w.plot(steps, [e["mean"] for e in ev], label=f"{run.name} mean", color=run.color, **line_style(k))
         ax_w.fill_between(steps, [e["min"] for e in ev], [e["max"] for e in ev], alpha=0.25, color=run.color)
-        ax_h.plot(steps, [e["entropy"] for e in ev], label=run.name, color=run.color)
+        ax_h.plot(steps, [e["entropy"] for e in ev], label=run.name, color=run.color, **line_style(k))
     ax_w.set(title="per-step weights: min–max band, mean", xlabel="step", ylabel="weight")
     ax_h.set(title="entropy of the normalised step weights", xlabel="step", ylabel="nats")
     ax_w.legend(fontsize=7)
@@ -457,12 +549,14 @@ def section_downstream(runs: list[Run], out: Path) -> Section:
     headline metric over steps when a run evaluated more than once."""
     sec = Section("downstream", "Downstream evaluation (lm-evaluation-harness)")
     have = [r for r in runs if r.of("downstream")]
-    sec.notes += [f"{r.name}: no `downstream` events (no downstream: section)." for r in runs if r not in have]
+    sec.notes += runs_note(
+        [r.name for r in runs if r not in have], "no `downstream` events (no downstream: section).", runs
+    )
     if not have:
         return sec
     series = {r.name: downstream_series(r) for r in have}
     if any(len(steps) > 1 for per_run in series.values() for steps, _ in per_run.values()):
-        fig = per_domain_figure(have, series, "value", "headline metric of each task over steps", marker="o-")
+        fig = per_domain_figure(have, series, "value", "headline metric of each task over steps", marker="o")
         sec.images.append(_save(fig, out / "downstream.png"))
     sec.html = _downstream_table(have)
     return sec
@@ -522,7 +616,7 @@ def step_time_figure(times: dict[str, dict[str, Any]]) -> Any:
     """Mean ms per optimizer step of each run (`step_time` dicts with a runtime), split into training and
     steering overhead; the legend sits beside the axes, where no bar can be."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 0.6 + 0.5 * len(times)))
+    fig, ax = plt.subplots(figsize=(PAGE_IN * 0.8, 0.8 + 0.5 * len(times)))  # 0.8: the legend takes the rest
     names = list(times)
     per_step = lambda key: [1000 * times[n][key] / max(times[n]["steps"], 1) for n in names]  # noqa: E731
     # greys, not the runs' colours: the bars' parts are what they split, not runs
@@ -537,10 +631,9 @@ def step_time_figure(times: dict[str, dict[str, Any]]) -> Any:
 def section_step_time(runs: list[Run], out: Path) -> Section:
     sec = Section("step-time", "Step time: training vs steering overhead")
     times = {r.name: step_time(r) for r in runs}
+    sec.notes += runs_note([n for n, t in times.items() if t is None], "no `train` events.", runs)
     for name, t in times.items():
-        if t is None:
-            sec.notes.append(f"{name}: no `train` events.")
-        elif "runtime_s" not in t:
+        if t is not None and "runtime_s" not in t:
             sec.notes.append(
                 f"{name}: no training runtime found (trainer_state.json, train_results.json or file times); "
                 f"steering overhead alone: {t['overhead_s']:.3f} s over {t['steps']} steps."
@@ -564,9 +657,9 @@ def section_step_time(runs: list[Run], out: Path) -> Section:
 def section_config(runs: list[Run], out: Path) -> Section:
     sec = Section("config", "Config summary")
     parts = []
+    sec.notes += runs_note([r.name for r in runs if r.config is None], "no datasteer_config.yaml.", runs)
     for run in runs:
         if run.config is None:
-            sec.notes.append(f"{run.name}: no datasteer_config.yaml.")
             continue
         steering = {k: v for k, v in (run.config.get("steering") or {}).items() if v is not None}
         train = run.config.get("train") or {}
@@ -593,7 +686,8 @@ SECTIONS: list[Callable[[list[Run], Path], Section]] = [
 ]
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1300px;margin:2em auto;padding:0 1em;color:#222}
-img{max-width:100%;display:block;margin:.5em 0}table{border-collapse:collapse;margin:.5em 0}
+img{max-width:100%;display:block;margin:.5em 0}img.chart{width:100%;height:auto}
+table{border-collapse:collapse;margin:.5em 0}
 td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}td:first-child{text-align:left}
 pre{background:#f6f6f6;padding:.5em;overflow:auto}.note{color:#777;font-style:italic}
 .cards{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}.card{flex:1 1 280px;min-width:0}

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -152,7 +154,7 @@ class Steering:
         self.seed = seed
         self.budget = budget
         self.target = target
-        self.log = SteeringLog(output_dir)
+        self.log = SteeringLog(output_dir, domains=pool.domains)
         self.sampler = SteeredSampler(pool.domain_ids, len(pool.domains), seed=seed, content=pool.content)
         self.update_index = 0
         self.step = 0
@@ -163,7 +165,8 @@ class Steering:
         self._buffer: list[tuple[torch.Tensor, ...]] = []
         self._step_weights: tuple[torch.Tensor, torch.Tensor] | None = None
         self._weight_stats: list[torch.Tensor] = []
-        self._overhead = 0.0
+        self._overhead = 0.0  # cumulative steering seconds (the `train` events, the report's step-time split)
+        self._step_overhead = 0.0  # this step's seconds spent before end_step (`charged`): picks, weights
         self.tail = StepTail()  # the last steps' records, for a continuation with more steps (continuation.py)
         self._check_components()
 
@@ -340,8 +343,27 @@ class Steering:
         self._log_weight_stats(step)
         if step in self._update_steps:
             self.update(step)
-        self._overhead += time.perf_counter() - t0
-        self.log.scalar("overhead_s", time.perf_counter() - t0)
+        own = time.perf_counter() - t0
+        self._overhead += own
+        self.log.scalar("overhead_s", own + self._step_overhead)  # the step's whole steering cost, in one scalar
+        self._step_overhead = 0.0
+
+    @contextmanager
+    def charged(self) -> Iterator[None]:
+        """Count the time of steering work done inside the step, before `end_step`, as this step's overhead.
+
+        An online selector's pick, the per-sample loss weights and their extra no-grad forwards run in the
+        Trainer's seams, not in `end_step`; without this they would be missing from `steer/overhead_s` and the
+        report's step-time split while taking most of the step (greats). Work queued on a GPU counts when the
+        host waits for it (a pick's `.tolist()`, a gather), which is where these seams block the step.
+        """
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            spent = time.perf_counter() - t0
+            self._step_overhead += spent
+            self._overhead += spent
 
     def _check_finite(self, step: int, losses: torch.Tensor, domain_ids: torch.Tensor) -> None:
         """Stop before any component sees a NaN/inf loss: it would poison every later decision silently."""
@@ -470,20 +492,19 @@ class Steering:
         candidate micro-batch (the candidates are random draws, so that is uniform sampling); then the online
         selector's pick, timed as overhead. The step's `train` event then lists the trained ids of every rank.
         """
-        t0 = time.perf_counter()
         keep = self.micro_batch * len(candidates)
         if self.step < self.schedule.warmup_steps:
             sizes = np.cumsum([0] + [len(b["input_ids"]) for b in candidates[:-1]])
             return [int(start) + r for start in sizes for r in range(self.micro_batch)]
         chooser = self.batch_selector
-        picked = chooser.choose(self.context(), candidates, keep)
+        with self.charged():
+            picked = chooser.choose(self.context(), candidates, keep)
         total = sum(len(b["input_ids"]) for b in candidates)
         if len(picked) != keep or len(set(picked)) != keep or not all(0 <= p < total for p in picked):
             raise DatasteerError(
                 f"selector '{chooser.registered_name}' must pick {keep} distinct positions among its {total} "
                 f"candidates, got {len(picked)} ({len(set(picked))} distinct)"
             )
-        self._overhead += time.perf_counter() - t0
         return sorted(picked)
 
     # ------------------------------------------------------------------------ loss weighting

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,10 @@ log = logging.getLogger(__name__)
 
 
 class SteeringLog:
-    def __init__(self, output_dir: str | os.PathLike | None, is_main: bool = True) -> None:
+    def __init__(self, output_dir: str | os.PathLike | None, is_main: bool = True, domains: Sequence[str] = ()) -> None:
         self.path = Path(output_dir) / "steering" / "events.jsonl" if output_dir else None
         self.is_main = is_main
+        self.domains = list(domains)  # the order of per-domain scalars (`steer/domain_loss/<domain>`, ...)
         self._scalars: dict[str, list[float]] = defaultdict(list)
         self._pending: list[str] = []
         self.resumed_from: Path | None = None  # the checkpoint folder being resumed, when known (see truncate_after)
@@ -58,9 +60,22 @@ class SteeringLog:
         self._scalars[name].append(float(value))
 
     def pop_scalars(self) -> dict[str, float]:
-        out = {f"steer/{k}": sum(v) / len(v) for k, v in self._scalars.items() if v}
+        """The buffered scalars averaged, in one fixed order: by name, and per-domain ones in the domain order.
+
+        The buffer's own order is first appearance, which changes from line to line (a domain that a step did not
+        draw logs no loss, and shows up later), so every reader of the log would see the columns move.
+        """
+        names = sorted((k for k, v in self._scalars.items() if v), key=self._order_key)
+        out = {f"steer/{k}": sum(self._scalars[k]) / len(self._scalars[k]) for k in names}
         self._scalars.clear()
         return out
+
+    def _order_key(self, name: str) -> tuple[str, int, str]:
+        family, _, last = name.rpartition("/")
+        if not family:  # a plain scalar (`overhead_s`): a family of its own
+            return name, 0, ""
+        rank = self.domains.index(last) if last in self.domains else len(self.domains)
+        return family, rank, last
 
     def reset(self) -> None:
         """Start an empty log (a fresh run in an output_dir that already holds one)."""

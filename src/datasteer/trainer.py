@@ -234,22 +234,27 @@ class SteeringMixin:
         whole_step = self.steering.components.weighting_scope == "step"
         if self.steering.weights_losses and whole_step and len(batches) > 1 and self.model.training:
             rows = []
-            for batch in batches:
-                if "sample_id" not in batch or "domain_id" not in batch:
-                    raise missing_ids_error(batch)
-                means, embeddings = batch_losses(self.model_wrapped, batch, self.steering.needs_embeddings)
-                rows.append((batch["sample_id"], batch["domain_id"], means, embeddings))
+            with self.steering.charged():  # the extra forwards are steering's cost: steer/overhead_s
+                for batch in batches:
+                    if "sample_id" not in batch or "domain_id" not in batch:
+                        raise missing_ids_error(batch)
+                    means, embeddings = batch_losses(self.model_wrapped, batch, self.steering.needs_embeddings)
+                    rows.append((batch["sample_id"], batch["domain_id"], means, embeddings))
             self._set_step_weights(rows)
         return batches, num_items
 
     def _set_step_weights(self, rows: list[tuple[torch.Tensor, ...]]) -> None:
-        """Gather (ids, domains, losses[, embeddings]) of the step (or micro-batch) from every rank and weigh them."""
-        ids, domains, means = (gather_varlen(torch.cat([r[i] for r in rows]).to(self.args.device)) for i in range(3))
-        embeddings = None
-        if rows[0][3] is not None:
-            local = torch.cat([r[3] for r in rows])
-            embeddings = gather_varlen(local.flatten()).view(-1, local.shape[-1])
-        self.steering.step_weights(ids, domains.long(), means, embeddings)
+        """Gather (ids, domains, losses[, embeddings]) of the step (or micro-batch) from every rank and weigh them
+        (timed as steering overhead: the weighter's cost)."""
+        with self.steering.charged():
+            ids, domains, means = (
+                gather_varlen(torch.cat([r[i] for r in rows]).to(self.args.device)) for i in range(3)
+            )
+            embeddings = None
+            if rows[0][3] is not None:
+                local = torch.cat([r[3] for r in rows])
+                embeddings = gather_varlen(local.flatten()).view(-1, local.shape[-1])
+            self.steering.step_weights(ids, domains.long(), means, embeddings)
         self._step_weights_ready = len(rows) > 1
 
     def _pad_id(self) -> int:

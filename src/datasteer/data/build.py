@@ -36,6 +36,7 @@ from datasteer.data.pool import Pool, open_pool
 from datasteer.data.sources import ResolvedSource, resolve
 from datasteer.data.token_store import TokenStoreWriter, token_dtype
 from datasteer.errors import ConfigError, DatasteerError
+from datasteer.progress import Meter
 
 logger = logging.getLogger(__name__)
 COPY_DOCS = 4096  # documents per copied batch of a pre-tokenized source
@@ -227,10 +228,18 @@ def _write_store(
 def _encoded(
     enc: Encoding, encode: Callable[[Task], tuple], sources: list[tuple[int, ResolvedSource]]
 ) -> Iterator[tuple]:
-    """The sources' tasks encoded in the workers, in order; rows also seen in target_eval are collected."""
-    for result in workers.ordered_map(encode, tasks(enc.cfg, sources, enc.hf_cache), enc.num_proc, enc.state):
-        enc.overlaps.extend(result[0].overlap)
-        yield result
+    """The sources' tasks encoded in the workers, in order; rows also seen in target_eval are collected.
+
+    Progress is counted in input bytes (each source's bytes times the share of its rows read), the one total
+    known before the rows are: a bar on a terminal, `data: encoding` lines with MB, MB/s and ETA in a log."""
+    sizes = {i: sum(f.stat().st_size for f in s.files) for i, s in sources}
+    before = dict(zip(sizes, np.cumsum([0, *sizes.values()]).tolist()))  # bytes of the sources ahead of each
+    with Meter("data: encoding", sum(sizes.values()), unit="MB", scale=1e6, logger=logger) as meter:
+        for result in workers.ordered_map(encode, tasks(enc.cfg, sources, enc.hf_cache), enc.num_proc, enc.state):
+            enc.overlaps.extend(result[0].overlap)
+            index, read, rows = result[0].progress
+            meter.set(before[index] + sizes[index] * read / max(rows, 1))
+            yield result
 
 
 def _copy_pretokenized(writer: TokenStoreWriter, index: int, src: ResolvedSource, vocab_size: int) -> int:

@@ -25,6 +25,7 @@ import shutil
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from datasteer.data.config import DataConfig
 from datasteer.data.sources import ResolvedSource, digest
 from datasteer.data.token_store import CorruptStore, file_checksum
 from datasteer.integrity import Unreadable, checked_entry, fsync_dir, read_json_object
+from datasteer.progress import Meter
 
 CODE_VERSION = "datasteer.data/3"  # 3: sft formats, chat_template, supervise
 META = "meta.json"
@@ -41,6 +43,7 @@ LAYOUT_KEYS = (
     *("eval_per_domain", "seed", "cache_dir", "num_proc", "sources", "eval", "target", "target_eval", "demo"),
     "max_line_bytes",  # a guard on reading, not on what is encoded
 )
+METER_BYTES = 1 << 30  # checking a store this large takes a second or more per GB: show its progress
 logger = logging.getLogger(__name__)
 
 
@@ -117,11 +120,19 @@ def read_meta(folder: Path) -> dict[str, Any] | None:
         return set_aside(folder, f"its {META} is unreadable ({err})")
     if meta.get("version") != CODE_VERSION:
         return None
+    meter = None
     try:
-        for name, check in files.items():
-            verify(folder / name, _entry(name, check))
+        entries = {name: _entry(name, check) for name, check in files.items()}
+        total = sum(int(entry["bytes"]) for entry in entries.values())
+        if total >= METER_BYTES:
+            meter = Meter(f"data: checking {folder}", total, "MB", logger=logger, scale=1e6)
+        for name, entry in entries.items():
+            verify(folder / name, entry, meter.update if meter else None)
     except CorruptStore as err:
         return set_aside(folder, str(err))
+    finally:
+        if meter is not None:
+            meter.close()
     return meta
 
 
@@ -135,14 +146,14 @@ def _entry(name: str, check: Any) -> dict[str, Any]:
         raise CorruptStore(f"{META}: {err}") from None
 
 
-def verify(path: Path, check: dict[str, Any]) -> None:
+def verify(path: Path, check: dict[str, Any], progress: Callable[[int], None] | None = None) -> None:
     """Size always, then the checksum: a truncated or altered file is never read as tokens."""
     if not path.is_file():
         raise CorruptStore(f"{path} is missing")
     size = path.stat().st_size
     if size != check["bytes"]:
         raise CorruptStore(f"{path} has {size} bytes, {META} says {check['bytes']} (truncated?)")
-    if file_checksum(path) != check["xxh3_128"]:
+    if file_checksum(path, progress) != check["xxh3_128"]:
         raise CorruptStore(f"{path} does not match its checksum (altered or corrupted)")
 
 

@@ -38,6 +38,7 @@ class Task:
     columns: dict[str, list[Any]]
     extra: Any = None  # an arrow table of the rows' data.target_columns (target set only)
     overlap: list[tuple[int, int]] = field(default_factory=list)  # (id, text hash) of rows seen in target_eval
+    progress: tuple[int, int, int] = (0, 0, 0)  # (source index, its rows read so far, its rows): the build's meter
 
 
 def tasks(cfg: DataConfig, sources: list[tuple[int, ResolvedSource]], hf_cache: Path) -> Iterator[Task]:
@@ -49,7 +50,9 @@ def tasks(cfg: DataConfig, sources: list[tuple[int, ResolvedSource]], hf_cache: 
         for batch in stream(ds, needed, ROWS_PER_TASK):
             ids = id_scheme.row_ids(index, batch.num_rows, start)
             columns = _normalise({c: batch.column(c).to_pylist() for c in needed}, cfg, fmt, src, start)
-            yield from _by_domain(cfg, src, ids, columns, batch, start)
+            for task in _by_domain(cfg, src, ids, columns, batch, start):
+                task.progress = (index, start + batch.num_rows, ds.num_rows)
+                yield task
             start += batch.num_rows
 
 

@@ -15,6 +15,7 @@ the cache checks them whenever the pool is opened, so a truncated or flipped fil
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -123,10 +124,13 @@ def _memmap(path: Path, dtype: np.dtype) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r")
 
 
-def file_checksum(path: Path) -> str:
-    """xxh3-128 of a file, read in 16 MiB chunks (page cache only: no mapping stays resident)."""
+def file_checksum(path: Path, progress: Callable[[int], None] | None = None) -> str:
+    """xxh3-128 of a file, read in 16 MiB chunks (page cache only: no mapping stays resident); `progress` is
+    told each chunk's bytes (a meter over a large store)."""
     h = xxhash.xxh3_128()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(HASH_CHUNK), b""):
             h.update(chunk)
+            if progress is not None:
+                progress(len(chunk))
     return h.hexdigest()

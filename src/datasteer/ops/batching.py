@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+
+from datasteer.progress import Meter
 
 Collate = Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
 Progress = bool | Literal["log"]  # True: tqdm bar and info lines; "log": info lines only; False: neither
 MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
-LOG_EVERY = 0.1  # an info line each time another tenth of a pass's rows is done (and at its end)
 log = logging.getLogger("datasteer.ops")
 
 
@@ -73,11 +72,12 @@ def run_plan(
 
     Ids are read from each row's `sample_id` (the row index when the dataset has none), not from the
     collator, so any collator works. A filler batch is `dataset[filler_row]` with id -1. `progress`: True shows
-    a tqdm bar (counting rows) and logs an info line with the rows done and the ETA every tenth of the pass;
-    "log" only logs; the caller passes False on every rank but the main one.
+    a tqdm bar (counting rows) and logs an info line with the rows done, the rate and the ETA every tenth of the
+    pass and at least every `progress.INTERVAL_S` seconds; "log" only logs; the caller passes False on every
+    rank but the main one.
     """
     total = sum(len(idx) for pos, idx in enumerate(plan) if pos not in skip)
-    meter = PassProgress(desc, total, bar=progress is True) if progress else None
+    meter = Meter(desc, total, bar=progress is True, logger=log) if progress else None
     try:
         for pos, idx in enumerate(plan):
             if pos in skip:
@@ -93,36 +93,6 @@ def run_plan(
     finally:
         if meter is not None:
             meter.close()
-
-
-class PassProgress:
-    """A pass's progress: a tqdm bar over its rows (optional) and info lines `desc: 1200/8600 rows (14%), 12 s,
-    ETA 75 s` each time another `LOG_EVERY` of the rows is done."""
-
-    def __init__(self, desc: str, total: int, bar: bool = True) -> None:
-        self.desc, self.total, self.done, self.start = desc or "pass", total, 0, time.perf_counter()
-        self.next_log = LOG_EVERY * total
-        # disable=None: no bar when stderr is not a terminal; its redraws would only add escape codes to a log file
-        self.bar = tqdm(total=total, desc=desc, unit="row", leave=False, disable=None) if bar else None
-        log.info("%s: %d rows", self.desc, total)
-
-    def update(self, rows: int) -> None:
-        self.done += rows
-        if self.bar is not None:
-            self.bar.update(rows)
-        if self.done >= self.next_log and self.total:
-            elapsed = time.perf_counter() - self.start
-            eta = elapsed / self.done * (self.total - self.done)
-            log.info(
-                "%s: %d/%d rows (%.0f%%), %.1f s, ETA %.1f s",
-                self.desc, self.done, self.total, 100 * self.done / self.total, elapsed, eta,
-            )  # fmt: skip
-            while self.next_log <= self.done:
-                self.next_log += LOG_EVERY * self.total
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def iter_batches(

@@ -14,6 +14,7 @@ step; a barrier separates the steps so no rank reads a model or weights file ano
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from datasteer.mixers.doremi import WEIGHTS_FILE, read_weights
 from datasteer.runner import RunResult, run
 
 DOREMI_STEPS = ("reference", "proxy", "final")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,17 +49,27 @@ def run_doremi(
     root = Path(config.train["output_dir"])
     out = DoReMiResult(root)
     if "reference" in steps:
-        out.runs["reference"] = run(reference_config(config))
+        out.runs["reference"] = run(_announce(reference_config(config), "reference", steps))
         _barrier()
     if "proxy" in steps:
         out.reference_model = reference_model(config)
-        out.runs["proxy"] = run(proxy_config(config, out.reference_model))
+        out.runs["proxy"] = run(_announce(proxy_config(config, out.reference_model), "proxy", steps))
         _barrier()
         out.weights = read_weights(root / "proxy" / WEIGHTS_FILE)
     if "final" in steps:
         out.weights = weights or out.weights or read_weights(root / "proxy" / WEIGHTS_FILE)
-        out.runs["final"] = run(final_config(config, out.weights))
+        out.runs["final"] = run(_announce(final_config(config, out.weights), "final", steps))
     return out
+
+
+def _announce(config: Config, step: str, steps: list[str]) -> Config:
+    """A line as each step starts: three runs in a row, each with its own progress lines, need a heading."""
+    what = {"reference": "reference model", "proxy": "proxy (Group DRO)", "final": "final model on ᾱ"}[step]
+    log.info(
+        "DoReMi step %d/%d: %s, %s steps, into %s",
+        steps.index(step) + 1, len(steps), what, config.train.get("max_steps", "?"), config.train["output_dir"],
+    )  # fmt: skip
+    return config
 
 
 def check_steps(steps: Sequence[str]) -> list[str]:
