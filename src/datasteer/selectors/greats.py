@@ -15,8 +15,8 @@ marginal gain (divided by η/b, which does not change the argmax)
 where η is the learning rate of the coming step: the first term favours candidates aligned with the target, the
 second penalises redundancy with those already picked. Every inner product comes from
 `datasteer.ops.ghost` (each Linear's inputs and output gradients from one forward + backward over the candidates
-and the target mini-batch together; no backward per sample), then the step trains on the picked rows with the
-host Trainer's own loss.
+and the target mini-batch together; no backward per sample). The step then trains on the picked rows' gradients
+from that same pass (`datasteer.ops.step_grads`, `datasteer.step_reuse`): no second forward + backward.
 
 Under data parallelism each rank picks its share from its own candidates against the same target mini-batch (the
 same rows on every rank): the redundancy term covers pairs on one rank — pairs across ranks would need every
@@ -37,6 +37,7 @@ from datasteer.errors import DatasteerError
 from datasteer.ops.batching import unwrap
 from datasteer.ops.ghost import ghost_gradients
 from datasteer.ops.gradients import select_linears, trainable_linears
+from datasteer.ops.step_grads import StepCapture
 from datasteer.registry import register
 from datasteer.selectors.less import current_lr
 from datasteer.steering import SteeringContext
@@ -91,6 +92,10 @@ class GreatsSelector(Selector):
         layers: fnmatch patterns of the Linear modules whose weight gradients are compared, e.g. ["lm_head"];
             null: every trainable Linear.
         seed: seed of the target mini-batch draws; null (default): steering.seed plus a constant of this component.
+        reuse: train the picked rows on the selection pass's own gradients (default), so the step runs no second
+            forward + backward; false: the host Trainer trains them with its own compute_loss (the step then
+            costs one more forward + backward over the picked rows). Where the host's loss cannot be
+            reproduced (`datasteer.step_reuse`), the trainer takes the second path and says why at start-up.
     """
 
     online: ClassVar[bool] = True
@@ -103,6 +108,7 @@ class GreatsSelector(Selector):
         lr: float | None = None,
         layers: list[str] | None = None,
         seed: int | None = None,
+        reuse: bool = True,
     ) -> None:
         if not candidates_factor > 1:
             raise ValueError(
@@ -118,6 +124,14 @@ class GreatsSelector(Selector):
         self.candidates_factor = float(candidates_factor)
         self.target_batch_size = int(target_batch_size)
         self.lr, self.layers, self.seed = lr, (list(layers) if layers else None), seed
+        self.reuse = bool(reuse)
+        self.keep_step_capture = False  # set by the trainer when it trains the pick on this pass's gradients
+        self._step_capture: StepCapture | None = None
+
+    def pop_step_capture(self) -> StepCapture | None:
+        """What the last `choose` kept for training its pick (rows = candidate positions), handed over once."""
+        capture, self._step_capture = self._step_capture, None
+        return capture
 
     def setup(self, ctx: SteeringContext) -> None:
         if len(ctx.target) == 0:
@@ -139,8 +153,9 @@ class GreatsSelector(Selector):
         n = sum(len(b["input_ids"]) for b in candidates)
         both = ghost_gradients(
             ctx.model, [*candidates, self.target_batch(ctx)], layer_patterns=self.layers, products_per_row=n,
-            accelerator=ctx.accelerator,
+            accelerator=ctx.accelerator, keep_step=self.keep_step_capture,
         )  # fmt: skip
+        self._step_capture = both.step
         cand, target = both.split(n)  # one forward + backward over the candidates and the target rows together
         eta = current_lr(ctx) if self.lr is None else self.lr
         penalty = eta / ctx.samples_per_step
