@@ -13,9 +13,10 @@ optimizer, clipping and logging see an ordinary `.grad`. ḡ mirrors the host's 
 (`SteeringMixin._token_loss_scale`: `num_items_in_batch`, `average_tokens_across_devices`) and the steering's
 loss weights (a weighter or a mixer's domain weights multiply each row's summed token loss, as in any step).
 
-Under DDP no DDP forward runs, so DDP's reducer expects no gradients and stays idle: the last micro-batch of the
-step adds (mean over ranks − this rank's sum) of the step's gradients, one all-reduce, which leaves every rank
-with the gradient DDP would have averaged.
+The step's whole gradient rides on its last micro-batch (the earlier ones return their loss value with a zero
+gradient): it is formed in one pass over all picked rows. Under DDP no DDP forward runs, so DDP's reducer expects
+no gradients and stays idle; datasteer averages the step's gradient over the ranks itself, one flat all-reduce,
+which leaves every rank with the same gradient DDP would have averaged.
 
 Where the host's gradient cannot be formed this way, `reuse_blocker` names why and the trainer takes the second
 forward + backward instead, said once at start-up: a host `compute_loss` other than the HF Trainer's (TRL's,
@@ -86,7 +87,8 @@ class GradientReuse:
         selector.keep_step_capture = True
         self.capture: StepCapture | None = None
         self.plan: deque[tuple[torch.Tensor, torch.Tensor, list[int]]] = deque()
-        self.local_sum: dict[torch.nn.Parameter, torch.Tensor] = {}
+        self.rows: list[int] = []  # the step's trained rows so far, and their coefficients
+        self.coeffs: list[torch.Tensor] = []
         self._warned = False
 
     @property
@@ -98,7 +100,7 @@ class GradientReuse:
         """Take the selector's capture for the step's regrouped micro-batches (`positions`: the picked candidates,
         in the order `regroup_rows` cut them). No capture (warmup steps) leaves the step to the ordinary path."""
         self.plan.clear()
-        self.local_sum.clear()
+        self.rows, self.coeffs = [], []
         capture = self.selector.pop_step_capture()
         if capture is not None and capture.missing:
             if not self._warned:
@@ -124,7 +126,9 @@ class GradientReuse:
         ]
 
     def loss(self, trainer: Any, ids: torch.Tensor, domains: torch.Tensor, num_items_in_batch: Any) -> torch.Tensor:
-        """The surrogate loss of the next planned micro-batch (value: the host's loss; gradient: the host's)."""
+        """The surrogate loss of the next planned micro-batch: its value is the host's loss on these rows; the
+        step's whole gradient rides on its last micro-batch (the others carry none), formed in one pass over all
+        picked rows and, under several processes, averaged by one all-reduce, so every rank gets the same bits."""
         planned_ids, _, rows = self.plan.popleft()
         if not torch.equal(planned_ids.cpu(), ids.cpu()):
             raise DatasteerError(f"internal: micro-batch {ids.tolist()} is not the planned {planned_ids.tolist()}")
@@ -137,28 +141,28 @@ class GradientReuse:
                 trainer._set_step_weights([(ids, domains, means, None)])
             weights = steering.lookup_weights(ids).to(means)
         coeff = trainer._token_loss_scale(tokens, num_items_in_batch, False) * weights  # on each summed loss
-        grads = self._synced(capture.gradients(rows, coeff))
         steering.record(ids, domains, means, tokens, None)
-        return surrogate((coeff * means * tokens).sum(), grads)
-
-    def _synced(self, grads: dict[torch.nn.Parameter, torch.Tensor]) -> dict[torch.nn.Parameter, torch.Tensor]:
-        """Under several processes, the step's last micro-batch adds (mean over ranks − local sum) of its grads."""
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        if world > 1:
-            for p, g in grads.items():
-                self.local_sum[p] = self.local_sum[p] + g if p in self.local_sum else g
+        value = (coeff * means * tokens).sum()
+        self.rows += rows
+        self.coeffs.append(coeff)
         if self.plan:
-            return grads
-        self.capture = None  # the step's last micro-batch: free the pass
-        if world == 1:
-            return grads
-        params = [p for p in self.params if p in self.local_sum]
-        flat = torch.cat([self.local_sum[p].flatten() for p in params])
-        torch.distributed.all_reduce(flat)
-        mean = (flat / world).split([p.numel() for p in params])
-        out = {p: grads.get(p, torch.zeros_like(p)) + m.view_as(p) - self.local_sum[p] for p, m in zip(params, mean)}
-        self.local_sum.clear()
-        return out
+            return surrogate(value, {self.params[0]: torch.zeros_like(self.params[0])})
+        grads = _mean_over_ranks(capture.gradients(self.rows, torch.cat(self.coeffs)), self.params)
+        self.capture, self.rows, self.coeffs = None, [], []  # the step's last micro-batch: free the pass
+        return surrogate(value, grads)
+
+
+def _mean_over_ranks(
+    grads: dict[torch.nn.Parameter, torch.Tensor], params: list[torch.nn.Parameter]
+) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """The gradients averaged over the processes (what DDP's reducer does), in one flat all-reduce."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if world == 1:
+        return grads
+    params = [p for p in params if p in grads]  # the same list on every rank: the same modules ran
+    flat = torch.cat([grads[p].flatten() for p in params])
+    torch.distributed.all_reduce(flat)
+    return {p: m.view_as(p) for p, m in zip(params, (flat / world).split([p.numel() for p in params]))}
 
 
 def surrogate(value: torch.Tensor, grads: dict[torch.nn.Parameter, torch.Tensor]) -> torch.Tensor:
