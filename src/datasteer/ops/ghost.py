@@ -69,6 +69,7 @@ class GhostGradients:
     def __init__(self, layers: dict[str, _Layer], rows: int, step: StepCapture | None = None) -> None:
         self.layers, self.rows = layers, rows
         self.step = step  # what the pass keeps for training the rows it picks (`keep_step=True`), else None
+        self.pooled: GhostGradients | None = None  # the mean gradient of a pooled tail of rows (`pooled_tail`)
 
     def dot(self, other: GhostGradients) -> torch.Tensor:
         """(N, M) ⟨g_i, h_v⟩ with the rows of `other` (the same model and layers)."""
@@ -106,8 +107,16 @@ class GhostGradients:
         return self.take(slice(0, rows)), self.take(slice(rows, None))
 
     def columns(self, index: Sequence[int]) -> torch.Tensor:
-        """(N, len(index)) ⟨g_i, g_j⟩ for the rows j in `index`: columns of the Gram matrix."""
-        return self.dot(self.take(index))
+        """(N, len(index)) ⟨g_i, g_j⟩ for the rows j in `index`: columns of the Gram matrix.
+
+        A formed layer's part is (G[index] @ Gᵀ)ᵀ: BLAS streams the wide (N, out·in) matrix best as the right
+        operand, about 2x faster on CPU than G @ G[index]ᵀ for a block of a few columns."""
+        picked = self.take(index)
+        parts = []
+        for name, a in self.layers.items():
+            b = picked.layers[name]
+            parts.append((b.grads @ a.grads.T).T if a.grads is not None else _pair(a, b))
+        return sum(parts[1:], parts[0])  # a model has at least one covered layer
 
 
 def ghost_gradients(
@@ -119,6 +128,7 @@ def ghost_gradients(
     products_per_row: int = 1,
     accelerator=None,
     keep_step: bool = False,
+    pooled_tail: int = 0,
 ) -> GhostGradients:
     """Capture the per-sample gradients of the rows of `batches`: one forward + one backward for all of them.
 
@@ -135,6 +145,9 @@ def ghost_gradients(
         keep_step: also keep every module that owns trainable parameters (embeddings, norms, biases, Linears
             outside `layer_patterns`) with its inputs and δ, as `GhostGradients.step`, so the step can train
             picked rows on this pass's gradients (`ops.step_grads`) instead of a second forward + backward.
+        pooled_tail: the last rows of `batches` that are only needed through their mean gradient (a target
+            batch): they are left out of the result's rows and held as `GhostGradients.pooled`, one row formed
+            by one GEMM over all their tokens instead of one gradient per row.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -146,14 +159,18 @@ def ghost_gradients(
     batch = _merge([batches] if isinstance(batches, dict) else list(batches))
     with eval_mode(net):
         captured, step = _capture(net, layers, batch, reduction, keep_step)
-    rows = len(batch["input_ids"])
-    held, budget = {}, FORMED_MAX_ELEMENTS
+    rows = len(batch["input_ids"]) - pooled_tail
+    held, pooled, budget = {}, {}, FORMED_MAX_ELEMENTS
     for name, (x, d) in captured.items():  # formed while the whole formed matrix stays within its budget
-        held[name] = _hold(x, d, max(1, products_per_row), rows * x.shape[-1] * d.shape[-1] <= budget)
+        held[name] = _hold(x[:rows], d[:rows], max(1, products_per_row), rows * x.shape[-1] * d.shape[-1] <= budget)
         budget -= held[name].grads.numel() if held[name].grads is not None else 0
+        if pooled_tail:
+            pooled[name] = _pool(x[rows:], d[rows:], held[name].grads is not None)
+    result = GhostGradients(held, rows, step)
     if step is not None:  # reuse the formed per-sample gradients for the training gradient too
         step.formed = {n: a.grads for n, a in held.items() if a.grads is not None}
-    return GhostGradients(held, rows, step)
+    result.pooled = GhostGradients(pooled, 1) if pooled_tail else None
+    return result
 
 
 def _merge(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -234,8 +251,15 @@ def _hold(x: torch.Tensor, delta: torch.Tensor, products: int, fits: bool) -> _L
     formed = t * out * inn + products * out * inn
     tokens = products * t * t * (inn + out)
     if formed < tokens and fits and rows * out * inn <= MATRIX_ROUTE_MAX_ELEMENTS:
-        return _Layer(grads=torch.einsum("bto,bti->boi", delta.to(dtype), x.to(dtype)).flatten(1))
+        return _Layer(grads=torch.bmm(delta.to(dtype).transpose(1, 2), x.to(dtype)).flatten(1))  # (N, out·in)
     return _Layer(x=x.to(dtype), delta=delta.to(dtype))
+
+
+def _pool(x: torch.Tensor, delta: torch.Tensor, formed: bool) -> _Layer:
+    """The mean gradient of one layer's M rows as one row, in the form the other rows of the layer have."""
+    m, dtype = x.shape[0], torch.promote_types(x.dtype, torch.float32)
+    x, delta = x.reshape(1, -1, x.shape[-1]).to(dtype), delta.reshape(1, -1, delta.shape[-1]).to(dtype) / m
+    return _Layer(grads=(delta[0].T @ x[0]).reshape(1, -1)) if formed else _Layer(x=x, delta=delta)
 
 
 def _pair(a: _Layer, b: _Layer) -> torch.Tensor:

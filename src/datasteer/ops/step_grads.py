@@ -77,7 +77,8 @@ class StepCapture:
         losses: (N,) each row's loss as the pass reduced it (`reduction`), detached.
         tokens: (N,) each row's supervised (shifted) token count.
         reduction: "mean" (δ is of the token-mean loss) or "sum".
-        formed: name -> (N, out·in) per-sample weight gradients a ghost pass formed (reused, not recomputed).
+        formed: name -> (R, out·in) per-sample weight gradients a ghost pass formed for its first R rows (all
+            but a pooled tail), reused, not recomputed; only those rows can be trained when it is set.
     """
 
     modules: dict[str, torch.nn.Module]
@@ -109,37 +110,50 @@ class StepCapture:
         if self.reduction == "mean":  # δ is of S_i / n_i: scale back to the summed loss
             coeff = coeff * self.tokens[idx].to(coeff)
         grads: dict[torch.nn.Parameter, torch.Tensor] = {}
+        formed = self._formed_weights(idx, coeff)
         for name, module in self.modules.items():
-            for param, grad in self._module_grads(name, module, idx, coeff):
+            for param, grad in self._module_grads(name, module, idx, coeff, formed.get(name)):
                 if grad is not None and param.requires_grad:
                     grads[param] = grads[param] + grad if param in grads else grad
         return {p: g.to(p.dtype) for p, g in grads.items()}
 
+    def _formed_weights(self, idx: torch.Tensor, coeff: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Σ_k coeff_k g_{idx_k} of every formed layer: one matrix-vector product each, over all N rows with the
+        coefficients scattered to them (cheaper than gathering the picked rows' gradients first)."""
+        if not self.formed:
+            return {}
+        rows = next(iter(self.formed.values())).shape[0]  # the rows formed: a pooled tail of rows has none
+        full = torch.zeros(rows, dtype=torch.float64, device=self.losses.device)
+        full.index_add_(0, idx, coeff)
+        return {name: full.to(g.dtype) @ g for name, g in self.formed.items()}
+
     def _module_grads(
-        self, name: str, module: torch.nn.Module, idx: torch.Tensor, coeff: torch.Tensor
+        self, name: str, module: torch.nn.Module, idx: torch.Tensor, coeff: torch.Tensor, formed: torch.Tensor | None
     ) -> Iterator[tuple[torch.nn.Parameter, torch.Tensor | None]]:
         if isinstance(module, torch.nn.Linear):
-            yield from self._linear_grads(name, module, idx, coeff)
+            yield from self._linear_grads(name, module, idx, coeff, formed)
             return
         params = [p for p in module.parameters(recurse=False) if p.requires_grad]
         for call in self.calls[name]:
             yield from zip(params, _vjp(module, call, idx, coeff, params))
 
     def _linear_grads(
-        self, name: str, module: torch.nn.Linear, idx: torch.Tensor, coeff: torch.Tensor
+        self, name: str, module: torch.nn.Linear, idx: torch.Tensor, coeff: torch.Tensor, formed: torch.Tensor | None
     ) -> Iterator[tuple[torch.nn.Parameter, torch.Tensor | None]]:
-        """∂W from the formed per-sample gradients when the ghost pass has them, else one GEMM over the tokens."""
+        """∂W from the formed per-sample gradients when the ghost pass has them (`formed`, the weighted sum already
+        taken), else one GEMM over the picked rows' tokens; ∂b from the output gradients."""
         calls = self.calls[name]
         dtype = torch.promote_types(calls[0].delta.dtype, torch.float32)
-        deltas = [c.delta[idx].to(dtype) * coeff.to(dtype).view(-1, 1, 1) for c in calls]
+        bias = module.bias is not None and module.bias.requires_grad
+        weighted = formed is None and module.weight.requires_grad
+        deltas = [c.delta[idx].to(dtype) * coeff.to(dtype).view(-1, 1, 1) for c in calls] if bias or weighted else []
         if module.weight.requires_grad:
-            formed = self.formed.get(name)
-            if formed is not None:  # (N, out·in) -> Σ_k coeff_k g_k
-                weight = (coeff.to(formed.dtype) @ formed[idx]).view_as(module.weight)
+            if formed is not None:
+                weight = formed.view_as(module.weight)
             else:
                 weight = sum(torch.einsum("bto,bti->oi", d, c.args[0][idx].to(d.dtype)) for d, c in zip(deltas, calls))
             yield module.weight, weight
-        if module.bias is not None and module.bias.requires_grad:
+        if bias:
             yield module.bias, sum(d.sum(dim=(0, 1)) for d in deltas)
 
 

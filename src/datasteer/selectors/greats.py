@@ -27,6 +27,7 @@ run repeats it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import numpy as np
@@ -45,13 +46,23 @@ from datasteer.steering import SteeringContext
 MODEL_COLUMNS = ("input_ids", "labels", "attention_mask")
 
 
-def greedy_pick(alignment: torch.Tensor, gram: torch.Tensor | None, keep: int, penalty: float) -> list[int]:
+def greedy_pick(
+    alignment: torch.Tensor,
+    gram: torch.Tensor | Callable[[list[int]], torch.Tensor] | None,
+    keep: int,
+    penalty: float,
+    block: int = 8,
+) -> list[int]:
     """GREATS's greedy rule: `keep` distinct positions, each maximising alignment_i − penalty · Σ_{j picked} G_ij.
 
     Args:
         alignment: (N,) ⟨g_i, ḡ_v⟩.
-        gram: (N, N) ⟨g_i, g_j⟩; may be None when `penalty` is 0 (a pure alignment ranking needs none).
+        gram: (N, N) ⟨g_i, g_j⟩, or a function giving its columns for a list of j, (N, len(j)); may be None when
+            `penalty` is 0 (a pure alignment ranking needs none).
         penalty: the second-order factor, η / b.
+        block: with a function, columns are asked for `block` at a time: the pick's own and those of the best
+            candidates by the current gain (likely the next picks), so a step needs a few matrix products of
+            `block` columns instead of `keep` matrix-vector products or the whole matrix (keep/N of its cost).
 
     Ties go to the earlier candidate (the stream order), so the pick is deterministic.
     """
@@ -63,14 +74,23 @@ def greedy_pick(alignment: torch.Tensor, gram: torch.Tensor | None, keep: int, p
     alignment = alignment.double().cpu()
     redundancy = torch.zeros(n, dtype=torch.float64)
     taken = torch.zeros(n, dtype=torch.bool)
+    cached: dict[int, torch.Tensor] = {}
     picked = []
     for _ in range(keep):
         gain = torch.where(taken, -torch.inf, alignment - penalty * redundancy)
         i = int(torch.argmax(gain))
         picked.append(i)
         taken[i] = True
-        if penalty:
+        if not penalty:
+            continue
+        if not callable(gram):
             redundancy += gram[:, i].double().cpu()
+            continue
+        if i not in cached:  # this column and the likely next picks' in one product
+            order = torch.argsort(gain, descending=True, stable=True).tolist()
+            ahead = [i, *[j for j in order if j != i and j not in cached and not taken[j]][: block - 1]]
+            cached.update(zip(ahead, gram(ahead).double().cpu().T))
+        redundancy += cached[i]
     return picked
 
 
@@ -150,18 +170,16 @@ class GreatsSelector(Selector):
         return ctx.collate_fn([{k: v for k, v in ctx.target[int(r)].items() if k in MODEL_COLUMNS} for r in rows])
 
     def choose(self, ctx: SteeringContext, candidates: list[dict[str, torch.Tensor]], keep: int) -> list[int]:
-        n = sum(len(b["input_ids"]) for b in candidates)
-        both = ghost_gradients(
-            ctx.model, [*candidates, self.target_batch(ctx)], layer_patterns=self.layers, products_per_row=n,
-            accelerator=ctx.accelerator, keep_step=self.keep_step_capture,
+        target = self.target_batch(ctx)  # one forward + backward over the candidates and the target rows together
+        cand = ghost_gradients(
+            ctx.model, [*candidates, target], layer_patterns=self.layers, products_per_row=keep + 1,
+            accelerator=ctx.accelerator, keep_step=self.keep_step_capture, pooled_tail=len(target["input_ids"]),
         )  # fmt: skip
-        self._step_capture = both.step
-        cand, target = both.split(n)  # one forward + backward over the candidates and the target rows together
+        self._step_capture = cand.step
         eta = current_lr(ctx) if self.lr is None else self.lr
         penalty = eta / ctx.samples_per_step
-        alignment = cand.dot_mean(target)  # one product per candidate with the target's mean gradient
-        gram = cand.columns(range(n)) if penalty else None
-        picked = greedy_pick(alignment, gram, keep, penalty)
+        alignment = cand.dot(cand.pooled)[:, 0]  # one product per candidate with the target's mean gradient
+        picked = greedy_pick(alignment, cand.columns if penalty else None, keep, penalty)  # columns on demand
         ctx.log.scalar("greats/alignment_picked", float(alignment[picked].mean()))  # vs all candidates:
         ctx.log.scalar("greats/alignment_candidates", float(alignment.mean()))  # how much the pick gains
         return picked
