@@ -179,7 +179,8 @@ class GreatsSelector(Selector):
         eta = current_lr(ctx) if self.lr is None else self.lr
         penalty = eta / ctx.samples_per_step
         alignment = cand.dot(cand.pooled)[:, 0]  # one product per candidate with the target's mean gradient
-        picked = greedy_pick(alignment, cand.columns if penalty else None, keep, penalty)  # columns on demand
+        # Gram columns on demand, `keep` at a time: at the paper's small η/b one block usually holds every pick
+        picked = greedy_pick(alignment, cand.columns if penalty else None, keep, penalty, block=keep)
         ctx.log.scalar("greats/alignment_picked", float(alignment[picked].mean()))  # vs all candidates:
         ctx.log.scalar("greats/alignment_candidates", float(alignment.mean()))  # how much the pick gains
         return picked
