@@ -81,6 +81,15 @@ def run(out, build, reuse: bool, components=None, trainer_cls=SteeredTrainer, mo
     return trainer, recorder, calls[0]
 
 
+def contents(steps: dict[int, list[int]]) -> dict[int, list[tuple[int, int]]]:
+    """Each step's trained rows by content: the fixtures' const rows repeat every 5 rows and cycle rows every 7, so
+    two ids can hold the same tokens, an exact tie that float rounding may break either way (noise rows are
+    unique)."""
+    period = {0: 5, 1: 7}
+    key = lambda i: (i // 1000, i % 1000 % period.get(i // 1000, 10**9))  # noqa: E731
+    return {int(step): sorted(key(i) for i in ids) for step, ids in steps.items()}
+
+
 def params(trainer) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
 
@@ -98,7 +107,7 @@ def test_reuse_ends_with_the_parameters_of_the_second_pass(tmp_path, variant):
     # accumulation, the no-grad forward that computes the step's losses first)
     saved = 4 * extra.get("gradient_accumulation_steps", 1) * (2 if "components" in extra else 1)
     assert slow_calls - fast_calls == saved
-    assert fast_rec.steps == slow_rec.steps  # the same picks every step
+    assert contents(fast_rec.steps) == contents(slow_rec.steps)  # the same picks every step (up to equal rows)
     a, b, start = params(fast), params(slow), dict(build().named_parameters())
     assert a.keys() == b.keys() and all(not torch.equal(a[n], start[n]) for n in a)  # every parameter trained
     for name in a:
