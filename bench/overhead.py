@@ -16,8 +16,10 @@ Trainer part. The quickstart setup (demo tiny Llama, demo pretrain corpus packed
   candidates, runs one forward + backward over them and over a target mini-batch of one batch (ghost inner
   products), and trains on the pick. Compared with `plain` (a step on the selected batch size) and with
   `plain@N`, the plain Trainer at N = candidates + target rows per step: one forward + backward over all of
-  them, the physical floor of any method that needs their gradients (goal: at most 1.25x that floor). Its
-  target rows are the first pool blocks (cost, not quality, is measured here).
+  them, the physical floor of any method that needs their gradients (goal: at most 1.10x that floor). Its
+  target rows are the first pool blocks (cost, not quality, is measured here). The step trains the pick on the
+  selection pass's gradients (`datasteer.step_reuse`); `greats 2-pass` is the same with `reuse: false`, the
+  host's own second forward + backward over the picked rows (the path before issue #31).
 - `plain+accN`, `loss+accN step`, `loss+accN micro_batch`: plain and loss at gradient accumulation N, compared
   with each other. `steering.weighting_scope: step` (the default) weighs over the whole step, so it computes the
   step's losses first (one extra no-grad forward per micro-batch); `micro_batch` (DataFlex's weighting) weighs
@@ -78,7 +80,8 @@ from datasteer.trainer import SteeringCallback, SteeringMixin
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_RATIO = 1.03
-GREATS_FLOOR_TARGET = 1.25  # greats step / one forward + backward over its candidates and target rows
+TWO_PASS = "greats 2-pass"  # greats with reuse: false, the host's second forward + backward over the pick
+GREATS_FLOOR_TARGET = 1.10  # greats step / one forward + backward over its candidates and target rows
 
 
 class SeamClock:
@@ -210,7 +213,8 @@ def variants(accumulation: int, opts: argparse.Namespace) -> list[Variant]:
     if "odm" in registry.components("mixer"):
         out.append(Variant("odm", "odm"))
     if "greats" in registry.components("selector") and opts.greats_factor > 1:
-        out += [Variant("greats", "greats"), Variant(f"plain@{greats_floor(opts)}", None, batch=greats_floor(opts))]
+        floor = Variant(f"plain@{greats_floor(opts)}", None, batch=greats_floor(opts))
+        out += [Variant("greats", "greats"), Variant("greats 2-pass", "greats 2-pass"), floor]
     if accumulation > 1:  # step scope: one extra no-grad forward per micro-batch; micro_batch scope: none
         out += [
             Variant(f"plain+acc{accumulation}", None, accumulation),
@@ -240,8 +244,9 @@ def training_args(out: str, opts: argparse.Namespace, accumulation: int, batch: 
 
 def components(steering: str, opts: argparse.Namespace, weighting_scope: str = "step") -> tuple[ComponentSet, Schedule]:
     uniform = registry.build("mixer", "static", {"proportions": "uniform"})
-    if steering == "greats":
+    if steering in ("greats", "greats 2-pass"):
         params = {"candidates_factor": opts.greats_factor, "target_batch_size": opts.batch_size}
+        params["reuse"] = steering == "greats"
         return ComponentSet(selector=registry.build("selector", "greats", params)), Schedule()
     if steering == "static":
         return ComponentSet(mixer=uniform), Schedule()
@@ -278,7 +283,8 @@ def time_run(variant: Variant, pool: Any, tokenizer: Any, opts: argparse.Namespa
         else:
             comps, schedule = components(variant.steering, opts, variant.weighting_scope)
             index = PoolIndex(pool.sample_ids, pool.domain_ids, list(pool.domains))
-            target = [pool.train[i] for i in range(4 * opts.batch_size)] if variant.steering == "greats" else None
+            greats = variant.steering.startswith("greats")
+            target = [pool.train[i] for i in range(4 * opts.batch_size)] if greats else None
             steering = Steering(index, comps, schedule, seed=0, target=target, output_dir=out)
             trainer = SteeredTrainer(**common, steering=steering)
             trainer.remove_callback(clock)
@@ -349,7 +355,7 @@ def bench_trainer(opts: argparse.Namespace) -> dict[str, Any]:
             "attributed_ratio": statistics.median(attributed),
             "meets_target": statistics.median(attributed) <= TARGET_RATIO,
         }
-        if v.steering == "greats":  # the physical floor: one forward + backward over candidates + target rows
+        if v.steering and v.steering.startswith("greats"):  # the floor: one forward + backward over all its rows
             floor = f"plain@{greats_floor(opts)}"
             entry["vs_floor"] = {clock: summarise(runs[v.name], runs[floor], clock) for clock in ("cpu", "wall")}
             entry["vs_floor"]["floor"] = floor
@@ -525,7 +531,15 @@ def write_markdown(path: Path, result: dict[str, Any], command: str) -> None:
                 f"| {label} | {x['cpu']['ratio_to_baseline']:.3f} | {x['cpu']['ratio_min']:.3f}-"
                 f"{x['cpu']['ratio_max']:.3f} | {x['wall']['ratio_to_baseline']:.3f} | {x['wall']['ratio_min']:.3f}-"
                 f"{x['wall']['ratio_max']:.3f} |"
-                for label, x in ((f"plain (a step on {o['batch_size']} rows)", g), (f"floor {f['floor']}", f))
+                for label, x in (
+                    (f"plain (a step on {o['batch_size']} rows)", g),
+                    (f"floor {f['floor']}", f),
+                    *(
+                        [(f"floor {f['floor']}, greats 2-pass (`reuse: false`)", t["variants"][TWO_PASS]["vs_floor"])]
+                        if TWO_PASS in t["variants"]
+                        else []
+                    ),
+                )
             ),
             "",
             f"At most {GREATS_FLOOR_TARGET}x the floor (CPU): {'yes' if f['meets_target'] else 'no'}.",

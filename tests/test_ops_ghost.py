@@ -108,3 +108,22 @@ def test_formed_and_token_layers_mix_and_products_on_demand_match(rows, monkeypa
     head, tail = a.split(4)
     assert relative_error(head.dot(tail), (g @ g.T)[:4, 4:]) < 1e-5
     assert relative_error(a.dot(a.take([1, 3])), g @ g[[1, 3]].T) < 1e-5
+
+
+@pytest.mark.parametrize("route", ["auto", "tokens", "mixed"])
+def test_a_pooled_tail_is_the_mean_gradient_of_those_rows(rows, monkeypatch, route):
+    """The target rows pooled into one row (one GEMM, not one gradient per row) give the products with their mean
+    gradient, in every layer form; the other rows and their Gram columns are unchanged."""
+    model = tiny_llama(seed=7).double()
+    largest = max(m.weight.numel() for m in ghost.trainable_linears(model).values())
+    limit = {"auto": None, "tokens": 0, "mixed": 3 * largest}[route]
+    if limit is not None:
+        monkeypatch.setattr(ghost, "MATRIX_ROUTE_MAX_ELEMENTS", limit)
+    cand, target = rows
+    got = ghost_gradients(model, [cand, target], products_per_row=3, pooled_tail=3)
+    g, v = flat_grads(model, cand), flat_grads(model, target)
+    assert got.rows == 6 and got.pooled.rows == 1
+    forms = {layer.grads is None for layer in got.layers.values()}
+    assert forms == {"auto": {False}, "tokens": {True}, "mixed": {True, False}}[route]
+    assert relative_error(got.dot(got.pooled)[:, 0], g @ v.mean(0)) < 1e-5
+    assert relative_error(got.columns([5, 0]), (g @ g.T)[:, [5, 0]]) < 1e-5

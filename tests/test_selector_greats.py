@@ -48,6 +48,21 @@ def test_greedy_pick_follows_the_marginal_gain_by_hand():
         greedy_pick(alignment, gram, 5, penalty=1.0)
 
 
+@pytest.mark.parametrize("block", [1, 3, 8])
+def test_columns_on_demand_pick_what_the_whole_matrix_picks(block):
+    g = torch.randn(40, 12, generator=torch.Generator().manual_seed(block))
+    alignment, gram, asked = g @ g[:5].mean(0), g @ g.T, []
+
+    def columns(index: list[int]) -> torch.Tensor:
+        asked.extend(index)
+        return gram[:, index]
+
+    for penalty in (0.05, 0.5, 5.0):
+        asked.clear()
+        assert greedy_pick(alignment, columns, 10, penalty, block=block) == greedy_pick(alignment, gram, 10, penalty)
+        assert len(asked) == len(set(asked)) and len(asked) <= 10 * block  # each column at most once
+
+
 @pytest.mark.parametrize("lr", [0.0, 0.5, 40.0])
 def test_the_pick_is_the_greedy_rule_on_exact_per_sample_gradients(lr):
     """choose() through ghost products equals the rule applied to vmap's exact gradients of the same rows."""

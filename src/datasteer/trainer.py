@@ -38,6 +38,7 @@ from datasteer.ops.pooling import mean_pool
 from datasteer.ops.token_losses import batch_losses, output_token_losses
 from datasteer.state_file import read_steering_state, verify_checkpoint
 from datasteer.steering import Steering
+from datasteer.step_reuse import GradientReuse, start_reuse
 
 STEERING_COLUMNS = ("sample_id", "domain_id")
 log = logging.getLogger(__name__)
@@ -160,6 +161,8 @@ class SteeringMixin:
         super().__init__(*args, **kwargs)
         self.steering = steering
         self._step_weights_ready = False
+        self._reuse: GradientReuse | None = None  # an online selector's pick trained on its own pass's gradients
+        self._reuse_decided = False
         self.add_callback(SteeringCallback(steering))
 
     def _get_train_sampler(self, *args: Any, **kwargs: Any) -> torch.utils.data.Sampler:
@@ -193,6 +196,9 @@ class SteeringMixin:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if ids is None or domains is None:
             raise missing_ids_error(inputs)
+        if self._reuse is not None and self._reuse.pending:  # the pick, trained on the selection pass's gradients
+            loss = self._reuse.loss(self, ids, domains, num_items_in_batch)
+            return (loss, None) if return_outputs else loss
         weighted = self.steering.weights_losses
         embed = weighted and self.steering.needs_embeddings
         if embed:
@@ -227,12 +233,19 @@ class SteeringMixin:
         """
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         if self.steering.batch_selector is not None and batches and self.model.training:  # train on the pick
-            batches = regroup_rows(batches, self.steering.choose(batches), self.args.per_device_train_batch_size,
-                                   self._pad_id())  # fmt: skip
+            if not self._reuse_decided:
+                self._reuse, self._reuse_decided = start_reuse(self, SteeringMixin), True
+            per_batch, picked = self.args.per_device_train_batch_size, self.steering.choose(batches)
+            batches = regroup_rows(batches, picked, per_batch, self._pad_id())
             batches, num_items = super().get_batch_samples(iter(batches), len(batches), device)
+            if self._reuse is not None:
+                self._reuse.plan_step(batches, picked, per_batch)
         self._step_weights_ready = False
         whole_step = self.steering.components.weighting_scope == "step"
         if self.steering.weights_losses and whole_step and len(batches) > 1 and self.model.training:
+            if self._reuse is not None and self._reuse.pending:  # the selection pass has them: no extra forward
+                self._set_step_weights(self._reuse.step_rows())
+                return batches, num_items
             rows = []
             with self.steering.charged():  # the extra forwards are steering's cost: steer/overhead_s
                 for batch in batches:

@@ -32,8 +32,9 @@ from typing import Literal
 import torch
 
 from datasteer.ops.batching import eval_mode, unwrap
-from datasteer.ops.gradients import capture_linears, sample_losses, select_linears, trainable_linears
+from datasteer.ops.gradients import sample_losses, select_linears, trainable_linears
 from datasteer.ops.projection import MATRIX_ROUTE_MAX_ELEMENTS
+from datasteer.ops.step_grads import StepCapture, owners_of_trainable, record_calls
 
 FORMED_MAX_ELEMENTS = 2**28  # all formed per-sample gradients of one set (1 GiB of floats); beyond: token layers
 TOKEN_CHUNK_ELEMENTS = 2**24  # entries of one token-Gram block (64 MiB of floats): larger pairs go in row chunks
@@ -65,8 +66,10 @@ class _Layer:
 class GhostGradients:
     """The per-sample Linear-weight gradients of N rows, held implicitly per layer; exact products on demand."""
 
-    def __init__(self, layers: dict[str, _Layer], rows: int) -> None:
+    def __init__(self, layers: dict[str, _Layer], rows: int, step: StepCapture | None = None) -> None:
         self.layers, self.rows = layers, rows
+        self.step = step  # what the pass keeps for training the rows it picks (`keep_step=True`), else None
+        self.pooled: GhostGradients | None = None  # the mean gradient of a pooled tail of rows (`pooled_tail`)
 
     def dot(self, other: GhostGradients) -> torch.Tensor:
         """(N, M) ⟨g_i, h_v⟩ with the rows of `other` (the same model and layers)."""
@@ -104,8 +107,16 @@ class GhostGradients:
         return self.take(slice(0, rows)), self.take(slice(rows, None))
 
     def columns(self, index: Sequence[int]) -> torch.Tensor:
-        """(N, len(index)) ⟨g_i, g_j⟩ for the rows j in `index`: columns of the Gram matrix."""
-        return self.dot(self.take(index))
+        """(N, len(index)) ⟨g_i, g_j⟩ for the rows j in `index`: columns of the Gram matrix.
+
+        A formed layer's part is (G[index] @ Gᵀ)ᵀ: BLAS streams the wide (N, out·in) matrix best as the right
+        operand, about 2x faster on CPU than G @ G[index]ᵀ for a block of a few columns."""
+        picked = self.take(index)
+        parts = []
+        for name, a in self.layers.items():
+            b = picked.layers[name]
+            parts.append((b.grads @ a.grads.T).T if a.grads is not None else _pair(a, b))
+        return sum(parts[1:], parts[0])  # a model has at least one covered layer
 
 
 def ghost_gradients(
@@ -116,6 +127,8 @@ def ghost_gradients(
     reduction: Literal["mean", "sum"] = "mean",
     products_per_row: int = 1,
     accelerator=None,
+    keep_step: bool = False,
+    pooled_tail: int = 0,
 ) -> GhostGradients:
     """Capture the per-sample gradients of the rows of `batches`: one forward + one backward for all of them.
 
@@ -129,6 +142,12 @@ def ghost_gradients(
         reduction: each sample's loss is the mean ("mean") or the sum ("sum") of its supervised token losses.
         products_per_row: about how many products each row will take part in (sets the route: forming a
             layer's gradients pays off when they are reused).
+        keep_step: also keep every module that owns trainable parameters (embeddings, norms, biases, Linears
+            outside `layer_patterns`) with its inputs and δ, as `GhostGradients.step`, so the step can train
+            picked rows on this pass's gradients (`ops.step_grads`) instead of a second forward + backward.
+        pooled_tail: the last rows of `batches` that are only needed through their mean gradient (a target
+            batch): they are left out of the result's rows and held as `GhostGradients.pooled`, one row formed
+            by one GEMM over all their tokens instead of one gradient per row.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -139,13 +158,19 @@ def ghost_gradients(
     layers = select_linears(layers, layer_patterns)
     batch = _merge([batches] if isinstance(batches, dict) else list(batches))
     with eval_mode(net):
-        captured = _capture(net, layers, batch, reduction)
-    rows = len(batch["input_ids"])
-    held, budget = {}, FORMED_MAX_ELEMENTS
+        captured, step = _capture(net, layers, batch, reduction, keep_step)
+    rows = len(batch["input_ids"]) - pooled_tail
+    held, pooled, budget = {}, {}, FORMED_MAX_ELEMENTS
     for name, (x, d) in captured.items():  # formed while the whole formed matrix stays within its budget
-        held[name] = _hold(x, d, max(1, products_per_row), rows * x.shape[-1] * d.shape[-1] <= budget)
+        held[name] = _hold(x[:rows], d[:rows], max(1, products_per_row), rows * x.shape[-1] * d.shape[-1] <= budget)
         budget -= held[name].grads.numel() if held[name].grads is not None else 0
-    return GhostGradients(held, rows)
+        if pooled_tail:
+            pooled[name] = _pool(x[rows:], d[rows:], held[name].grads is not None)
+    result = GhostGradients(held, rows, step)
+    if step is not None:  # reuse the formed per-sample gradients for the training gradient too
+        step.formed = {n: a.grads for n, a in held.items() if a.grads is not None}
+    result.pooled = GhostGradients(pooled, 1) if pooled_tail else None
+    return result
 
 
 def _merge(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -192,20 +217,30 @@ def ghost_inner_products(
 
 
 def _capture(
-    net: torch.nn.Module, layers: dict[str, torch.nn.Linear], batch: dict[str, torch.Tensor], reduction: str
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """One forward and one backward to the layer outputs: each layer's (x, δ), calls joined along the tokens."""
-    with capture_linears(layers) as seen, torch.enable_grad():
-        total = sample_losses(net, batch, reduction).sum()  # samples never interact, so δ of the sum is per sample
-        calls = [(name, x, y) for name, pairs in seen.items() for x, y in pairs]
-        deltas = torch.autograd.grad(total, [y for _, _, y in calls], allow_unused=True)
-    xs: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
-    ds: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
-    for (name, x, y), delta in zip(calls, deltas):  # padding needs no mask: no loss depends on a pad's output,
-        xs[name].append(x.detach())  # so its δ is exactly 0 and it adds nothing to any product
-        ds[name].append(torch.zeros_like(y) if delta is None else delta.detach())
+    net: torch.nn.Module,
+    layers: dict[str, torch.nn.Linear],
+    batch: dict[str, torch.Tensor],
+    reduction: str,
+    keep_step: bool = False,
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], StepCapture | None]:
+    """One forward and one backward to the module outputs: each layer's (x, δ), calls joined along the tokens;
+    with `keep_step`, also every module owning trainable parameters, kept for training (`ops.step_grads`)."""
+    owners = owners_of_trainable(net) if keep_step else {}
+    with record_calls({**layers, **owners}) as seen, torch.enable_grad():
+        losses = sample_losses(net, batch, reduction)  # samples never interact, so δ of the sum is per sample
+        calls = list({id(c): c for pairs in seen.values() for c in pairs if c.out.requires_grad}.values())
+        deltas = torch.autograd.grad(losses.sum(), [c.out for c in calls], allow_unused=True)
+    for call, delta in zip(calls, deltas):
+        call.delta = delta.detach() if delta is not None else None
+    for call in (c for pairs in seen.values() for c in pairs):
+        call.detach()  # the graph is freed; a pad's δ is exactly 0 (no loss depends on it): no mask needed
     join = lambda parts: parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # noqa: E731
-    return {n: (join(xs[n]), join(ds[n])) for n in layers}
+    held = {n: (join([c.args[0] for c in seen[n]]), join([c.delta for c in seen[n]])) for n in layers}
+    if not keep_step:
+        return held, None
+    tokens = (batch["labels"][:, 1:] != -100).sum(dim=1).to(losses.device)
+    step = StepCapture(owners, {n: seen[n] for n in owners}, losses.detach(), tokens, reduction)
+    return held, step
 
 
 def _hold(x: torch.Tensor, delta: torch.Tensor, products: int, fits: bool) -> _Layer:
@@ -216,8 +251,15 @@ def _hold(x: torch.Tensor, delta: torch.Tensor, products: int, fits: bool) -> _L
     formed = t * out * inn + products * out * inn
     tokens = products * t * t * (inn + out)
     if formed < tokens and fits and rows * out * inn <= MATRIX_ROUTE_MAX_ELEMENTS:
-        return _Layer(grads=torch.einsum("bto,bti->boi", delta.to(dtype), x.to(dtype)).flatten(1))
+        return _Layer(grads=torch.bmm(delta.to(dtype).transpose(1, 2), x.to(dtype)).flatten(1))  # (N, out·in)
     return _Layer(x=x.to(dtype), delta=delta.to(dtype))
+
+
+def _pool(x: torch.Tensor, delta: torch.Tensor, formed: bool) -> _Layer:
+    """The mean gradient of one layer's M rows as one row, in the form the other rows of the layer have."""
+    m, dtype = x.shape[0], torch.promote_types(x.dtype, torch.float32)
+    x, delta = x.reshape(1, -1, x.shape[-1]).to(dtype), delta.reshape(1, -1, delta.shape[-1]).to(dtype) / m
+    return _Layer(grads=(delta[0].T @ x[0]).reshape(1, -1)) if formed else _Layer(x=x, delta=delta)
 
 
 def _pair(a: _Layer, b: _Layer) -> torch.Tensor:

@@ -15,8 +15,8 @@ marginal gain (divided by η/b, which does not change the argmax)
 where η is the learning rate of the coming step: the first term favours candidates aligned with the target, the
 second penalises redundancy with those already picked. Every inner product comes from
 `datasteer.ops.ghost` (each Linear's inputs and output gradients from one forward + backward over the candidates
-and the target mini-batch together; no backward per sample), then the step trains on the picked rows with the
-host Trainer's own loss.
+and the target mini-batch together; no backward per sample). The step then trains on the picked rows' gradients
+from that same pass (`datasteer.ops.step_grads`, `datasteer.step_reuse`): no second forward + backward.
 
 Under data parallelism each rank picks its share from its own candidates against the same target mini-batch (the
 same rows on every rank): the redundancy term covers pairs on one rank — pairs across ranks would need every
@@ -27,6 +27,7 @@ run repeats it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import numpy as np
@@ -37,6 +38,7 @@ from datasteer.errors import DatasteerError
 from datasteer.ops.batching import unwrap
 from datasteer.ops.ghost import ghost_gradients
 from datasteer.ops.gradients import select_linears, trainable_linears
+from datasteer.ops.step_grads import StepCapture
 from datasteer.registry import register
 from datasteer.selectors.less import current_lr
 from datasteer.steering import SteeringContext
@@ -44,13 +46,23 @@ from datasteer.steering import SteeringContext
 MODEL_COLUMNS = ("input_ids", "labels", "attention_mask")
 
 
-def greedy_pick(alignment: torch.Tensor, gram: torch.Tensor | None, keep: int, penalty: float) -> list[int]:
+def greedy_pick(
+    alignment: torch.Tensor,
+    gram: torch.Tensor | Callable[[list[int]], torch.Tensor] | None,
+    keep: int,
+    penalty: float,
+    block: int = 8,
+) -> list[int]:
     """GREATS's greedy rule: `keep` distinct positions, each maximising alignment_i − penalty · Σ_{j picked} G_ij.
 
     Args:
         alignment: (N,) ⟨g_i, ḡ_v⟩.
-        gram: (N, N) ⟨g_i, g_j⟩; may be None when `penalty` is 0 (a pure alignment ranking needs none).
+        gram: (N, N) ⟨g_i, g_j⟩, or a function giving its columns for a list of j, (N, len(j)); may be None when
+            `penalty` is 0 (a pure alignment ranking needs none).
         penalty: the second-order factor, η / b.
+        block: with a function, columns are asked for `block` at a time: the pick's own and those of the best
+            candidates by the current gain (likely the next picks), so a step needs a few matrix products of
+            `block` columns instead of `keep` matrix-vector products or the whole matrix (keep/N of its cost).
 
     Ties go to the earlier candidate (the stream order), so the pick is deterministic.
     """
@@ -62,14 +74,23 @@ def greedy_pick(alignment: torch.Tensor, gram: torch.Tensor | None, keep: int, p
     alignment = alignment.double().cpu()
     redundancy = torch.zeros(n, dtype=torch.float64)
     taken = torch.zeros(n, dtype=torch.bool)
+    cached: dict[int, torch.Tensor] = {}
     picked = []
     for _ in range(keep):
         gain = torch.where(taken, -torch.inf, alignment - penalty * redundancy)
         i = int(torch.argmax(gain))
         picked.append(i)
         taken[i] = True
-        if penalty:
+        if not penalty:
+            continue
+        if not callable(gram):
             redundancy += gram[:, i].double().cpu()
+            continue
+        if i not in cached:  # this column and the likely next picks' in one product
+            order = torch.argsort(gain, descending=True, stable=True).tolist()
+            ahead = [i, *[j for j in order if j != i and j not in cached and not taken[j]][: block - 1]]
+            cached.update(zip(ahead, gram(ahead).double().cpu().T))
+        redundancy += cached[i]
     return picked
 
 
@@ -91,6 +112,10 @@ class GreatsSelector(Selector):
         layers: fnmatch patterns of the Linear modules whose weight gradients are compared, e.g. ["lm_head"];
             null: every trainable Linear.
         seed: seed of the target mini-batch draws; null (default): steering.seed plus a constant of this component.
+        reuse: train the picked rows on the selection pass's own gradients (default), so the step runs no second
+            forward + backward; false: the host Trainer trains them with its own compute_loss (the step then
+            costs one more forward + backward over the picked rows). Where the host's loss cannot be
+            reproduced (`datasteer.step_reuse`), the trainer takes the second path and says why at start-up.
     """
 
     online: ClassVar[bool] = True
@@ -103,6 +128,7 @@ class GreatsSelector(Selector):
         lr: float | None = None,
         layers: list[str] | None = None,
         seed: int | None = None,
+        reuse: bool = True,
     ) -> None:
         if not candidates_factor > 1:
             raise ValueError(
@@ -118,6 +144,14 @@ class GreatsSelector(Selector):
         self.candidates_factor = float(candidates_factor)
         self.target_batch_size = int(target_batch_size)
         self.lr, self.layers, self.seed = lr, (list(layers) if layers else None), seed
+        self.reuse = bool(reuse)
+        self.keep_step_capture = False  # set by the trainer when it trains the pick on this pass's gradients
+        self._step_capture: StepCapture | None = None
+
+    def pop_step_capture(self) -> StepCapture | None:
+        """What the last `choose` kept for training its pick (rows = candidate positions), handed over once."""
+        capture, self._step_capture = self._step_capture, None
+        return capture
 
     def setup(self, ctx: SteeringContext) -> None:
         if len(ctx.target) == 0:
@@ -136,17 +170,17 @@ class GreatsSelector(Selector):
         return ctx.collate_fn([{k: v for k, v in ctx.target[int(r)].items() if k in MODEL_COLUMNS} for r in rows])
 
     def choose(self, ctx: SteeringContext, candidates: list[dict[str, torch.Tensor]], keep: int) -> list[int]:
-        n = sum(len(b["input_ids"]) for b in candidates)
-        both = ghost_gradients(
-            ctx.model, [*candidates, self.target_batch(ctx)], layer_patterns=self.layers, products_per_row=n,
-            accelerator=ctx.accelerator,
+        target = self.target_batch(ctx)  # one forward + backward over the candidates and the target rows together
+        cand = ghost_gradients(
+            ctx.model, [*candidates, target], layer_patterns=self.layers, products_per_row=keep + 1,
+            accelerator=ctx.accelerator, keep_step=self.keep_step_capture, pooled_tail=len(target["input_ids"]),
         )  # fmt: skip
-        cand, target = both.split(n)  # one forward + backward over the candidates and the target rows together
+        self._step_capture = cand.step
         eta = current_lr(ctx) if self.lr is None else self.lr
         penalty = eta / ctx.samples_per_step
-        alignment = cand.dot_mean(target)  # one product per candidate with the target's mean gradient
-        gram = cand.columns(range(n)) if penalty else None
-        picked = greedy_pick(alignment, gram, keep, penalty)
+        alignment = cand.dot(cand.pooled)[:, 0]  # one product per candidate with the target's mean gradient
+        # Gram columns on demand, `keep` at a time: at the paper's small η/b one block usually holds every pick
+        picked = greedy_pick(alignment, cand.columns if penalty else None, keep, penalty, block=keep)
         ctx.log.scalar("greats/alignment_picked", float(alignment[picked].mean()))  # vs all candidates:
         ctx.log.scalar("greats/alignment_candidates", float(alignment.mean()))  # how much the pick gains
         return picked
