@@ -127,7 +127,7 @@ LATEST_VENV := .cache/venv-latest
 LATEST_STAMP := $(LATEST_VENV)/.installed
 LATEST_TESTS := tests/test_trl.py tests/test_trl_forward.py tests/test_trainer.py tests/test_steer_logging.py \
 	tests/test_docs_python_api.py tests/test_selector_greats.py tests/test_bench_sft_overhead.py \
-	tests/test_weighter_training.py tests/test_example_chat.py
+	tests/test_weighter_training.py tests/test_example_chat.py tests/test_greats_reuse.py
 
 $(LATEST_STAMP): pyproject.toml
 	rm -rf $(LATEST_VENV)
