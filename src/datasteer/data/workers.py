@@ -13,10 +13,12 @@ to every inherited object and so turn the shared copy-on-write heap into a priva
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing
 import os
 import signal
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
@@ -48,7 +50,9 @@ def ordered_map(fn: Callable[[T], R], tasks: Iterable[T], num_proc: int, values:
         return
     gc.freeze()  # a worker's garbage collection would otherwise touch, and so copy, the parent's whole heap
     try:
-        with multiprocessing.get_context("fork").Pool(num_proc, initializer=_init, initargs=(values,)) as pool:
+        with _sigint_ignored():  # the forks inherit it: no worker can take a Ctrl-C, even before _init runs
+            pool = multiprocessing.get_context("fork").Pool(num_proc, initializer=_init, initargs=(values,))
+        with pool:
             pending: deque = deque()
             for task in tasks:
                 pending.append(pool.apply_async(fn, (task,)))
@@ -58,6 +62,19 @@ def ordered_map(fn: Callable[[T], R], tasks: Iterable[T], num_proc: int, values:
                 yield pending.popleft().get()
     finally:
         gc.unfreeze()
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored in this process for the block (main thread only: Python sets handlers there alone)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _init_inline(values: dict[str, Any]) -> None:
