@@ -300,26 +300,42 @@ def run_cell(
     return cell
 
 
-def run_all(s: Settings, ctx: Context, notes: list[str], publish: Any) -> list[dict[str, Any]]:
+def run_all(
+    s: Settings, ctx: Context, notes: list[str], publish: Any, kept: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
     """The base model once, then every row at every seed; `publish(cells)` after each cell, so an interrupted
-    bench still leaves the cells it finished."""
-    cells: list[dict[str, Any]] = []
-    base = run_config(s, None, s.task_seed, ctx.work / "runs" / "base", ctx, max_steps=1, learning_rate=0.0)
-    cells.append(run_cell("base model (no training)", s.task_seed, base, s, ctx, notes))
+    bench still leaves the cells it finished. A cell of `kept` (an earlier report's, same settings) is reused."""
+    done = {(c["row"], c["seed"]): c for c in kept or [] if c is not None}
+    cells: list[dict[str, Any]] = [done.pop(("base model (no training)", s.task_seed), None)]
+    if cells[0] is None:
+        base = run_config(s, None, s.task_seed, ctx.work / "runs" / "base", ctx, max_steps=1, learning_rate=0.0)
+        cells[0] = run_cell("base model (no training)", s.task_seed, base, s, ctx, notes)
     publish(cells)
-    if "rho_loss" in s.rows:
+    todo = [(seed, label) for seed in s.seeds for label in s.rows if (label, seed) not in done]
+    cells += list(done.values())  # kept cells of other seeds or rows stay in the report
+    if any(label == "rho_loss" for _, label in todo):
         t0 = time.perf_counter()
         ctx.il = train_reference(s, ctx)
         notes.append(
             f"rho_loss reference model: {s.il_steps} steps on the target set in {time.perf_counter() - t0:.0f} s"
         )
-    for seed in s.seeds:
-        for label in s.rows:
-            slug = re.sub(r"[^\w.-]+", "_", label)
-            out = ctx.work / "runs" / f"{slug}-{seed}"
-            cells.append(run_cell(label, seed, run_config(s, ROWS[label], seed, out, ctx), s, ctx, notes))
-            publish(cells)
+    for seed, label in todo:
+        slug = re.sub(r"[^\w.-]+", "_", label)
+        out = ctx.work / "runs" / f"{slug}-{seed}"
+        cells.append(run_cell(label, seed, run_config(s, ROWS[label], seed, out, ctx), s, ctx, notes))
+        publish(cells)
     return cells
+
+
+def load_kept(path: Path, s: Settings) -> list[dict[str, Any]]:
+    """The cells of an earlier report, refused unless it ran the same settings (seeds and rows aside)."""
+    report = json.loads(path.read_text())
+    theirs = {k: v for k, v in report["settings"].items() if k not in ("seeds", "rows")}
+    ours = {k: v for k, v in asdict(s).items() if k not in ("seeds", "rows")}
+    if theirs != ours:
+        diff = sorted(k for k in ours if theirs.get(k) != ours[k])
+        raise SystemExit(f"--keep {path}: its settings differ from this run's in {', '.join(diff)}")
+    return [c for c in report["cells"] if c is not None]
 
 
 # -------------------------------------------------------------------------------------------- output
@@ -430,6 +446,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), help="only these rows (the base model always)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for pretrained.{json,md}")
     parser.add_argument("--workdir", type=Path, help="where the task, the model copy and the runs go (default: temp)")
+    parser.add_argument("--keep", type=Path, help="an earlier pretrained.json: its cells are reused, not rerun")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2: the 2-core machine)")
     return parser.parse_args(argv)
 
@@ -449,7 +466,11 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     t0 = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    expected = 1 + len(s.seeds) * len(s.rows)
+    kept = load_kept(args.keep, s) if args.keep else []
+    if args.keep:
+        notes.append(f"cells kept from {args.keep.name} (command `{json.loads(args.keep.read_text())['command']}`)")
+    planned = {(r, x) for x in s.seeds for r in s.rows} | {("base model (no training)", s.task_seed)}
+    expected = len(planned | {(c["row"], c["seed"]) for c in kept})
 
     def publish(cells: list[dict[str, Any] | None]) -> None:
         done = len(cells)
@@ -460,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "pretrained.md").write_text(markdown(report))
 
     ctx = setup(s, work, args.demo, args.model, notes)
-    publish(run_all(s, ctx, notes, publish))
+    publish(run_all(s, ctx, notes, publish, kept))
     print(markdown(report))
     return 0
 
