@@ -365,6 +365,7 @@ def verdicts(table: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
         m = table[name]
         spread = min(m["target_eval_loss"]["n"], ref["target_eval_loss"]["n"]) > 1  # one seed shows no spread
         rows[name] = {
+            "seeds": min(m["target_eval_loss"]["n"], ref["target_eval_loss"]["n"]),
             "target_loss_vs_random_pct": 100 * (m["target_eval_loss"]["mean"] / ref["target_eval_loss"]["mean"] - 1),
             "target_loss_beats_random": spread and m["target_eval_loss"]["max"] < ref["target_eval_loss"]["min"],
             "module_acc_vs_random": m["module_acc"]["mean"] - ref["module_acc"]["mean"],
@@ -393,14 +394,17 @@ def _cell(m: dict[str, float] | None, digits: int) -> str:
     if m is None:
         return "–"
     if m["n"] == 1:
-        return f"{m['mean']:.{digits}f}"
+        return f"{m['mean']:.{digits}f} (1 seed)"
     return f"{m['mean']:.{digits}f} ± {m['std']:.{digits}f} ({m['min']:.{digits}f}–{m['max']:.{digits}f})"
 
 
 def markdown(report: dict[str, Any]) -> str:
     """The table (mean ± std (min–max) over seeds), each target-aware row against random, and the notes."""
     table, info = report["table"], report["machine"]
+    seeds = {row: int(m["target_eval_loss"]["n"]) for row, m in table.items() if not row.startswith("base")}
     state = "QUICK SMOKE: 1 seed, a few steps; not evidence for any claim" if report["quick"] else "full run"
+    if not report["quick"] and min(seeds.values(), default=0) < 3:
+        state = "INCOMPLETE: seeds per row " + ", ".join(f"{row} {n}" for row, n in seeds.items())
     if report.get("partial"):
         state += f"; PARTIAL: {report['partial']}"
     lines = [
@@ -423,6 +427,8 @@ def markdown(report: dict[str, Any]) -> str:
     for name, r in v.get("rows", {}).items():
         loss = "beats random" if r["target_loss_beats_random"] else "inside random's seed range: no difference"
         acc = "beats random" if r["module_acc_beats_random"] else "ranges overlap: no difference"
+        if r.get("seeds", 2) < 2:
+            loss = acc = "1 seed: no spread, so no verdict"
         lines.append(
             f"- {name}: held-out target loss {r['target_loss_vs_random_pct']:+.1f}% vs random ({loss}); "
             f"stdlib_module acc {r['module_acc_vs_random']:+.3f} ({acc}); stdlib_docline word_prefix "
@@ -447,12 +453,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for pretrained.{json,md}")
     parser.add_argument("--workdir", type=Path, help="where the task, the model copy and the runs go (default: temp)")
     parser.add_argument("--keep", type=Path, help="an earlier pretrained.json: its cells are reused, not rerun")
+    parser.add_argument("--render", type=Path, help="only rewrite pretrained.md of --out from this pretrained.json")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2: the 2-core machine)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.render:
+        report = json.loads(args.render.read_text())
+        report["verdicts"] = verdicts(report["table"])  # with this version's verdict fields
+        (args.out / "pretrained.md").write_text(markdown(report))
+        return 0
     torch.set_num_threads(args.threads)
     s = Settings(**asdict(QUICK if args.quick else FULL))
     s.seeds, s.rows = args.seeds or s.seeds, args.rows or s.rows
