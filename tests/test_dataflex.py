@@ -70,7 +70,7 @@ def test_doremi_step1_static_mix(no_components):
     assert ("component_name: static", "unused with static_mix: true (as in DataFlex)") in out.mapping
 
 
-def test_odm_drops_its_extra_eval_passes_and_keeps_updating_until_the_end(no_components):
+def test_odm_keeps_its_own_warmup_drops_its_extra_eval_passes_and_updates_until_the_end(no_components):
     keys = {
         "train_type": "dynamic_mix",
         "components_cfg_file": str(COMPONENTS),
@@ -87,17 +87,15 @@ def test_odm_drops_its_extra_eval_passes_and_keeps_updating_until_the_end(no_com
         "mixer": {  # DataFlex's alpha is odm's smoothing; the file sets no reward_scale: DataFlex's defaults
             "name": "odm",
             "smoothing": 0.9,
+            "warmup_steps": 10,  # honoured (the examples file sets 10): the initial proportions up to that step
             "initial": [0.5, 0.5],
             "reward_scale": 15.0,
             "min_exploration_rate": 0.03,
             "exploration_timing": "dataflex",
+            "reward_feed": "last_batch",  # DataFlex's feed: one reward per update, from the last batch
         },
     }
-    assert {w.split("'")[3] for w in out.warnings if "is dropped" in w} == {
-        "warmup_steps",
-        "num_eval_samples",
-        "eval_batch_size",
-    }
+    assert {w.split("'")[3] for w in out.warnings if "is dropped" in w} == {"num_eval_samples", "eval_batch_size"}
 
 
 def test_odm_reward_scale_and_exploration_floor_keep_dataflex_meaning():
@@ -108,20 +106,29 @@ def test_odm_reward_scale_and_exploration_floor_keep_dataflex_meaning():
         "reward_scale": 15.0,
         "min_exploration_rate": 0.03,
         "exploration_timing": "dataflex",
+        "warmup_steps": 2000,
+        "reward_feed": "last_batch",
     }
     report = out.report()
     assert "params.reward_scale: (not set)" in report
+    assert "steering.mixer.warmup_steps: 2000 (DataFlex's default; datasteer's own default is 0)" in report
     assert "steering.mixer.reward_scale: 15.0 (DataFlex's default; datasteer's own default is 1.0)" in report
     assert "steering.mixer.min_exploration_rate: 0.03 (DataFlex's default; datasteer's own default is 0.0)" in report
     assert "steering.mixer.exploration_timing: 'dataflex' (DataFlex's default; datasteer's own default is 'paper')" in (
         report
     )
-    assert "crediting the whole batch's loss to the domain of its first sample" in report
+    assert "the last step's loss credited to the domain of its first sample" in report
     # Given in components.yaml or component_overrides: passed through under the same name.
     given = dataflex.translate(
         {
             **keys,
-            "component_overrides": {"reward_scale": 5.0, "min_exploration_rate": 0.0, "exploration_timing": "paper"},
+            "component_overrides": {
+                "reward_scale": 5.0,
+                "min_exploration_rate": 0.0,
+                "exploration_timing": "paper",
+                "warmup_steps": 0,
+                "reward_feed": "step",
+            },
         }
     )
     assert given.steering["mixer"] == {
@@ -129,6 +136,8 @@ def test_odm_reward_scale_and_exploration_floor_keep_dataflex_meaning():
         "reward_scale": 5.0,
         "min_exploration_rate": 0.0,
         "exploration_timing": "paper",
+        "warmup_steps": 0,
+        "reward_feed": "step",
     }
     assert "DataFlex's default" not in given.report()
     # Validated by the real mixer, with the translation's values; a native config keeps the paper's s = 1, ε_min = 0.
@@ -323,3 +332,13 @@ def test_near_reads_dataflex_neighbour_matrix_and_says_how_its_turns_differ(tmp_
         "matrix column by column, so that target loses its turn)"
     ]
     SteeringConfig.model_validate(out.steering)
+
+
+def test_odm_own_warmup_covering_the_run_is_said_at_start_up():
+    """DataFlex's odm default warmup_steps 2000 on a 30-step run: the mixer never moves, in DataFlex too; said once."""
+    keys = {"train_type": "dynamic_mix", "component_name": "odm", "warmup_step": 6, "update_step": 8, "update_times": 3}
+    out = dataflex.translate({**keys, "num_train_epochs": 1})
+    assert out.lf_updates == {"max_steps": 30}
+    assert any("its own warmup_steps (2000) covers the whole run of 30 steps" in w for w in out.warnings)
+    moving = dataflex.translate({**keys, "num_train_epochs": 1, "component_overrides": {"warmup_steps": 0}})
+    assert not any("covers the whole run" in w for w in moving.warnings)

@@ -258,11 +258,6 @@ PARAMS: dict[tuple[str, str], dict[str, Rule]] = {
     ("mixer", "odm"): {
         "alpha": Rename("smoothing"),
         "initial_proportions": Rename("initial"),
-        "warmup_steps": Drop(
-            "DataFlex's odm neither updates nor collects rewards for its first warmup_steps steps (2000 in its "
-            "shipped components.yaml); datasteer's odm starts deciding after the run's warmup (DataFlex's "
-            "warmup_step, steering.warmup_steps): set that to the same number for the same start"
-        ),
         "num_eval_samples": Drop(_NO_EVAL.format("odm")),
         "eval_batch_size": Drop(_NO_EVAL.format("odm")),
     },
@@ -279,7 +274,13 @@ PARAMS: dict[tuple[str, str], dict[str, Rule]] = {
 # the parameter gets DataFlex's value, reported as such; datasteer's native configs keep datasteer's default.
 DATAFLEX_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     # exploration_timing is no DataFlex parameter: it selects DataFlex's ε timing in datasteer's odm.
-    ("mixer", "odm"): {"reward_scale": 15.0, "min_exploration_rate": 0.03, "exploration_timing": "dataflex"},
+    ("mixer", "odm"): {
+        "reward_scale": 15.0,
+        "min_exploration_rate": 0.03,
+        "exploration_timing": "dataflex",
+        "warmup_steps": 2000,
+        "reward_feed": "last_batch",
+    },
 }
 # Where a mixer takes init_mixture_proportions / mixture_sample_rule. Unlisted mixers: the first of
 # INITIAL_PROPORTION_PARAMS their constructor accepts.
@@ -300,10 +301,9 @@ COMPONENT_NOTES: dict[tuple[str, str], str] = {
         "train step 3 on their time average (doremi_weights.json, 'average'), not on the last weights"
     ),
     ("mixer", "odm"): (
-        "mixer 'odm' rewards each domain after every step from its own samples' losses, weighted by its share of "
-        "the step's samples, with no extra eval passes (DataFlex rewards once per update, from the last batch "
-        "before it, crediting the whole batch's loss to the domain of its first sample), and keeps the softmax "
-        "exact (DataFlex clips ε R̂ to within 5 of its maximum and R̂ to ±10000)"
+        "mixer 'odm' decides as DataFlex's does (reward_feed: last_batch: one reward per update, the last step's loss "
+        "credited to the domain of its first sample); datasteer's own feed (reward_feed: step) rewards every domain "
+        "after every step from its own samples' losses, weighted by its share of the step's samples"
     ),
 }
 TIMING_NOTE = (
@@ -415,6 +415,7 @@ class _Translator:
                 f"{', '.join(bad)} only apply to train_type: dynamic_mix (got {self.keys['train_type']})."
             )
         self._train_length()
+        self._own_warmup_note()
         self._target()
         self._freeze_gate()
         note = COMPONENT_NOTES.get((self.kind, self.name))
@@ -752,6 +753,18 @@ class _Translator:
         if current not in (None, -1, steps):
             self.out.warnings.append(
                 f"max_steps: {current} is ignored, as DataFlex ignores it: the run trains {steps} steps ({rule})."
+            )
+
+    def _own_warmup_note(self) -> None:
+        """DataFlex's odm keeps its initial proportions up to its own warmup_steps (2000 unless set): said at start-up
+        when that covers the whole run, since the mixer then never moves (in DataFlex too)."""
+        own = self.params.get("warmup_steps") if (self.kind, self.name) == ("mixer", "odm") else None
+        steps = self.out.lf_updates.get("max_steps")
+        if own is not None and steps is not None and int(own) >= int(steps):
+            self.out.warnings.append(
+                f"mixer 'odm': its own warmup_steps ({own}) covers the whole run of {steps} steps, so it keeps the "
+                "initial proportions throughout, as DataFlex's odm does; lower warmup_steps (component_overrides) "
+                "for the mixer to move."
             )
 
     def _freeze_gate(self) -> None:
