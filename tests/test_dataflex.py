@@ -342,3 +342,24 @@ def test_odm_own_warmup_covering_the_run_is_said_at_start_up():
     assert any("its own warmup_steps (2000) covers the whole run of 30 steps" in w for w in out.warnings)
     moving = dataflex.translate({**keys, "num_train_epochs": 1, "component_overrides": {"warmup_steps": 0}})
     assert not any("covers the whole run" in w for w in moving.warnings)
+
+
+@pytest.mark.parametrize(
+    ("name", "extra", "expected"),
+    [
+        ("loss", {}, {"quantiles": [0.33, 0.66], "dataflex_compat": True}),
+        ("delta_loss", {}, {"dataflex_compat": True}),
+        ("tsds", {"probs_path": "tsds_probs.npy"}, {"probs_path": "tsds_probs.npy", "dataflex_compat": True}),
+    ],
+)
+def test_selectors_get_dataflexs_draws_and_defaults(name, extra, expected):
+    """DataFlex's selectors draw with their own seeded generators over LLaMA-Factory's row order: a translated config
+    draws the same way (dataflex_compat), with DataFlex's defaults where datasteer's differ (loss quantiles)."""
+    keys = {"train_type": "dynamic_select", "component_name": name, "warmup_step": 6, "update_step": 8}
+    out = dataflex.translate({**keys, "update_times": 3, "num_train_epochs": 1, "component_overrides": extra})
+    params = {k: v for k, v in out.steering["selector"].items() if k != "name"}
+    assert params == expected
+    assert "steering.selector.dataflex_compat: True (DataFlex's default; datasteer's own default is False)" in (
+        out.report()
+    )
+    registry.build("selector", name, params)  # the real selector takes them

@@ -130,15 +130,11 @@ def _random_replacement(tr: _Translator, key: str, value: Any) -> dict[str, Any]
 
 
 def _probs_path(tr: _Translator, key: str, value: Any) -> dict[str, Any]:
+    """DataFlex's offline probabilities: a .npy is read as DataFlex reads it; a datasteer score file as scores_file."""
     if isinstance(value, str) and value.endswith(".parquet"):
         return {"scores_file": value}
-    tr.dropped(
-        key,
-        value,
-        "datasteer's tsds computes its sampling probabilities inside the run (or reads a `datasteer score tsds` "
-        "file given as scores_file); a DataFlex .npy of probabilities is not read",
-    )
-    return {}
+    tr.note(key, value, f"steering.selector.probs_path: {value!r} (read as DataFlex reads it: one probability per row)")
+    return {"probs_path": value}
 
 
 def _indices_path(tr: _Translator, key: str, value: Any) -> dict[str, Any]:
@@ -274,6 +270,10 @@ PARAMS: dict[tuple[str, str], dict[str, Rule]] = {
 # the parameter gets DataFlex's value, reported as such; datasteer's native configs keep datasteer's default.
 DATAFLEX_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     # exploration_timing is no DataFlex parameter: it selects DataFlex's ε timing in datasteer's odm.
+    # dataflex_compat is no DataFlex parameter: it selects DataFlex's draws in datasteer's selector.
+    ("selector", "loss"): {"quantiles": [0.33, 0.66], "dataflex_compat": True},
+    ("selector", "delta_loss"): {"dataflex_compat": True},
+    ("selector", "tsds"): {"dataflex_compat": True},
     ("mixer", "odm"): {
         "reward_scale": 15.0,
         "min_exploration_rate": 0.03,
