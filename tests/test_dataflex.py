@@ -45,12 +45,15 @@ def test_dynamic_select_translates_schedule_and_component_params(no_components):
         "warmup_steps": 10,
         "update_every": 10,
         "updates": 2,
+        "lag_steps": 0,  # DataFlex's timing: decided after step 10, trained from step 11
         "selector": {"name": "less", "proj_dim": 1024, "seed": 123},
     }
     dropped = [w for w in out.warnings if "is dropped" in w]
     assert len(dropped) == 2 and any("'cache_dir'" in w for w in dropped) and any("save_interval" in w for w in dropped)
     report = out.report()
     assert "warmup_step: 10" in report and "steering.warmup_steps: 10" in report and "steering.selector: less" in report
+    assert "decision timing: DataFlex's (decided after step 10, trained from step 11)" in report
+    assert "steering.lag_steps: 0" in report and "one step later" not in " ".join(out.warnings)
 
 
 def test_doremi_step1_static_mix(no_components):
@@ -84,6 +87,7 @@ def test_odm_keeps_its_own_warmup_drops_its_extra_eval_passes_and_updates_until_
     assert out.steering == {
         "update_every": 10,
         "updates": None,
+        "lag_steps": 0,
         "mixer": {  # DataFlex's alpha is odm's smoothing; the file sets no reward_scale: DataFlex's defaults
             "name": "odm",
             "smoothing": 0.9,
@@ -169,14 +173,14 @@ def test_renamed_and_overridden_params(no_components):
 def test_doremi_reference_proportions_and_its_deliberate_difference(no_components):
     keys = {"train_type": "dynamic_mix", "component_name": "doremi", "init_mixture_proportions": [0.3, 0.7]}
     out = dataflex.translate(keys)
-    assert out.steering == {"mixer": {"name": "doremi", "reference_proportions": [0.3, 0.7]}}
+    assert out.steering == {"lag_steps": 0, "mixer": {"name": "doremi", "reference_proportions": [0.3, 0.7]}}
     assert any("follows the paper" in w for w in out.warnings)
 
 
 def test_moe_gate_freeze(no_components):
     keys = {"train_type": "dynamic_mix", "component_name": "dynamic_moe", "freeze_gate": True, "update_times": -1}
     out = dataflex.translate({**keys, "num_train_epochs": 1})
-    assert out.steering == {"updates": None, "mixer": {"name": "moe_gate", "freeze_router": True}}
+    assert out.steering == {"updates": None, "lag_steps": 0, "mixer": {"name": "moe_gate", "freeze_router": True}}
 
 
 def test_static_train_type_means_no_steering():
@@ -269,7 +273,7 @@ def test_errors_name_the_key_and_the_fix(keys, message):
 
 def test_a_component_datasteer_lacks_is_an_error_not_a_fallback(no_components):
     out = dataflex.translate({"train_type": "dynamic_select", "component_name": "zeroth"})
-    assert out.steering == {"selector": {"name": "zeroth"}}
+    assert out.steering == {"lag_steps": 0, "selector": {"name": "zeroth"}}
     with pytest.raises(ConfigError, match="Unknown selector 'zeroth'"):
         SteeringConfig.model_validate(out.steering)  # the real registry, not the empty one
 

@@ -199,6 +199,7 @@ class Steering:
         self.candidate_micro_batch = self._candidate_micro_batch(args.per_device_train_batch_size)
         draws = self.candidate_micro_batch * args.world_size * args.gradient_accumulation_steps
         self.sampler.bind(per_step, total, [self.schedule.effective_step(t) for t in updates], draws)
+        self.sampler.refetch = self.schedule.lag_steps == 0  # the trainer rebuilds a step decided after its prefetch
         if not self.sampler.stages:  # a fresh run: an earlier run's log in the same output_dir goes
             self.log.reset()
             self.sampler.set_weights(0, self.mixer_initial_weights())

@@ -21,8 +21,8 @@ LLaMA-Factory keys they imply (DataFlex's train length -> `max_steps`) and the t
   mix `train_step` steps (`update_times: -1` runs until `train_step`, or LLaMA-Factory's own length).
 - **Weighting.** DataFlex's weight trainer weighs each micro-batch by its own losses: a weighter config
   gets `steering.weighting_scope: micro_batch` (no extra forward under gradient accumulation).
-- **Timing.** A DataFlex decision made after step t trains from step t + 1 (it rebuilds its data loader);
-  datasteer's sampler streams one batch ahead, so from t + 2 (`steering.lag_steps: 1`): warned.
+- **Timing.** A DataFlex decision made after step t trains from step t + 1 (it rebuilds its data loader); so
+  does the translated config (`steering.lag_steps: 0`: the trainer rebuilds step t + 1's prefetched batches).
 
 Every key is accounted for in the printed mapping; every difference is one warning line.
 """
@@ -306,9 +306,10 @@ COMPONENT_NOTES: dict[tuple[str, str], str] = {
         "after every step from its own samples' losses, weighted by its share of the step's samples"
     ),
 }
-TIMING_NOTE = (
-    "decision timing: DataFlex trains on a decision from the step after it (decided after step {t}, used from "
-    "step {t1}); datasteer's sampler streams one batch ahead, so from step {t2} (steering.lag_steps: 1)"
+TIMING = (
+    "decision timing: DataFlex's (decided after step {t}, trained from step {t1})",
+    "steering.lag_steps: 0 (the step's prefetched batches are rebuilt from the decision; datasteer's own default "
+    "1 trains on it one step later)",
 )
 
 
@@ -613,8 +614,8 @@ class _Translator:
                     f"once, then makes the {updates} updates every update_step steps until the end."
                 )
         if times != 0:
-            t = warmup
-            self.out.warnings.append(TIMING_NOTE.format(t=t, t1=t + 1, t2=t + 2))
+            self.steering["lag_steps"] = 0
+            self.out.mapping.append((TIMING[0].format(t=warmup, t1=warmup + 1), TIMING[1]))
 
     def _weighting_scope(self) -> None:
         """DataFlex's weight trainer weighs each micro-batch by its own losses, so no extra forward is needed."""
