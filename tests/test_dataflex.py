@@ -321,20 +321,16 @@ def test_dataflex_1_1_parameter_spellings(no_components):
         dataflex.translate({**weigh, "component_overrides": {"clip": "high"}})
 
 
-def test_near_reads_dataflex_neighbour_matrix_and_says_how_its_turns_differ(tmp_path):
-    """indices_path is DataFlex's offline top_indices.npy: read as neighbours_file, the turn order reported once."""
+def test_near_reads_dataflex_neighbour_matrix_with_its_column_walk(tmp_path):
+    """indices_path is DataFlex's offline top_indices.npy: read as neighbours_file, walked as DataFlex walks it."""
     keys = {
         "train_type": "dynamic_select",
         "component_name": "near",
         "component_overrides": {"indices_path": "top_indices.npy"},
     }
     out = dataflex.translate(keys)
-    assert out.steering["selector"] == {"name": "near", "neighbours_file": "top_indices.npy"}
-    assert [w for w in out.warnings if "near" in w] == [
-        "selector 'near' reads indices_path 'top_indices.npy' as neighbours_file and takes turns over the targets' "
-        "rows: a target whose next neighbour another target took takes its next untaken one (DataFlex walks the "
-        "matrix column by column, so that target loses its turn)"
-    ]
+    assert out.steering["selector"] == {"name": "near", "neighbours_file": "top_indices.npy", "dataflex_compat": True}
+    assert not [w for w in out.warnings if "near" in w]
     SteeringConfig.model_validate(out.steering)
 
 
@@ -367,3 +363,12 @@ def test_selectors_get_dataflexs_draws_and_defaults(name, extra, expected):
         out.report()
     )
     registry.build("selector", name, params)  # the real selector takes them
+
+
+def test_adapt_says_what_dataflexs_unnormalised_sum_would_have_trained_on():
+    """DataFlex's adapt returns sum_i sigmoid(s_i / tau) loss_i over the micro-batch (13.2 logged where the mean loss
+    is 4.49 at batch 4); datasteer's weights have mean 1, a bug fix that the start-up report states."""
+    out = dataflex.translate({"train_type": "dynamic_weight", "component_name": "adapt", "warmup_step": 5})
+    report = out.report()
+    assert "DataFlex's adapt would train on the sum over the micro-batch" in report
+    assert "its log shows 13.2 where datasteer shows 4.49" in report

@@ -133,3 +133,19 @@ def test_tsds_reads_dataflexs_probability_file_and_draws_distinct_rows(tmp_path)
     np.save(tmp_path / "short.npy", p[:5])
     with pytest.raises(DatasteerError, match=r"probs_path .*short.npy. holds .5,. values, but the train set has 6"):
         TsdsSelector(probs_path=str(tmp_path / "short.npy")).setup(ctx)
+
+
+def test_near_walks_the_neighbour_matrix_column_by_column_as_dataflex(tmp_path):
+    from datasteer.selectors.near import NearSelector
+
+    # Targets' neighbours by position (id 10 + p): column 0 gives 2, 2 (taken: target 1 loses its turn), 5;
+    # column 1 gives 1, 3, 2 (taken); column 2 gives 4, ...
+    matrix = np.array([[2, 1, 4], [2, 3, 0], [5, 2, 1]])
+    np.save(tmp_path / "top.npy", matrix)
+    assert _dataflex.column_walk(matrix, 5).tolist() == [2, 5, 1, 3, 4]
+    selector = NearSelector(neighbours_file=str(tmp_path / "top.npy"), dataflex_compat=True)
+    ctx = make_ctx(IDS, [0, 0, 1, 1, 2, 2], 0, step=6)
+    selector.setup(ctx)
+    assert selector.select(ctx, 5).ids.tolist() == [12, 15, 11, 13, 14]
+    with pytest.raises(ValueError, match="dataflex_compat reads a neighbours_file"):
+        NearSelector(dataflex_compat=True)

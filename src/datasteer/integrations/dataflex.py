@@ -138,12 +138,7 @@ def _probs_path(tr: _Translator, key: str, value: Any) -> dict[str, Any]:
 
 
 def _indices_path(tr: _Translator, key: str, value: Any) -> dict[str, Any]:
-    """DataFlex's offline neighbour matrix is read as it is; only the turn order over its rows differs."""
-    tr.out.warnings.append(
-        f"selector 'near' reads {key} {value!r} as neighbours_file and takes turns over the targets' rows: a target "
-        "whose next neighbour another target took takes its next untaken one (DataFlex walks the matrix column "
-        "by column, so that target loses its turn)"
-    )
+    """DataFlex's offline neighbour matrix, read as it is (its column walk: dataflex_compat, DataFlex's default)."""
     return {"neighbours_file": value}
 
 
@@ -274,6 +269,7 @@ DATAFLEX_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("selector", "loss"): {"quantiles": [0.33, 0.66], "dataflex_compat": True},
     ("selector", "delta_loss"): {"dataflex_compat": True},
     ("selector", "tsds"): {"dataflex_compat": True},
+    ("selector", "near"): {"dataflex_compat": True},
     ("mixer", "odm"): {
         "reward_scale": 15.0,
         "min_exploration_rate": 0.03,
@@ -299,6 +295,14 @@ COMPONENT_NOTES: dict[tuple[str, str], str] = {
         "mixer 'doremi' follows the paper: the proxy run samples at the reference proportions "
         "(init_mixture_proportions -> reference_proportions) and reweights its loss by the domain weights; "
         "train step 3 on their time average (doremi_weights.json, 'average'), not on the last weights"
+    ),
+    ("weighter", "adapt"): (
+        "weighter 'adapt' rescales its weights to mean 1 over each micro-batch (a bug fix); DataFlex's adapt would "
+        "train on the sum over the micro-batch of sigmoid(s_i / tau) x loss_i with the raw weights (about 0.73 at "
+        "tau 1), i.e. about batch size x 0.73 times the mean loss (its log shows 13.2 where datasteer shows 4.49 "
+        "on a batch of 4), which scales its learning rate by that factor, where its own loss weighter normalises. "
+        "The relative weights are the same sigmoid of the mean cosine to the anchors; DataFlex pools the hidden "
+        "states with weights rising with the position, datasteer with a plain mean of the training forward's"
     ),
     ("mixer", "odm"): (
         "mixer 'odm' decides as DataFlex's does (reward_feed: last_batch: one reward per update, the last step's loss "

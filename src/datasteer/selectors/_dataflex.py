@@ -1,6 +1,6 @@
 """DataFlex 1.1.0's draws, for selectors run with `dataflex_compat: true` (the DataFlex translator's default).
 
-DataFlex's `loss`, `delta_loss` and `tsds` selectors make their picks with their own random generators over the
+DataFlex's `loss`, `delta_loss`, `tsds` and `near` selectors make their picks with their own random generators over the
 positions of LLaMA-Factory's concatenated train set. Two runs that score alike therefore pick alike only if they
 also draw alike, so these functions reproduce DataFlex's draws exactly:
 
@@ -14,6 +14,7 @@ also draw alike, so these functions reproduce DataFlex's draws exactly:
 - `multinomial`: `torch.multinomial` without replacement (with replacement when fewer rows have a weight than
   are asked for, as DataFlex falls back) with a `torch.Generator` seeded `42 + step`, DataFlex's fixed seed 42
   plus the step the decision is made at;
+- `column_walk`: DataFlex's `near`, its neighbour matrix read column by column;
 - `numpy_choice`: DataFlex's `tsds`, `np.random.choice(n, k, replace=False, p)` from numpy's global generator,
   here a generator of its own seeded with the Trainer's `seed` (HF's `set_seed` seeds numpy's), so the run
   repeats (DataFlex's picks also depend on whatever else drew from numpy's global generator before).
@@ -97,6 +98,19 @@ def numpy_choice(probs: np.ndarray, k: int, seed: int, draw: int) -> np.ndarray:
     for _ in range(draw):
         rs.choice(len(probs), size=k, replace=False, p=probs)
     return rs.choice(len(probs), size=k, replace=False, p=probs).astype(np.int64)
+
+
+def column_walk(matrix: np.ndarray, k: int) -> np.ndarray:
+    """DataFlex's near pick: the (targets x K) neighbour matrix read column by column (every target's nearest, then
+    every target's second, ...), skipping positions already taken, until k are taken. (M, K) -> (<= k,) int64."""
+    taken: dict[int, None] = {}
+    for column in np.asarray(matrix).T:
+        for position in column.tolist():
+            if position not in taken:
+                taken[position] = None
+                if len(taken) == k:
+                    return np.fromiter(taken, dtype=np.int64, count=k)
+    return np.fromiter(taken, dtype=np.int64, count=len(taken))
 
 
 def rows_and_probs(order: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
