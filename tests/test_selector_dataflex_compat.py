@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 from dist_scripts.selector_loss_fixtures import make_ctx
+from transformers import default_data_collator
 
 from datasteer import Schedule
-from datasteer.components import StepRecord
+from datasteer.components import Component, StepRecord
 from datasteer.errors import DatasteerError
 from datasteer.selectors import _dataflex, delta_loss
 from datasteer.selectors.delta_loss import DeltaLossSelector
@@ -149,3 +150,37 @@ def test_near_walks_the_neighbour_matrix_column_by_column_as_dataflex(tmp_path):
     assert selector.select(ctx, 5).ids.tolist() == [12, 15, 11, 13, 14]
     with pytest.raises(ValueError, match="dataflex_compat reads a neighbours_file"):
         NearSelector(dataflex_compat=True)
+
+
+def test_the_warmup_trains_on_dataflexs_warmup_draw(tmp_path):
+    """DataFlex's select trainer trains its warmup on warmup_step x batch rows of torch.randint seeded 42; so does a
+    selector with dataflex_compat (and, without it, on the whole pool)."""
+    from trainer_fixtures import make_args, make_model, make_pool, make_steering
+
+    from datasteer import ComponentSet, SteeredTrainer
+    from datasteer.steering_log import read_events
+
+    class Rec(Component):
+        def __init__(self):
+            self.records = []
+
+        def observe(self, ctx, record):
+            self.records.append(record)
+
+    pool, rec = make_pool(), Rec()
+    selector = LossSelector(focus="medium", dataflex_compat=True)
+    steering = make_steering(
+        pool, ComponentSet(selector=selector, extra={"rec": rec}), Schedule(warmup_steps=2, update_every=2, lag_steps=0)
+    )
+    trainer = SteeredTrainer(
+        model=make_model(), args=make_args(str(tmp_path), max_steps=4), train_dataset=pool,
+        data_collator=default_data_collator, steering=steering,
+    )  # fmt: skip
+    trainer.train()
+    ids = np.sort(np.asarray(pool["sample_id"]))
+    gen = torch.Generator()
+    gen.manual_seed(42)
+    warmup = set(ids[torch.randint(0, len(ids), (8,), generator=gen).numpy()].tolist())  # 2 steps x 4 rows
+    assert all(set(r.sample_ids.tolist()) <= warmup for r in rec.records[:2])
+    selects = [e for e in read_events(tmp_path) if e["event"] == "select"]
+    assert selects[0]["step"] == 0 and set(selects[0]["ids"]) == warmup and selects[0]["effective_step"] == 1

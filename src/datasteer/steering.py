@@ -298,6 +298,8 @@ class Steering:
         self.tail = StepTail(tail_start(self.sampler.total_steps, self.schedule.lag_steps) if deciders(self) else 0)
         if step == 0 and 0 in self._update_steps:
             self.update(0)
+        elif step == 0 and self._update_steps:
+            self._warmup_selection(ctx)
 
     @property
     def needs_token_losses(self) -> bool:
@@ -368,6 +370,15 @@ class Steering:
             self.sampler.set_weights(at, mixer.update(ctx))
         self._log_weights(step, at)
         self.update_index += 1
+
+    def _warmup_selection(self, ctx: SteeringContext) -> None:
+        """A window selector's own warmup rows (DataFlex's draw under dataflex_compat), from step 1 on."""
+        selector = self.components.selector
+        if selector is None or selector.online or self.schedule.warmup_steps == 0:
+            return
+        selection = selector.warmup_selection(ctx, self.sampler.samples_per_step * self.schedule.warmup_steps)
+        if selection is not None:
+            self._apply_selection(0, 0, selection)
 
     def _budget(self) -> int:
         n = len(self.pool.sample_ids)

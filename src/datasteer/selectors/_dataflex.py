@@ -22,8 +22,12 @@ also draw alike, so these functions reproduce DataFlex's draws exactly:
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
+
+from datasteer.components import Selection
 
 DATAFLEX_SEED = 42  # DataFlex's Selector.seed, fixed whatever the config says
 OUTSIDE_WEIGHT = 0.025  # DataFlex's delta_loss weight outside its window
@@ -111,6 +115,30 @@ def column_walk(matrix: np.ndarray, k: int) -> np.ndarray:
                 if len(taken) == k:
                     return np.fromiter(taken, dtype=np.int64, count=k)
     return np.fromiter(taken, dtype=np.int64, count=len(taken))
+
+
+def warmup_positions(n: int, k: int) -> np.ndarray:
+    """DataFlex's warmup draw of every selector: `torch.randint(0, n, (k,))` seeded 42 (with replacement). (k,)"""
+    gen = torch.Generator()
+    gen.manual_seed(DATAFLEX_SEED)
+    return torch.randint(low=0, high=n, size=(k,), generator=gen).numpy().astype(np.int64)
+
+
+class DataflexWarmup:
+    """Mixin of the selectors with `dataflex_compat`: the warmup trains on DataFlex's warmup draw.
+
+    DataFlex's select trainer trains its first `warmup_step` steps on `warmup_step x batch` rows drawn with
+    replacement (seed 42) instead of the whole pool; a row drawn twice is drawn i.i.d. with twice the odds here."""
+
+    dataflex_compat: bool = False
+
+    def warmup_selection(self, ctx: Any, size: int) -> Selection | None:
+        if not self.dataflex_compat:
+            return None
+        ids = ctx.pool.sample_ids
+        order = id_order(ids)
+        rows, probs = rows_and_probs(order, warmup_positions(len(ids), min(size, len(ids))))
+        return Selection(ids=ids[rows], probs=probs)
 
 
 def rows_and_probs(order: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:

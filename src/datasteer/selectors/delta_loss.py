@@ -62,7 +62,7 @@ def ranked_window(delta: np.ndarray, ids: np.ndarray, progress: float, width: in
 
 
 @register("selector", "delta_loss")
-class DeltaLossSelector(ScoredSelector):
+class DeltaLossSelector(_dataflex.DataflexWarmup, ScoredSelector):
     """Selects the samples whose loss fell most since a reference point, with a window that slides over training.
 
     Args:
@@ -82,7 +82,8 @@ class DeltaLossSelector(ScoredSelector):
         dataflex_compat: decide exactly as DataFlex 1.1.0's delta_loss (sample mode, reference warmup_end): the
             first update takes `torch.randperm` seeded 42; later ones DataFlex's window (its logistic schedule over
             the whole pool, cut at the first negative Δ) and `torch.multinomial` seeded 42 + the step, over the pool
-            in sample-id order (LLaMA-Factory's row order). The DataFlex translator's default.
+            in sample-id order (LLaMA-Factory's row order). With it the warmup trains on DataFlex's warmup draw
+            (`warmup_steps` x batch rows drawn with replacement, seed 42). The DataFlex translator's default.
     """
 
     def __init__(

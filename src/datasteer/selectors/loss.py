@@ -58,7 +58,7 @@ def impute_by_domain(losses: np.ndarray, domains: np.ndarray, num_domains: int) 
 
 
 @register("selector", "loss")
-class LossSelector(ScoreFileSelector, ScoredSelector):
+class LossSelector(_dataflex.DataflexWarmup, ScoreFileSelector, ScoredSelector):
     """Selects by each sample's current loss, favouring the low, medium or high loss tertile.
 
     Args:
@@ -87,7 +87,9 @@ class LossSelector(ScoreFileSelector, ScoredSelector):
             different steering.seed draw differently.
         dataflex_compat: draw exactly as DataFlex 1.1.0's loss selector (sample mode): its float32 tertile
             weights and `torch.multinomial` seeded 42 + the decision's step over the pool in sample-id order
-            (LLaMA-Factory's row order), so the same losses give the same picks. The DataFlex translator's default.
+            (LLaMA-Factory's row order), so the same losses give the same picks. With it the warmup trains on
+            DataFlex's warmup draw (`warmup_steps` x batch rows drawn with replacement, seed 42). The DataFlex
+            translator's default.
     """
 
     def __init__(

@@ -256,7 +256,7 @@ class Embedder:
 
 
 @register("selector", "near")
-class NearSelector(ScoreFileSelector):
+class NearSelector(_dataflex.DataflexWarmup, ScoreFileSelector):
     """Nearest neighbours of the target samples (faiss), round-robin over the targets, without duplicates.
 
     Each target in turn takes its nearest pool sample not taken yet, until `budget` samples are selected;
@@ -284,7 +284,8 @@ class NearSelector(ScoreFileSelector):
         dataflex_compat: read neighbours_file as DataFlex 1.1.0's near does: column by column (every target's
             nearest, then every target's second, ...), skipping rows already taken, so a target whose neighbour was
             taken loses that turn; its positions are the pool's rows in sample-id order (LLaMA-Factory's row order).
-            The DataFlex translator's default. False: the round robin, where that target takes its next one.
+            With it the warmup trains on DataFlex's warmup draw (`warmup_steps` x batch rows drawn with replacement,
+            seed 42). The DataFlex translator's default. False: the round robin, where that target takes its next one.
     """
 
     requires_target: ClassVar[bool] = True

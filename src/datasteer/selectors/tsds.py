@@ -159,7 +159,7 @@ def tsds_probabilities(
 
 
 @register("selector", "tsds")
-class TsdsSelector(ScoreFileSelector):
+class TsdsSelector(_dataflex.DataflexWarmup, ScoreFileSelector):
     """Optimal-transport alignment to the target set with a KDE diversity regulariser (TSDS, Liu et al. 2024).
 
     Produces sampling probabilities; the sampler draws the window i.i.d. from them (with replacement).
@@ -195,7 +195,7 @@ class TsdsSelector(ScoreFileSelector):
         dataflex_compat: draw as DataFlex 1.1.0's tsds: each update picks `budget` distinct rows (numpy's
             `choice` without replacement, seeded with the Trainer's seed, one draw after another), which the
             window trains on once each; false = the sampler draws i.i.d. from the probabilities (the paper).
-            The DataFlex translator's default.
+            With it the warmup trains on DataFlex's warmup draw. The DataFlex translator's default.
     """
 
     requires_target: ClassVar[bool] = True
