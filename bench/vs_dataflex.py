@@ -19,7 +19,8 @@ format), a 16-row target set (`target`: the demo's held-out arithmetic, the YAML
 seed 42, 30 optimizer steps (selectors and mixers: warmup_step 6 + 3 updates every 8 steps; weighters:
 warmup_step 5, train_step 30). `components.yaml` is DataFlex 1.1.0's own file with only the bench's
 changes, listed in the report (cache folders, a smaller LESS projection, ODM's 2000-step warmup, DoReMi's
-reference model, NEAR's precomputed neighbours, ADAPT's refresh interval).
+reference model, NEAR's precomputed neighbours, TSDS's precomputed probabilities, ADAPT's refresh
+interval).
 
 Each side runs every job `--repeats` times, the two sides alternating which goes first, and the times are
 medians over those runs: a run takes 12-18 s, mostly start-up shared by both sides, and on a shared 2-core
@@ -33,6 +34,9 @@ timing shim around the CLI (`_shim`, below) that changes nothing else; the train
 (`trainer_state.json`); and the decisions: selected ids (DataFlex's indices into LLaMA-Factory's
 concatenated train set mapped to datasteer's ids `(domain << 40) | row`) and their overlap, and the mixture
 weights after each update. Ratios are DataFlex / datasteer: above 1 means datasteer is faster.
+
+The report ends with issue #32's goals per job: selected-id overlap >= 90% at every update (selectors), weights
+within 0.02 of DataFlex's (mixers), the logged training loss within 1% (weighters), wall ratio >= 1.
 
 Results: bench/results/vs_dataflex.{json,md}.
 """
@@ -128,6 +132,7 @@ JOBS: tuple[Job, ...] = (
     Job("loss", "dynamic_select", "loss", dict(SCHEDULE)),
     Job("delta_loss", "dynamic_select", "delta_loss", dict(SCHEDULE)),
     Job("near", "dynamic_select", "near", dict(SCHEDULE)),
+    Job("tsds", "dynamic_select", "tsds", dict(SCHEDULE)),
     Job("odm", "dynamic_mix", "odm", dict(MIX)),
     Job("doremi_step2", "dynamic_mix", "doremi", dict(MIX)),
     Job("loss_weighting", "dynamic_weight", "loss", {"warmup_step": 5, "train_step": 30, "max_steps": 30}),
@@ -138,15 +143,17 @@ NOTES = (
     "each run, against 0.4-6 s of training; train_runtime and the decision times isolate the trainers. The "
     "start-up is the same on both sides: the imports (transformers, peft, LLaMA-Factory) differ by 0.2 s, and "
     "datasteer's own start-up work (translating the keys, building the pool with ids) takes 0.3-0.5 s.",
-    "near: both sides read the bench's precomputed neighbour matrix (DataFlex's offline embedding step, not "
-    "timed; datasteer's neighbours_file), so each side's selections repeat; they differ only in the turn order "
-    "(DataFlex's column walk skips a target's turn when its next neighbour is taken, datasteer's round robin "
-    "gives it its next untaken one).",
-    "odm: both sides take DataFlex's reward_scale 15, exploration floor 0.03 and epsilon timing; DataFlex "
-    "feeds its mixer once per update (the last batch's loss, credited to its first sample's domain) and clips "
-    "its logits; datasteer rewards every domain after every step, weighted by its share of the step's samples.",
-    "loss_weighting, adapt: the logged training loss is each side's weighted objective, not comparable "
-    "(DataFlex's adapt sums sigmoid-weighted losses over the batch, hence ~3x); the target eval loss is.",
+    "Under DataFlex keys datasteer takes DataFlex's decision timing (steering.lag_steps: 0) and DataFlex's draws "
+    "(dataflex_compat: loss, delta_loss, tsds, near; odm's reward_feed: last_batch and exploration_timing: "
+    "dataflex). Where both sides score alike they pick alike; what remains is the model state the scores come "
+    "from (DataFlex's warmup trains on 24 rows drawn with replacement, datasteer's on its own stream) and, for "
+    "less, its own projection.",
+    "near, tsds: both sides read the bench's precomputed files (DataFlex's offline steps, not timed). tsds: "
+    "DataFlex draws from numpy's global generator, whose state at the draw depends on what else used it after "
+    "the Trainer seeded it; datasteer seeds its own with the Trainer's seed.",
+    "adapt: the logged training loss is each side's objective: DataFlex's adapt sums the sigmoid-weighted losses "
+    "over the batch (about batch x 0.73 x the mean loss), datasteer rescales the weights to mean 1 (a bug fix its "
+    "start-up report states); the target eval loss compares the models.",
 )
 
 # The bench's changes to DataFlex 1.1.0's components.yaml, applied for both sides (section, entry, key): value.
@@ -156,6 +163,7 @@ COMPONENT_CHANGES: tuple[tuple[str, str, str, Any, str], ...] = (
     ("mixers", "odm", "warmup_steps", 0, "ODM's own 2000-step warmup would keep the initial proportions all run"),
     ("mixers", "doremi", "reference_model_path", "tiny-llama", "the base tiny model as DoReMi's reference"),
     ("selectors", "near", "indices_path", "near_top_indices.npy", "written by the bench (DataFlex's offline step)"),
+    ("selectors", "tsds", "probs_path", "tsds_probs.npy", "written by the bench (DataFlex's offline tsds step)"),
     ("weighters", "adapt", "refresh_interval", 10, "50 steps is longer than the 30-step run"),
 )
 
@@ -234,6 +242,31 @@ def weight_gap(a: list[list[float]], b: list[list[float]]) -> float | None:
     return max(abs(x - y) for wa, wb in pairs for x, y in zip(wa, wb))
 
 
+GOALS = {"selector": 0.9, "mixer": 0.02, "weighter": 0.01, "wall_ratio": 1.0}  # issue #32's goals
+
+
+def goal(row: dict[str, Any]) -> dict[str, Any]:
+    """The job's decision goal and whether it is met: selectors share >= 90% of ids at every update, mixers'
+    weights within 0.02 of DataFlex's, a weighter's logged training loss within 1%; and wall ratio >= 1."""
+    kind, value = row["kind"], None
+    if kind == "selector" and row.get("selections"):
+        value = min(pair["share"] for pair in row["selections"])
+        text, met = f"least id share {value:.0%} (goal >= 90%)", value >= GOALS["selector"]
+    elif kind == "mixer" and row.get("weights"):
+        value = weight_gap(row["weights"]["dataflex"], row["weights"]["datasteer"])
+        met = value is not None and value <= GOALS["mixer"]
+        text = f"largest weight gap {_fmt(value, 3)} (goal <= 0.02)"
+    elif kind == "weighter":
+        a, b = row["dataflex"].get("final_loss"), row["datasteer"].get("final_loss")
+        value = abs(a - b) / a if a and b is not None else None
+        met = value is not None and value <= GOALS["weighter"]
+        text = f"logged train loss differs by {_fmt(value, 3)} (goal <= 0.01)"
+    else:
+        text, met = "no decisions to compare", False
+    wall = row.get("wall_ratio")
+    return {"decisions": text, "decisions_met": met, "wall_met": wall is not None and wall >= GOALS["wall_ratio"]}
+
+
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One side's result over its repeated runs of a job.
 
@@ -305,6 +338,15 @@ def render_markdown(result: dict[str, Any]) -> str:
                 e1=_fmt(df.get("eval_loss"), 3),
                 e2=_fmt(ds.get("eval_loss"), 3),
             )
+        )
+    lines += ["", "## Goals (issue #32)", "", "| job | decisions | met | wall ratio >= 1 |", "|---|---|---|---|"]
+    for job in result["jobs"]:
+        g = job.get("goal") or (goal(job) if "kind" in job else None)
+        if g is None:
+            continue
+        lines.append(
+            f"| {job['name']} | {g['decisions']} | {'yes' if g['decisions_met'] else 'no'} | "
+            f"{'yes' if g['wall_met'] else 'no'} ({_fmt(job.get('wall_ratio'))}) |"
         )
     lines += ["", "## Decisions", ""]
     for job in result["jobs"]:
@@ -484,6 +526,8 @@ def build_workspace(root: Path) -> dict[str, Any]:
         pool, target = _embed(model, tokenizer, pool_texts), _embed(model, tokenizer, target_texts)
     order = np.argsort(-(target @ pool.T), axis=1, kind="stable")
     np.save(root / "near_top_indices.npy", order.astype(np.int64))
+    probs = np.random.default_rng(0).dirichlet(np.ones(len(pool_texts)))  # DataFlex's offline tsds output's shape
+    np.save(root / "tsds_probs.npy", probs)
     changes.append(
         "near_top_indices.npy: each target's pool rows by cosine similarity of the base model's mean-pooled "
         "last hidden state (DataFlex's offline embedding step, which needs vLLM or sentence-transformers)"
@@ -622,6 +666,7 @@ def compare(job: Job, df: dict[str, Any], ds: dict[str, Any], domain_sizes: list
     strip = ("events",)
     row["dataflex"] = {k: v for k, v in df.items() if k not in strip}
     row["datasteer"] = {k: v for k, v in ds.items() if k not in strip}
+    row["goal"] = goal(row)
     return row
 
 
@@ -629,7 +674,7 @@ def _decisions(job: Job, df: dict[str, Any], ds: dict[str, Any], sizes: list[int
     events = ds.get("events", [])
     df_dec = df.get("timings", {}).get("decisions", [])
     if job.kind == "selector":
-        ds_sel = [e for e in events if e["event"] == "select"]
+        ds_sel = [e for e in events if e["event"] == "select" and e["step"] > 0]  # step 0: the warmup's rows
         n = sum(sizes)
         rows_seen = df.get("timings", {}).get("train_rows")
         if rows_seen is not None and rows_seen != n:

@@ -142,3 +142,14 @@ def test_every_job_runs_thirty_steps_from_the_same_yaml_on_both_sides(bench):
             assert a["train_step"] == 30
         else:
             assert a["warmup_step"] + a["update_step"] * a["update_times"] == 30
+
+
+def test_goals_follow_the_issue(bench):
+    """Selectors: least id share >= 90%; mixers: weight gap <= 0.02; weighters: logged loss within 1%; wall >= 1."""
+    sel = {"kind": "selector", "selections": [{"share": 0.95}, {"share": 0.88}], "wall_ratio": 1.2}
+    expected = {"decisions": "least id share 88% (goal >= 90%)", "decisions_met": False, "wall_met": True}
+    assert bench.goal(sel) == expected
+    mix = {"kind": "mixer", "weights": {"dataflex": [[0.5, 0.5]], "datasteer": [[0.51, 0.49]]}, "wall_ratio": 0.9}
+    assert bench.goal(mix)["decisions_met"] and not bench.goal(mix)["wall_met"]
+    weigh = {"kind": "weighter", "dataflex": {"final_loss": 13.2}, "datasteer": {"final_loss": 4.49}}
+    assert not bench.goal(weigh)["decisions_met"]

@@ -45,12 +45,15 @@ def test_dynamic_select_translates_schedule_and_component_params(no_components):
         "warmup_steps": 10,
         "update_every": 10,
         "updates": 2,
+        "lag_steps": 0,  # DataFlex's timing: decided after step 10, trained from step 11
         "selector": {"name": "less", "proj_dim": 1024, "seed": 123},
     }
     dropped = [w for w in out.warnings if "is dropped" in w]
     assert len(dropped) == 2 and any("'cache_dir'" in w for w in dropped) and any("save_interval" in w for w in dropped)
     report = out.report()
     assert "warmup_step: 10" in report and "steering.warmup_steps: 10" in report and "steering.selector: less" in report
+    assert "decision timing: DataFlex's (decided after step 10, trained from step 11)" in report
+    assert "steering.lag_steps: 0" in report and "one step later" not in " ".join(out.warnings)
 
 
 def test_doremi_step1_static_mix(no_components):
@@ -70,7 +73,7 @@ def test_doremi_step1_static_mix(no_components):
     assert ("component_name: static", "unused with static_mix: true (as in DataFlex)") in out.mapping
 
 
-def test_odm_drops_its_extra_eval_passes_and_keeps_updating_until_the_end(no_components):
+def test_odm_keeps_its_own_warmup_drops_its_extra_eval_passes_and_updates_until_the_end(no_components):
     keys = {
         "train_type": "dynamic_mix",
         "components_cfg_file": str(COMPONENTS),
@@ -84,20 +87,19 @@ def test_odm_drops_its_extra_eval_passes_and_keeps_updating_until_the_end(no_com
     assert out.steering == {
         "update_every": 10,
         "updates": None,
+        "lag_steps": 0,
         "mixer": {  # DataFlex's alpha is odm's smoothing; the file sets no reward_scale: DataFlex's defaults
             "name": "odm",
             "smoothing": 0.9,
+            "warmup_steps": 10,  # honoured (the examples file sets 10): the initial proportions up to that step
             "initial": [0.5, 0.5],
             "reward_scale": 15.0,
             "min_exploration_rate": 0.03,
             "exploration_timing": "dataflex",
+            "reward_feed": "last_batch",  # DataFlex's feed: one reward per update, from the last batch
         },
     }
-    assert {w.split("'")[3] for w in out.warnings if "is dropped" in w} == {
-        "warmup_steps",
-        "num_eval_samples",
-        "eval_batch_size",
-    }
+    assert {w.split("'")[3] for w in out.warnings if "is dropped" in w} == {"num_eval_samples", "eval_batch_size"}
 
 
 def test_odm_reward_scale_and_exploration_floor_keep_dataflex_meaning():
@@ -108,20 +110,29 @@ def test_odm_reward_scale_and_exploration_floor_keep_dataflex_meaning():
         "reward_scale": 15.0,
         "min_exploration_rate": 0.03,
         "exploration_timing": "dataflex",
+        "warmup_steps": 2000,
+        "reward_feed": "last_batch",
     }
     report = out.report()
     assert "params.reward_scale: (not set)" in report
+    assert "steering.mixer.warmup_steps: 2000 (DataFlex's default; datasteer's own default is 0)" in report
     assert "steering.mixer.reward_scale: 15.0 (DataFlex's default; datasteer's own default is 1.0)" in report
     assert "steering.mixer.min_exploration_rate: 0.03 (DataFlex's default; datasteer's own default is 0.0)" in report
     assert "steering.mixer.exploration_timing: 'dataflex' (DataFlex's default; datasteer's own default is 'paper')" in (
         report
     )
-    assert "crediting the whole batch's loss to the domain of its first sample" in report
+    assert "the last step's loss credited to the domain of its first sample" in report
     # Given in components.yaml or component_overrides: passed through under the same name.
     given = dataflex.translate(
         {
             **keys,
-            "component_overrides": {"reward_scale": 5.0, "min_exploration_rate": 0.0, "exploration_timing": "paper"},
+            "component_overrides": {
+                "reward_scale": 5.0,
+                "min_exploration_rate": 0.0,
+                "exploration_timing": "paper",
+                "warmup_steps": 0,
+                "reward_feed": "step",
+            },
         }
     )
     assert given.steering["mixer"] == {
@@ -129,6 +140,8 @@ def test_odm_reward_scale_and_exploration_floor_keep_dataflex_meaning():
         "reward_scale": 5.0,
         "min_exploration_rate": 0.0,
         "exploration_timing": "paper",
+        "warmup_steps": 0,
+        "reward_feed": "step",
     }
     assert "DataFlex's default" not in given.report()
     # Validated by the real mixer, with the translation's values; a native config keeps the paper's s = 1, ε_min = 0.
@@ -160,14 +173,14 @@ def test_renamed_and_overridden_params(no_components):
 def test_doremi_reference_proportions_and_its_deliberate_difference(no_components):
     keys = {"train_type": "dynamic_mix", "component_name": "doremi", "init_mixture_proportions": [0.3, 0.7]}
     out = dataflex.translate(keys)
-    assert out.steering == {"mixer": {"name": "doremi", "reference_proportions": [0.3, 0.7]}}
+    assert out.steering == {"lag_steps": 0, "mixer": {"name": "doremi", "reference_proportions": [0.3, 0.7]}}
     assert any("follows the paper" in w for w in out.warnings)
 
 
 def test_moe_gate_freeze(no_components):
     keys = {"train_type": "dynamic_mix", "component_name": "dynamic_moe", "freeze_gate": True, "update_times": -1}
     out = dataflex.translate({**keys, "num_train_epochs": 1})
-    assert out.steering == {"updates": None, "mixer": {"name": "moe_gate", "freeze_router": True}}
+    assert out.steering == {"updates": None, "lag_steps": 0, "mixer": {"name": "moe_gate", "freeze_router": True}}
 
 
 def test_static_train_type_means_no_steering():
@@ -260,7 +273,7 @@ def test_errors_name_the_key_and_the_fix(keys, message):
 
 def test_a_component_datasteer_lacks_is_an_error_not_a_fallback(no_components):
     out = dataflex.translate({"train_type": "dynamic_select", "component_name": "zeroth"})
-    assert out.steering == {"selector": {"name": "zeroth"}}
+    assert out.steering == {"lag_steps": 0, "selector": {"name": "zeroth"}}
     with pytest.raises(ConfigError, match="Unknown selector 'zeroth'"):
         SteeringConfig.model_validate(out.steering)  # the real registry, not the empty one
 
@@ -308,18 +321,54 @@ def test_dataflex_1_1_parameter_spellings(no_components):
         dataflex.translate({**weigh, "component_overrides": {"clip": "high"}})
 
 
-def test_near_reads_dataflex_neighbour_matrix_and_says_how_its_turns_differ(tmp_path):
-    """indices_path is DataFlex's offline top_indices.npy: read as neighbours_file, the turn order reported once."""
+def test_near_reads_dataflex_neighbour_matrix_with_its_column_walk(tmp_path):
+    """indices_path is DataFlex's offline top_indices.npy: read as neighbours_file, walked as DataFlex walks it."""
     keys = {
         "train_type": "dynamic_select",
         "component_name": "near",
         "component_overrides": {"indices_path": "top_indices.npy"},
     }
     out = dataflex.translate(keys)
-    assert out.steering["selector"] == {"name": "near", "neighbours_file": "top_indices.npy"}
-    assert [w for w in out.warnings if "near" in w] == [
-        "selector 'near' reads indices_path 'top_indices.npy' as neighbours_file and takes turns over the targets' "
-        "rows: a target whose next neighbour another target took takes its next untaken one (DataFlex walks the "
-        "matrix column by column, so that target loses its turn)"
-    ]
+    assert out.steering["selector"] == {"name": "near", "neighbours_file": "top_indices.npy", "dataflex_compat": True}
+    assert not [w for w in out.warnings if "near" in w]
     SteeringConfig.model_validate(out.steering)
+
+
+def test_odm_own_warmup_covering_the_run_is_said_at_start_up():
+    """DataFlex's odm default warmup_steps 2000 on a 30-step run: the mixer never moves, in DataFlex too; said once."""
+    keys = {"train_type": "dynamic_mix", "component_name": "odm", "warmup_step": 6, "update_step": 8, "update_times": 3}
+    out = dataflex.translate({**keys, "num_train_epochs": 1})
+    assert out.lf_updates == {"max_steps": 30}
+    assert any("its own warmup_steps (2000) covers the whole run of 30 steps" in w for w in out.warnings)
+    moving = dataflex.translate({**keys, "num_train_epochs": 1, "component_overrides": {"warmup_steps": 0}})
+    assert not any("covers the whole run" in w for w in moving.warnings)
+
+
+@pytest.mark.parametrize(
+    ("name", "extra", "expected"),
+    [
+        ("loss", {}, {"quantiles": [0.33, 0.66], "dataflex_compat": True}),
+        ("delta_loss", {}, {"dataflex_compat": True}),
+        ("tsds", {"probs_path": "tsds_probs.npy"}, {"probs_path": "tsds_probs.npy", "dataflex_compat": True}),
+    ],
+)
+def test_selectors_get_dataflexs_draws_and_defaults(name, extra, expected):
+    """DataFlex's selectors draw with their own seeded generators over LLaMA-Factory's row order: a translated config
+    draws the same way (dataflex_compat), with DataFlex's defaults where datasteer's differ (loss quantiles)."""
+    keys = {"train_type": "dynamic_select", "component_name": name, "warmup_step": 6, "update_step": 8}
+    out = dataflex.translate({**keys, "update_times": 3, "num_train_epochs": 1, "component_overrides": extra})
+    params = {k: v for k, v in out.steering["selector"].items() if k != "name"}
+    assert params == expected
+    assert "steering.selector.dataflex_compat: True (DataFlex's default; datasteer's own default is False)" in (
+        out.report()
+    )
+    registry.build("selector", name, params)  # the real selector takes them
+
+
+def test_adapt_says_what_dataflexs_unnormalised_sum_would_have_trained_on():
+    """DataFlex's adapt returns sum_i sigmoid(s_i / tau) loss_i over the micro-batch (13.2 logged where the mean loss
+    is 4.49 at batch 4); datasteer's weights have mean 1, a bug fix that the start-up report states."""
+    out = dataflex.translate({"train_type": "dynamic_weight", "component_name": "adapt", "warmup_step": 5})
+    report = out.report()
+    assert "DataFlex's adapt would train on the sum over the micro-batch" in report
+    assert "its log shows 13.2 where datasteer shows 4.49" in report

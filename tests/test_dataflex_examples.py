@@ -1,7 +1,8 @@
 """DataFlex's own example YAMLs, run as shipped through `datasteer train` in the LLaMA-Factory environment.
 
 The 22 files under tests/fixtures/dataflex/ are DataFlex's public examples with only what cannot exist on a
-test machine changed (model and data paths, bf16, deepspeed, step counts: see its README). Each one runs here
+test machine changed (model and data paths, bf16, deepspeed, step counts: see its README; components.yaml is
+DataFlex 1.1.0's file plus the overlay of overlay.yaml, checked by test_dataflex_fixtures.py). Each one runs here
 from a copy of that folder, DataFlex's repository layout, with a tiny local model and LLaMA-Factory's default
 `data/` folder holding DataFlex's dataset names, and must show its steering in `steering/events.jsonl`.
 Needs `llamafactory` (`make test-llamafactory`); elsewhere the module is skipped.
@@ -99,7 +100,17 @@ def workspace(tmp_path_factory) -> Path:
     _save_tiny_moe(root / "tiny-moe", root / "tiny-llama")
     _write_data(root / "data")
     _write_near_neighbours(root / "src" / "dataflex" / "offline_selector" / "top_indices.npy")
+    _write_tsds_probs(root / "src" / "dataflex" / "offline_selector" / "tsds_probs.npy")
     return root
+
+
+def _write_tsds_probs(path: Path) -> None:
+    """What DataFlex's offline tsds step writes for tsds.yaml's pool (alpaca_en_demo's ROWS rows): one sampling
+    probability per row, in the train set's row order; here a seeded distribution with some rows at zero."""
+    rng = np.random.default_rng(1)
+    probs = rng.random(ROWS) * (rng.random(ROWS) > 0.25)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, probs / probs.sum())
 
 
 def _write_near_neighbours(path: Path, targets: int = 4) -> None:

@@ -199,3 +199,31 @@ def test_odm_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert resumed_rec.steps == full_rec.steps[4:]
     assert stages(resumed) == stages(full)
     np.testing.assert_array_equal(resumed_mixer.rewards, full_mixer.rewards)
+
+
+def test_dataflex_warmup_and_last_batch_feed_by_hand():
+    """DataFlex 1.1.0's odm: no update and no reward up to its own warmup_steps; then one reward per update from the
+    last step's token-mean loss, all credited to its first sample's domain, over that domain's current weight."""
+    mixer = ODMMixer(smoothing=0.5, exploration_timing="dataflex", warmup_steps=1, reward_feed="last_batch")
+    ctx = make_ctx(["a", "b"], [0, 0, 1, 1], schedule=Schedule(warmup_steps=0, update_every=1, lag_steps=0))
+    np.testing.assert_allclose(mixer.initial_weights(ctx), [0.5, 0.5])
+    # Step 1: first sample from b; token-mean loss (4·4 + 4·2) / 8 = 3. Step 1 <= warmup_steps: initial weights.
+    mixer.observe(ctx, make_record(1, [(2, 1, [4.0] * 4), (0, 0, [2.0] * 4)]))
+    ctx.step = 1
+    np.testing.assert_allclose(mixer.update(ctx), [0.5, 0.5])
+    np.testing.assert_allclose(mixer.rewards, [0.0, 0.0])  # the warmup takes no reward
+    # Step 2: first sample from a; loss (2·2 + 6·5) / 8 = 4.25 -> R̂_a = 0.5·0 + 0.5·4.25/0.5 = 4.25.
+    # t = 2 − 1 = 1: ε_1 = 1/2, so 1 − K ε = 0 and π is uniform.
+    mixer.observe(ctx, make_record(2, [(0, 0, [2.0] * 2), (2, 1, [5.0] * 6)]))
+    ctx.step = 2
+    np.testing.assert_allclose(mixer.update(ctx), [0.5, 0.5])
+    # Step 3: b alone, loss 1 -> R̂_b = 0.5·1/0.5 = 1; R̂ = (4.25, 1). t = 2: ε_2 = sqrt(ln 2 / 4) = 0.41627731, at
+    # temperature ε_1 = 1/2: softmax(2.125, 0.5) = (e^1.625, 1) / (1 + e^1.625) = (0.83548435, 0.16451565);
+    # π = 0.16744539·(0.83548435, 0.16451565) + 0.41627731 = (0.55617517, 0.44382483) (DataFlex's own mixer: the same).
+    mixer.observe(ctx, make_record(3, [(3, 1, [1.0] * 4)]))
+    ctx.step = 3
+    np.testing.assert_allclose(mixer.update(ctx), [0.55617517, 0.44382483], rtol=1e-7)
+    np.testing.assert_allclose(mixer.rewards, [4.25, 1.0], rtol=1e-12)
+    restored = ODMMixer(smoothing=0.5, exploration_timing="dataflex", warmup_steps=1, reward_feed="last_batch")
+    restored.load_state_dict(mixer.state_dict())
+    assert restored.last_batch == mixer.last_batch == (1.0, 1)

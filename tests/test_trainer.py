@@ -11,7 +11,7 @@ from torch.utils.data import Sampler
 from trainer_fixtures import DOMAINS, make_args, make_model, make_pool, make_steering
 from transformers import Trainer, default_data_collator
 
-from datasteer import ComponentSet, Schedule, SteeredTrainer, Weighter, registry
+from datasteer import ComponentSet, Mixer, Schedule, SteeredTrainer, Weighter, registry
 from datasteer.components import Component
 from datasteer.steering_log import read_events
 
@@ -256,3 +256,40 @@ def test_a_training_forward_without_logits_or_log_probs_is_an_error_that_names_t
     assert len(capture.outputs) == 1
     with pytest.raises(DatasteerError, match=r"neither logits nor per-token log-probabilities.*Liger"):
         capture.pick(with_grad=False)
+
+
+class OneDomainAfterWarmup(Mixer):
+    """Test-only mixer: uniform until its update, then everything on domain `to`."""
+
+    def __init__(self, to: int):
+        self.to = to
+
+    def initial_weights(self, ctx):
+        return np.full(ctx.num_domains, 1.0 / ctx.num_domains)
+
+    def update(self, ctx):
+        return np.eye(ctx.num_domains)[self.to]
+
+
+@pytest.mark.parametrize("grad_acc", [1, 2])
+def test_lag_zero_trains_on_a_decision_from_the_very_next_step(tmp_path, grad_acc):
+    """DataFlex's timing (steering.lag_steps: 0): decided after step 3, step 4 already trains on it, although the
+    loader prefetched part of step 4 before the decision; every step trains exactly the rows the stream plans."""
+    recorder = Recorder()
+    trainer = steered_run(
+        tmp_path,
+        ComponentSet(mixer=OneDomainAfterWarmup(to=2), extra={"rec": recorder}),
+        grad_acc=grad_acc,
+        schedule=Schedule(warmup_steps=3, update_every=0, lag_steps=0),
+        max_steps=6,
+    )
+    weights = [e for e in read_events(tmp_path / "steered") if e["event"] == "weights"]
+    assert [(e["step"], e["effective_step"]) for e in weights] == [(0, 1), (3, 4)]
+    domains = [set(r.domain_ids.tolist()) for r in recorder.records]
+    assert domains[3:] == [{2}, {2}, {2}] and domains[:3] != [{2}, {2}, {2}]
+    sampler, ids = trainer.steering.sampler, trainer.steering.pool.sample_ids
+    per_step = 4 * grad_acc
+    for step, record in enumerate(recorder.records):
+        planned = ids[sampler.plan(step * per_step, (step + 1) * per_step)]
+        assert sorted(record.sample_ids.tolist()) == sorted(planned.tolist())
+    assert not sampler.refetch_steps  # the rebuilt step was taken

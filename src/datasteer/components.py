@@ -179,6 +179,12 @@ class Selector(Component):
         """Return the selection for the next window; `budget` is the number of samples it should hold."""
         raise NotImplementedError
 
+    def warmup_selection(self, ctx: SteeringContext, size: int) -> Selection | None:
+        """The rows the warmup (`steering.warmup_steps`, `size` samples) trains on; None (default): the whole pool.
+
+        Called once, before the first step, when the schedule has a warmup (DataFlex's selectors draw one)."""
+        return None
+
     def choose(self, ctx: SteeringContext, candidates: list[dict[str, torch.Tensor]], keep: int) -> list[int]:
         """Online selectors: which `keep` of this rank's candidate rows the coming step trains on.
 

@@ -22,7 +22,11 @@ Every rank builds the same stream; accelerate's `BatchSamplerShard` deals it out
 goes to rank i mod world). Because the stream is derived, `state_dict()` holds only the stages, and a
 resumed run regenerates exactly the indices of an uninterrupted one (HF skips the trained batches).
 A stage may only start at a position that has not been handed out yet: adding one behind the
-iterator raises instead of silently desynchronising a resumed run.
+iterator raises instead of silently desynchronising a resumed run. The one exception is `refetch` (a decision
+that applies from the very next step, `steering.lag_steps: 0`, DataFlex's timing): a stage may then start in the
+step the loader has begun prefetching; that step goes to `refetch_steps`, the trainer rebuilds its batches from
+`plan` (the positions are the same, only their rows change), and the iterator plans the rest of the stream
+again from the new stages.
 """
 
 from __future__ import annotations
@@ -85,6 +89,9 @@ class SteeredSampler(Sampler[int]):
         self.selections: list[_Selection] = [_Selection(None, None)]
         self.epoch = 0
         self.high_water = -1  # largest position handed out by an iterator of this process
+        self.refetch = False  # lag_steps 0: a stage may start in the step being prefetched (see the module doc)
+        self.refetch_steps: set[int] = set()  # steps (0-based) whose prefetched rows a later stage replaced
+        self._version = 0  # bumped by every new stage: a running iterator plans again
         self._groups_cache: dict[tuple[int, bool], list[np.ndarray]] = {}
         self._perm_cache: dict[tuple[int, bool, int, int], np.ndarray] = {}
         self._count_cache: dict[int, tuple[int, np.ndarray]] = {}
@@ -170,7 +177,9 @@ class SteeredSampler(Sampler[int]):
 
     def _add_stage(self, at_step: int, weights: np.ndarray | None, selection: int) -> np.ndarray | None:
         start = int(at_step) * self.draws_per_step
-        if start <= self.high_water:
+        if start <= self.high_water and self.refetch and self.high_water < start + self.draws_per_step:
+            self.refetch_steps.add(int(at_step))  # only that step was (partly) fetched: the trainer rebuilds it
+        elif start <= self.high_water:
             raise RuntimeError(
                 f"steering decision for step {at_step + 1} arrived after the data loader already fetched "
                 f"that step (position {start} <= {self.high_water}). Increase steering.lag_steps or lower "
@@ -193,6 +202,7 @@ class SteeredSampler(Sampler[int]):
         if len(self._start_cache) == len(self.stages) - 1:  # keep the sorted starts in step, O(1)
             self._start_cache.append(start)
         self._count_cache.pop(len(self.stages) - 1, None)
+        self._version += 1
         return weights
 
     def _checked_weights(self, weights: np.ndarray, groups: list[np.ndarray]) -> np.ndarray:
@@ -343,14 +353,26 @@ class SteeredSampler(Sampler[int]):
             later = bisect.bisect_right(self._boundary_list, pos)
             nxt = min(stop, pos + CHUNK, *self._boundary_list[later : later + 1])
             if pos in self.boundaries and self.stages[self._stage_index(pos)].start != pos:
-                raise RuntimeError(
-                    f"the data loader reached step {pos // self.draws_per_step + 1} before the steering "
-                    "decision for it was made. Increase steering.lag_steps or lower dataloader prefetching."
-                )
-            rows = self.plan(pos, nxt)
-            self.high_water = max(self.high_water, nxt - 1)
-            yield from rows.tolist()
-            pos = nxt
+                if not self.refetch:
+                    raise RuntimeError(
+                        f"the data loader reached step {pos // self.draws_per_step + 1} before the steering "
+                        "decision for it was made. Increase steering.lag_steps or lower dataloader prefetching."
+                    )
+                nxt = min(nxt, pos + self.draws_per_step)  # rebuilt by the trainer once the decision is made
+            version = self._version
+            for row in self.plan(pos, nxt).tolist():
+                self.high_water = max(self.high_water, pos)
+                yield row
+                pos += 1
+                if self._version != version:  # a decision arrived while this chunk was handed out: plan again
+                    break
+
+    def take_refetch(self, step: int) -> bool:
+        """Whether the rows of optimizer step `step` + 1 (0-based `step`) changed after the loader fetched them."""
+        if step in self.refetch_steps:
+            self.refetch_steps.discard(step)
+            return True
+        return False
 
     # ---------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

@@ -207,6 +207,7 @@ class Steering:
         self.candidate_micro_batch = self._candidate_micro_batch(args.per_device_train_batch_size)
         draws = self.candidate_micro_batch * args.world_size * args.gradient_accumulation_steps
         self.sampler.bind(per_step, total, [self.schedule.effective_step(t) for t in updates], draws)
+        self.sampler.refetch = self.schedule.lag_steps == 0  # the trainer rebuilds a step decided after its prefetch
         if not self.sampler.stages:  # a fresh run: an earlier run's log in the same output_dir goes
             self.log.reset()
             self.sampler.set_weights(0, self.mixer_initial_weights())
@@ -305,6 +306,8 @@ class Steering:
         self.tail = StepTail(tail_start(self.sampler.total_steps, self.schedule.lag_steps) if deciders(self) else 0)
         if step == 0 and 0 in self._update_steps:
             self.update(0)
+        elif step == 0 and self._update_steps:
+            self._warmup_selection(ctx)
 
     @property
     def needs_token_losses(self) -> bool:
@@ -394,6 +397,15 @@ class Steering:
             self.sampler.set_weights(at, mixer.update(ctx))
         self._log_weights(step, at)
         self.update_index += 1
+
+    def _warmup_selection(self, ctx: SteeringContext) -> None:
+        """A window selector's own warmup rows (DataFlex's draw under dataflex_compat), from step 1 on."""
+        selector = self.components.selector
+        if selector is None or selector.online or self.schedule.warmup_steps == 0:
+            return
+        selection = selector.warmup_selection(ctx, self.sampler.samples_per_step * self.schedule.warmup_steps)
+        if selection is not None:
+            self._apply_selection(0, 0, selection)
 
     def _budget(self) -> int:
         n = len(self.pool.sample_ids)

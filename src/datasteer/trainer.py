@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import send_to_device
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -122,6 +123,26 @@ def regroup_rows(
                 part[i, : src.shape[0]] = src
             group[key] = part
         out.append(group)
+    return out
+
+
+def planned_batches(trainer: Any, count: int) -> list[dict[str, Any]]:
+    """This rank's `count` micro-batches of the current optimizer step, built from the sampler's plan.
+
+    Why: with `steering.lag_steps: 0` (DataFlex's timing) a decision made after step t applies to step t + 1, whose
+    first micro-batch the loader has already prefetched under the old decision. The stream positions of the step
+    are fixed, so its rows are re-read from `plan` and collated as the loader would: micro-batch m of rank r is
+    the stream's batch m·W + r (accelerate's `BatchSamplerShard` deals batch i to rank i mod W)."""
+    sampler = trainer.steering.sampler
+    loader = trainer.callback_handler.train_dataloader
+    per_device, world, rank = trainer._train_batch_size, trainer.args.world_size, trainer.args.process_index
+    start = trainer.state.global_step * sampler.draws_per_step
+    rows = sampler.plan(start, start + sampler.draws_per_step)
+    out = []
+    for m in range(count):
+        j = m * world + rank
+        batch = loader.collate_fn([loader.dataset[int(i)] for i in rows[j * per_device : (j + 1) * per_device]])
+        out.append(send_to_device(batch, trainer.args.device))
     return out
 
 
@@ -232,6 +253,9 @@ class SteeringMixin:
         accumulation). With `micro_batch`, `compute_loss` weighs each micro-batch by its own losses instead.
         """
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if batches and self.steering.sampler.take_refetch(self.state.global_step):
+            batches = planned_batches(self, len(batches))  # a decision after the prefetch (lag_steps 0)
+            batches, num_items = super().get_batch_samples(iter(batches), len(batches), device)
         if self.steering.batch_selector is not None and batches and self.model.training:  # train on the pick
             if not self._reuse_decided:
                 self._reuse, self._reuse_decided = start_reuse(self, SteeringMixin), True

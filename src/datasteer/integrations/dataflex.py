@@ -21,8 +21,8 @@ LLaMA-Factory keys they imply (DataFlex's train length -> `max_steps`) and the t
   mix `train_step` steps (`update_times: -1` runs until `train_step`, or LLaMA-Factory's own length).
 - **Weighting.** DataFlex's weight trainer weighs each micro-batch by its own losses: a weighter config
   gets `steering.weighting_scope: micro_batch` (no extra forward under gradient accumulation).
-- **Timing.** A DataFlex decision made after step t trains from step t + 1 (it rebuilds its data loader);
-  datasteer's sampler streams one batch ahead, so from t + 2 (`steering.lag_steps: 1`): warned.
+- **Timing.** A DataFlex decision made after step t trains from step t + 1 (it rebuilds its data loader); so
+  does the translated config (`steering.lag_steps: 0`: the trainer rebuilds step t + 1's prefetched batches).
 
 Every key is accounted for in the printed mapping; every difference is one warning line.
 """
@@ -130,24 +130,15 @@ def _random_replacement(tr: _Translator, key: str, value: Any) -> dict[str, Any]
 
 
 def _probs_path(tr: _Translator, key: str, value: Any) -> dict[str, Any]:
+    """DataFlex's offline probabilities: a .npy is read as DataFlex reads it; a datasteer score file as scores_file."""
     if isinstance(value, str) and value.endswith(".parquet"):
         return {"scores_file": value}
-    tr.dropped(
-        key,
-        value,
-        "datasteer's tsds computes its sampling probabilities inside the run (or reads a `datasteer score tsds` "
-        "file given as scores_file); a DataFlex .npy of probabilities is not read",
-    )
-    return {}
+    tr.note(key, value, f"steering.selector.probs_path: {value!r} (read as DataFlex reads it: one probability per row)")
+    return {"probs_path": value}
 
 
 def _indices_path(tr: _Translator, key: str, value: Any) -> dict[str, Any]:
-    """DataFlex's offline neighbour matrix is read as it is; only the turn order over its rows differs."""
-    tr.out.warnings.append(
-        f"selector 'near' reads {key} {value!r} as neighbours_file and takes turns over the targets' rows: a target "
-        "whose next neighbour another target took takes its next untaken one (DataFlex walks the matrix column "
-        "by column, so that target loses its turn)"
-    )
+    """DataFlex's offline neighbour matrix, read as it is (its column walk: dataflex_compat, DataFlex's default)."""
     return {"neighbours_file": value}
 
 
@@ -258,11 +249,6 @@ PARAMS: dict[tuple[str, str], dict[str, Rule]] = {
     ("mixer", "odm"): {
         "alpha": Rename("smoothing"),
         "initial_proportions": Rename("initial"),
-        "warmup_steps": Drop(
-            "DataFlex's odm neither updates nor collects rewards for its first warmup_steps steps (2000 in its "
-            "shipped components.yaml); datasteer's odm starts deciding after the run's warmup (DataFlex's "
-            "warmup_step, steering.warmup_steps): set that to the same number for the same start"
-        ),
         "num_eval_samples": Drop(_NO_EVAL.format("odm")),
         "eval_batch_size": Drop(_NO_EVAL.format("odm")),
     },
@@ -279,7 +265,18 @@ PARAMS: dict[tuple[str, str], dict[str, Rule]] = {
 # the parameter gets DataFlex's value, reported as such; datasteer's native configs keep datasteer's default.
 DATAFLEX_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     # exploration_timing is no DataFlex parameter: it selects DataFlex's ε timing in datasteer's odm.
-    ("mixer", "odm"): {"reward_scale": 15.0, "min_exploration_rate": 0.03, "exploration_timing": "dataflex"},
+    # dataflex_compat is no DataFlex parameter: it selects DataFlex's draws in datasteer's selector.
+    ("selector", "loss"): {"quantiles": [0.33, 0.66], "dataflex_compat": True},
+    ("selector", "delta_loss"): {"dataflex_compat": True},
+    ("selector", "tsds"): {"dataflex_compat": True},
+    ("selector", "near"): {"dataflex_compat": True},
+    ("mixer", "odm"): {
+        "reward_scale": 15.0,
+        "min_exploration_rate": 0.03,
+        "exploration_timing": "dataflex",
+        "warmup_steps": 2000,
+        "reward_feed": "last_batch",
+    },
 }
 # Where a mixer takes init_mixture_proportions / mixture_sample_rule. Unlisted mixers: the first of
 # INITIAL_PROPORTION_PARAMS their constructor accepts.
@@ -299,16 +296,24 @@ COMPONENT_NOTES: dict[tuple[str, str], str] = {
         "(init_mixture_proportions -> reference_proportions) and reweights its loss by the domain weights; "
         "train step 3 on their time average (doremi_weights.json, 'average'), not on the last weights"
     ),
+    ("weighter", "adapt"): (
+        "weighter 'adapt' rescales its weights to mean 1 over each micro-batch (a bug fix); DataFlex's adapt would "
+        "train on the sum over the micro-batch of sigmoid(s_i / tau) x loss_i with the raw weights (about 0.73 at "
+        "tau 1), i.e. about batch size x 0.73 times the mean loss (its log shows 13.2 where datasteer shows 4.49 "
+        "on a batch of 4), which scales its learning rate by that factor, where its own loss weighter normalises. "
+        "The relative weights are the same sigmoid of the mean cosine to the anchors; DataFlex pools the hidden "
+        "states with weights rising with the position, datasteer with a plain mean of the training forward's"
+    ),
     ("mixer", "odm"): (
-        "mixer 'odm' rewards each domain after every step from its own samples' losses, weighted by its share of "
-        "the step's samples, with no extra eval passes (DataFlex rewards once per update, from the last batch "
-        "before it, crediting the whole batch's loss to the domain of its first sample), and keeps the softmax "
-        "exact (DataFlex clips ε R̂ to within 5 of its maximum and R̂ to ±10000)"
+        "mixer 'odm' decides as DataFlex's does (reward_feed: last_batch: one reward per update, the last step's loss "
+        "credited to the domain of its first sample); datasteer's own feed (reward_feed: step) rewards every domain "
+        "after every step from its own samples' losses, weighted by its share of the step's samples"
     ),
 }
-TIMING_NOTE = (
-    "decision timing: DataFlex trains on a decision from the step after it (decided after step {t}, used from "
-    "step {t1}); datasteer's sampler streams one batch ahead, so from step {t2} (steering.lag_steps: 1)"
+TIMING = (
+    "decision timing: DataFlex's (decided after step {t}, trained from step {t1})",
+    "steering.lag_steps: 0 (the step's prefetched batches are rebuilt from the decision; datasteer's own default "
+    "1 trains on it one step later)",
 )
 
 
@@ -415,6 +420,7 @@ class _Translator:
                 f"{', '.join(bad)} only apply to train_type: dynamic_mix (got {self.keys['train_type']})."
             )
         self._train_length()
+        self._own_warmup_note()
         self._target()
         self._freeze_gate()
         note = COMPONENT_NOTES.get((self.kind, self.name))
@@ -612,8 +618,8 @@ class _Translator:
                     f"once, then makes the {updates} updates every update_step steps until the end."
                 )
         if times != 0:
-            t = warmup
-            self.out.warnings.append(TIMING_NOTE.format(t=t, t1=t + 1, t2=t + 2))
+            self.steering["lag_steps"] = 0
+            self.out.mapping.append((TIMING[0].format(t=warmup, t1=warmup + 1), TIMING[1]))
 
     def _weighting_scope(self) -> None:
         """DataFlex's weight trainer weighs each micro-batch by its own losses, so no extra forward is needed."""
@@ -752,6 +758,18 @@ class _Translator:
         if current not in (None, -1, steps):
             self.out.warnings.append(
                 f"max_steps: {current} is ignored, as DataFlex ignores it: the run trains {steps} steps ({rule})."
+            )
+
+    def _own_warmup_note(self) -> None:
+        """DataFlex's odm keeps its initial proportions up to its own warmup_steps (2000 unless set): said at start-up
+        when that covers the whole run, since the mixer then never moves (in DataFlex too)."""
+        own = self.params.get("warmup_steps") if (self.kind, self.name) == ("mixer", "odm") else None
+        steps = self.out.lf_updates.get("max_steps")
+        if own is not None and steps is not None and int(own) >= int(steps):
+            self.out.warnings.append(
+                f"mixer 'odm': its own warmup_steps ({own}) covers the whole run of {steps} steps, so it keeps the "
+                "initial proportions throughout, as DataFlex's odm does; lower warmup_steps (component_overrides) "
+                "for the mixer to move."
             )
 
     def _freeze_gate(self) -> None:

@@ -20,6 +20,8 @@ from datasteer.registry import register
 from datasteer.steering import SteeringContext
 
 log = logging.getLogger(__name__)
+DATAFLEX_LOGIT_CLIP = 5.0  # DataFlex 1.1.0's odm keeps each ε R̂_i within 5 of the largest
+DATAFLEX_REWARD_CLIP = 10000.0  # and every R̂_i within ±10000
 
 
 def exploration_rate(t: int, k: int, floor: float = 0.0) -> float:
@@ -34,10 +36,13 @@ def exploration_rate(t: int, k: int, floor: float = 0.0) -> float:
     return min(1.0 / k, max(floor, math.sqrt(math.log(k) / (k * t))))
 
 
-def mixed_policy(rewards: np.ndarray, temperature: float, eps: float) -> np.ndarray:
-    """π = (1 − K ε) softmax(temperature · R̂) + ε, exact (no clipping of the logits). Shape (K,)."""
-    logits = temperature * rewards
-    soft = np.exp(logits - logits.max())
+def mixed_policy(rewards: np.ndarray, temperature: float, eps: float, clip: float | None = None) -> np.ndarray:
+    """π = (1 − K ε) softmax(temperature · R̂) + ε, exact unless `clip` (DataFlex's 5: each logit is kept within
+    `clip` of the largest, which raises a far-behind domain's share). Shape (K,)."""
+    logits = temperature * rewards - (temperature * rewards).max()
+    if clip is not None:
+        logits = np.clip(logits, -clip, 0.0)
+    soft = np.exp(logits)
     return (1.0 - len(rewards) * eps) * soft / soft.sum() + eps
 
 
@@ -77,7 +82,14 @@ class ODMMixer(Mixer):
         exploration_timing: which ε an update after step t uses. "paper": the paper's Algorithm 1, mixing with
             ε_{t+1} (the step the policy samples next) at temperature ε_t. "dataflex": DataFlex 1.1.0's
             `odm_mixer`, mixing with ε_t at the temperature of the previous update's ε (1/K at the first), so
-            with `update_every` > 1 the temperature lags a whole interval.
+            with `update_every` > 1 the temperature lags a whole interval, and with its clipping (R̂ to ±10000,
+            each ε R̂_i to within 5 of the largest).
+        warmup_steps: the mixer's own warmup (DataFlex's odm `warmup_steps`): an update after step t <= warmup_steps
+            keeps the initial proportions and, under `reward_feed: last_batch`, takes no reward; later updates count
+            ε's t from it (t − warmup_steps). 0 (default): the run's schedule (`steering.warmup_steps`) alone.
+        reward_feed: what the rewards are made of. "step" (default): every step rewards each domain present by its
+            share of the step's samples. "last_batch": DataFlex 1.1.0's feed, one reward per update: the last step's
+            token-mean loss, all credited to the domain of its first sample, over that domain's current weight.
     """
 
     def __init__(
@@ -87,6 +99,8 @@ class ODMMixer(Mixer):
         reward_scale: float = 1.0,
         min_exploration_rate: float = 0.0,
         exploration_timing: Literal["paper", "dataflex"] = "paper",
+        warmup_steps: int = 0,
+        reward_feed: Literal["step", "last_batch"] = "step",
     ) -> None:
         if not 0.0 <= smoothing < 1.0:
             raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
@@ -99,14 +113,21 @@ class ODMMixer(Mixer):
                 f"exploration_timing must be 'paper' (the paper's ε_t, ε_t+1) or 'dataflex' (DataFlex 1.1.0's), "
                 f"got {exploration_timing!r}"
             )
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if reward_feed not in ("step", "last_batch"):
+            raise ValueError(f"reward_feed must be 'step' or 'last_batch' (DataFlex 1.1.0's), got {reward_feed!r}")
         self.smoothing = smoothing
         self.initial = initial
+        self.warmup_steps, self.reward_feed = int(warmup_steps), reward_feed
+        self.last_batch: tuple[float, int] | None = None  # (token-mean loss, first sample's domain) of the last step
         self.reward_scale = float(reward_scale)
         self.min_exploration_rate = float(min_exploration_rate)
         self.exploration_timing = exploration_timing
         self.last_exploration: float | None = None  # the ε the last update mixed with ("dataflex" timing)
         self.rewards: np.ndarray | None = None
         self.policies: list[tuple[int, np.ndarray]] = []  # (first step sampled with it, π), oldest first
+        self.start: np.ndarray | None = None  # the initial proportions (kept through the mixer's own warmup)
 
     def initial_weights(self, ctx: SteeringContext) -> np.ndarray:
         weights = resolve_proportions(self.initial, ctx.pool.domains, ctx.pool.domain_sizes)
@@ -121,9 +142,15 @@ class ODMMixer(Mixer):
         self.rewards = np.zeros(ctx.num_domains)
         self.last_exploration = None
         self.policies = [(1, weights)]
+        self.start = weights
         return weights
 
     def observe(self, ctx: SteeringContext, record: StepRecord) -> None:
+        if self.reward_feed == "last_batch":  # DataFlex's feed: remembered here, rewarded at the next update
+            tokens = record.tokens.double()
+            loss = float((record.losses.double() * tokens).sum() / tokens.sum().clamp_min(1))
+            self.last_batch = (loss, int(record.domain_ids[0]))
+            return
         means, counts = record.domain_means(ctx.num_domains)
         means, counts = means.numpy(), counts.numpy()
         policy = self.policy_at(record.step)
@@ -135,19 +162,39 @@ class ODMMixer(Mixer):
         self.rewards[present] = a * self.rewards[present] + (1 - a) * rewards / policy[present]
 
     def update(self, ctx: SteeringContext) -> np.ndarray:
-        k, floor = ctx.num_domains, self.min_exploration_rate
+        if ctx.step <= self.warmup_steps and self.warmup_steps > 0:  # DataFlex's odm warmup: the initial weights
+            weights = self.start
+            self.policies.append((ctx.schedule.effective_step(ctx.step) + 1, weights))
+            return weights
+        if self.reward_feed == "last_batch":
+            self._reward_last_batch()
+        k, floor, t = ctx.num_domains, self.min_exploration_rate, ctx.step - self.warmup_steps
         if self.exploration_timing == "dataflex":
-            eps = exploration_rate(ctx.step, k, floor)
+            eps = exploration_rate(t, k, floor)
             temperature = 1.0 / k if self.last_exploration is None else self.last_exploration
+            weights = mixed_policy(np.clip(self.rewards, -DATAFLEX_REWARD_CLIP, DATAFLEX_REWARD_CLIP), temperature, eps,
+                                   clip=DATAFLEX_LOGIT_CLIP)  # fmt: skip
         else:
-            eps, temperature = exploration_rate(ctx.step + 1, k, floor), exploration_rate(ctx.step, k, floor)
-        weights = mixed_policy(self.rewards, temperature, eps)
+            eps, temperature = exploration_rate(t + 1, k, floor), exploration_rate(t, k, floor)
+            weights = mixed_policy(self.rewards, temperature, eps)
         self.last_exploration = eps
         self.policies.append((ctx.schedule.effective_step(ctx.step) + 1, weights))
+        if self.reward_feed == "last_batch":  # only the last decision is ever looked up
+            self.policies = self.policies[-1:]
         ctx.log.scalar("odm/exploration", eps)
         for name, r in zip(ctx.pool.domains, self.rewards.tolist()):
             ctx.log.scalar(f"odm/reward/{name}", r)
         return weights
+
+    def _reward_last_batch(self) -> None:
+        """DataFlex's reward: R̂_d ← α R̂_d + (1 − α) s L / π_d for the last step's loss L and first domain d, where π
+        is the policy last decided (the one that step was sampled with, under DataFlex's timing)."""
+        if self.last_batch is None:
+            return
+        loss, d = self.last_batch
+        prob = max(float(self.policies[-1][1][d]), 1e-8)
+        a = self.smoothing
+        self.rewards[d] = a * self.rewards[d] + (1 - a) * self.reward_scale * loss / prob
 
     def policy_at(self, step: int) -> np.ndarray:
         """The proportions step `step` was sampled with; forgets the decisions that no step will use again."""
@@ -161,6 +208,8 @@ class ODMMixer(Mixer):
             "last_exploration": self.last_exploration,
             "policy_steps": [first for first, _ in self.policies],
             "policies": [w.tolist() for _, w in self.policies],
+            "start": self.start.tolist() if self.start is not None else None,
+            "last_batch": list(self.last_batch) if self.last_batch is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -168,3 +217,7 @@ class ODMMixer(Mixer):
         self.last_exploration = state.get("last_exploration")  # absent in checkpoints from before it was kept
         steps, policies = state["policy_steps"], state["policies"]
         self.policies = [(int(s), np.asarray(w, dtype=np.float64)) for s, w in zip(steps, policies)]
+        start = state.get("start")
+        self.start = np.asarray(start, dtype=np.float64) if start is not None else self.policies[0][1]
+        last = state.get("last_batch")
+        self.last_batch = (float(last[0]), int(last[1])) if last is not None else None

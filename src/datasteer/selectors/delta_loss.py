@@ -30,6 +30,7 @@ import torch
 from datasteer.components import Selection
 from datasteer.errors import ConfigError
 from datasteer.registry import register
+from datasteer.selectors import _dataflex
 from datasteer.selectors._scoring import ScoredSelector, draw_distinct, pool_losses, selector_rng
 from datasteer.steering import SteeringContext
 
@@ -61,7 +62,7 @@ def ranked_window(delta: np.ndarray, ids: np.ndarray, progress: float, width: in
 
 
 @register("selector", "delta_loss")
-class DeltaLossSelector(ScoredSelector):
+class DeltaLossSelector(_dataflex.DataflexWarmup, ScoredSelector):
     """Selects the samples whose loss fell most since a reference point, with a window that slides over training.
 
     Args:
@@ -78,6 +79,11 @@ class DeltaLossSelector(ScoredSelector):
         seed: seed of the selector's draws (mixed with steering.seed and the update index);
             null (default): steering.seed plus a constant of this component, so runs with
             different steering.seed draw differently.
+        dataflex_compat: decide exactly as DataFlex 1.1.0's delta_loss (sample mode, reference warmup_end): the
+            first update takes `torch.randperm` seeded 42; later ones DataFlex's window (its logistic schedule over
+            the whole pool, cut at the first negative Δ) and `torch.multinomial` seeded 42 + the step, over the pool
+            in sample-id order (LLaMA-Factory's row order). With it the warmup trains on DataFlex's warmup draw
+            (`warmup_steps` x batch rows drawn with replacement, seed 42). The DataFlex translator's default.
     """
 
     def __init__(
@@ -89,13 +95,17 @@ class DeltaLossSelector(ScoredSelector):
         outside_weight: float = 0.025,
         batch_size: int = 32,
         seed: int | None = None,
+        dataflex_compat: bool = False,
     ) -> None:
         super().__init__()
+        if dataflex_compat and (mode != "sample" or reference != "warmup_end"):
+            raise ValueError("dataflex_compat decides as DataFlex's delta_loss: mode 'sample', reference 'warmup_end'")
         if not 0 < window <= 1 or steepness <= 0 or outside_weight < 0 or batch_size < 1:
             raise ValueError("need 0 < window <= 1, steepness > 0, outside_weight >= 0 and batch_size >= 1")
         self.reference, self.mode = reference, mode
         self.window, self.steepness, self.outside_weight = window, steepness, outside_weight
         self.batch_size, self.seed = batch_size, seed
+        self.dataflex_compat = dataflex_compat
         self.reference_losses: np.ndarray | None = None  # (N,) r_i by pool row
 
     def setup(self, ctx: SteeringContext) -> None:
@@ -117,6 +127,8 @@ class DeltaLossSelector(ScoredSelector):
 
     def select(self, ctx: SteeringContext, budget: int) -> Selection:
         losses = pool_losses(ctx, batch_size=self.batch_size)
+        if self.dataflex_compat:
+            return self._select_as_dataflex(ctx, losses, budget)
         rng = selector_rng(self.run_seed(ctx), ctx)
         if self.reference_losses is None:  # warmup_end: this update records the reference and picks at random
             self.reference_losses = losses
@@ -132,6 +144,22 @@ class DeltaLossSelector(ScoredSelector):
         weights[ranked_window(delta, ids, p, width, self.steepness)] = 1.0
         rows = draw_distinct(weights, budget, rng)
         return self.finish(ctx, rows, delta[rows])
+
+    def _select_as_dataflex(self, ctx: SteeringContext, losses: np.ndarray, budget: int) -> Selection:
+        """DataFlex's DeltaLossSelector.select, position for position (see `selectors._dataflex`)."""
+        order = _dataflex.id_order(ctx.pool.sample_ids)
+        if self.reference_losses is None:  # DataFlex's first call: the reference, and a seeded permutation
+            self.reference_losses = losses
+            gen = torch.Generator()
+            gen.manual_seed(_dataflex.DATAFLEX_SEED)
+            rows = order[torch.randperm(len(order), generator=gen)[:budget].numpy()]
+            return self.finish(ctx, rows, np.zeros(len(rows)))
+        delta = self.reference_losses - losses
+        updates = len(ctx.schedule.update_steps(ctx.total_steps)) - 1
+        update = ctx.update_index if updates > 0 else 0
+        probs = _dataflex.delta_window_probs(delta[order], update, max(updates, 1), self.window)
+        rows, draw_probs = _dataflex.rows_and_probs(order, _dataflex.multinomial(probs, budget, ctx.step))
+        return self.finish(ctx, rows, delta[rows], probs=draw_probs)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

@@ -25,6 +25,7 @@ import torch
 from datasteer.components import Selection, StepRecord
 from datasteer.registry import register
 from datasteer.scores import ScoringInputs
+from datasteer.selectors import _dataflex
 from datasteer.selectors._scoring import (
     Focus,
     ScoredSelector,
@@ -57,7 +58,7 @@ def impute_by_domain(losses: np.ndarray, domains: np.ndarray, num_domains: int) 
 
 
 @register("selector", "loss")
-class LossSelector(ScoreFileSelector, ScoredSelector):
+class LossSelector(_dataflex.DataflexWarmup, ScoreFileSelector, ScoredSelector):
     """Selects by each sample's current loss, favouring the low, medium or high loss tertile.
 
     Args:
@@ -84,6 +85,11 @@ class LossSelector(ScoreFileSelector, ScoredSelector):
         seed: seed of the selector's draws (mixed with steering.seed and the update index);
             null (default): steering.seed plus a constant of this component, so runs with
             different steering.seed draw differently.
+        dataflex_compat: draw exactly as DataFlex 1.1.0's loss selector (sample mode): its float32 tertile
+            weights and `torch.multinomial` seeded 42 + the decision's step over the pool in sample-id order
+            (LLaMA-Factory's row order), so the same losses give the same picks. With it the warmup trains on
+            DataFlex's warmup draw (`warmup_steps` x batch rows drawn with replacement, seed 42). The DataFlex
+            translator's default.
     """
 
     def __init__(
@@ -99,8 +105,11 @@ class LossSelector(ScoreFileSelector, ScoredSelector):
         scores_strict: bool = True,
         batch_size: int = 32,
         seed: int | None = None,
+        dataflex_compat: bool = False,
     ) -> None:
         super().__init__()
+        if dataflex_compat and (mode != "sample" or replacement):
+            raise ValueError("dataflex_compat draws as DataFlex's loss selector: mode 'sample', replacement false")
         if focus_weight < 1 or temperature <= 0:
             raise ValueError(f"need focus_weight >= 1 and temperature > 0; got {focus_weight}, {temperature}")
         if not 0 <= quantiles[0] <= quantiles[1] <= 1:
@@ -117,6 +126,7 @@ class LossSelector(ScoreFileSelector, ScoredSelector):
         self.replacement, self.source, self.scores_file = replacement, source, scores_file
         self.scores_strict = scores_strict
         self.batch_size, self.seed = batch_size, seed
+        self.dataflex_compat = dataflex_compat
         self.observed: np.ndarray | None = None  # (N,) last observed loss per pool row, NaN = never seen
         self.precomputed: np.ndarray | None = None  # (N,) the scores_file's losses, in pool order
 
@@ -149,6 +159,11 @@ class LossSelector(ScoreFileSelector, ScoredSelector):
     def select(self, ctx: SteeringContext, budget: int) -> Selection:
         losses = self.losses(ctx)
         ids = ctx.pool.sample_ids
+        if self.dataflex_compat:
+            order = _dataflex.id_order(ids)
+            probs = _dataflex.loss_probs(losses[order], self.focus, self.focus_weight, self.temperature, self.quantiles)
+            rows, draw_probs = _dataflex.rows_and_probs(order, _dataflex.multinomial(probs, budget, ctx.step))
+            return self.finish(ctx, rows, losses[rows], probs=draw_probs)
         if self.mode == "topk":
             rows = focus_top_k(losses, ids, budget, self.focus)
             return self.finish(ctx, rows, losses[rows])

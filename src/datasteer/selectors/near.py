@@ -34,6 +34,7 @@ from datasteer.errors import ConfigError, DatasteerError
 from datasteer.ops import EmbeddingResult, FeatureStore, dataset_fingerprint, embeddings, model_fingerprint
 from datasteer.registry import register
 from datasteer.scores import ScoringInputs
+from datasteer.selectors import _dataflex
 from datasteer.selectors._scoring import ScoreFileSelector, top_k
 from datasteer.steering import SteeringContext
 
@@ -255,7 +256,7 @@ class Embedder:
 
 
 @register("selector", "near")
-class NearSelector(ScoreFileSelector):
+class NearSelector(_dataflex.DataflexWarmup, ScoreFileSelector):
     """Nearest neighbours of the target samples (faiss), round-robin over the targets, without duplicates.
 
     Each target in turn takes its nearest pool sample not taken yet, until `budget` samples are selected;
@@ -280,6 +281,11 @@ class NearSelector(ScoreFileSelector):
             nearest first, computed elsewhere (DataFlex's `indices_path`, its offline step's top_indices.npy): the
             round robin runs over it and nothing is embedded. Positions are rows of the training pool in its order
             (with LLaMA-Factory: its datasets concatenated, the rows DataFlex indexes).
+        dataflex_compat: read neighbours_file as DataFlex 1.1.0's near does: column by column (every target's
+            nearest, then every target's second, ...), skipping rows already taken, so a target whose neighbour was
+            taken loses that turn; its positions are the pool's rows in sample-id order (LLaMA-Factory's row order).
+            With it the warmup trains on DataFlex's warmup draw (`warmup_steps` x batch rows drawn with replacement,
+            seed 42). The DataFlex translator's default. False: the round robin, where that target takes its next one.
     """
 
     requires_target: ClassVar[bool] = True
@@ -296,12 +302,15 @@ class NearSelector(ScoreFileSelector):
         scores_file: str | None = None,
         scores_strict: bool = True,
         neighbours_file: str | None = None,
+        dataflex_compat: bool = False,
     ) -> None:
+        if dataflex_compat and neighbours_file is None:
+            raise ValueError("dataflex_compat reads a neighbours_file as DataFlex's near does; give neighbours_file")
         if scores_file is not None and neighbours_file is not None:
             raise ValueError("scores_file and neighbours_file are two precomputed selections: set one of them")
         self.embedder = Embedder(encoder, layer, pooling, text_column, batch_size, cache_dir)
         self.refresh, self.scores_file, self.scores_strict = refresh, scores_file, scores_strict
-        self.neighbours_file = neighbours_file
+        self.neighbours_file, self.dataflex_compat = neighbours_file, dataflex_compat
         self.neighbours: np.ndarray | None = None  # (M, K) the neighbours_file's pool row positions
         self.precomputed: np.ndarray | None = None  # (N,) the scores_file's priorities, in pool order
         self.last: Selection | None = None
@@ -356,7 +365,11 @@ class NearSelector(ScoreFileSelector):
         """The round robin over `neighbours_file`'s rows; scores are the priorities 1 − r/n of the turns r."""
         assert self.neighbours is not None
         want = min(budget, ctx.pool.sample_ids.size)
-        picks, owners, _ = round_robin(self.neighbours, want)
+        if self.dataflex_compat:
+            picks = _dataflex.id_order(ctx.pool.sample_ids)[_dataflex.column_walk(self.neighbours, want)]
+            owners = np.arange(min(len(self.neighbours), want))
+        else:
+            picks, owners, _ = round_robin(self.neighbours, want)
         if picks.size < want:
             raise DatasteerError(
                 f"selector 'near': neighbours_file '{self.neighbours_file}' lists {picks.size} distinct pool rows, "

@@ -32,12 +32,35 @@ from datasteer.distributed import broadcast_object
 from datasteer.errors import DatasteerError
 from datasteer.registry import register
 from datasteer.scores import ScoringInputs
+from datasteer.selectors import _dataflex
 from datasteer.selectors._scoring import ScoreFileSelector
 from datasteer.selectors.near import MODEL, Embedder, nearest
 from datasteer.steering import SteeringContext
 
 Scale = Literal["nearest", "absolute"]
 KDE_CHUNK = 4096  # candidates per density search
+
+
+def dataflex_probs(path: str, sample_ids: np.ndarray) -> np.ndarray:
+    """DataFlex's offline probabilities (a .npy, LLaMA-Factory's row order = increasing sample id) in pool row order.
+
+    Shape (N,) float64. A file that is unreadable, not one finite non-negative number per pool row, or all zero is an
+    error naming `probs_path`."""
+    try:
+        values = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise DatasteerError(f"selector 'tsds': probs_path '{path}' cannot be read as a .npy array: {err}") from None
+    values = np.asarray(values, dtype=np.float64).reshape(-1) if values.ndim <= 1 else values
+    if values.ndim != 1 or len(values) != len(sample_ids):
+        raise DatasteerError(
+            f"selector 'tsds': probs_path '{path}' holds {values.shape} values, but the train set has "
+            f"{len(sample_ids)} rows: it must hold one probability per row, in LLaMA-Factory's row order"
+        )
+    if not np.all(np.isfinite(values)) or np.any(values < 0):
+        raise DatasteerError(f"selector 'tsds': probs_path '{path}' holds negative or non-finite probabilities")
+    probs = np.empty(len(values))
+    probs[_dataflex.id_order(sample_ids)] = values
+    return probs
 
 
 def kernel_density(base: np.ndarray, rows: np.ndarray, sigma: float, k: int) -> np.ndarray:
@@ -136,7 +159,7 @@ def tsds_probabilities(
 
 
 @register("selector", "tsds")
-class TsdsSelector(ScoreFileSelector):
+class TsdsSelector(_dataflex.DataflexWarmup, ScoreFileSelector):
     """Optimal-transport alignment to the target set with a KDE diversity regulariser (TSDS, Liu et al. 2024).
 
     Produces sampling probabilities; the sampler draws the window i.i.d. from them (with replacement).
@@ -166,6 +189,13 @@ class TsdsSelector(ScoreFileSelector):
         scores_strict: a scores_file whose row under some id holds other tokens than the pool's row of that id
             (an edited source, another dataset with as many rows, another tokenizer), or a file without row
             fingerprints, is an error; false = use its scores by id anyway, with a warning.
+        probs_path: DataFlex's offline probability file (`tsds_probs.npy` of its offline_tsds_selector): one
+            probability per row of the train set, in LLaMA-Factory's row order (the pool's sample ids in
+            increasing order); used as they are, nothing is embedded.
+        dataflex_compat: draw as DataFlex 1.1.0's tsds: each update picks `budget` distinct rows (numpy's
+            `choice` without replacement, seeded with the Trainer's seed, one draw after another), which the
+            window trains on once each; false = the sampler draws i.i.d. from the probabilities (the paper).
+            With it the warmup trains on DataFlex's warmup draw. The DataFlex translator's default.
     """
 
     requires_target: ClassVar[bool] = True
@@ -187,7 +217,11 @@ class TsdsSelector(ScoreFileSelector):
         cache_dir: str | None = ".cache/datasteer/ops",
         scores_file: str | None = None,
         scores_strict: bool = True,
+        probs_path: str | None = None,
+        dataflex_compat: bool = False,
     ) -> None:
+        if scores_file is not None and probs_path is not None:
+            raise ValueError("give the probabilities once: scores_file (datasteer's) or probs_path (DataFlex's .npy)")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         if C <= 0 or sigma < 0:
@@ -198,19 +232,24 @@ class TsdsSelector(ScoreFileSelector):
         self.max_K, self.kde_K = max_K, kde_K
         self.embedder = Embedder(encoder, layer, pooling, text_column, batch_size, cache_dir)
         self.refresh, self.scores_file, self.scores_strict = refresh, scores_file, scores_strict
+        self.probs_path, self.dataflex_compat = probs_path, dataflex_compat
         self.last: Selection | None = None
         self.computed_at = -1  # optimizer step after which `last` was computed
 
     def check_pool(self, pool: Any) -> None:
         """Read and check `scores_file` before the model is loaded, including that it gives some row a probability."""
         super().check_pool(pool)
+        if self.probs_path is not None:
+            self._file_scores = dataflex_probs(self.probs_path, pool.sample_ids)
         if self._file_scores is not None:
             self._support(self._file_scores)
 
     def setup(self, ctx: SteeringContext) -> None:
-        if self.scores_file is None:
+        if self.scores_file is None and self.probs_path is None:
             self.embedder.check(ctx, "tsds")
             return
+        if self._file_scores is None and self.probs_path is not None:
+            self._file_scores = dataflex_probs(self.probs_path, ctx.pool.sample_ids)
         probs = self.file_scores(ctx)
         support = self._support(probs)
         ids = ctx.pool.sample_ids[support]
@@ -221,7 +260,8 @@ class TsdsSelector(ScoreFileSelector):
         """Pool rows with a probability > 0 in a score file's probabilities; none is an error."""
         support = np.flatnonzero(probs > 0)  # NaN > 0 is False
         if support.size == 0:
-            raise DatasteerError(f"selector 'tsds': scores_file '{self.scores_file}' gives no sample a probability > 0")
+            source = f"scores_file '{self.scores_file}'" if self.scores_file else f"probs_path '{self.probs_path}'"
+            raise DatasteerError(f"selector 'tsds': {source} gives no sample a probability > 0")
         return support
 
     def offline_scores(self, inputs: ScoringInputs) -> np.ndarray:
@@ -238,7 +278,7 @@ class TsdsSelector(ScoreFileSelector):
     def select(self, ctx: SteeringContext, budget: int) -> Selection:
         """The probabilities do not depend on the budget: it is the number of draws the window makes."""
         if self.last is not None and not self.refresh:
-            return self.last
+            return self._distinct(ctx, budget) if self.dataflex_compat else self.last
         pool, target = self.embedder(ctx)
         probs, level, unit = self.probabilities(pool.values.numpy(), target.values.numpy())
         support = np.flatnonzero(probs > 0)
@@ -248,7 +288,17 @@ class TsdsSelector(ScoreFileSelector):
         ctx.log.scalar("tsds/support", float(support.size))
         ctx.log.scalar("tsds/level", level)
         ctx.log.scalar("tsds/distance_unit", unit)
-        return self.last
+        return self._distinct(ctx, budget) if self.dataflex_compat else self.last
+
+    def _distinct(self, ctx: SteeringContext, budget: int) -> Selection:
+        """DataFlex's draw: `budget` distinct rows from the probabilities, over the rows in increasing-id order."""
+        probs = np.zeros(len(ctx.pool.sample_ids))
+        probs[ctx.pool.indices_of(self.last.ids)] = self.last.probs
+        order = _dataflex.id_order(ctx.pool.sample_ids)
+        seed = int(getattr(getattr(ctx.trainer, "args", None), "seed", ctx.seed))
+        k = min(budget, int((probs > 0).sum()))
+        rows = order[_dataflex.numpy_choice(probs[order] / probs.sum(), k, seed, ctx.update_index)]
+        return Selection(ids=ctx.pool.sample_ids[rows], scores=probs[rows])
 
     def state_dict(self) -> dict[str, Any]:
         if self.last is None:
