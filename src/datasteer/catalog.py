@@ -172,8 +172,8 @@ def _chain(item: tuple[ast.ClassDef, dict[str, Any]], classes: dict) -> list[tup
     while todo:
         current = todo.pop(0)
         out.append(current)
-        for base in current[0].bases:
-            name = getattr(base, "id", None)
+        for base in current[0].bases:  # `Base` or `module.Base` (a sibling module of the package)
+            name = base.attr if isinstance(base, ast.Attribute) else getattr(base, "id", None)
             if name in classes:
                 todo.append(classes[name])
             elif name not in ("object", "Component"):
