@@ -94,12 +94,17 @@ def params(trainer) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("variant", ["full", "lora", "weighter+accumulation"])
+@pytest.mark.parametrize("variant", ["full", "lora", "weighter+accumulation", "bf16"])
 def test_reuse_ends_with_the_parameters_of_the_second_pass(tmp_path, variant):
+    """Under bf16 mixed precision the selection pass runs in the host's autocast, so reuse follows the bf16 second
+    pass (to ~1e-4 of a ~3.5e-3 update here), not fp32 training (which differs from it by ~2e-3)."""
     build = (lambda: lora(make_model())) if variant == "lora" else make_model
     extra: dict = {}
     if variant == "weighter+accumulation":
         extra = {"components": {"weighter": registry.build("weighter", "loss", {})}, "gradient_accumulation_steps": 2}
+    if variant == "bf16":
+        extra = {"bf16": True}
+    tol = {"rtol": 0, "atol": 2e-4} if variant == "bf16" else {"rtol": 1e-4, "atol": 1e-6}
     fast, fast_rec, fast_calls = run(tmp_path / "fast", build, True, **extra)
     slow, slow_rec, slow_calls = run(tmp_path / "slow", build, False, **extra)
     assert fast._reuse is not None and slow._reuse is None
@@ -111,10 +116,10 @@ def test_reuse_ends_with_the_parameters_of_the_second_pass(tmp_path, variant):
     a, b, start = params(fast), params(slow), dict(build().named_parameters())
     assert a.keys() == b.keys() and all(not torch.equal(a[n], start[n]) for n in a)  # every parameter trained
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(a[name], b[name], **tol, msg=name)
     logs = [e["loss"] for e in fast.state.log_history if "loss" in e]
     ref = [e["loss"] for e in slow.state.log_history if "loss" in e]
-    assert logs == pytest.approx(ref, rel=1e-4)  # the host logs the same loss
+    assert logs == pytest.approx(ref, rel=1e-4 if variant != "bf16" else 1e-3)  # the host logs the same loss
 
 
 class OwnLoss(SteeredTrainer):
