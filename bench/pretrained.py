@@ -310,9 +310,9 @@ def run_all(
     if cells[0] is None:
         base = run_config(s, None, s.task_seed, ctx.work / "runs" / "base", ctx, max_steps=1, learning_rate=0.0)
         cells[0] = run_cell("base model (no training)", s.task_seed, base, s, ctx, notes)
-    publish(cells)
     todo = [(seed, label) for seed in s.seeds for label in s.rows if (label, seed) not in done]
-    cells += list(done.values())  # kept cells of other seeds or rows stay in the report
+    cells += list(done.values())  # kept cells of other seeds or rows stay in the report, from its first write on
+    publish(cells)
     if any(label == "rho_loss" for _, label in todo):
         t0 = time.perf_counter()
         ctx.il = train_reference(s, ctx)
