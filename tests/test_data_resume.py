@@ -1,0 +1,178 @@
+"""Issue 30, resumable builds: a real `datasteer prepare` killed with SIGKILL part way through continues from its
+last checkpoint, and its pool equals an uninterrupted build's byte for byte; a damaged kept part is found and
+rebuilt; a second build of the same key waits on the first one's lock, and a dead holder's lock blocks nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import yaml
+from datasets import Dataset
+
+from datasteer.data import resume
+from datasteer.data.row_store import RowWriter
+from datasteer.data.token_store import CorruptStore, HashedFile, TokenStoreWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+CHILD = """
+import sys, time
+from datasteer.data import resume
+resume.EVERY_S = 0.0  # a checkpoint after every task (1,000 rows), so that a small build has many
+pause, advance = float(sys.argv[2]), resume.Checkpoints.advance
+def paced(self, *args):  # encoding at the pace of a large corpus, so that the kill lands part way through
+    advance(self, *args)
+    time.sleep(pause)
+resume.Checkpoints.advance = paced
+from datasteer.cli import main
+sys.exit(main(["prepare", sys.argv[1]]))
+"""
+RESUMED = re.compile(r"resuming build \w+: ([\d,]+) rows kept, verified")
+
+
+def write_inputs(tmp_path: Path, kind: str) -> Path:
+    """Two domains of 6,000 rows (6 tasks each) with held-out rows, a target set of 4,000 rows; the config."""
+    rng = np.random.default_rng(0)
+    words = ["data", "steer", "token", "block", "model", "loss", "mix", "pool", "row", "shard"]
+    data: dict = {"kind": kind, "block_size": 16, "eval_per_domain": 5}
+    sources = []
+    for name, n in (("web", 6000), ("code", 6000), ("goal", 4000)):
+        path = tmp_path / f"{name}.jsonl"
+        with path.open("w") as f:
+            for i in range(n):
+                text = " ".join(rng.choice(words, size=int(rng.integers(3, 30))))
+                row = {"text": f"{name} {i} {text}"} if kind == "pretrain" else {"prompt": f"{name} {i}", "response": text}
+                f.write(json.dumps(row) + "\n")
+        sources.append({"path": str(path), "domain": name})
+    data["sources"], data["target"] = sources[:2], {"path": sources[2]["path"]}
+    if kind == "sft":
+        data["max_length"] = 64
+    cfg = tmp_path / "data.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"demo": True}, "data": data}))
+    return cfg
+
+
+def with_cache(cfg: Path, cache: Path) -> Path:
+    """A copy of the config `cfg` (beside `cache`) that builds into `cache`."""
+    conf = yaml.safe_load(cfg.read_text())
+    conf["data"]["cache_dir"] = str(cache)
+    out = cache.with_name(cache.name + ".yaml")
+    out.write_text(yaml.safe_dump(conf))
+    return out
+
+
+def prepare(cfg: Path, log: Path, pause: float = 0.0) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}  # the child's logs: its stderr, into `log`
+    argv = [sys.executable, "-c", CHILD, str(cfg), str(pause)]
+    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def kill_after(proc: subprocess.Popen, manifest: Path, ready: Callable[[dict], bool], log: Path) -> dict:
+    """SIGKILL the build once its manifest satisfies `ready`; returns the manifest as the kill left it."""
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        try:
+            state = json.loads(manifest.read_text())
+        except (FileNotFoundError, ValueError):  # not written yet (os.replace: never half-written)
+            state = None
+        if state is not None and ready(state):
+            break
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    return json.loads(manifest.read_text())
+
+
+def published(cache: Path) -> dict[str, bytes]:
+    """Every file of the one pool folder in `cache`, by path; asserts nothing else (no staging folder) is left."""
+    entries = [p for p in cache.iterdir() if not p.name.startswith(".read-")]
+    assert len(entries) == 1 and not entries[0].name.startswith("."), entries
+    return {p.relative_to(entries[0]).as_posix(): p.read_bytes() for p in entries[0].rglob("*") if p.is_file()}
+
+
+def prepare_here(cfg: Path, caplog: pytest.LogCaptureFixture) -> str:
+    """`datasteer prepare cfg` in this process (the build is the same; the interpreter's imports are paid once);
+    returns its log."""
+    from datasteer.cli import main
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="datasteer"):
+        assert main(["prepare", str(cfg)]) == 0
+    return caplog.text
+
+
+@pytest.fixture(scope="module", params=["pretrain", "sft"])
+def built(request, tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
+    """The inputs' config and the files of an uninterrupted build of them."""
+    from datasteer.cli import main
+
+    tmp = tmp_path_factory.mktemp(request.param)
+    cfg = write_inputs(tmp, request.param)
+    assert main(["prepare", str(with_cache(cfg, tmp / "reference"))]) == 0
+    return cfg, published(tmp / "reference")
+
+
+def mid_train(state: dict) -> bool:
+    return state["current"] is not None and state["current"]["units"] >= 3 and not state["stages"]
+
+
+def mid_target(state: dict) -> bool:
+    return state["current"] is not None and state["current"]["stage"] == "target"
+
+
+def killed(tmp_path: Path, cfg: Path, when: Callable[[dict], bool]) -> tuple[Path, dict]:
+    """A `datasteer prepare` of `cfg` into tmp_path/cache, SIGKILLed once its manifest satisfies `when`; its
+    staging folder and the manifest the kill left."""
+    log = tmp_path / "killed.log"
+    proc = prepare(with_cache(cfg, tmp_path / "cache"), log, pause=0.05)
+    folder = next_staging(tmp_path / "cache", proc, log)
+    state = kill_after(proc, folder / resume.MANIFEST, when, log)
+    assert folder.exists() and (folder / resume.LOCK).exists()  # a kill runs no clean-up: the folder stays
+    return folder, state
+
+
+@pytest.mark.parametrize("when", [mid_train, mid_target], ids=["mid-train", "mid-target"])
+def test_a_killed_prepare_resumes_and_equals_the_uninterrupted_build(tmp_path, built, when, caplog):
+    cfg, reference = built
+    _, state = killed(tmp_path, cfg, when)
+    out = prepare_here(tmp_path / "cache.yaml", caplog)
+    kept = RESUMED.search(out)
+    assert kept is not None, out[-3000:]
+    assert int(kept.group(1).replace(",", "")) >= state["rows"] > 0  # a later checkpoint may have followed
+    assert "waiting for" not in out  # the dead build's lock went with it
+    assert published(tmp_path / "cache") == reference
+
+
+def test_a_damaged_kept_part_is_found_and_rebuilt(tmp_path, built, caplog):
+    cfg, reference = built
+    folder, state = killed(tmp_path, cfg, mid_train)
+    name, check = next(iter(state["current"]["writer"][0]["files"].items()))
+    path = folder / state["current"]["folder"] / name
+    data = bytearray(path.read_bytes())
+    data[check["bytes"] // 2] ^= 0x01  # one bit, inside the part the checkpoint vouches for
+    path.write_bytes(bytes(data))
+    out = prepare_here(tmp_path / "cache.yaml", caplog)
+    assert "does not match the checksum of its checkpoint" in out and "discarding it" in out, out[-3000:]
+    assert RESUMED.search(out) is None
+    assert published(tmp_path / "cache") == reference
+def next_staging(cache: Path, proc: subprocess.Popen, log: Path) -> Path:
+    """The staging folder the build creates (`.<key>.partial`)."""
+    deadline = time.monotonic() + 120
+    while not (found := list(cache.glob(".*.partial"))):
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.01)
+    return found[0]
