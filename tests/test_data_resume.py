@@ -9,10 +9,9 @@ import json
 import logging
 import os
 import re
-import signal
+import socket
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -54,7 +53,8 @@ def write_inputs(tmp_path: Path, kind: str) -> Path:
         with path.open("w") as f:
             for i in range(n):
                 text = " ".join(rng.choice(words, size=int(rng.integers(3, 30))))
-                row = {"text": f"{name} {i} {text}"} if kind == "pretrain" else {"prompt": f"{name} {i}", "response": text}
+                sft = {"prompt": f"{name} {i}", "response": text}
+                row = {"text": f"{name} {i} {text}"} if kind == "pretrain" else sft
                 f.write(json.dumps(row) + "\n")
         sources.append({"path": str(path), "domain": name})
     data["sources"], data["target"] = sources[:2], {"path": sources[2]["path"]}
@@ -169,6 +169,8 @@ def test_a_damaged_kept_part_is_found_and_rebuilt(tmp_path, built, caplog):
     assert "does not match the checksum of its checkpoint" in out and "discarding it" in out, out[-3000:]
     assert RESUMED.search(out) is None
     assert published(tmp_path / "cache") == reference
+
+
 def next_staging(cache: Path, proc: subprocess.Popen, log: Path) -> Path:
     """The staging folder the build creates (`.<key>.partial`)."""
     deadline = time.monotonic() + 120
@@ -176,3 +178,136 @@ def next_staging(cache: Path, proc: subprocess.Popen, log: Path) -> Path:
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.01)
     return found[0]
+
+
+# ------------------------------------------------------------------------------------------------ units
+
+
+def test_a_resumed_file_is_cut_back_to_its_checkpoint_and_ends_as_an_unstopped_one(tmp_path):
+    whole = HashedFile(tmp_path / "whole.bin")
+    part = HashedFile(tmp_path / "part.bin")
+    for f in (whole, part):
+        f.write(np.arange(100, dtype=np.int64))
+    check = part.state()
+    part.write(b"written after the checkpoint, by a build that was then killed")
+    part._f.close()  # the kill: no close, no state
+    resumed = HashedFile(tmp_path / "part.bin", resume=check)
+    assert resumed.size == check["bytes"] == (tmp_path / "part.bin").stat().st_size
+    for f in (whole, resumed):
+        f.write(np.arange(50, dtype=np.int64))
+    assert resumed.close() == whole.close()
+    assert (tmp_path / "part.bin").read_bytes() == (tmp_path / "whole.bin").read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["flip", "short", "missing"])
+def test_a_damaged_kept_file_is_refused(tmp_path, damage):
+    f = HashedFile(tmp_path / "a.bin")
+    f.write(np.arange(100, dtype=np.int64))
+    check = f.close()
+    data = bytearray((tmp_path / "a.bin").read_bytes())
+    if damage == "flip":
+        data[10] ^= 0x80
+        (tmp_path / "a.bin").write_bytes(bytes(data))
+    elif damage == "short":
+        (tmp_path / "a.bin").write_bytes(bytes(data[:-1]))
+    else:
+        (tmp_path / "a.bin").unlink()
+    with pytest.raises(CorruptStore, match=r"a\.bin"):
+        HashedFile(tmp_path / "a.bin", resume=check)
+
+
+def test_a_row_file_is_the_stream_arrow_writes_and_resumes_at_a_batch(tmp_path):
+    batches = [(np.arange(i, i + 3), [[i, 1], [2], [3, 4, 5]], [[-100, 1], [2], [3, 4, 5]]) for i in range(4)]
+    whole, part = RowWriter(tmp_path / "whole"), RowWriter(tmp_path / "part")
+    for ids, input_ids, labels in batches:
+        whole.append("d", ids, input_ids, labels, ["p"] * 3)
+    for ids, input_ids, labels in batches[:2]:
+        part.append("d", ids, input_ids, labels, ["p"] * 3)
+    check = part.checkpoint()
+    part.append("d", *batches[2], ["p"] * 3)  # past the checkpoint: cut away on resume
+    resumed = RowWriter(tmp_path / "part", resume=check)
+    assert resumed.rows == {"d": 6}
+    for ids, input_ids, labels in batches[2:]:
+        resumed.append("d", ids, input_ids, labels, ["p"] * 3)
+    assert resumed.close(["d"]) == whole.close(["d"])
+    written = (tmp_path / "whole" / "new-0.arrow").read_bytes()
+    assert (tmp_path / "part" / "new-0.arrow").read_bytes() == written
+    table = pa.ipc.open_stream(written).read_all()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:  # what arrow's own writer makes of the same batches
+        for batch in table.to_batches():
+            writer.write_batch(batch)
+    assert sink.getvalue().to_pybytes() == written
+    assert Dataset.from_file(str(tmp_path / "whole" / "new-0.arrow"))["labels"][0] == [-100, 1]
+
+
+def test_a_token_store_resumed_from_a_checkpoint_equals_an_unstopped_one(tmp_path):
+    """Documents (domain, ids, token counts, tokens): domain b is first met after the checkpoint."""
+    docs = [("a", [1, 2], [4, 4], np.arange(8) % 7), ("a", [3], [2], [5, 6]), ("b", [9], [3], [1, 1, 2])]
+    whole, part = TokenStoreWriter(tmp_path / "whole", np.uint16), TokenStoreWriter(tmp_path / "part", np.uint16)
+    for domain, ids, lengths, tokens in docs:
+        whole.append(domain, np.array(ids), np.array(lengths), np.array(tokens))
+    part.append(docs[0][0], np.array(docs[0][1]), np.array(docs[0][2]), docs[0][3])
+    check = part.checkpoint()
+    part.append("b", np.array([7]), np.array([1]), np.array([0]))  # after the checkpoint: cut away
+    resumed = TokenStoreWriter(tmp_path / "part", np.uint16, resume=check)
+    for domain, ids, lengths, tokens in docs[1:]:
+        resumed.append(domain, np.array(ids), np.array(lengths), np.array(tokens))
+    assert resumed.close(["b", "a"]) == whole.close(["b", "a"])
+    for name in ("new-0.tokens.bin", "new-0.doc_ends.bin", "new-1.doc_ids.bin"):
+        assert (tmp_path / "part" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+
+
+def test_a_manifest_of_another_key_or_unreadable_is_not_used(tmp_path, caplog):
+    folder = tmp_path / ".k.partial"
+    folder.mkdir()
+    (folder / "rows").mkdir()
+    (folder / "rows" / "new-0.arrow").write_bytes(b"left by a killed build")
+    for text in [json.dumps({"version": resume.VERSION, "key": "other"}), "{not json"]:
+        (folder / resume.MANIFEST).write_text(text)
+        with caplog.at_level(logging.WARNING):
+            ck = resume.Checkpoints.resume(folder, "k")
+        assert ck.state["rows"] == 0 and ck.current("rows")["units"] == 0
+        assert "discarding it" in caplog.text
+        assert not (folder / "rows" / "new-0.arrow").exists() and not (folder / resume.MANIFEST).exists()
+
+
+# ------------------------------------------------------------------------------------------------ lock
+HOLD = """
+import sys, time
+from pathlib import Path
+from datasteer.data.resume import BuildLock
+with BuildLock(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+print("released", flush=True)
+"""
+
+
+def hold(folder: Path, seconds: float) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    argv = [sys.executable, "-c", HOLD, str(folder), str(seconds)]
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_build_of_the_key_waits_for_the_first_and_names_it(tmp_path, caplog):
+    folder = tmp_path / ".k.partial"
+    proc = hold(folder, 1.0)
+    start = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="datasteer"), resume.BuildLock(folder):
+        waited = time.monotonic() - start
+        assert proc.wait(timeout=30) == 0 and proc.stdout.read().strip() == "released"
+    assert waited > 0.3
+    assert f"waiting for {socket.gethostname().replace('-', '_')}~{proc.pid}, which is building" in caplog.text
+
+
+def test_the_lock_of_a_killed_build_blocks_nothing(tmp_path, caplog):
+    folder = tmp_path / ".k.partial"
+    proc = hold(folder, 600)
+    proc.kill()
+    proc.wait()
+    with caplog.at_level(logging.INFO, logger="datasteer"), resume.BuildLock(folder):
+        pass
+    assert "waiting for" not in caplog.text

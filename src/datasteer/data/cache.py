@@ -9,8 +9,9 @@ same inputs. Settings that only change the layout (`block_size` for pretraining,
 
 A folder is built under another name (`.<key>.partial`, see `resume.py`: a stopped build is continued
 there) and renamed into place once `meta.json` (written last) is in it, so concurrent ranks never read a
-half-written pool and a failed build (a full disk, a kill) leaves no entry a later run would load. `meta.json` records every file's size and xxh3-128 checksum; a folder that
-no longer matches is moved aside with a warning and rebuilt, never trained on.
+half-written pool and a failed build (a full disk, a kill) leaves no entry a later run would load.
+`meta.json` records every file's size and xxh3-128 checksum; a folder that no longer matches is moved aside
+with a warning and rebuilt, never trained on.
 """
 
 from __future__ import annotations
