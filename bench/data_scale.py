@@ -215,6 +215,25 @@ def du(path: Path) -> int:
     return total
 
 
+def count_checkpoints(resume: Any) -> dict[str, float]:
+    """Count the manifests a build writes and time its checkpoint bookkeeping (`Checkpoints.advance`, called after
+    every task: the flush of the files and the manifest when one is due); the dict fills as the build runs."""
+    spent = {"checkpoints": 0, "checkpoint_s": 0.0}
+    advance, write = resume.Checkpoints.advance, resume.Checkpoints._write
+
+    def timed(self: Any, *args: Any) -> None:
+        t0 = time.perf_counter()
+        advance(self, *args)
+        spent["checkpoint_s"] += time.perf_counter() - t0
+
+    def counted(self: Any) -> None:
+        write(self)
+        spent["checkpoints"] += 1
+
+    resume.Checkpoints.advance, resume.Checkpoints._write = timed, counted
+    return spent
+
+
 def child(spec: dict[str, Any]) -> None:
     """Run one build (`spec["what"]` = datasteer | baseline) in this fresh process; write its figures as json."""
     import psutil
@@ -225,6 +244,7 @@ def child(spec: dict[str, Any]) -> None:
         from datasteer.data import DataConfig, SourceConfig, build_pool, resume
 
         resume.EVERY_S = float(spec.get("every_s", resume.EVERY_S))  # "inf": no checkpoint inside a stage
+        checkpoints = count_checkpoints(resume)
 
         cfg = DataConfig(
             kind="pretrain",
@@ -243,6 +263,7 @@ def child(spec: dict[str, Any]) -> None:
         )
         docs = sum(p.stat().st_size for p in (folder / "tokens").glob("*.doc_ids.bin")) // 8
         out = {"tokens": int(tokens), "documents": int(docs), "disk_bytes": du(cache), "blocks": len(pool.train)}
+        out.update(checkpoints)
     else:
         import pyarrow.compute as pc
         from datasets import Dataset, disable_progress_bars
@@ -402,7 +423,7 @@ def bench_checkpoints(common: dict[str, Any], work: Path, opts: argparse.Namespa
             print(f"[{label}] checkpoints {name:>10}: {res['wall_s']:.2f} s, tree Pss_Anon "
                   f"{res['peak_tree_pss_anon'] / 2**20:,.0f} MiB", flush=True)  # fmt: skip
     best = {name: min(rs, key=lambda x: x["wall_s"]) for name, rs in runs.items()}
-    keys = ("wall_s", "tokens", "documents", "peak_tree_pss_anon", "ru_maxrss")
+    keys = ("wall_s", "tokens", "documents", "peak_tree_pss_anon", "ru_maxrss", "checkpoints", "checkpoint_s")
     out: dict[str, Any] = {name: {k: b[k] for k in keys} for name, b in best.items()}
     out["walls"] = {name: [x["wall_s"] for x in rs] for name, rs in runs.items()}
     for name in ("default", "every_task"):
@@ -706,18 +727,23 @@ def checkpoint_lines(result: dict[str, Any]) -> list[str]:
         "second, `datasteer.data.resume.EVERY_S`) and after every encoding task of 1,000 documents (`every task`, "
         "the most a build can write), each in a fresh process, interleaved; the fastest of "
         f"{result['options']['repeats']} run(s) each. A checkpoint flushes the files and replaces a small JSON "
-        "manifest (the checksums are kept while writing; no file is read).",
+        "manifest (the checksums are kept while writing; no file is read). Manifests written = at checkpoints "
+        "and at the end of each stage; ms in checkpoints = time in the per-task bookkeeping (flushes and "
+        "manifests included), summed over the build.",
         "",
-        "| tokens | checkpoints | wall s | ratio to none | tree Pss_Anon MiB | ru_maxrss MiB | all walls s |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "| tokens | checkpoints | manifests written | ms in checkpoints | wall s | ratio to none | tree Pss_Anon MiB "
+        "| ru_maxrss MiB | all walls s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for label, c in rows.items():
         for name in ("none", "default", "every_task"):
             ratio = f"{c[f'ratio_{name}']:.3f}" if name != "none" else "1.000"
             walls = ", ".join(f"{w:.2f}" for w in c["walls"][name])
+            r = c[name]
             lines.append(
-                f"| {c[name]['tokens']:,} ({label}) | {name.replace('_', ' ')} | {c[name]['wall_s']:.2f} | {ratio} "
-                f"| {mib(c[name]['peak_tree_pss_anon'])} | {mib(c[name]['ru_maxrss'])} | {walls} |"
+                f"| {r['tokens']:,} ({label}) | {name.replace('_', ' ')} | {r['checkpoints']} | "
+                f"{1e3 * r['checkpoint_s']:.1f} | {r['wall_s']:.2f} | {ratio} | {mib(r['peak_tree_pss_anon'])} "
+                f"| {mib(r['ru_maxrss'])} | {walls} |"
             )
     return lines
 
