@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import re
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable
+from multiprocessing.synchronize import Event
 from pathlib import Path
 
 import numpy as np
@@ -26,19 +26,6 @@ from datasteer.data import resume
 from datasteer.data.row_store import RowWriter
 from datasteer.data.token_store import CorruptStore, HashedFile, TokenStoreWriter
 
-ROOT = Path(__file__).resolve().parents[1]
-CHILD = """
-import sys, time
-from datasteer.data import resume
-resume.EVERY_S = 0.0  # a checkpoint after every task (1,000 rows), so that a small build has many
-pause, advance = float(sys.argv[2]), resume.Checkpoints.advance
-def paced(self, *args):  # encoding at the pace of a large corpus, so that the kill lands part way through
-    advance(self, *args)
-    time.sleep(pause)
-resume.Checkpoints.advance = paced
-from datasteer.cli import main
-sys.exit(main(["prepare", sys.argv[1]]))
-"""
 RESUMED = re.compile(r"resuming build \w+: ([\d,]+) rows kept, verified")
 
 
@@ -74,17 +61,37 @@ def with_cache(cfg: Path, cache: Path) -> Path:
     return out
 
 
-def prepare(cfg: Path, log: Path, pause: float = 0.0) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}  # the child's logs: its stderr, into `log`
-    argv = [sys.executable, "-c", CHILD, str(cfg), str(pause)]
-    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+def _paced_prepare(cfg: Path, log: Path, pause: float) -> None:
+    """In a forked child: `datasteer prepare cfg`, a checkpoint after every task (1,000 rows, so that a small
+    build has many) and `pause` seconds after each (encoding at the pace of a large corpus, so that the kill
+    lands part way through); its log into `log`."""
+    from datasteer.cli import main
+
+    handler = logging.FileHandler(log)
+    logging.getLogger("datasteer").addHandler(handler)
+    resume.EVERY_S = 0.0
+    advance = resume.Checkpoints.advance
+
+    def paced(self: resume.Checkpoints, *args: object) -> None:
+        advance(self, *args)
+        time.sleep(pause)
+
+    resume.Checkpoints.advance = paced
+    os._exit(main(["prepare", str(cfg)]))
 
 
-def kill_after(proc: subprocess.Popen, manifest: Path, ready: Callable[[dict], bool], log: Path) -> dict:
+def prepare(cfg: Path, log: Path, pause: float) -> multiprocessing.Process:
+    """A real build in a forked process (the imports are inherited, so it starts at once), to be killed."""
+    proc = multiprocessing.get_context("fork").Process(target=_paced_prepare, args=(cfg, log, pause))
+    proc.start()
+    return proc
+
+
+def kill_after(proc: multiprocessing.Process, manifest: Path, ready: Callable[[dict], bool], log: Path) -> dict:
     """SIGKILL the build once its manifest satisfies `ready`; returns the manifest as the kill left it."""
     deadline = time.monotonic() + 120
     while True:
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        assert proc.is_alive() and time.monotonic() < deadline, log.read_text()[-3000:]
         try:
             state = json.loads(manifest.read_text())
         except (FileNotFoundError, ValueError):  # not written yet (os.replace: never half-written)
@@ -92,8 +99,8 @@ def kill_after(proc: subprocess.Popen, manifest: Path, ready: Callable[[dict], b
         if state is not None and ready(state):
             break
         time.sleep(0.01)
-    proc.kill()
-    proc.wait()
+    proc.kill()  # SIGKILL
+    proc.join()
     return json.loads(manifest.read_text())
 
 
@@ -171,11 +178,11 @@ def test_a_damaged_kept_part_is_found_and_rebuilt(tmp_path, built, caplog):
     assert published(tmp_path / "cache") == reference
 
 
-def next_staging(cache: Path, proc: subprocess.Popen, log: Path) -> Path:
+def next_staging(cache: Path, proc: multiprocessing.Process, log: Path) -> Path:
     """The staging folder the build creates (`.<key>.partial`)."""
     deadline = time.monotonic() + 120
     while not (found := list(cache.glob(".*.partial"))):
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        assert proc.is_alive() and time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.01)
     return found[0]
 
@@ -273,22 +280,19 @@ def test_a_manifest_of_another_key_or_unreadable_is_not_used(tmp_path, caplog):
 
 
 # ------------------------------------------------------------------------------------------------ lock
-HOLD = """
-import sys, time
-from pathlib import Path
-from datasteer.data.resume import BuildLock
-with BuildLock(Path(sys.argv[1])):
-    print("held", flush=True)
-    time.sleep(float(sys.argv[2]))
-print("released", flush=True)
-"""
+def _hold(folder: Path, seconds: float, held: Event) -> None:
+    with resume.BuildLock(folder):
+        held.set()
+        time.sleep(seconds)
 
 
-def hold(folder: Path, seconds: float) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    argv = [sys.executable, "-c", HOLD, str(folder), str(seconds)]
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "held"
+def hold(folder: Path, seconds: float) -> multiprocessing.Process:
+    """A forked process that holds the build lock of `folder` for `seconds`; returns once it holds it."""
+    ctx = multiprocessing.get_context("fork")
+    held = ctx.Event()
+    proc = ctx.Process(target=_hold, args=(folder, seconds, held))
+    proc.start()
+    assert held.wait(timeout=60)
     return proc
 
 
@@ -298,7 +302,8 @@ def test_a_second_build_of_the_key_waits_for_the_first_and_names_it(tmp_path, ca
     start = time.monotonic()
     with caplog.at_level(logging.INFO, logger="datasteer"), resume.BuildLock(folder):
         waited = time.monotonic() - start
-        assert proc.wait(timeout=30) == 0 and proc.stdout.read().strip() == "released"
+        proc.join(timeout=30)
+        assert proc.exitcode == 0
     assert waited > 0.3
     assert f"waiting for {socket.gethostname().replace('-', '_')}~{proc.pid}, which is building" in caplog.text
 
@@ -307,7 +312,7 @@ def test_the_lock_of_a_killed_build_blocks_nothing(tmp_path, caplog):
     folder = tmp_path / ".k.partial"
     proc = hold(folder, 600)
     proc.kill()
-    proc.wait()
+    proc.join()
     with caplog.at_level(logging.INFO, logger="datasteer"), resume.BuildLock(folder):
         pass
     assert "waiting for" not in caplog.text
