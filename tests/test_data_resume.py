@@ -178,6 +178,29 @@ def test_a_damaged_kept_part_is_found_and_rebuilt(tmp_path, built, caplog):
     assert published(tmp_path / "cache") == reference
 
 
+def test_other_inputs_never_resume_a_stopped_build(tmp_path, caplog):
+    cfg = write_inputs(tmp_path, "pretrain")
+    stopped, _ = killed(tmp_path, cfg, mid_train)
+    web = tmp_path / "web.jsonl"
+    web.write_text(web.read_text().replace("web 0 ", "web zero ", 1))  # one row edited: another key
+    out = prepare_here(tmp_path / "cache.yaml", caplog)
+    assert RESUMED.search(out) is None and "encoding" in out
+    assert stopped.exists() and (stopped / resume.MANIFEST).exists()  # left for its own inputs, a week at most
+    assert len([p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]) == 1
+
+
+def test_a_build_waits_for_the_running_build_of_its_key_and_opens_its_pool(tmp_path, caplog):
+    cfg = with_cache(write_inputs(tmp_path, "pretrain"), tmp_path / "cache")
+    log = tmp_path / "first.log"
+    proc = prepare(cfg, log, pause=0.3)  # about 5 s: still building when the second one has its key
+    next_staging(tmp_path / "cache", proc, log)
+    out = prepare_here(cfg, caplog)  # waits on the lock until the first build has published
+    proc.join(timeout=120)
+    assert proc.exitcode == 0, log.read_text()[-3000:]
+    assert "waiting for" in out and "opened the encoded pool" in out and "data: encoding" not in out, out[-3000:]
+    assert len(published(tmp_path / "cache")) > 0
+
+
 def next_staging(cache: Path, proc: multiprocessing.Process, log: Path) -> Path:
     """The staging folder the build creates (`.<key>.partial`)."""
     deadline = time.monotonic() + 120
