@@ -128,7 +128,7 @@ class Checkpoints:
 
     The build calls `finished(stage)` / `current(stage)` when a stage starts, `advance` after every unit
     appended to its writer and `finish` once the writer is closed. `save=False` (a build without a cache
-    folder, or the benchmark's baseline) keeps the bookkeeping and writes no manifest.
+    folder: nothing to resume) keeps the bookkeeping and writes no manifest.
     """
 
     def __init__(self, folder: Path, key: str, save: bool = True) -> None:
