@@ -3,6 +3,7 @@
     python bench/data_scale.py          # 10M and 100M tokens, num_proc 2; writes bench/results/data_scale.{json,md}
     python bench/data_scale.py --big    # adds 1B tokens (about 4 GB of text and 15 GB of scratch disk)
     python bench/data_scale.py --sizes 2M,20M --rounds 2 --out /tmp/ds   # a quick look
+    python bench/data_scale.py --sizes 2M --no-training --checkpoint-overhead --repeats 3 --out /tmp/ds  # issue 30
 
 Corpus. Generated at run time, deterministically (`--seed`), from text every machine has: the Python standard
 library's sources. Four jsonl domains: `code` (spans of library modules), `tests` (spans of its test suite),
@@ -37,6 +38,10 @@ imports and loading the tokenizer are outside. Memory is measured three ways:
 Disk: `du` of the pool's cache folder after the build / tokens (the reader's temporary arrow copy of the jsonl
 is deleted by the build); for the baseline, the arrow files of the tokenized dataset (`map` output), and the
 whole `datasets` cache folder (which also keeps the arrow copy of the text).
+
+Checkpoint part (`--checkpoint-overhead`). The cost of the resumable build's checkpoints: per size, the datasteer
+build again with no checkpoint inside a stage, at the default pace and after every task (`bench_checkpoints`),
+with wall-time ratios to the build without them and peak memory, in the same run.
 
 Training part. A tiny Llama (`datasteer.demo.make_model`, sized to the tokenizer) trained by the HF `Trainer`
 for `--steps` optimizer steps on the same fixed random rows of the largest pool, read (a) from `pool.train`
@@ -210,6 +215,25 @@ def du(path: Path) -> int:
     return total
 
 
+def count_checkpoints(resume: Any) -> dict[str, float]:
+    """Count the manifests a build writes and time its checkpoint bookkeeping (`Checkpoints.advance`, called after
+    every task: the flush of the files and the manifest when one is due); the dict fills as the build runs."""
+    spent = {"checkpoints": 0, "checkpoint_s": 0.0}
+    advance, write = resume.Checkpoints.advance, resume.Checkpoints._write
+
+    def timed(self: Any, *args: Any) -> None:
+        t0 = time.perf_counter()
+        advance(self, *args)
+        spent["checkpoint_s"] += time.perf_counter() - t0
+
+    def counted(self: Any) -> None:
+        write(self)
+        spent["checkpoints"] += 1
+
+    resume.Checkpoints.advance, resume.Checkpoints._write = timed, counted
+    return spent
+
+
 def child(spec: dict[str, Any]) -> None:
     """Run one build (`spec["what"]` = datasteer | baseline) in this fresh process; write its figures as json."""
     import psutil
@@ -217,7 +241,10 @@ def child(spec: dict[str, Any]) -> None:
     tokenizer = load_tokenizer(spec["tokenizer"])
     files, cache, num_proc = spec["files"], Path(spec["cache"]), spec["num_proc"]
     if spec["what"] == "datasteer":
-        from datasteer.data import DataConfig, SourceConfig, build_pool
+        from datasteer.data import DataConfig, SourceConfig, build_pool, resume
+
+        resume.EVERY_S = float(spec.get("every_s", resume.EVERY_S))  # "inf": no checkpoint inside a stage
+        checkpoints = count_checkpoints(resume)
 
         cfg = DataConfig(
             kind="pretrain",
@@ -236,6 +263,7 @@ def child(spec: dict[str, Any]) -> None:
         )
         docs = sum(p.stat().st_size for p in (folder / "tokens").glob("*.doc_ids.bin")) // 8
         out = {"tokens": int(tokens), "documents": int(docs), "disk_bytes": du(cache), "blocks": len(pool.train)}
+        out.update(checkpoints)
     else:
         import pyarrow.compute as pc
         from datasets import Dataset, disable_progress_bars
@@ -291,8 +319,9 @@ def run_child(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     """
     import psutil
 
-    spec = {**spec, "result": str(work / f"{spec['what']}-result.json")}
-    log = work / f"{spec['what']}.log"
+    tag = spec.get("tag", spec["what"])
+    spec = {**spec, "result": str(work / f"{tag}-result.json")}
+    log = work / f"{tag}.log"
     cpu0 = time.process_time()
     with open(log, "w") as err:
         proc = subprocess.Popen(
@@ -370,7 +399,36 @@ def bench_size(
         "baseline_bytes_per_token": base["disk_bytes"] / base["tokens"],
         "baseline_cache_bytes_per_token": base["cache_bytes"] / base["tokens"],
     }
+    if opts.checkpoint_overhead:
+        out["checkpoints"] = bench_checkpoints(common, work, opts, label)
     return out, keep
+
+
+CHECKPOINTS = {"none": "inf", "default": None, "every_task": "0"}  # resume.EVERY_S of each variant
+
+
+def bench_checkpoints(common: dict[str, Any], work: Path, opts: argparse.Namespace, label: str) -> dict[str, Any]:
+    """The resumable build's checkpoint cost: the datasteer build with no checkpoint inside a stage (`none`), at
+    the default pace (`default`: at most one a second) and after every task of 1,000 documents (`every_task`),
+    interleaved, `--repeats` times each (the fastest counts); wall ratios to `none` and peak memory."""
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in CHECKPOINTS}
+    for r in range(opts.repeats):
+        for name in list(CHECKPOINTS)[r % 3 :] + list(CHECKPOINTS)[: r % 3]:
+            cache = work / f"cache-ckpt-{name}-{r}"
+            spec = {**common, "what": "datasteer", "tag": f"ckpt-{name}", "cache": str(cache)}
+            spec.update(block_size=opts.block_size, **({"every_s": CHECKPOINTS[name]} if CHECKPOINTS[name] else {}))
+            runs[name].append(run_child(spec, work))
+            shutil.rmtree(cache, ignore_errors=True)
+            res = runs[name][-1]
+            print(f"[{label}] checkpoints {name:>10}: {res['wall_s']:.2f} s, tree Pss_Anon "
+                  f"{res['peak_tree_pss_anon'] / 2**20:,.0f} MiB", flush=True)  # fmt: skip
+    best = {name: min(rs, key=lambda x: x["wall_s"]) for name, rs in runs.items()}
+    keys = ("wall_s", "tokens", "documents", "peak_tree_pss_anon", "ru_maxrss", "checkpoints", "checkpoint_s")
+    out: dict[str, Any] = {name: {k: b[k] for k in keys} for name, b in best.items()}
+    out["walls"] = {name: [x["wall_s"] for x in rs] for name, rs in runs.items()}
+    for name in ("default", "every_task"):
+        out[f"ratio_{name}"] = best[name]["wall_s"] / best["none"]["wall_s"]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -628,6 +686,7 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
                 f"| {w['median_step_ms']:.2f} | {w['ratio']:.3f} | {t['read_us_per_row'][name]:.1f} "
                 f"| {v['attributed_ratio']:.4f} |"
             )
+    lines += checkpoint_lines(result)
     mem, anon, rss = g["memory_peak_tree_pss_anon"], g["memory_peak_tree_anon"], g["memory_ru_maxrss"]
     sizes = list(result["sizes"])
     lines += [
@@ -653,6 +712,40 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
             f"wall {ts['wall_ratio']:.3f}x, attributed {ts['attributed_ratio']:.4f}x {yes[ts['pass']]} (judged on CPU)."
         )
     path.write_text("\n".join(lines) + "\n")
+
+
+def checkpoint_lines(result: dict[str, Any]) -> list[str]:
+    """The `--checkpoint-overhead` table (none when it was not asked for)."""
+    rows = {label: s["checkpoints"] for label, s in result["sizes"].items() if "checkpoints" in s}
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Resumable build: checkpoint overhead (issue 30)",
+        "",
+        "The datasteer build with no checkpoint inside a stage (`none`), at the default pace (at most one a "
+        "second, `datasteer.data.resume.EVERY_S`) and after every encoding task of 1,000 documents (`every task`, "
+        "the most a build can write), each in a fresh process, interleaved; the fastest of "
+        f"{result['options']['repeats']} run(s) each. A checkpoint flushes the files and replaces a small JSON "
+        "manifest (the checksums are kept while writing; no file is read). Manifests written = at checkpoints "
+        "and at the end of each stage; ms in checkpoints = time in the per-task bookkeeping (flushes and "
+        "manifests included), summed over the build.",
+        "",
+        "| tokens | checkpoints | manifests written | ms in checkpoints | wall s | ratio to none | tree Pss_Anon MiB "
+        "| ru_maxrss MiB | all walls s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for label, c in rows.items():
+        for name in ("none", "default", "every_task"):
+            ratio = f"{c[f'ratio_{name}']:.3f}" if name != "none" else "1.000"
+            walls = ", ".join(f"{w:.2f}" for w in c["walls"][name])
+            r = c[name]
+            lines.append(
+                f"| {r['tokens']:,} ({label}) | {name.replace('_', ' ')} | {r['checkpoints']} | "
+                f"{1e3 * r['checkpoint_s']:.1f} | {r['wall_s']:.2f} | {ratio} | {mib(r['peak_tree_pss_anon'])} "
+                f"| {mib(r['ru_maxrss'])} | {walls} |"
+            )
+    return lines
 
 
 def machine() -> dict[str, Any]:
@@ -689,6 +782,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads in the training part")
     parser.add_argument("--no-training", action="store_true", help="skip the training-step part")
+    parser.add_argument(
+        "--checkpoint-overhead", action="store_true", help="also time the build without checkpoints and at every task"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scratch", type=Path, default=None, help="where corpora and caches go (default: a tmp dir)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for data_scale.json and data_scale.md")

@@ -46,7 +46,8 @@ def test_sizes_parse_and_print_and_documents_are_seeded(monkeypatch):
 def test_data_scale_benchmark_builds_both_ways_and_trains_from_the_store(tmp_path, monkeypatch):
     bench = load_bench(monkeypatch, "data_scale_bench")
     argv = ["--sizes", "60k,120k", "--vocab", "1024", "--tokenizer-sample-mb", "0.3", "--steps", "3", "--warmup", "1"]
-    argv += ["--rounds", "1", "--batch-size", "4", "--block-size", "64", "--scratch", str(tmp_path), "--out"]
+    argv += ["--rounds", "1", "--batch-size", "4", "--block-size", "64", "--checkpoint-overhead"]
+    argv += ["--scratch", str(tmp_path), "--out"]
     bench.main([*argv, str(tmp_path / "out")])
     result = json.loads((tmp_path / "out" / "data_scale.json").read_text())
     assert list(result["sizes"]) == ["60k", "120k"]
@@ -56,8 +57,11 @@ def test_data_scale_benchmark_builds_both_ways_and_trains_from_the_store(tmp_pat
             run = size[what]
             assert run["tokens"] > 0 and run["wall_s"] > 0 and run["ru_maxrss"] > 0 and run["peak_tree_pss_anon"] > 0
         assert 2.0 < size["bytes_per_token"] < size["baseline_bytes_per_token"]  # uint16 vs int32 lists
+        checkpoints = size["checkpoints"]  # the same pool with and without checkpoints
+        tokens = {checkpoints[name]["tokens"] for name in ("none", "default", "every_task")}
+        assert tokens == {size["datasteer"]["tokens"]} and checkpoints["ratio_every_task"] > 0
     assert set(result["training"]["variants"]) == {"store", "memory_list", "memory_dataset"}
     assert set(result["goals"]) >= {"memory_peak_tree_pss_anon", "memory_ru_maxrss", "disk", "throughput"}
     text = (tmp_path / "out" / "data_scale.md").read_text()
-    assert "| store |" in text and "## Goals (issue 13)" in text
+    assert "| store |" in text and "## Goals (issue 13)" in text and "checkpoint overhead" in text
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("datasteer-data-scale-")]  # scratch removed

@@ -165,4 +165,6 @@ def test_ctrl_c_during_a_parallel_pool_build_is_one_line_for_the_whole_process_g
     err = (tmp_path / "child.log").read_text()
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
     assert err.strip().splitlines()[-1].startswith("datasteer: stopped (Ctrl-C).")
-    assert not list((tmp_path / "cache").iterdir())  # no entry, no temporary folder
+    left = [p.name for p in (tmp_path / "cache").iterdir()]  # no entry: the staging folder a rerun resumes, only
+    assert len(left) == 1 and left[0].endswith(".partial"), left
+    assert "the same command resumes from there" in err

@@ -7,10 +7,11 @@ the *encoded* rows, and `CODE_VERSION`, which is bumped whenever this package's 
 same inputs. Settings that only change the layout (`block_size` for pretraining, `eval_per_domain`,
 `seed`) are applied when a pool is opened, so changing them never re-tokenizes.
 
-A folder is built under a temporary name and renamed into place once `meta.json` (written last) is in it,
-so concurrent ranks never read a half-written pool and a failed build (a full disk, a kill) leaves no
-entry a later run would load. `meta.json` records every file's size and xxh3-128 checksum; a folder that
-no longer matches is moved aside with a warning and rebuilt, never trained on.
+A folder is built under another name (`.<key>.partial`, see `resume.py`: a stopped build is continued
+there) and renamed into place once `meta.json` (written last) is in it, so concurrent ranks never read a
+half-written pool and a failed build (a full disk, a kill) leaves no entry a later run would load.
+`meta.json` records every file's size and xxh3-128 checksum; a folder that no longer matches is moved aside
+with a warning and rebuilt, never trained on.
 """
 
 from __future__ import annotations
@@ -166,13 +167,6 @@ def set_aside(folder: Path, why: str) -> None:
     return None
 
 
-def staging(folder: Path) -> Path:
-    """A fresh temporary folder beside `folder` to build into, named by host and PID (see `remove_stale`)."""
-    tmp = folder.parent / f".{folder.name}.tmp-{owner_tag()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    return tmp
-
-
 def owner_tag() -> str:
     """`<host>~<pid>`: who builds into a temporary folder, so that a later build can tell a dead builder's."""
     return f"{socket.gethostname().replace('-', '_')}~{os.getpid()}"
@@ -182,7 +176,8 @@ STALE_AFTER_S = 24 * 3600  # a temporary folder of another host is removed only 
 
 
 def remove_stale(root: Path) -> None:
-    """Remove the temporary folders (`.<key>.tmp-*`, `.read-*`) that killed builds left in the cache root.
+    """Remove the temporary folders (`.read-*`, and the `.<key>.tmp-*` of builds before resumable ones) that
+    killed builds left in the cache root.
 
     A folder of a process on this host that no longer runs is removed at once; one of another host (a shared
     file system: its PID says nothing here) once untouched for a day; one of a live process never. Folders made

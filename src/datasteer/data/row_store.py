@@ -16,9 +16,10 @@ import pyarrow as pa
 from datasets import Dataset
 
 from datasteer.data.sources import quiet
-from datasteer.data.token_store import file_checksum
+from datasteer.data.token_store import CorruptStore, HashedFile
 
 TOKENS = pa.list_(pa.int32())
+END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # arrow IPC: continuation marker, zero length
 
 
 def file_name(domain_idx: int) -> str:
@@ -26,13 +27,28 @@ def file_name(domain_idx: int) -> str:
 
 
 class RowWriter:
-    """Appends encoded rows per domain; `close(order)` names the files by final domain index."""
+    """Appends encoded rows per domain; `close(order)` names the files by final domain index.
 
-    def __init__(self, folder: Path) -> None:
+    Each file is an arrow IPC stream written message by message (the schema, then one message per batch, then
+    the end-of-stream marker: the bytes `pa.ipc.new_stream` writes), through a `HashedFile`, so its checksum
+    costs no second read and a stopped build's file can be continued at a batch boundary (`checkpoint`,
+    `resume=`: a stream writer would write its schema again).
+    """
+
+    def __init__(self, folder: Path, resume: list[dict[str, Any]] | None = None) -> None:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
-        self._writers: dict[str, tuple[Path, Any, pa.OSFile]] = {}
+        self._files: dict[str, HashedFile] = {}
+        self._schemas: dict[str, pa.Schema] = {}
         self.rows: dict[str, int] = {}
+        for entry in resume or []:
+            name = entry["domain"]
+            path = self._path(len(self._files))
+            f = self._files[name] = HashedFile(path, entry["files"][path.name])
+            self._schemas[name], self.rows[name] = _read_schema(f.path), int(entry["rows"])
+
+    def _path(self, n: int) -> Path:
+        return self.folder / f"new-{n}.arrow"
 
     def append(
         self,
@@ -53,33 +69,48 @@ class RowWriter:
         if extra is not None:
             columns.update({name: extra.column(name) for name in extra.column_names})
         batch = pa.RecordBatch.from_pydict({k: _chunk(v) for k, v in columns.items()})
-        if domain not in self._writers:
-            path = self.folder / f"new-{len(self._writers)}.arrow"
-            sink = pa.OSFile(str(path), "wb")
-            self._writers[domain] = (path, pa.ipc.new_stream(sink, batch.schema), sink)
-            self.rows[domain] = 0
-        self._writers[domain][1].write_batch(batch)
+        if domain not in self._files:
+            self._files[domain] = HashedFile(self._path(len(self._files)))
+            self._files[domain].write(batch.schema.serialize())
+            self._schemas[domain], self.rows[domain] = batch.schema, 0
+        if not batch.schema.equals(self._schemas[domain]):
+            raise ValueError(f"rows of domain '{domain}' changed columns: {batch.schema} after {self._schemas[domain]}")
+        self._files[domain].write(batch.serialize())
         self.rows[domain] += batch.num_rows
 
     @property
     def domains(self) -> list[str]:
-        return list(self._writers)
+        return list(self._files)
 
-    def close(self, order: list[str]) -> dict[str, dict[str, Any]]:
-        """Finish every file and rename it to its domain index; returns each file's size and checksum."""
-        checks = {}
+    def checkpoint(self) -> list[dict[str, Any]]:
+        """Every domain's file as written so far (flushed) and its rows: what `resume=` continues from."""
+        return [{"domain": d, "files": {f.path.name: f.state()}, "rows": self.rows[d]} for d, f in self._files.items()]
+
+    def close(self, order: list[str]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+        """Finish every file; returns each file's size and checksum by its final name (the domain's index in
+        `order`), and the renames still to do (final name -> written name; `resume.Checkpoints.finish`)."""
+        checks, moves = {}, {}
         for d, name in enumerate(order):
-            path, writer, sink = self._writers[name]
-            writer.close()
-            sink.close()
-            final = self.folder / file_name(d)
-            path.rename(final)
-            checks[final.name] = {"bytes": final.stat().st_size, "xxh3_128": file_checksum(final)}
-        return checks
+            f = self._files[name]
+            f.write(END_OF_STREAM)
+            checks[file_name(d)] = f.close()
+            moves[file_name(d)] = f.path.name
+        return checks, moves
+
+
+def _read_schema(path: Path) -> pa.Schema:
+    """The schema message a kept stream file starts with (a file cut before it is a damaged part)."""
+    try:
+        with pa.OSFile(str(path)) as f:
+            return pa.ipc.read_schema(f)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise CorruptStore(f"{path} does not start with an arrow schema ({err})") from None
 
 
 def _chunk(column: pa.Array | pa.ChunkedArray) -> pa.Array:
-    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    """One array per column; dictionary-encoded values decoded (a bare batch message cannot carry dictionaries)."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return column.dictionary_decode() if pa.types.is_dictionary(column.type) else column
 
 
 def open_rows(folder: Path, d: int) -> Dataset:
