@@ -46,8 +46,9 @@ def test_dynamic_select_translates_schedule_and_component_params(no_components):
         "update_every": 10,
         "updates": 2,
         "lag_steps": 0,  # DataFlex's timing: decided after step 10, trained from step 11
-        "selector": {"name": "less", "proj_dim": 1024, "seed": 123},
+        "selector": {"name": "less", "proj_dim": 1024, "seed": 123, "checkpoints": 1},  # scored per update
     }
+    assert ("params.checkpoints: (not set)", "steering.selector.checkpoints: 1 (DataFlex's default)") in out.mapping
     dropped = [w for w in out.warnings if "is dropped" in w]
     assert len(dropped) == 2 and any("'cache_dir'" in w for w in dropped) and any("save_interval" in w for w in dropped)
     report = out.report()
@@ -202,10 +203,10 @@ def test_registered_components_validate_natively():
 def test_weighter_warmup_goes_where_the_weighter_takes_it():
     out = dataflex.translate({"train_type": "dynamic_weight", "component_name": "uniform", "warmup_step": 5})
     # never steering.warmup_steps: no decision to delay
-    assert out.steering == {"weighting_scope": "micro_batch", "weighter": {"name": "uniform"}}
+    scope = {"weighting_scope": "micro_batch", "weighting_reduction": "samples"}
+    assert out.steering == {**scope, "weighter": {"name": "uniform"}}
     assert ("warmup_step: 5", "no effect: the weights are 1 throughout") in out.mapping
     # DataFlex's weight trainer weights no sample before warmup_step, whatever the weighter: each takes a burn-in.
-    scope = {"weighting_scope": "micro_batch"}
     for name in ("loss", "adapt"):
         out = dataflex.translate({"train_type": "dynamic_weight", "component_name": name, "warmup_step": 5})
         assert out.steering == {**scope, "weighter": {"name": name, "burn_in_steps": 5}}
@@ -224,8 +225,12 @@ def test_a_dataflex_weighter_weighs_each_micro_batch_as_dataflex_does_and_says_s
     assert SteeringConfig.model_validate(out.steering).weighting_scope == "micro_batch"
     (line,) = [line for line in out.report().splitlines() if "weighting_scope" in line]
     assert "steering.weighting_scope: micro_batch (each micro-batch weighted by its own losses" in line
+    assert SteeringConfig.model_validate(out.steering).weighting_reduction == "samples"
+    (line,) = [line for line in out.report().splitlines() if "weighting_reduction" in line]
+    assert "steering.weighting_reduction: samples (after warmup_step the mean over samples" in line
     selector = dataflex.translate({"train_type": "dynamic_select", "component_name": "random"})
-    assert "weighting_scope" not in selector.steering  # only weighters: the native default (step) stays
+    assert "weighting_scope" not in selector.steering  # only weighters: the native defaults (step, tokens) stay
+    assert "weighting_reduction" not in selector.steering
 
 
 @pytest.mark.parametrize(

@@ -270,6 +270,7 @@ DATAFLEX_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("selector", "delta_loss"): {"dataflex_compat": True},
     ("selector", "tsds"): {"dataflex_compat": True},
     ("selector", "near"): {"dataflex_compat": True},
+    ("selector", "less"): {"checkpoints": 1},  # DataFlex scores each update on that update's gradients alone
     ("mixer", "odm"): {
         "reward_scale": 15.0,
         "min_exploration_rate": 0.03,
@@ -624,11 +625,20 @@ class _Translator:
     def _weighting_scope(self) -> None:
         """DataFlex's weight trainer weighs each micro-batch by its own losses, so no extra forward is needed."""
         self.steering["weighting_scope"] = "micro_batch"
+        self.steering["weighting_reduction"] = "samples"
         self.out.mapping.append(
             (
                 f"train_type: {self.keys['train_type']} (weights per micro-batch)",
                 "steering.weighting_scope: micro_batch (each micro-batch weighted by its own losses, as DataFlex "
                 "does; no extra forward under gradient accumulation)",
+            )
+        )
+        self.out.mapping.append(
+            (
+                f"train_type: {self.keys['train_type']} (weighted loss)",
+                "steering.weighting_reduction: samples (after warmup_step the mean over samples of each one's "
+                "weighted token-mean loss, as DataFlex's weight trainer; datasteer's own default, tokens, weights "
+                "each sample's tokens in the host's token mean)",
             )
         )
 
