@@ -6,6 +6,7 @@ validation against the real component runs as soon as the component is registere
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -377,3 +378,58 @@ def test_adapt_says_what_dataflexs_unnormalised_sum_would_have_trained_on():
     report = out.report()
     assert "DataFlex's adapt would train on the sum over the micro-batch" in report
     assert "its log shows 13.2 where datasteer shows 4.49" in report
+
+
+# ---------------------------------------------------------------------------- the parameter table, row by row
+TABLE_ROWS = [(kind, name, key) for (kind, name), rules in dataflex.PARAMS.items() for key in rules]
+DATAFLEX_NAMES = {ours: theirs for (_, theirs), ours in dataflex.RENAMED_COMPONENTS.items()}  # moe_gate: dynamic_moe
+
+
+def translate_param(tmp_path: Path, kind: str, name: str, key: str, value) -> dataflex.Translation:
+    """Translate one DataFlex parameter of one component, from a components file holding only that entry."""
+    df_name = DATAFLEX_NAMES.get(name, name)
+    section = dataflex.SECTIONS[kind]
+    path = tmp_path / "components.yaml"
+    path.write_text(yaml.safe_dump({section: {df_name: {"name": df_name, "params": {key: value}}}}))
+    train_type = next(t for t, k in dataflex.TRAIN_TYPES.items() if k == kind)
+    return dataflex.translate({"train_type": train_type, "component_name": df_name, "components_cfg_file": str(path)})
+
+
+@pytest.mark.parametrize(("kind", "name", "key"), TABLE_ROWS, ids=lambda v: str(v))
+def test_every_row_of_the_parameter_table_does_what_it_says(tmp_path, kind, name, key):
+    """Each row of PARAMS, read from the table itself: a rename lands on a parameter the component takes (converted
+    where the row converts), a drop is reported with its reason, a refusal is an error with what to do."""
+    if not registered(kind, name):
+        pytest.skip(f"{kind} '{name}' is not registered in this environment")
+    rule = dataflex.PARAMS[(kind, name)][key]
+    accepted = {p.name for p in registry.params_of(registry.components(kind)[name])}
+    if isinstance(rule, dataflex.Rename):
+        value = "adam" if rule.convert is not None else 3
+        out = translate_param(tmp_path, kind, name, key, value)
+        assert rule.to in accepted and out.steering[kind][rule.to] == (rule.convert or (lambda v: v))(value)
+        assert any(f"(DataFlex parameter {key} -> {rule.to})" in meaning for _, meaning in out.mapping)
+    elif isinstance(rule, dataflex.Drop):
+        out = translate_param(tmp_path, kind, name, key, 3)
+        assert key not in out.steering[kind]
+        assert f"DataFlex parameter '{key}' is dropped: {rule.why}." in " ".join(out.warnings)
+    elif isinstance(rule, dataflex.Refuse):
+        with pytest.raises(ConfigError, match=f"DataFlex parameter {key}: 3 of {kind}.*{re.escape(rule.what_to_do)}"):
+            translate_param(tmp_path, kind, name, key, 3)
+    else:
+        assert callable(rule)  # a row with its own converter function: tested one by one (this file)
+
+
+def test_the_converter_rows_without_a_test_of_their_own(tmp_path):
+    """random's replacement, nice's max_prompt_length and dynamic_moe's collect_steps, through their table rows."""
+    out = translate_param(tmp_path, "selector", "random", "replacement", False)
+    assert ("params.replacement: False", "honoured: datasteer's random selector draws distinct samples") in out.mapping
+    with pytest.raises(ConfigError, match="use selector 'loss' with replacement: true"):
+        translate_param(tmp_path, "selector", "random", "replacement", True)
+    if registered("selector", "nice"):
+        out = translate_param(tmp_path, "selector", "nice", "max_prompt_length", 4096)
+        assert "max_prompt_length" not in out.steering["selector"]  # honoured: prompts are at most cutoff_len
+        with pytest.raises(ConfigError, match="lower cutoff_len to that length"):
+            translate_param(tmp_path, "selector", "nice", "max_prompt_length", 64)
+    if registered("mixer", "moe_gate"):
+        out = translate_param(tmp_path, "mixer", "moe_gate", "collect_steps", 3)
+        assert out.steering["mixer"]["samples_per_domain"] == 3 * 32  # x DataFlex's default eval_batch_size
