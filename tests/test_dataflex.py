@@ -433,3 +433,39 @@ def test_the_converter_rows_without_a_test_of_their_own(tmp_path):
     if registered("mixer", "moe_gate"):
         out = translate_param(tmp_path, "mixer", "moe_gate", "collect_steps", 3)
         assert out.steering["mixer"]["samples_per_domain"] == 3 * 32  # x DataFlex's default eval_batch_size
+
+
+# ------------------------------------------------------------------------------- the key table, row by row
+SELECT = {"train_type": "dynamic_select", "components_cfg_file": str(COMPONENTS), "component_name": "loss"}
+MIX = {"train_type": "dynamic_mix", "components_cfg_file": str(COMPONENTS), "component_name": "static"}
+EXERCISE = {  # a config that uses each DataFlex key
+    "train_type": SELECT,
+    "component_name": SELECT,
+    "components_cfg_file": SELECT,
+    "component_overrides": {**SELECT, "component_overrides": {"temperature": 2.0}},
+    "warmup_step": {**SELECT, "warmup_step": 2},
+    "update_step": {**SELECT, "update_step": 4},
+    "update_times": {**SELECT, "update_step": 4, "update_times": 2},
+    "static_mix": {**MIX, "static_mix": True, "mixture_sample_rule": "uniform"},
+    "train_step": {"train_type": "dynamic_weight", "component_name": "uniform", "train_step": 30},
+    "init_mixture_proportions": {**MIX, "init_mixture_proportions": [0.5, 0.5]},
+    "mixture_sample_rule": {**MIX, "mixture_sample_rule": "stratified"},
+    "mixer_eval_dataset": {**MIX, "mixer_eval_dataset": "target"},
+    "freeze_gate": {"train_type": "dynamic_mix", "component_name": "dynamic_moe", "freeze_gate": True},
+    "early_stopping_min_delta": {**SELECT, "early_stopping_min_delta": 0.01, "early_stopping_steps": 3},
+}
+
+
+@pytest.mark.parametrize("row", dataflex.KEYS, ids=lambda r: r.key)
+def test_every_dataflex_key_has_one_row_that_its_translation_reports_and_the_guide_lists(row):
+    """KEYS is the one list of DataFlex's keys: each is read by `translate`, shows in the printed mapping when given,
+    and has its line in docs/migration.md's key table."""
+    assert [r.key for r in dataflex.KEYS].count(row.key) == 1 and row.key in dataflex.DATAFLEX_KEYS
+    assert f"`{row.key}" in (Path(__file__).parent.parent / "docs" / "migration.md").read_text()
+    out = dataflex.translate(EXERCISE[row.key])
+    assert any(row.key in shown for shown, _ in out.mapping), (row.key, out.mapping)
+
+
+def test_a_key_row_with_an_action_that_does_not_exist_is_refused():
+    with pytest.raises(ValueError, match="action 'ignore' is not rename, convert, drop or refuse"):
+        dataflex.KeyRow("train_step", "ignore", "max_steps", "why")
