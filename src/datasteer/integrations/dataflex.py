@@ -320,7 +320,7 @@ COMPONENT_NOTES: dict[tuple[str, str], str] = {
     ("weighter", "adapt"): (
         "weighter 'adapt' rescales its weights to mean 1 over each micro-batch (a bug fix); DataFlex's adapt would "
         "train on the sum over the micro-batch of sigmoid(s_i / tau) x loss_i with the raw weights (about 0.73 at "
-        "tau 1), i.e. about batch size x 0.73 times the mean loss (its log shows 13.2 where datasteer shows 4.49 "
+        "tau 1), i.e. about batch size x 0.73 times the mean loss (its log shows 13.2 where datasteer shows 4.54 "
         "on a batch of 4), which scales its learning rate by that factor, where its own loss weighter normalises. "
         "The relative weights are the same sigmoid of the mean cosine to the anchors; DataFlex pools the hidden "
         "states with weights rising with the position, datasteer with a plain mean of the training forward's"
