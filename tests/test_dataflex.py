@@ -6,6 +6,7 @@ validation against the real component runs as soon as the component is registere
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -46,8 +47,9 @@ def test_dynamic_select_translates_schedule_and_component_params(no_components):
         "update_every": 10,
         "updates": 2,
         "lag_steps": 0,  # DataFlex's timing: decided after step 10, trained from step 11
-        "selector": {"name": "less", "proj_dim": 1024, "seed": 123},
+        "selector": {"name": "less", "proj_dim": 1024, "seed": 123, "checkpoints": 1},  # scored per update
     }
+    assert ("params.checkpoints: (not set)", "steering.selector.checkpoints: 1 (DataFlex's default)") in out.mapping
     dropped = [w for w in out.warnings if "is dropped" in w]
     assert len(dropped) == 2 and any("'cache_dir'" in w for w in dropped) and any("save_interval" in w for w in dropped)
     report = out.report()
@@ -202,10 +204,10 @@ def test_registered_components_validate_natively():
 def test_weighter_warmup_goes_where_the_weighter_takes_it():
     out = dataflex.translate({"train_type": "dynamic_weight", "component_name": "uniform", "warmup_step": 5})
     # never steering.warmup_steps: no decision to delay
-    assert out.steering == {"weighting_scope": "micro_batch", "weighter": {"name": "uniform"}}
+    scope = {"weighting_scope": "micro_batch", "weighting_reduction": "samples"}
+    assert out.steering == {**scope, "weighter": {"name": "uniform"}}
     assert ("warmup_step: 5", "no effect: the weights are 1 throughout") in out.mapping
     # DataFlex's weight trainer weights no sample before warmup_step, whatever the weighter: each takes a burn-in.
-    scope = {"weighting_scope": "micro_batch"}
     for name in ("loss", "adapt"):
         out = dataflex.translate({"train_type": "dynamic_weight", "component_name": name, "warmup_step": 5})
         assert out.steering == {**scope, "weighter": {"name": name, "burn_in_steps": 5}}
@@ -224,8 +226,12 @@ def test_a_dataflex_weighter_weighs_each_micro_batch_as_dataflex_does_and_says_s
     assert SteeringConfig.model_validate(out.steering).weighting_scope == "micro_batch"
     (line,) = [line for line in out.report().splitlines() if "weighting_scope" in line]
     assert "steering.weighting_scope: micro_batch (each micro-batch weighted by its own losses" in line
+    assert SteeringConfig.model_validate(out.steering).weighting_reduction == "samples"
+    (line,) = [line for line in out.report().splitlines() if "weighting_reduction" in line]
+    assert "steering.weighting_reduction: samples (after warmup_step the mean over samples" in line
     selector = dataflex.translate({"train_type": "dynamic_select", "component_name": "random"})
-    assert "weighting_scope" not in selector.steering  # only weighters: the native default (step) stays
+    assert "weighting_scope" not in selector.steering  # only weighters: the native defaults (step, tokens) stay
+    assert "weighting_reduction" not in selector.steering
 
 
 @pytest.mark.parametrize(
@@ -367,8 +373,99 @@ def test_selectors_get_dataflexs_draws_and_defaults(name, extra, expected):
 
 def test_adapt_says_what_dataflexs_unnormalised_sum_would_have_trained_on():
     """DataFlex's adapt returns sum_i sigmoid(s_i / tau) loss_i over the micro-batch (13.2 logged where the mean loss
-    is 4.49 at batch 4); datasteer's weights have mean 1, a bug fix that the start-up report states."""
+    is 4.54 at batch 4); datasteer's weights have mean 1, a bug fix that the start-up report states."""
     out = dataflex.translate({"train_type": "dynamic_weight", "component_name": "adapt", "warmup_step": 5})
     report = out.report()
     assert "DataFlex's adapt would train on the sum over the micro-batch" in report
-    assert "its log shows 13.2 where datasteer shows 4.49" in report
+    assert "its log shows 13.2 where datasteer shows 4.54" in report
+
+
+# ---------------------------------------------------------------------------- the parameter table, row by row
+TABLE_ROWS = [(kind, name, key) for (kind, name), rules in dataflex.PARAMS.items() for key in rules]
+DATAFLEX_NAMES = {ours: theirs for (_, theirs), ours in dataflex.RENAMED_COMPONENTS.items()}  # moe_gate: dynamic_moe
+
+
+def translate_param(tmp_path: Path, kind: str, name: str, key: str, value) -> dataflex.Translation:
+    """Translate one DataFlex parameter of one component, from a components file holding only that entry."""
+    df_name = DATAFLEX_NAMES.get(name, name)
+    section = dataflex.SECTIONS[kind]
+    path = tmp_path / "components.yaml"
+    path.write_text(yaml.safe_dump({section: {df_name: {"name": df_name, "params": {key: value}}}}))
+    train_type = next(t for t, k in dataflex.TRAIN_TYPES.items() if k == kind)
+    return dataflex.translate({"train_type": train_type, "component_name": df_name, "components_cfg_file": str(path)})
+
+
+@pytest.mark.parametrize(("kind", "name", "key"), TABLE_ROWS, ids=lambda v: str(v))
+def test_every_row_of_the_parameter_table_does_what_it_says(tmp_path, kind, name, key):
+    """Each row of PARAMS, read from the table itself: a rename lands on a parameter the component takes (converted
+    where the row converts), a drop is reported with its reason, a refusal is an error with what to do."""
+    if not registered(kind, name):
+        pytest.skip(f"{kind} '{name}' is not registered in this environment")
+    rule = dataflex.PARAMS[(kind, name)][key]
+    accepted = {p.name for p in registry.params_of(registry.components(kind)[name])}
+    if isinstance(rule, dataflex.Rename):
+        value = "adam" if rule.convert is not None else 3
+        out = translate_param(tmp_path, kind, name, key, value)
+        assert rule.to in accepted and out.steering[kind][rule.to] == (rule.convert or (lambda v: v))(value)
+        assert any(f"(DataFlex parameter {key} -> {rule.to})" in meaning for _, meaning in out.mapping)
+    elif isinstance(rule, dataflex.Drop):
+        out = translate_param(tmp_path, kind, name, key, 3)
+        assert key not in out.steering[kind]
+        assert f"DataFlex parameter '{key}' is dropped: {rule.why}." in " ".join(out.warnings)
+    elif isinstance(rule, dataflex.Refuse):
+        with pytest.raises(ConfigError, match=f"DataFlex parameter {key}: 3 of {kind}.*{re.escape(rule.what_to_do)}"):
+            translate_param(tmp_path, kind, name, key, 3)
+    else:
+        assert callable(rule)  # a row with its own converter function: tested one by one (this file)
+
+
+def test_the_converter_rows_without_a_test_of_their_own(tmp_path):
+    """random's replacement, nice's max_prompt_length and dynamic_moe's collect_steps, through their table rows."""
+    out = translate_param(tmp_path, "selector", "random", "replacement", False)
+    assert ("params.replacement: False", "honoured: datasteer's random selector draws distinct samples") in out.mapping
+    with pytest.raises(ConfigError, match="use selector 'loss' with replacement: true"):
+        translate_param(tmp_path, "selector", "random", "replacement", True)
+    if registered("selector", "nice"):
+        out = translate_param(tmp_path, "selector", "nice", "max_prompt_length", 4096)
+        assert "max_prompt_length" not in out.steering["selector"]  # honoured: prompts are at most cutoff_len
+        with pytest.raises(ConfigError, match="lower cutoff_len to that length"):
+            translate_param(tmp_path, "selector", "nice", "max_prompt_length", 64)
+    if registered("mixer", "moe_gate"):
+        out = translate_param(tmp_path, "mixer", "moe_gate", "collect_steps", 3)
+        assert out.steering["mixer"]["samples_per_domain"] == 3 * 32  # x DataFlex's default eval_batch_size
+
+
+# ------------------------------------------------------------------------------- the key table, row by row
+SELECT = {"train_type": "dynamic_select", "components_cfg_file": str(COMPONENTS), "component_name": "loss"}
+MIX = {"train_type": "dynamic_mix", "components_cfg_file": str(COMPONENTS), "component_name": "static"}
+EXERCISE = {  # a config that uses each DataFlex key
+    "train_type": SELECT,
+    "component_name": SELECT,
+    "components_cfg_file": SELECT,
+    "component_overrides": {**SELECT, "component_overrides": {"temperature": 2.0}},
+    "warmup_step": {**SELECT, "warmup_step": 2},
+    "update_step": {**SELECT, "update_step": 4},
+    "update_times": {**SELECT, "update_step": 4, "update_times": 2},
+    "static_mix": {**MIX, "static_mix": True, "mixture_sample_rule": "uniform"},
+    "train_step": {"train_type": "dynamic_weight", "component_name": "uniform", "train_step": 30},
+    "init_mixture_proportions": {**MIX, "init_mixture_proportions": [0.5, 0.5]},
+    "mixture_sample_rule": {**MIX, "mixture_sample_rule": "stratified"},
+    "mixer_eval_dataset": {**MIX, "mixer_eval_dataset": "target"},
+    "freeze_gate": {"train_type": "dynamic_mix", "component_name": "dynamic_moe", "freeze_gate": True},
+    "early_stopping_min_delta": {**SELECT, "early_stopping_min_delta": 0.01, "early_stopping_steps": 3},
+}
+
+
+@pytest.mark.parametrize("row", dataflex.KEYS, ids=lambda r: r.key)
+def test_every_dataflex_key_has_one_row_that_its_translation_reports_and_the_guide_lists(row):
+    """KEYS is the one list of DataFlex's keys: each is read by `translate`, shows in the printed mapping when given,
+    and has its line in docs/migration.md's key table."""
+    assert [r.key for r in dataflex.KEYS].count(row.key) == 1 and row.key in dataflex.DATAFLEX_KEYS
+    assert f"`{row.key}" in (Path(__file__).parent.parent / "docs" / "migration.md").read_text()
+    out = dataflex.translate(EXERCISE[row.key])
+    assert any(row.key in shown for shown, _ in out.mapping), (row.key, out.mapping)
+
+
+def test_a_key_row_with_an_action_that_does_not_exist_is_refused():
+    with pytest.raises(ValueError, match="action 'ignore' is not rename, convert, drop or refuse"):
+        dataflex.KeyRow("train_step", "ignore", "max_steps", "why")

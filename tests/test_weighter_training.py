@@ -96,9 +96,59 @@ def test_step_scope_runs_one_no_grad_forward_per_micro_batch_and_none_without_ac
     assert len(forwards) == 2  # the micro-batch is the step: its training forward gives the losses
 
 
+def masked_pool():
+    """The 3-domain pool with the first `sample_id % 11` labels of each row masked: samples of unequal token
+    counts, where a token mean and a mean over samples differ."""
+    pool = make_pool()
+    return pool.map(lambda r: {"labels": [-100] * (r["sample_id"] % 11) + r["labels"][r["sample_id"] % 11 :]})
+
+
+def masked_sample_means(pool, ids: list[int], model: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
+    """(summed loss over the supervised next tokens, their count) of each sample id under `model`."""
+    row_of = {int(i): r for r, i in enumerate(pool["sample_id"])}
+    sums, counts = [], []
+    for sid in ids:
+        row = pool[row_of[sid]]
+        x, labels = torch.tensor([row["input_ids"]]), torch.tensor(row["labels"][1:])
+        with torch.no_grad():
+            logits = model(input_ids=x).logits[0, :-1]
+        per_token = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="none")
+        sums.append(per_token.sum().item())
+        counts.append(int((labels != -100).sum()))
+    return np.array(sums), np.array(counts)
+
+
+def test_samples_reduction_averages_the_weighted_sample_means_after_the_burn_in_as_dataflex_does(tmp_path):
+    weighter = RecordingLossWeighter(strategy="linupper", temperature=0.5, burn_in_steps=1)
+    components = ComponentSet(weighter=weighter, weighting_scope="micro_batch", weighting_reduction="samples")
+    pool = masked_pool()
+    trainer = CapturingSteeredTrainer(
+        model=make_model(),
+        args=make_args(str(tmp_path), gradient_accumulation_steps=2, max_steps=2),
+        train_dataset=pool,
+        data_collator=default_data_collator,
+        steering=make_steering(pool, components, output_dir=str(tmp_path)),
+    )
+    trainer.train()
+    # step 1 (the burn-in): the host's own token mean over the step, untouched
+    sums, counts = masked_sample_means(pool, trainer.local[0], make_model())
+    assert len(set(counts)) > 1  # unequal lengths: the two reductions differ
+    np.testing.assert_allclose(trainer.captured[0], sums.sum() / int(trainer.num_items[0]), rtol=1e-5)
+    # step 2: each micro-batch's mean over its 4 samples of w_i x (token-mean loss), halved for the 2 micro-batches
+    for m in (2, 3):
+        call, n = weighter.calls[m], masked_sample_means(pool, trainer.local[m], make_model())[1]
+        assert call["ids"] == trainer.local[m] and len(set(call["weights"])) > 1
+        w, means = np.array(call["weights"]), np.array(call["losses"])
+        np.testing.assert_allclose(trainer.captured[m], (w * means).sum() / (4 * 2), rtol=1e-5)
+        token_reduced = (w * means * n).sum() / int(trainer.num_items[m])  # weighting_reduction: tokens
+        assert abs(trainer.captured[m] - token_reduced) > 1e-3
+
+
 def test_a_weighting_scope_that_does_not_exist_is_an_error_naming_it():
     with pytest.raises(ConfigError, match=r"weighting_scope 'microbatch' is not one of step, micro_batch"):
         ComponentSet(weighting_scope="microbatch")
+    with pytest.raises(ConfigError, match=r"weighting_reduction 'sample' is not one of tokens, samples"):
+        ComponentSet(weighting_reduction="sample")
 
 
 class DomainLossMixer(Mixer):

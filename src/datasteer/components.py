@@ -229,6 +229,7 @@ class ComponentSet:
     samples of the optimizer step; under gradient accumulation one extra no-grad forward per micro-batch
     computes their losses first) or "micro_batch" (each micro-batch's own samples, from its training forward
     alone, as DataFlex does). Both gather across ranks; without accumulation they are the same.
+    `weighting_reduction` ("tokens" or "samples") is how the trainer reduces the weighted losses (config.py).
     """
 
     mixer: Mixer | None = None
@@ -236,6 +237,7 @@ class ComponentSet:
     weighter: Weighter | None = None
     extra: dict[str, Component] = field(default_factory=dict)
     weighting_scope: str = "step"
+    weighting_reduction: str = "tokens"
 
     def __post_init__(self) -> None:
         if self.weighting_scope not in WEIGHTING_SCOPES:
@@ -243,6 +245,8 @@ class ComponentSet:
                 f"weighting_scope {self.weighting_scope!r} is not one of {', '.join(WEIGHTING_SCOPES)} (steering."
                 "weighting_scope: step weighs over the optimizer step, micro_batch over each micro-batch)."
             )
+        if self.weighting_reduction not in ("tokens", "samples"):
+            raise ConfigError(f"weighting_reduction {self.weighting_reduction!r} is not one of tokens, samples.")
 
     def items(self) -> list[tuple[str, Component]]:
         """(name, component) pairs; `extra` holds observers that only watch (e.g. a recorder in tests)."""

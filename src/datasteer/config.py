@@ -180,6 +180,13 @@ class SteeringConfig(StrictModel):
         "the optimizer step (under gradient accumulation one extra no-grad forward per micro-batch), micro_batch = "
         "each micro-batch's own samples, with no extra forward (DataFlex's weighting).",
     )
+    weighting_reduction: Literal["tokens", "samples"] = Field(
+        "tokens",
+        description="How a weighted loss is reduced: tokens = the host's token mean with each sample's tokens "
+        "times its weight (sum_i w_i S_i / tokens), samples = the mean over samples of each one's weighted token-mean "
+        "loss (sum_i w_i m_i / samples, DataFlex's weight trainer once its warmup_step is over; before the weighter's "
+        "burn_in_steps the host's own loss).",
+    )
 
     @field_validator("budget", mode="before")
     @classmethod

@@ -76,7 +76,7 @@ def build_components(cfg: SteeringConfig) -> ComponentSet:
         if spec is not None:
             name, params = split_component(spec, f"steering.{kind}")
             built[kind] = registry.build(kind, name, params, where=f"steering.{kind}")
-    return ComponentSet(**built, weighting_scope=cfg.weighting_scope)
+    return ComponentSet(**built, weighting_scope=cfg.weighting_scope, weighting_reduction=cfg.weighting_reduction)
 
 
 def build_steering(cfg: SteeringConfig, pool: Pool, output_dir: str) -> Steering:

@@ -238,8 +238,13 @@ class SteeringMixin:
             if not self._step_weights_ready:  # no accumulation, or weights scoped to each micro-batch
                 self._set_step_weights([(ids, domains, means, self._embeddings(capture, outputs, inputs))])
             weights = self.steering.lookup_weights(ids).to(sums.device)
-            scale = self._token_loss_scale(tokens, num_items_in_batch, is_fused_output(outputs))
-            loss = loss + scale * ((weights - 1) * self._loss_terms(per_token, sums)).sum()
+            fused = is_fused_output(outputs)
+            scale, terms = self._token_loss_scale(tokens, num_items_in_batch, fused), self._loss_terms(per_token, sums)
+            if self._reduces_samples():  # the host's NLL swapped for the samples' weighted mean (DataFlex's)
+                per_sample = self._sample_loss_scale(len(ids), num_items_in_batch, fused)
+                loss = loss + (per_sample * weights * terms / tokens.clamp_min(1) - scale * terms).sum()
+            else:
+                loss = loss + scale * ((weights - 1) * terms).sum()
         kept = per_token.detach()[mask] if self.steering.needs_token_losses else None
         self.steering.record(ids, domains, means, tokens, kept)
         return (loss, result[1]) if return_outputs else loss
@@ -319,6 +324,23 @@ class SteeringMixin:
     def _embeddings(capture: ForwardCapture, outputs: Any, inputs: dict[str, Any]) -> torch.Tensor | None:
         hidden = capture.last_hidden_state(outputs)
         return None if hidden is None else mean_pool(hidden.detach(), inputs.get("attention_mask"))
+
+    def _reduces_samples(self) -> bool:
+        """`weighting_reduction: samples` once the weighter's burn-in is over (DataFlex's weight trainer keeps the
+        model's own token-mean loss before its warmup_step, and reduces over samples from then on)."""
+        components = self.steering.components
+        burn_in = getattr(components.weighter, "burn_in_steps", 0)
+        return components.weighting_reduction == "samples" and self.state.global_step >= burn_in
+
+    def _sample_loss_scale(self, rows: int, num_items_in_batch: Any, fused: bool) -> float:
+        """d(loss)/d(sum_i w_i m_i) under `weighting_reduction: samples`: the micro-batch's mean over its rows,
+        averaged over the step's micro-batches as DataFlex's weight trainer divides it. Where the host loss was
+        normalised by `num_items_in_batch`, HF does not divide by the accumulation itself, so it is done here;
+        ranks are averaged by the gradient all-reduce."""
+        if (self.model_accepts_loss_kwargs or fused) and num_items_in_batch is not None:
+            accumulation = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+            return 1.0 / (rows * accumulation)
+        return 1.0 / rows
 
     def _token_loss_scale(self, tokens: torch.Tensor, num_items_in_batch: Any, fused: bool) -> torch.Tensor | float:
         """d(loss)/d(summed token loss), mirroring how the host normalises the loss it returns.

@@ -8,8 +8,10 @@ LLaMA-Factory ones, plus a `components.yaml` that holds each component's paramet
     warmup_step, update_step, update_times, static_mix, train_step
     init_mixture_proportions, mixture_sample_rule, mixer_eval_dataset, freeze_gate, early_stopping_min_delta
 
-`translate` turns them into a `steering` mapping (validated later by `SteeringConfig`), plus the
-LLaMA-Factory keys they imply (DataFlex's train length -> `max_steps`) and the target datasets.
+`KEYS` holds one row per key (rename / convert / drop / refuse, its datasteer target and why); the tests check each
+row against the printed mapping and docs/migration.md. `translate` turns them into a `steering` mapping (validated
+later by `SteeringConfig`), plus the LLaMA-Factory keys they imply (DataFlex's train length -> `max_steps`) and the
+target datasets.
 
 - **Parameters.** Each DataFlex parameter of `components.yaml` (and `component_overrides`) is looked up
   in `PARAMS`: renamed to datasteer's name ("DataFlex parameter window_size -> window"), converted
@@ -41,22 +43,40 @@ import yaml
 from datasteer import registry
 from datasteer.errors import ConfigError, did_you_mean, unknown_choice
 
-DATAFLEX_KEYS: tuple[str, ...] = (
-    "train_type",
-    "component_name",
-    "components_cfg_file",
-    "component_overrides",
-    "warmup_step",
-    "update_step",
-    "update_times",
-    "static_mix",
-    "train_step",
-    "init_mixture_proportions",
-    "mixture_sample_rule",
-    "mixer_eval_dataset",
-    "freeze_gate",
-    "early_stopping_min_delta",
+
+@dataclass(frozen=True)
+class KeyRow:
+    """One top-level DataFlex key: what the translation does with it (each run's printed mapping says it again for
+    the values it was given). `action`: rename (the same meaning under a datasteer name), convert (computed into
+    the target), drop (no effect, with the reason) or refuse (an error, with what to do) in some cases."""
+
+    key: str
+    action: str
+    target: str
+    reason: str
+
+    def __post_init__(self) -> None:
+        if self.action not in ("rename", "convert", "drop", "refuse"):
+            raise ValueError(f"KeyRow {self.key}: action {self.action!r} is not rename, convert, drop or refuse")
+
+
+KEYS: tuple[KeyRow, ...] = (
+    KeyRow("train_type", "convert", "steering.selector / mixer / weighter", "dynamic_*: the kind; static: no steering"),
+    KeyRow("component_name", "convert", "steering.<kind>.name", "names kept, except dynamic_moe -> moe_gate"),
+    KeyRow("components_cfg_file", "convert", "steering.<kind> parameters", "the entry's params, each through PARAMS"),
+    KeyRow("component_overrides", "convert", "steering.<kind> parameters", "merged over the file's, through PARAMS"),
+    KeyRow("warmup_step", "rename", "steering.warmup_steps", "a weighter's burn_in_steps instead"),
+    KeyRow("update_step", "rename", "steering.update_every", "no effect for a weighter (it weights every step)"),
+    KeyRow("update_times", "convert", "steering.updates", "update_times x num_train_epochs; -1: until the end"),
+    KeyRow("static_mix", "convert", "steering.mixer: static, updates 0", "train on the initial proportions"),
+    KeyRow("train_step", "convert", "max_steps", "the weight and static-mix trainers' length, else unused"),
+    KeyRow("init_mixture_proportions", "convert", "the mixer's initial proportions", "mixture_sample_rule: mixture"),
+    KeyRow("mixture_sample_rule", "convert", "the mixer's initial proportions", "stratified: size; uniform, mixture"),
+    KeyRow("mixer_eval_dataset", "rename", "target_dataset", "dynamic_moe: its gate-load rows (held_out: target)"),
+    KeyRow("freeze_gate", "rename", "steering.mixer.freeze_router", "moe_gate only; refused for other mixers"),
+    KeyRow("early_stopping_min_delta", "convert", "EarlyStoppingCallback threshold", "needs early_stopping_steps"),
 )
+DATAFLEX_KEYS: tuple[str, ...] = tuple(row.key for row in KEYS)
 TRAIN_TYPES: dict[str, str | None] = {
     "dynamic_select": "selector",
     "dynamic_mix": "mixer",
@@ -270,6 +290,7 @@ DATAFLEX_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("selector", "delta_loss"): {"dataflex_compat": True},
     ("selector", "tsds"): {"dataflex_compat": True},
     ("selector", "near"): {"dataflex_compat": True},
+    ("selector", "less"): {"checkpoints": 1},  # DataFlex scores each update on that update's gradients alone
     ("mixer", "odm"): {
         "reward_scale": 15.0,
         "min_exploration_rate": 0.03,
@@ -299,7 +320,7 @@ COMPONENT_NOTES: dict[tuple[str, str], str] = {
     ("weighter", "adapt"): (
         "weighter 'adapt' rescales its weights to mean 1 over each micro-batch (a bug fix); DataFlex's adapt would "
         "train on the sum over the micro-batch of sigmoid(s_i / tau) x loss_i with the raw weights (about 0.73 at "
-        "tau 1), i.e. about batch size x 0.73 times the mean loss (its log shows 13.2 where datasteer shows 4.49 "
+        "tau 1), i.e. about batch size x 0.73 times the mean loss (its log shows 13.2 where datasteer shows 4.54 "
         "on a batch of 4), which scales its learning rate by that factor, where its own loss weighter normalises. "
         "The relative weights are the same sigmoid of the mean cosine to the anchors; DataFlex pools the hidden "
         "states with weights rising with the position, datasteer with a plain mean of the training forward's"
@@ -459,6 +480,9 @@ class _Translator:
         overrides = self.keys.get("component_overrides") or {}
         if not isinstance(overrides, dict):
             raise ConfigError(f"component_overrides must be a mapping of parameters, got {overrides!r}.")
+        if overrides:
+            shown = f"component_overrides: {overrides}"
+            self.out.mapping.append((shown, "merged over the components file's parameters (each one below)"))
         params.update(overrides)
         self.df_params = params
         for key, value in params.items():
@@ -624,11 +648,20 @@ class _Translator:
     def _weighting_scope(self) -> None:
         """DataFlex's weight trainer weighs each micro-batch by its own losses, so no extra forward is needed."""
         self.steering["weighting_scope"] = "micro_batch"
+        self.steering["weighting_reduction"] = "samples"
         self.out.mapping.append(
             (
                 f"train_type: {self.keys['train_type']} (weights per micro-batch)",
                 "steering.weighting_scope: micro_batch (each micro-batch weighted by its own losses, as DataFlex "
                 "does; no extra forward under gradient accumulation)",
+            )
+        )
+        self.out.mapping.append(
+            (
+                f"train_type: {self.keys['train_type']} (weighted loss)",
+                "steering.weighting_reduction: samples (after warmup_step the mean over samples of each one's "
+                "weighted token-mean loss, as DataFlex's weight trainer; datasteer's own default, tokens, weights "
+                "each sample's tokens in the host's token mean)",
             )
         )
 
