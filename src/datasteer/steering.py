@@ -220,6 +220,7 @@ class Steering:
             self.selection_book.apply(0, 0, self.update_index, selection)
 
     def _log_weights(self, step: int, at: int) -> None:
+        """The `weights` event: the domain proportions the stream follows from step `at + 1`."""
         self.telemetry.weights(step, at, self.update_index, self.sampler.domain_proportions(at))
 
     def scalars(self) -> dict[str, float]:
@@ -243,25 +244,13 @@ class Steering:
         return checked_pick(chooser, picked, candidates, keep)
 
     # ------------------------------------------------------------------------ loss weighting
-    @property
-    def weights_losses(self) -> bool:
-        """Whether compute_loss must build a weighted loss (False keeps the exact HF loss)."""
-        return self.loss_weights.is_active
-
-    @property
-    def needs_embeddings(self) -> bool:
-        return self.loss_weights.needs_embeddings
-
     def step_weights(
         self, ids: torch.Tensor, domains: torch.Tensor, losses: torch.Tensor, embeddings: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Weights (N,) for every sample of the coming optimizer step, gathered from all ranks; their mean is 1
-        (`WeightTable.compute`); kept for `lookup_weights`."""
-        return self.loss_weights.compute(self.step + 1, ids, domains, losses, embeddings)
+        """Weights (N,) for every sample of the coming optimizer step, gathered from all ranks; their mean is 1.
 
-    def lookup_weights(self, ids: torch.Tensor) -> torch.Tensor:
-        """This rank's weights, by sample id, from the step's weights computed by `step_weights`."""
-        return self.loss_weights.lookup(ids)
+        `WeightTable.compute` at this step; the trainer then looks its rows up in `loss_weights`."""
+        return self.loss_weights.compute(self.step + 1, ids, domains, losses, embeddings)
 
     # ---------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
