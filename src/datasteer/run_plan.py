@@ -101,7 +101,7 @@ def check_components(
     mixer = components.mixer
     if mixer is not None:
         try:
-            sampler._checked_weights(initial_weights(), sampler._groups(0, False))
+            sampler.stream.checked_weights(initial_weights(), sampler.stream.groups(0, False))
         except ValueError as err:
             raise ConfigError(f"steering.mixer '{mixer.registered_name}': {err}") from None
     for kind, comp in components.items():
