@@ -146,15 +146,15 @@ def report(src: Path = SRC) -> str:
     """The figures of issue #33, one per line."""
     classes, functions = measures(src)
     cycles = import_cycles(import_graph(src))
-    largest_class = max(classes, key=lambda m: m.lines)
-    largest_function = max(functions, key=lambda m: m.lines)
-    long = sorted((m for m in functions if m.lines > 50), key=lambda m: -m.lines)
+    top_classes = sorted(classes, key=lambda m: -m.lines)[:3]
+    top_functions = sorted(functions, key=lambda m: -m.lines)[:3]
     lines = [
-        f"largest class: {largest_class.name} ({largest_class.lines} lines)",
-        f"largest function: {largest_function.name} ({largest_function.lines} body lines)",
+        "largest classes: " + ", ".join(f"{m.name} ({m.lines} lines)" for m in top_classes),
+        "largest functions: " + ", ".join(f"{m.name} ({m.lines} body lines)" for m in top_functions),
         f"median function body: {statistics.median(m.lines for m in functions):g} lines "
         f"over {len(functions)} functions",
-        f"functions over 50 body lines: {len(long)}" + "".join(f"\n  {m.name} ({m.lines})" for m in long),
+        f"functions over 50 body lines: {sum(m.lines > 50 for m in functions)}"
+        + "".join(f"\n  {m.name} ({m.lines})" for m in sorted(functions, key=lambda m: -m.lines) if m.lines > 50),
         "classes over 250 lines: " + (", ".join(f"{m.name} ({m.lines})" for m in classes if m.lines > 250) or "none"),
         f"import cycles: {len(cycles)}" + "".join("\n  " + " -> ".join(c) for c in cycles),
     ]
