@@ -2,7 +2,7 @@
 
 - each selection is in the steering log and in the checkpoint (ids + score summary), and a resumed run
   selects exactly what the uninterrupted one did;
-- the budget may be a fraction of the pool;
+- the budget may be a fraction of the pool (`SelectionBook.size`, tests/test_selection_book.py);
 - a selector that needs a target set fails before training when there is none;
 - selections are identical on all ranks (a real 2-process torchrun on gloo).
 """
@@ -57,14 +57,6 @@ def test_selections_are_in_the_log_and_the_checkpoint_and_resume_exactly(tmp_pat
     assert again[1]["ids"] == events[1]["ids"]  # the same model and the same (seed, update): the same draw
     assert resumed_rec.ids == full_rec.ids[3:]  # steps 4-6 trained on the same samples
     assert resumed.steering.components.selector.history == full.steering.components.selector.history
-
-
-def test_budget_is_an_int_or_a_fraction_of_the_pool():
-    index = PoolIndex.from_dataset(make_pool(), DOMAINS)  # 120 rows
-    assert Steering(index, budget=0.25)._budget() == 30
-    assert Steering(index, budget=1.0)._budget() == 120
-    assert Steering(index, budget=7)._budget() == 7
-    assert Steering(index, budget=1000)._budget() == 120  # never more than the pool
 
 
 class NeedsTarget(Selector):

@@ -21,17 +21,18 @@ _LAZY = {
     "StepRecord": "datasteer.components",
     "Weighter": "datasteer.components",
     "Schedule": "datasteer.schedule",
-    "PoolIndex": "datasteer.steering",
+    "PoolIndex": "datasteer.context",
     "Steering": "datasteer.steering",
-    "SteeringContext": "datasteer.steering",
+    "SteeringContext": "datasteer.context",
     "SteeredTrainer": "datasteer.trainer",
     "SteeringMixin": "datasteer.trainer",
 }
 
 if TYPE_CHECKING:
     from datasteer.components import ComponentSet, Mixer, Selection, Selector, StepRecord, Weighter
+    from datasteer.context import PoolIndex, SteeringContext
     from datasteer.schedule import Schedule
-    from datasteer.steering import PoolIndex, Steering, SteeringContext
+    from datasteer.steering import Steering
     from datasteer.trainer import SteeredTrainer, SteeringMixin
 
 

@@ -71,6 +71,28 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     parser.add_argument("--version", action="version", version=f"datasteer {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    commands = [
+        build(sub)
+        for build in (
+            _init_parser,
+            _train_parser,
+            _doremi_parser,
+            _score_parser,
+            _prepare_parser,
+            _components_parser,
+            _report_parser,
+            _export_parser,
+        )
+    ]  # one builder per sub-command, in the order `datasteer --help` lists them
+    version = sub.add_parser("version", help="print the version")
+    version.set_defaults(func=lambda a: print(__version__) or 0)
+    for p in (*commands, version):
+        # SUPPRESS as default: a sub-command must not reset a top-level `datasteer --debug ...`
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
+
+
+def _init_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     init = sub.add_parser(
         "init", help="write a starter config that runs as written (the demo model and data, or --model with LoRA)"
     )
@@ -89,6 +111,10 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--example", metavar="NAME", help="copy a packaged example instead (e.g. quickstart, mixers/odm)")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
     init.set_defaults(func=_init)
+    return init
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a steered run from a YAML config")
     train.add_argument("config", help="YAML config file")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=20")
@@ -97,6 +123,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--force", action="store_true", help="resume even though the steering section has changed")
     train.set_defaults(func=_train)
+    return train
+
+
+def _doremi_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     doremi = sub.add_parser("doremi", help="DoReMi: reference run, proxy run (Group DRO), final run on ᾱ")
     doremi.add_argument("config", help="YAML config whose steering.mixer is doremi")
     doremi.add_argument("overrides", nargs="*", help="section.key=value overrides, applied to every step")
@@ -104,32 +134,42 @@ def _parser() -> argparse.ArgumentParser:
         "--step", action="append", choices=("reference", "proxy", "final"), help="run only this step (repeatable)"
     )
     doremi.set_defaults(func=_doremi)
+    return doremi
+
+
+def _score_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     score = sub.add_parser("score", help="compute a selector's per-sample scores offline, keyed by sample id")
     score.add_argument("method", help="a selector that can score offline: ifd, loss, near, tsds")
     score.add_argument("config", help="YAML config: its model scores its pool (and target set)")
     score.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. model.name_or_path=small")
     score.add_argument("--out", required=True, help="parquet file to write (columns sample_id, score)")
     score.set_defaults(func=_score)
+    return score
+
+
+def _prepare_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     prepare = sub.add_parser("prepare", help="encode a config's data into its cache (once, for many runs and nodes)")
     prepare.add_argument(
         "config", help="YAML config: only its data section and model.tokenizer are read (no model section needed)"
     )
     prepare.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. data.num_proc=32")
     prepare.set_defaults(func=_prepare)
+    return prepare
+
+
+def _components_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     comps = sub.add_parser("components", help="list registered components with their parameters")
     comps.add_argument("kind", nargs="?", choices=registry.KINDS, help="only this kind")
     comps.set_defaults(func=_components)
+    return comps
+
+
+def _report_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="HTML report (+ PNGs) of one run, or of several runs compared")
     report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (train.output_dir)")
     report.add_argument("--out", help="output folder (default: RUN_DIR/report for one run, ./report for several)")
     report.set_defaults(func=_report)
-    export = _export_parser(sub)
-    version = sub.add_parser("version", help="print the version")
-    version.set_defaults(func=lambda a: print(__version__) or 0)
-    for p in (init, train, doremi, score, prepare, comps, report, export, version):
-        # SUPPRESS as default: a sub-command must not reset a top-level `datasteer --debug ...`
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    return parser
+    return report
 
 
 def _export_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:

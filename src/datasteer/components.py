@@ -17,7 +17,7 @@ import torch
 from datasteer.errors import ConfigError
 
 if TYPE_CHECKING:
-    from datasteer.steering import SteeringContext
+    from datasteer.context import SteeringContext
 
 
 @dataclass

@@ -20,19 +20,42 @@ import copy
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from datasteer.components import Component, StepRecord
+from datasteer.components import Component, ComponentSet, StepRecord
 from datasteer.errors import ConfigError
 from datasteer.steering_log import SteeringLog
 
 if TYPE_CHECKING:
-    from datasteer.steering import Steering
+    from datasteer.context import SteeringContext
+    from datasteer.sampling import SteeredSampler
+    from datasteer.schedule import Schedule
 
 log = logging.getLogger(__name__)
 RECORD_FIELDS = ("sample_ids", "domain_ids", "losses", "tokens", "token_losses")
+
+
+class Steering(Protocol):
+    """The steering as a continuation reads and drives it (`datasteer.steering.Steering` is the one there is).
+
+    Named here, not imported: `steering.py` calls this module, and this module must not import it back."""
+
+    components: ComponentSet
+    sampler: SteeredSampler
+    schedule: Schedule
+    log: SteeringLog
+    step: int
+    update_index: int
+    budget: int | float | None
+
+    @property
+    def selection_log(self) -> list[dict[str, Any]]: ...
+
+    def context(self) -> SteeringContext: ...
+
+    def update(self, step: int) -> None: ...
 
 
 def check_length(step: int, total_steps: int, where: str = "train.max_steps") -> None:

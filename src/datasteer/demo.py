@@ -25,7 +25,9 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-DOMAINS: tuple[str, ...] = ("repeat", "arith", "kv", "markov", "noise")
+from datasteer.data.config import DEMO_DOMAINS, SourceConfig
+
+DOMAINS: tuple[str, ...] = DEMO_DOMAINS  # the config's choices (`data.demo.domains`), each generated below
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<bos>", "<eos>", "<unk>")
 CHARS: tuple[str, ...] = ("\n", *(chr(c) for c in range(32, 127)))  # newline + printable ASCII
 ARITH_RANGE = (0, 59)  # training operands; `target_set` uses (60, 99) so the target is out of range
@@ -268,7 +270,6 @@ def write_sources(
 
     Each domain keeps its position in `DOMAINS` as its id index, so a subset of domains keeps its ids.
     """
-    from datasteer.data.config import SourceConfig
     from datasteer.data.sources import resolve
 
     rows = corpus(kind, samples_per_domain, seed)

@@ -27,6 +27,9 @@ that applies from the very next step, `steering.lag_steps: 0`, DataFlex's timing
 step the loader has begun prefetching; that step goes to `refetch_steps`, the trainer rebuilds its batches from
 `plan` (the positions are the same, only their rows change), and the iterator plans the rest of the stream
 again from the new stages.
+
+`SteeredSampler` holds the geometry, takes the decisions and hands the rows out; `StreamPlan` (stream_plan.py)
+holds the stages and computes which rows a position draws.
 """
 
 from __future__ import annotations
@@ -34,33 +37,13 @@ from __future__ import annotations
 import bisect
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from torch.utils.data import Sampler
 
 from datasteer.errors import DatasteerError
-
-BLOCK = 1 << 12  # positions per RNG block; draws never depend on how the iterator chunks the stream
-CHUNK = 1 << 16  # positions generated per vectorised call while iterating
-
-
-@dataclass
-class _Selection:
-    rows: np.ndarray | None  # (M,) eligible row positions, sorted; None = whole pool
-    probs: np.ndarray | None  # (M,) sampling probabilities aligned with rows, or None
-
-
-@dataclass
-class Stage:
-    start: int  # first stream position
-    weights: np.ndarray | None  # (K,) group weights over domains, or None for natural sampling
-    selection: int  # index into the sampler's selections
-    offsets: np.ndarray  # (G,) draws per group made before this stage with the same grouping
-    key: int = 0  # RNG key of the group draws: the stage's index, or the key of the stage it continues
-    shift: int = 0  # positions of that key's stream drawn before this stage (0 unless it continues one)
+from datasteer.stream_plan import CHUNK, Stage, StreamPlan, _Selection
 
 
 class SteeredSampler(Sampler[int]):
@@ -75,26 +58,39 @@ class SteeredSampler(Sampler[int]):
     """
 
     def __init__(self, domain_ids: np.ndarray, num_domains: int, seed: int = 0, content: str = "") -> None:
-        self.domain_ids = np.asarray(domain_ids, dtype=np.int64)
+        self.stream = StreamPlan(domain_ids, num_domains, seed)
         self.content = content
-        self.num_domains = int(num_domains)
-        self.seed = int(seed)
         self.samples_per_step = 0  # samples trained per optimizer step
         self.draws_per_step = 0  # stream positions per optimizer step: the step's candidates (see `bind`)
         self.total_steps = 0
         self.boundaries: set[int] = set()
         self._boundary_list: list[int] = []
-        self._start_cache: list[int] = []
-        self.stages: list[Stage] = []
-        self.selections: list[_Selection] = [_Selection(None, None)]
         self.epoch = 0
         self.high_water = -1  # largest position handed out by an iterator of this process
         self.refetch = False  # lag_steps 0: a stage may start in the step being prefetched (see the module doc)
         self.refetch_steps: set[int] = set()  # steps (0-based) whose prefetched rows a later stage replaced
         self._version = 0  # bumped by every new stage: a running iterator plans again
-        self._groups_cache: dict[tuple[int, bool], list[np.ndarray]] = {}
-        self._perm_cache: dict[tuple[int, bool, int, int], np.ndarray] = {}
-        self._count_cache: dict[int, tuple[int, np.ndarray]] = {}
+
+    # The stream's own state, read where the sampler is at hand (logs, tests, components' plans).
+    @property
+    def domain_ids(self) -> np.ndarray:
+        return self.stream.domain_ids
+
+    @property
+    def num_domains(self) -> int:
+        return self.stream.num_domains
+
+    @property
+    def seed(self) -> int:
+        return self.stream.seed
+
+    @property
+    def stages(self) -> list[Stage]:
+        return self.stream.stages
+
+    @property
+    def selections(self) -> list[_Selection]:
+        return self.stream.selections
 
     # ----------------------------------------------------------------------------------- setup
     def bind(
@@ -158,21 +154,16 @@ class SteeredSampler(Sampler[int]):
         stage = self._stage_at(step)
         if stage.weights is not None:
             return stage.weights
-        rows = self._groups(stage.selection, True)[0]
+        rows = self.stream.groups(stage.selection, True)[0]
         counts = np.bincount(self.domain_ids[rows], minlength=self.num_domains).astype(np.float64)
         return counts / counts.sum()
 
-    def _stage_index(self, pos: int) -> int:
-        """Index of the stage covering stream position `pos` (-1 before the first); stages are sorted."""
-        return bisect.bisect_right(self._starts(), pos) - 1
-
-    def _starts(self) -> list[int]:
-        if len(self._start_cache) != len(self.stages):
-            self._start_cache = [s.start for s in self.stages]
-        return self._start_cache
+    def _groups(self, selection: int, natural: bool) -> list[np.ndarray]:
+        """`StreamPlan.groups`; kept under its old name because bench/overhead.py times the group build with it."""
+        return self.stream.groups(selection, natural)
 
     def _stage_at(self, step: int) -> Stage | None:
-        i = self._stage_index(step * self.draws_per_step)
+        i = self.stream.stage_index(step * self.draws_per_step)
         return self.stages[i] if i >= 0 else None
 
     def _add_stage(self, at_step: int, weights: np.ndarray | None, selection: int) -> np.ndarray | None:
@@ -185,99 +176,13 @@ class SteeredSampler(Sampler[int]):
                 f"that step (position {start} <= {self.high_water}). Increase steering.lag_steps or lower "
                 "dataloader_num_workers / dataloader_prefetch_factor."
             )
-        while self.stages and self.stages[-1].start >= start:
-            self.stages.pop()
-        del self._start_cache[len(self.stages) :]
-        groups = self._groups(selection, weights is None)
-        if weights is not None:
-            weights = self._checked_weights(weights, groups)
-        prev = self.stages[-1] if self.stages else None
-        offsets = np.zeros(len(groups), dtype=np.int64)
-        key, shift = len(self.stages), 0
-        if prev is not None and prev.selection == selection and (prev.weights is None) == (weights is None):
-            offsets = prev.offsets + self._counts(len(self.stages) - 1, start - prev.start)
-            if weights is None or np.array_equal(weights, prev.weights):  # nothing changes: continue its draws
-                key, shift = prev.key, prev.shift + start - prev.start
-        self.stages.append(Stage(start, weights, selection, offsets, key, shift))
-        if len(self._start_cache) == len(self.stages) - 1:  # keep the sorted starts in step, O(1)
-            self._start_cache.append(start)
-        self._count_cache.pop(len(self.stages) - 1, None)
+        weights = self.stream.append(start, weights, selection)
         self._version += 1
         return weights
 
-    def _checked_weights(self, weights: np.ndarray, groups: list[np.ndarray]) -> np.ndarray:
-        w = np.asarray(weights, dtype=np.float64).reshape(-1)
-        if w.shape != (self.num_domains,):
-            raise ValueError(f"expected {self.num_domains} domain weights, got {w.size}")
-        if not np.all(np.isfinite(w)) or np.any(w < 0):
-            raise ValueError(f"domain weights must be finite and >= 0, got {w.tolist()}")
-        w = np.where(np.array([g.size > 0 for g in groups]), w, 0.0)
-        if w.sum() <= 0:
-            raise ValueError("every domain with a positive weight has no eligible sample")
-        return w / w.sum()
-
-    # ----------------------------------------------------------------------------- the stream
-    def _groups(self, selection: int, natural: bool) -> list[np.ndarray]:
-        key = (selection, natural)
-        if key not in self._groups_cache:
-            sel = self.selections[selection]
-            rows = np.arange(len(self.domain_ids)) if sel.rows is None else sel.rows
-            if natural:
-                groups = [rows]
-            else:
-                dom = self.domain_ids[rows]
-                groups = [rows[dom == d] for d in range(self.num_domains)]
-            self._groups_cache[key] = groups
-        return self._groups_cache[key]
-
-    def _uniforms(self, stage_idx: int, rel_start: int, rel_stop: int, stream: int) -> np.ndarray:
-        """Uniforms for relative positions [rel_start, rel_stop) of a stage, keyed by (stage key, block)."""
-        stage = self.stages[stage_idx]
-        a, b = rel_start + stage.shift, rel_stop + stage.shift
-        out = []
-        for block in range(a // BLOCK, (b - 1) // BLOCK + 1):
-            u = np.random.default_rng([self.seed, stream, stage.key, block]).random(BLOCK)
-            lo = max(a - block * BLOCK, 0)
-            hi = min(b - block * BLOCK, BLOCK)
-            out.append(u[lo:hi])
-        return np.concatenate(out) if out else np.empty(0)
-
-    def _draw_groups(self, stage_idx: int, rel_start: int, rel_stop: int) -> np.ndarray:
-        stage = self.stages[stage_idx]
-        if stage.weights is None:
-            return np.zeros(rel_stop - rel_start, dtype=np.int64)
-        cdf = np.cumsum(stage.weights)
-        u = self._uniforms(stage_idx, rel_start, rel_stop, stream=0) * cdf[-1]
-        g = np.zeros(u.size, dtype=np.int64)
-        for edge in cdf[:-1]:  # K comparisons beat a binary search per position for small K
-            g += u >= edge
-        return g
-
-    def _counts(self, stage_idx: int, rel: int) -> np.ndarray:
-        """Draws per group in the first `rel` positions of a stage (incrementally cached)."""
-        n_groups = len(self.stages[stage_idx].offsets)
-        done, counts = self._count_cache.get(stage_idx, (0, np.zeros(n_groups, dtype=np.int64)))
-        if rel < done:
-            done, counts = 0, np.zeros(n_groups, dtype=np.int64)
-        if rel > done:
-            counts = counts + np.bincount(self._draw_groups(stage_idx, done, rel), minlength=n_groups)
-        self._count_cache[stage_idx] = (rel, counts)
-        return counts
-
     def plan(self, start: int, stop: int) -> np.ndarray:
         """Pool rows for stream positions [start, stop), vectorised; the same on every rank."""
-        if not self.stages:
-            raise RuntimeError("the sampler has no stage yet; the trainer sets the initial one")
-        parts = []
-        for i in range(max(self._stage_index(start), 0), len(self.stages)):
-            stage = self.stages[i]
-            if stage.start >= stop:
-                break
-            end = self.stages[i + 1].start if i + 1 < len(self.stages) else max(stop, stage.start)
-            lo, hi = max(start, stage.start), min(stop, end)
-            for a in range(lo, hi, CHUNK):  # cache-sized pieces; the rows are those of one call
-                parts.append(self._plan_stage(i, a - stage.start, min(a + CHUNK, hi) - stage.start))
-        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+        return self.stream.plan(start, stop)
 
     def planned_rows(self, start_step: int, end_step: int) -> np.ndarray:
         """Sorted distinct pool rows that optimizer steps start_step+1 .. end_step draw under the current stages.
@@ -295,64 +200,13 @@ class SteeredSampler(Sampler[int]):
             seen[self.plan(pos, min(pos + CHUNK, stop))] = True
         return np.flatnonzero(seen)
 
-    def _plan_stage(self, stage_idx: int, rel_start: int, rel_stop: int) -> np.ndarray:
-        stage = self.stages[stage_idx]
-        groups = self._groups(stage.selection, stage.weights is None)
-        g = self._draw_groups(stage_idx, rel_start, rel_stop)
-        before = self._counts(stage_idx, rel_start)
-        counts = np.zeros(len(groups), dtype=np.int64)
-        probs = self.selections[stage.selection].probs
-        u = self._uniforms(stage_idx, rel_start, rel_stop, stream=1) if probs is not None else None
-        rows = np.empty_like(g)
-        for gi, members in enumerate(groups):
-            where = np.flatnonzero(g == gi) if len(groups) > 1 else np.arange(g.size)
-            counts[gi] = where.size
-            if where.size == 0:
-                continue
-            if u is not None:
-                rows[where] = self._iid_rows(stage, members, u[where])
-            else:  # the group's k-th draw, k counted from the start of its permutation sequence
-                rows[where] = self._permuted_rows(stage, gi, members, int(stage.offsets[gi] + before[gi]), where.size)
-        self._count_cache[stage_idx] = (rel_stop, before + counts)
-        return rows
-
-    def _iid_rows(self, stage: Stage, members: np.ndarray, u: np.ndarray) -> np.ndarray:
-        """I.i.d. draws from the selection's probabilities, restricted to the group's members."""
-        sel = self.selections[stage.selection]
-        cdf = np.cumsum(sel.probs[np.searchsorted(sel.rows, members)])
-        return members[np.minimum(np.searchsorted(cdf, u * cdf[-1], side="right"), members.size - 1)]
-
-    def _permuted_rows(self, stage: Stage, gi: int, members: np.ndarray, k0: int, size: int) -> np.ndarray:
-        """The group's draws k0 .. k0+size-1: draw k is element k mod n of the permutation of epoch k // n, so
-        each epoch visits every member once, and a run of draws is a run of slices of permutations."""
-        n = members.size
-        out = np.empty(size, dtype=np.int64)
-        done = 0
-        while done < size:
-            epoch, at = divmod(k0 + done, n)
-            take = min(size - done, n - at)
-            out[done : done + take] = members[self._perm(stage, gi, n, epoch)[at : at + take]]
-            done += take
-        return out
-
-    def _perm(self, stage: Stage, gi: int, n: int, epoch: int) -> np.ndarray:
-        key = (stage.selection, stage.weights is None, gi, epoch)
-        if key not in self._perm_cache:
-            if len(self._perm_cache) > 64:
-                self._perm_cache.clear()
-            rng = np.random.default_rng([self.seed, 2, stage.selection, int(stage.weights is None), gi, epoch])
-            perm = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
-            rng.shuffle(perm)
-            self._perm_cache[key] = perm
-        return self._perm_cache[key]
-
     def __iter__(self) -> Iterator[int]:
         length = len(self)
         pos, stop = self.epoch * length, (self.epoch + 1) * length
         while pos < stop:
             later = bisect.bisect_right(self._boundary_list, pos)
             nxt = min(stop, pos + CHUNK, *self._boundary_list[later : later + 1])
-            if pos in self.boundaries and self.stages[self._stage_index(pos)].start != pos:
+            if pos in self.boundaries and self.stages[self.stream.stage_index(pos)].start != pos:
                 if not self.refetch:
                     raise RuntimeError(
                         f"the data loader reached step {pos // self.draws_per_step + 1} before the steering "
@@ -382,24 +236,7 @@ class SteeredSampler(Sampler[int]):
             "draws_per_step": self.draws_per_step,
             "pool_fingerprint": pool_fingerprint(self.domain_ids),
             "pool_content": self.content,
-            "selections": [
-                {
-                    "rows": None if s.rows is None else torch.from_numpy(s.rows),
-                    "probs": None if s.probs is None else torch.from_numpy(s.probs),
-                }
-                for s in self.selections
-            ],
-            "stages": [
-                {
-                    "start": s.start,
-                    "weights": None if s.weights is None else torch.from_numpy(s.weights),
-                    "selection": s.selection,
-                    "offsets": torch.from_numpy(s.offsets),
-                    "key": s.key,
-                    "shift": s.shift,
-                }
-                for s in self.stages
-            ],
+            **self.stream.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -418,26 +255,10 @@ class SteeredSampler(Sampler[int]):
                 "on them do not belong to this data. Restore the data the run started with, or start a fresh "
                 "output_dir."
             )
-        self.seed = int(state["seed"])
         self.samples_per_step = int(state["samples_per_step"])
         self.draws_per_step = int(state.get("draws_per_step", self.samples_per_step))  # older states: no draw
-        self.selections = [_Selection(_np(s["rows"]), _np(s["probs"])) for s in state["selections"]]
-        self.stages = [_stage(i, s) for i, s in enumerate(state["stages"])]
-        self._groups_cache.clear()
-        self._perm_cache.clear()
-        self._count_cache.clear()
-        self._start_cache = []
+        self.stream.load_state_dict(state)
         self.high_water = -1
-
-
-def _stage(index: int, s: dict[str, Any]) -> Stage:
-    """A saved stage; one saved before stages had RNG keys used its own index as key, with no shift."""
-    offsets, key, shift = _np(s["offsets"]), int(s.get("key", index)), int(s.get("shift", 0))
-    return Stage(int(s["start"]), _np(s["weights"]), int(s["selection"]), offsets, key, shift)
-
-
-def _np(t: torch.Tensor | None) -> np.ndarray | None:
-    return None if t is None else t.numpy().copy()
 
 
 def pool_fingerprint(domain_ids: np.ndarray) -> str:

@@ -318,21 +318,35 @@ def align_scores(
         f"{changed.size} of the {int(scored.sum())} pool rows it scores hold other tokens than the row it scored "
         f"under the same id, the first {_first(changed)}"
     )
+    _check_ids(file, pool_ids, changed, content, fix)
+    _check_rows(file, changed, content, fix, strict, strict_key)
+    return file.scores[pos]
+
+
+def _check_ids(file: ScoreFile, pool_ids: np.ndarray, changed: np.ndarray, content: str, fix: str) -> None:
+    """Refuse a file whose ids are not exactly the pool's, counting both directions (and naming changed rows,
+    which say the ids shifted: a source edited since it was scored)."""
     missing = np.setdiff1d(pool_ids, file.ids)
     extra = np.setdiff1d(file.ids, pool_ids)
-    if missing.size or extra.size:
-        why = (
-            "A source was edited since it was scored (ids are row positions: a deleted or inserted row shifts "
-            "every later row), or the file is of other data"
-            if changed.size
-            else "It was computed for other data (other sources, eval split or filtering)"
-        )
-        raise DatasteerError(
-            f"score file '{file.path}' does not match the training pool: "
-            + (f"{content}; " if changed.size else "")
-            + f"{missing.size} of {pool_ids.size} pool sample(s) have no score{_examples(missing)}, and "
-            f"{extra.size} of its {file.ids.size} id(s) are not in the pool{_examples(extra)}. {why}. {fix}."
-        )
+    if not (missing.size or extra.size):
+        return
+    why = (
+        "A source was edited since it was scored (ids are row positions: a deleted or inserted row shifts "
+        "every later row), or the file is of other data"
+        if changed.size
+        else "It was computed for other data (other sources, eval split or filtering)"
+    )
+    raise DatasteerError(
+        f"score file '{file.path}' does not match the training pool: "
+        + (f"{content}; " if changed.size else "")
+        + f"{missing.size} of {pool_ids.size} pool sample(s) have no score{_examples(missing)}, and "
+        f"{extra.size} of its {file.ids.size} id(s) are not in the pool{_examples(extra)}. {why}. {fix}."
+    )
+
+
+def _check_rows(file: ScoreFile, changed: np.ndarray, content: str, fix: str, strict: bool, strict_key: str) -> None:
+    """Refuse (warn, with `strict` False) a file that cannot be checked row by row, or whose rows under some
+    ids hold other tokens than the pool's rows under them."""
     if file.fingerprints is None:
         what = (
             f"score file '{file.path}' has format {file.meta.get('format')!r}, written before score files held a "
@@ -353,7 +367,6 @@ def align_scores(
                 f"another tokenizer), set {strict_key}: false to use them by id."
             )
         log.warning("%s; using its scores by id (%s: false).", what, strict_key)
-    return file.scores[pos]
 
 
 def _fix(file: ScoreFile, method: str) -> str:

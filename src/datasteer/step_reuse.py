@@ -61,7 +61,7 @@ def reuse_blocker(trainer: Any, mixin: type) -> str | None:
         return f"the host's own compute_loss ({', '.join(hosts)}), a loss datasteer does not reproduce"
     if trainer.compute_loss_func is not None or trainer.label_smoother is not None:
         return "a compute_loss_func or label smoothing changes the host's loss"
-    if steering.needs_embeddings or steering.needs_token_losses:
+    if steering.loss_weights.needs_embeddings or steering.needs_token_losses:
         return "a component reads the training forward's hidden states or token losses"
     dropout = active_dropout(trainer.model)
     return f"dropout is active in training ({dropout}) and the selection pass runs without it" if dropout else None
@@ -136,10 +136,10 @@ class GradientReuse:
         idx = torch.as_tensor(rows, device=capture.means.device)
         means, tokens = capture.means[idx], capture.tokens[idx].to(capture.means.dtype)
         weights = torch.ones_like(means)
-        if steering.weights_losses:
+        if steering.loss_weights.is_active:
             if not trainer._step_weights_ready:  # no accumulation, or weights scoped to each micro-batch
                 trainer._set_step_weights([(ids, domains, means, None)])
-            weights = steering.lookup_weights(ids).to(means)
+            weights = steering.loss_weights.lookup(ids).to(means)
         coeff = trainer._token_loss_scale(tokens, num_items_in_batch, False) * weights  # on each summed loss
         steering.record(ids, domains, means, tokens, None)
         value = (coeff * means * tokens).sum()

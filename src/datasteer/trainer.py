@@ -220,8 +220,8 @@ class SteeringMixin:
         if self._reuse is not None and self._reuse.pending:  # the pick, trained on the selection pass's gradients
             loss = self._reuse.loss(self, ids, domains, num_items_in_batch)
             return (loss, None) if return_outputs else loss
-        weighted = self.steering.weights_losses
-        embed = weighted and self.steering.needs_embeddings
+        weighted = self.steering.loss_weights.is_active
+        embed = weighted and self.steering.loss_weights.needs_embeddings
         if embed:
             inputs["output_hidden_states"] = True
         labels = inputs.get("labels")  # HF's label smoothing pops them from `inputs`
@@ -237,7 +237,7 @@ class SteeringMixin:
         if weighted:
             if not self._step_weights_ready:  # no accumulation, or weights scoped to each micro-batch
                 self._set_step_weights([(ids, domains, means, self._embeddings(capture, outputs, inputs))])
-            weights = self.steering.lookup_weights(ids).to(sums.device)
+            weights = self.steering.loss_weights.lookup(ids).to(sums.device)
             fused = is_fused_output(outputs)
             scale, terms = self._token_loss_scale(tokens, num_items_in_batch, fused), self._loss_terms(per_token, sums)
             if self._reduces_samples():  # the host's NLL swapped for the samples' weighted mean (DataFlex's)
@@ -271,16 +271,16 @@ class SteeringMixin:
                 self._reuse.plan_step(batches, picked, per_batch)
         self._step_weights_ready = False
         whole_step = self.steering.components.weighting_scope == "step"
-        if self.steering.weights_losses and whole_step and len(batches) > 1 and self.model.training:
+        if self.steering.loss_weights.is_active and whole_step and len(batches) > 1 and self.model.training:
             if self._reuse is not None and self._reuse.pending:  # the selection pass has them: no extra forward
                 self._set_step_weights(self._reuse.step_rows())
                 return batches, num_items
-            rows = []
+            rows, embed = [], self.steering.loss_weights.needs_embeddings
             with self.steering.charged():  # the extra forwards are steering's cost: steer/overhead_s
                 for batch in batches:
                     if "sample_id" not in batch or "domain_id" not in batch:
                         raise missing_ids_error(batch)
-                    means, embeddings = batch_losses(self.model_wrapped, batch, self.steering.needs_embeddings)
+                    means, embeddings = batch_losses(self.model_wrapped, batch, embed)
                     rows.append((batch["sample_id"], batch["domain_id"], means, embeddings))
             self._set_step_weights(rows)
         return batches, num_items

@@ -86,6 +86,12 @@ class SourceConfig(StrictModel):
         return self
 
 
+# The demo corpus's domains, easiest to hardest (`datasteer.demo` generates them and takes this tuple as its
+# `DOMAINS`). Declared here, with the config that chooses among them, so that checking a config imports no part
+# of the demo (torch, transformers) and the data layer does not depend on it: the demo depends on the data layer.
+DEMO_DOMAINS: tuple[str, ...] = ("repeat", "arith", "kv", "markov", "noise")
+
+
 class DemoDataConfig(StrictModel):
     """Use the synthetic corpus of `datasteer.demo` instead of files (quickstart, tests, benchmarks)."""
 
@@ -100,13 +106,11 @@ class DemoDataConfig(StrictModel):
     @field_validator("domains")
     @classmethod
     def _known_domains(cls, v: list[str] | None) -> list[str] | None:
-        from datasteer.demo import DOMAINS
-
         if v is None:
             return v
         for name in v:
-            if name not in DOMAINS:
-                raise unknown_choice("demo domain", name, DOMAINS, where="data.demo.domains")
+            if name not in DEMO_DOMAINS:
+                raise unknown_choice("demo domain", name, DEMO_DOMAINS, where="data.demo.domains")
         if not v or len(set(v)) != len(v):
             raise ValueError("demo domains must be a non-empty list without repeats")
         return v

@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from datasteer.errors import ConfigError
-
-if TYPE_CHECKING:
-    from datasteer.data.config import DataConfig
 
 SFT_FORMATS = ("prompt_response", "alpaca", "sharegpt", "messages")
 TAGGED = ("sharegpt", "messages")  # formats whose messages are objects with tagged roles
@@ -43,6 +40,15 @@ DEFAULT_TAGS = {
 }
 # the role each tag becomes in a conversation (a function call is an assistant turn, its result a tool turn)
 ROLE_OF_TAG = {"user_tag": "user", "assistant_tag": "assistant", "observation_tag": "tool", "function_tag": "assistant"}
+
+
+class ColumnNames(Protocol):
+    """The data config's default column names (`DataConfig` is one). A protocol, not an import of it: the config
+    imports this module's format vocabulary (`COLUMN_KEYS`, `TAG_KEYS`, `TAGGED`) to check its keys."""
+
+    prompt_column: str
+    response_column: str
+    messages_column: str
 
 
 class RowError(Exception):
@@ -74,7 +80,7 @@ class RowFormat:
         )
 
 
-def default_columns(name: str, cfg: DataConfig) -> dict[str, str]:
+def default_columns(name: str, cfg: ColumnNames) -> dict[str, str]:
     """The columns a format reads when `columns:` does not name them (optional ones are used when present)."""
     alpaca = {"prompt": "instruction", "query": "input", "response": "output", "system": "system", "history": "history"}
     return {
@@ -86,7 +92,7 @@ def default_columns(name: str, cfg: DataConfig) -> dict[str, str]:
 
 
 def resolve_format(
-    cfg: DataConfig, declared: str, columns: dict[str, str], tags: dict[str, str], present: list[str], where: str
+    cfg: ColumnNames, declared: str, columns: dict[str, str], tags: dict[str, str], present: list[str], where: str
 ) -> RowFormat:
     """The format of a file with the columns `present`: the declared one, or the one that fits (auto).
 
@@ -107,7 +113,7 @@ def resolve_format(
     return RowFormat(name, used, {**DEFAULT_TAGS.get(name, {}), **tags})
 
 
-def _fits(cfg: DataConfig, columns: dict[str, str], present: list[str]) -> list[str]:
+def _fits(cfg: ColumnNames, columns: dict[str, str], present: list[str]) -> list[str]:
     """Formats whose required columns the file has and which take every part `columns` names. Alpaca that
     would read nothing beyond prompt/response is the same reading as prompt_response, so it does not compete."""
     fits = []
@@ -122,7 +128,7 @@ def _fits(cfg: DataConfig, columns: dict[str, str], present: list[str]) -> list[
     return fits
 
 
-def _detect(cfg: DataConfig, fits: list[str], columns: dict[str, str], present: list[str], where: str) -> str:
+def _detect(cfg: ColumnNames, fits: list[str], columns: dict[str, str], present: list[str], where: str) -> str:
     """The one format whose required columns the file has; none or several is an error naming them all."""
     if len(fits) == 1:
         return fits[0]
