@@ -48,26 +48,62 @@ from datasteer.errors import ConfigError, did_you_mean, unknown_choice
 class KeyRow:
     """One top-level DataFlex key: what the translation does with it (each run's printed mapping says it again for
     the values it was given). `action`: rename (the same meaning under a datasteer name), convert (computed into
-    the target), drop (no effect, with the reason) or refuse (an error, with what to do) in some cases."""
+    the target), drop (no effect, with the reason) or refuse (an error, with what to do) in some cases.
+    `unused_with`: where DataFlex's trainer never reads the key, so the mapping prints it as unused there:
+    "static_mix" (static_mix: true builds no component) and "weighter" (its trainer weights every step)."""
 
     key: str
     action: str
     target: str
     reason: str
+    unused_with: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.action not in ("rename", "convert", "drop", "refuse"):
             raise ValueError(f"KeyRow {self.key}: action {self.action!r} is not rename, convert, drop or refuse")
+        unknown = sorted(set(self.unused_with) - {"static_mix", "weighter"})
+        if unknown:
+            raise ValueError(f"KeyRow {self.key}: unused_with {unknown} is not static_mix or weighter")
 
 
 KEYS: tuple[KeyRow, ...] = (
     KeyRow("train_type", "convert", "steering.selector / mixer / weighter", "dynamic_*: the kind; static: no steering"),
-    KeyRow("component_name", "convert", "steering.<kind>.name", "names kept, except dynamic_moe -> moe_gate"),
-    KeyRow("components_cfg_file", "convert", "steering.<kind> parameters", "the entry's params, each through PARAMS"),
-    KeyRow("component_overrides", "convert", "steering.<kind> parameters", "merged over the file's, through PARAMS"),
-    KeyRow("warmup_step", "rename", "steering.warmup_steps", "a weighter's burn_in_steps instead"),
-    KeyRow("update_step", "rename", "steering.update_every", "no effect for a weighter (it weights every step)"),
-    KeyRow("update_times", "convert", "steering.updates", "update_times x num_train_epochs; -1: until the end"),
+    KeyRow(
+        "component_name",
+        "convert",
+        "steering.<kind>.name",
+        "names kept, except dynamic_moe -> moe_gate",
+        ("static_mix",),
+    ),
+    KeyRow(
+        "components_cfg_file",
+        "convert",
+        "steering.<kind> parameters",
+        "the entry's params, each through PARAMS",
+        ("static_mix",),
+    ),
+    KeyRow(
+        "component_overrides",
+        "convert",
+        "steering.<kind> parameters",
+        "merged over the file's, through PARAMS",
+        ("static_mix",),
+    ),
+    KeyRow("warmup_step", "rename", "steering.warmup_steps", "a weighter's burn_in_steps instead", ("static_mix",)),
+    KeyRow(
+        "update_step",
+        "rename",
+        "steering.update_every",
+        "no effect for a weighter (it weights every step)",
+        ("static_mix", "weighter"),
+    ),
+    KeyRow(
+        "update_times",
+        "convert",
+        "steering.updates",
+        "update_times x num_train_epochs; -1: until the end",
+        ("static_mix", "weighter"),
+    ),
     KeyRow("static_mix", "convert", "steering.mixer: static, updates 0", "train on the initial proportions"),
     KeyRow("train_step", "convert", "max_steps", "the weight and static-mix trainers' length, else unused"),
     KeyRow("init_mixture_proportions", "convert", "the mixer's initial proportions", "mixture_sample_rule: mixture"),
@@ -634,9 +670,8 @@ def _schedule(tr: _Translator) -> None:
         _warmup(tr, warmup)
     if tr.kind == "weighter":
         _weighting_scope(tr)
-        for key in ("update_step", "update_times"):
-            if key in k:
-                tr.mapped(f"{key}: {k[key]}", "no effect (a weighter weights every step)")
+        for key in _unused_keys(tr, "weighter"):
+            tr.mapped(f"{key}: {k[key]}", "no effect (a weighter weights every step)")
         return
     if "update_step" in k:
         tr.set("update_step", "update_every", int(k["update_step"]))
@@ -760,6 +795,11 @@ def _own_warmup_note(tr: _Translator) -> None:
 
 
 # ------------------------------------------------------------------------------------ mixture
+def _unused_keys(tr: _Translator, where: str) -> list[str]:
+    """The given keys whose KEYS row says DataFlex's trainer never reads them `where`, in the table's order."""
+    return [row.key for row in KEYS if where in row.unused_with and row.key in tr.keys]
+
+
 MIX_KEYS = ("init_mixture_proportions", "mixture_sample_rule", "static_mix")  # dynamic_mix only
 
 
@@ -768,11 +808,7 @@ def _static_mix(tr: _Translator) -> None:
     tr.use_component(str(tr.keys.get("component_name", "static")), "static")
     tr.mapped("train_type: dynamic_mix, static_mix: true", "steering.mixer: static")
     tr.steering["updates"] = 0
-    unused = ("components_cfg_file", "component_overrides", "warmup_step", "update_step", "update_times")
-    ignored = [k for k in unused if k in tr.keys]
-    if "component_name" in tr.keys:
-        ignored.insert(0, "component_name")
-    for k in ignored:
+    for k in _unused_keys(tr, "static_mix"):
         tr.mapped(f"{k}: {tr.keys[k]}", "unused with static_mix: true (as in DataFlex)")
 
 
