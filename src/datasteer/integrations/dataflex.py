@@ -504,7 +504,7 @@ class _Translator:
             f"{what_to_do}."
         )
 
-    def set(self, key: str, native: str, value: Any) -> None:
+    def set_key(self, key: str, native: str, value: Any) -> None:
         """steering.<native> from the top-level DataFlex key `key`."""
         self.steering[native] = value
         self.mapped(f"{key}: {self.keys[key]}", f"steering.{native}: {'null' if value is None else value}")
@@ -674,11 +674,11 @@ def _schedule(tr: _Translator) -> None:
             tr.mapped(f"{key}: {k[key]}", "no effect (a weighter weights every step)")
         return
     if "update_step" in k:
-        tr.set("update_step", "update_every", int(k["update_step"]))
+        tr.set_key("update_step", "update_every", int(k["update_step"]))
     times = int(k.get("update_times", 1))  # DataFlex's default: one update
     epochs = float(tr.raw.get("num_train_epochs", 3.0))
     if times < 0:
-        tr.set("update_times", "updates", None)
+        tr.set_key("update_times", "updates", None)
     elif "update_times" in k or _int(k.get("update_step")) > 0:
         _updates(tr, times, epochs)
     if times != 0:
@@ -722,7 +722,7 @@ def _weighting_scope(tr: _Translator) -> None:
 def _warmup(tr: _Translator, steps: int) -> None:
     """warmup_step: steering.warmup_steps, or a weighter's own burn-in parameter."""
     if tr.kind != "weighter":
-        tr.set("warmup_step", "warmup_steps", steps)
+        tr.set_key("warmup_step", "warmup_steps", steps)
         return
     param = next((p for p in WEIGHTER_WARMUP_PARAMS if tr.accepted is None or p in tr.accepted), None)
     if param is not None:
