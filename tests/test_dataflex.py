@@ -495,3 +495,19 @@ def test_every_key_row_unused_somewhere_is_printed_as_unused_there(key, where):
 def test_a_key_row_unused_with_an_unknown_place_is_refused():
     with pytest.raises(ValueError, match=r"unused_with \['selector'\] is not static_mix or weighter"):
         dataflex.KeyRow("update_step", "rename", "steering.update_every", "why", ("selector",))
+
+
+@pytest.mark.parametrize("row", [r for r in dataflex.KEYS if r.only_for], ids=lambda r: r.key)
+def test_every_mixer_only_key_row_is_refused_for_a_selector_and_a_weighter(row):
+    """A row with only_for: mixer is an error naming the key for the other kinds (DataFlex's trainer never reads it)."""
+    weighter = {"train_type": "dynamic_weight", "component_name": "uniform"}
+    for base in (SELECT, weighter):
+        config = {**base, row.key: EXERCISE[row.key][row.key]}
+        with pytest.raises(ConfigError, match=f"^{row.key} only apply to train_type: dynamic_mix \\(got dynamic_"):
+            dataflex.translate(config)
+    dataflex.translate(EXERCISE[row.key])  # and is read by a mixer
+
+
+def test_a_key_row_only_for_a_kind_other_than_mixer_is_refused():
+    with pytest.raises(ValueError, match="only_for 'selector' is not mixer"):
+        dataflex.KeyRow("static_mix", "convert", "steering.mixer", "why", only_for="selector")

@@ -50,13 +50,15 @@ class KeyRow:
     the values it was given). `action`: rename (the same meaning under a datasteer name), convert (computed into
     the target), drop (no effect, with the reason) or refuse (an error, with what to do) in some cases.
     `unused_with`: where DataFlex's trainer never reads the key, so the mapping prints it as unused there:
-    "static_mix" (static_mix: true builds no component) and "weighter" (its trainer weights every step)."""
+    "static_mix" (static_mix: true builds no component) and "weighter" (its trainer weights every step).
+    `only_for`: "mixer" where only DataFlex's mix trainer reads the key: an error for a selector or weighter."""
 
     key: str
     action: str
     target: str
     reason: str
     unused_with: tuple[str, ...] = ()
+    only_for: str | None = None
 
     def __post_init__(self) -> None:
         if self.action not in ("rename", "convert", "drop", "refuse"):
@@ -64,6 +66,8 @@ class KeyRow:
         unknown = sorted(set(self.unused_with) - {"static_mix", "weighter"})
         if unknown:
             raise ValueError(f"KeyRow {self.key}: unused_with {unknown} is not static_mix or weighter")
+        if self.only_for not in (None, "mixer"):
+            raise ValueError(f"KeyRow {self.key}: only_for {self.only_for!r} is not mixer (or None)")
 
 
 KEYS: tuple[KeyRow, ...] = (
@@ -104,10 +108,28 @@ KEYS: tuple[KeyRow, ...] = (
         "update_times x num_train_epochs; -1: until the end",
         ("static_mix", "weighter"),
     ),
-    KeyRow("static_mix", "convert", "steering.mixer: static, updates 0", "train on the initial proportions"),
     KeyRow("train_step", "convert", "max_steps", "the weight and static-mix trainers' length, else unused"),
-    KeyRow("init_mixture_proportions", "convert", "the mixer's initial proportions", "mixture_sample_rule: mixture"),
-    KeyRow("mixture_sample_rule", "convert", "the mixer's initial proportions", "stratified: size; uniform, mixture"),
+    KeyRow(
+        "init_mixture_proportions",
+        "convert",
+        "the mixer's initial proportions",
+        "mixture_sample_rule: mixture",
+        only_for="mixer",
+    ),
+    KeyRow(
+        "mixture_sample_rule",
+        "convert",
+        "the mixer's initial proportions",
+        "stratified: size; uniform, mixture",
+        only_for="mixer",
+    ),
+    KeyRow(
+        "static_mix",
+        "convert",
+        "steering.mixer: static, updates 0",
+        "train on the initial proportions",
+        only_for="mixer",
+    ),
     KeyRow("mixer_eval_dataset", "rename", "target_dataset", "dynamic_moe: its gate-load rows (held_out: target)"),
     KeyRow("freeze_gate", "rename", "steering.mixer.freeze_router", "moe_gate only; refused for other mixers"),
     KeyRow("early_stopping_min_delta", "convert", "EarlyStoppingCallback threshold", "needs early_stopping_steps"),
@@ -475,7 +497,7 @@ class _Translator:
         if self.kind == "mixer":
             _mixture(self)
         else:
-            _refuse_mix_keys(self)
+            _refuse_mixer_keys(self)
         _train_length(self)
         _own_warmup_note(self)
         _target(self)
@@ -800,9 +822,6 @@ def _unused_keys(tr: _Translator, where: str) -> list[str]:
     return [row.key for row in KEYS if where in row.unused_with and row.key in tr.keys]
 
 
-MIX_KEYS = ("init_mixture_proportions", "mixture_sample_rule", "static_mix")  # dynamic_mix only
-
-
 def _static_mix(tr: _Translator) -> None:
     """static_mix: true — DataFlex builds no mixer at all and trains on the initial proportions."""
     tr.use_component(str(tr.keys.get("component_name", "static")), "static")
@@ -812,8 +831,9 @@ def _static_mix(tr: _Translator) -> None:
         tr.mapped(f"{k}: {tr.keys[k]}", "unused with static_mix: true (as in DataFlex)")
 
 
-def _refuse_mix_keys(tr: _Translator) -> None:
-    bad = [k for k in MIX_KEYS if k in tr.keys]
+def _refuse_mixer_keys(tr: _Translator) -> None:
+    """A selector or weighter given keys whose KEYS row says only a mixer's trainer reads them: an error."""
+    bad = [row.key for row in KEYS if row.only_for == "mixer" and row.key in tr.keys]
     if bad:
         raise ConfigError(f"{', '.join(bad)} only apply to train_type: dynamic_mix (got {tr.keys['train_type']}).")
 
