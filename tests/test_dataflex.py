@@ -469,3 +469,45 @@ def test_every_dataflex_key_has_one_row_that_its_translation_reports_and_the_gui
 def test_a_key_row_with_an_action_that_does_not_exist_is_refused():
     with pytest.raises(ValueError, match="action 'ignore' is not rename, convert, drop or refuse"):
         dataflex.KeyRow("train_step", "ignore", "max_steps", "why")
+
+
+UNUSED_MEANING = {
+    "static_mix": "unused with static_mix: true (as in DataFlex)",
+    "weighter": "no effect (a weighter weights every step)",
+}
+UNUSED_BASE = {
+    "static_mix": {**MIX, "static_mix": True},
+    "weighter": {"train_type": "dynamic_weight", "component_name": "uniform"},
+}
+UNUSED_ROWS = [(row.key, where) for row in dataflex.KEYS for where in row.unused_with]
+
+
+@pytest.mark.parametrize(("key", "where"), UNUSED_ROWS, ids=lambda v: str(v))
+def test_every_key_row_unused_somewhere_is_printed_as_unused_there(key, where):
+    """A row's `unused_with` is what the mapping prints: the key given under static_mix: true (or to a weighter) has
+    its own line saying DataFlex's trainer does not read it, and sets nothing in the steering section."""
+    value = EXERCISE[key][key]
+    out = dataflex.translate({**UNUSED_BASE[where], key: value})
+    assert (f"{key}: {value}", UNUSED_MEANING[where]) in out.mapping, out.mapping
+    assert out.steering == dataflex.translate(UNUSED_BASE[where]).steering
+
+
+def test_a_key_row_unused_with_an_unknown_place_is_refused():
+    with pytest.raises(ValueError, match=r"unused_with \['selector'\] is not static_mix or weighter"):
+        dataflex.KeyRow("update_step", "rename", "steering.update_every", "why", ("selector",))
+
+
+@pytest.mark.parametrize("row", [r for r in dataflex.KEYS if r.only_for], ids=lambda r: r.key)
+def test_every_mixer_only_key_row_is_refused_for_a_selector_and_a_weighter(row):
+    """A row with only_for: mixer is an error naming the key for the other kinds (DataFlex's trainer never reads it)."""
+    weighter = {"train_type": "dynamic_weight", "component_name": "uniform"}
+    for base in (SELECT, weighter):
+        config = {**base, row.key: EXERCISE[row.key][row.key]}
+        with pytest.raises(ConfigError, match=f"^{row.key} only apply to train_type: dynamic_mix \\(got dynamic_"):
+            dataflex.translate(config)
+    dataflex.translate(EXERCISE[row.key])  # and is read by a mixer
+
+
+def test_a_key_row_only_for_a_kind_other_than_mixer_is_refused():
+    with pytest.raises(ValueError, match="only_for 'selector' is not mixer"):
+        dataflex.KeyRow("static_mix", "convert", "steering.mixer", "why", only_for="selector")

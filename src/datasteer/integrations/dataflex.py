@@ -48,30 +48,88 @@ from datasteer.errors import ConfigError, did_you_mean, unknown_choice
 class KeyRow:
     """One top-level DataFlex key: what the translation does with it (each run's printed mapping says it again for
     the values it was given). `action`: rename (the same meaning under a datasteer name), convert (computed into
-    the target), drop (no effect, with the reason) or refuse (an error, with what to do) in some cases."""
+    the target), drop (no effect, with the reason) or refuse (an error, with what to do) in some cases.
+    `unused_with`: where DataFlex's trainer never reads the key, so the mapping prints it as unused there:
+    "static_mix" (static_mix: true builds no component) and "weighter" (its trainer weights every step).
+    `only_for`: "mixer" where only DataFlex's mix trainer reads the key: an error for a selector or weighter."""
 
     key: str
     action: str
     target: str
     reason: str
+    unused_with: tuple[str, ...] = ()
+    only_for: str | None = None
 
     def __post_init__(self) -> None:
         if self.action not in ("rename", "convert", "drop", "refuse"):
             raise ValueError(f"KeyRow {self.key}: action {self.action!r} is not rename, convert, drop or refuse")
+        unknown = sorted(set(self.unused_with) - {"static_mix", "weighter"})
+        if unknown:
+            raise ValueError(f"KeyRow {self.key}: unused_with {unknown} is not static_mix or weighter")
+        if self.only_for not in (None, "mixer"):
+            raise ValueError(f"KeyRow {self.key}: only_for {self.only_for!r} is not mixer (or None)")
 
 
 KEYS: tuple[KeyRow, ...] = (
     KeyRow("train_type", "convert", "steering.selector / mixer / weighter", "dynamic_*: the kind; static: no steering"),
-    KeyRow("component_name", "convert", "steering.<kind>.name", "names kept, except dynamic_moe -> moe_gate"),
-    KeyRow("components_cfg_file", "convert", "steering.<kind> parameters", "the entry's params, each through PARAMS"),
-    KeyRow("component_overrides", "convert", "steering.<kind> parameters", "merged over the file's, through PARAMS"),
-    KeyRow("warmup_step", "rename", "steering.warmup_steps", "a weighter's burn_in_steps instead"),
-    KeyRow("update_step", "rename", "steering.update_every", "no effect for a weighter (it weights every step)"),
-    KeyRow("update_times", "convert", "steering.updates", "update_times x num_train_epochs; -1: until the end"),
-    KeyRow("static_mix", "convert", "steering.mixer: static, updates 0", "train on the initial proportions"),
+    KeyRow(
+        "component_name",
+        "convert",
+        "steering.<kind>.name",
+        "names kept, except dynamic_moe -> moe_gate",
+        ("static_mix",),
+    ),
+    KeyRow(
+        "components_cfg_file",
+        "convert",
+        "steering.<kind> parameters",
+        "the entry's params, each through PARAMS",
+        ("static_mix",),
+    ),
+    KeyRow(
+        "component_overrides",
+        "convert",
+        "steering.<kind> parameters",
+        "merged over the file's, through PARAMS",
+        ("static_mix",),
+    ),
+    KeyRow("warmup_step", "rename", "steering.warmup_steps", "a weighter's burn_in_steps instead", ("static_mix",)),
+    KeyRow(
+        "update_step",
+        "rename",
+        "steering.update_every",
+        "no effect for a weighter (it weights every step)",
+        ("static_mix", "weighter"),
+    ),
+    KeyRow(
+        "update_times",
+        "convert",
+        "steering.updates",
+        "update_times x num_train_epochs; -1: until the end",
+        ("static_mix", "weighter"),
+    ),
     KeyRow("train_step", "convert", "max_steps", "the weight and static-mix trainers' length, else unused"),
-    KeyRow("init_mixture_proportions", "convert", "the mixer's initial proportions", "mixture_sample_rule: mixture"),
-    KeyRow("mixture_sample_rule", "convert", "the mixer's initial proportions", "stratified: size; uniform, mixture"),
+    KeyRow(
+        "init_mixture_proportions",
+        "convert",
+        "the mixer's initial proportions",
+        "mixture_sample_rule: mixture",
+        only_for="mixer",
+    ),
+    KeyRow(
+        "mixture_sample_rule",
+        "convert",
+        "the mixer's initial proportions",
+        "stratified: size; uniform, mixture",
+        only_for="mixer",
+    ),
+    KeyRow(
+        "static_mix",
+        "convert",
+        "steering.mixer: static, updates 0",
+        "train on the initial proportions",
+        only_for="mixer",
+    ),
     KeyRow("mixer_eval_dataset", "rename", "target_dataset", "dynamic_moe: its gate-load rows (held_out: target)"),
     KeyRow("freeze_gate", "rename", "steering.mixer.freeze_router", "moe_gate only; refused for other mixers"),
     KeyRow("early_stopping_min_delta", "convert", "EarlyStoppingCallback threshold", "needs early_stopping_steps"),
@@ -411,7 +469,9 @@ def _int(value: Any) -> int:
 
 
 class _Translator:
-    """One translation; each method accounts for one group of DataFlex keys in the printed mapping."""
+    """The state of one translation (the DataFlex keys, the steering section and parameters being built, the
+    component) and the report helpers; the steps below each account for one group of keys in the printed mapping,
+    in the order `run` calls them (the order of the printed lines)."""
 
     def __init__(
         self, keys: dict[str, Any], kind: str, raw: dict[str, Any], config_dir: str | Path | None, out: Translation
@@ -422,28 +482,26 @@ class _Translator:
         self.params: dict[str, Any] = {}
         self.df_params: dict[str, Any] = {}
         self.static_mix = kind == "mixer" and bool(keys.get("static_mix"))
+        self.df_name = self.name = ""
+        self.cls: type | None = None
+        self.accepted: set[str] | None = None
 
     def run(self) -> None:
         if self.static_mix:
-            self._static_mix()
+            _static_mix(self)
         else:
-            self._component()
-            self._schedule()
+            _component(self)
+            _schedule(self)
             if "static_mix" in self.keys:
-                self.out.mapping.append(
-                    (f"static_mix: {self.keys['static_mix']}", "the mixer updates (DataFlex's default)")
-                )
+                self.mapped(f"static_mix: {self.keys['static_mix']}", "the mixer updates (DataFlex's default)")
         if self.kind == "mixer":
-            self._mixture()
-        elif any(k in self.keys for k in ("init_mixture_proportions", "mixture_sample_rule", "static_mix")):
-            bad = [k for k in ("init_mixture_proportions", "mixture_sample_rule", "static_mix") if k in self.keys]
-            raise ConfigError(
-                f"{', '.join(bad)} only apply to train_type: dynamic_mix (got {self.keys['train_type']})."
-            )
-        self._train_length()
-        self._own_warmup_note()
-        self._target()
-        self._freeze_gate()
+            _mixture(self)
+        else:
+            _refuse_mixer_keys(self)
+        _train_length(self)
+        _own_warmup_note(self)
+        _target(self)
+        _freeze_gate(self)
         note = COMPONENT_NOTES.get((self.kind, self.name))
         if note and not self.static_mix:
             self.out.warnings.append(note + ".")
@@ -451,11 +509,15 @@ class _Translator:
         self.out.steering = self.steering
 
     # ------------------------------------------------------------------------------ reporting
+    def mapped(self, origin: str, meaning: str) -> None:
+        """One printed mapping line: the DataFlex key (and value) -> what it became."""
+        self.out.mapping.append((origin, meaning))
+
     def note(self, key: str, value: Any, meaning: str) -> None:
-        self.out.mapping.append((f"params.{key}: {value!r}", meaning))
+        self.mapped(f"params.{key}: {value!r}", meaning)
 
     def dropped(self, key: str, value: Any, why: str) -> None:
-        self.out.mapping.append((f"params.{key}: {value!r}", "dropped"))
+        self.mapped(f"params.{key}: {value!r}", "dropped")
         self.out.warnings.append(f"{self.kind} '{self.name}': DataFlex parameter '{key}' is dropped: {why}.")
 
     def error(self, key: str, value: Any, what_to_do: str) -> ConfigError:
@@ -464,141 +526,18 @@ class _Translator:
             f"{what_to_do}."
         )
 
-    # ------------------------------------------------------------------------------ component
-    def _component(self) -> None:
-        df_name = str(self.keys.get("component_name", ""))
-        if not df_name:
-            if self.kind == "mixer":
-                raise ConfigError(
-                    "train_type: dynamic_mix without component_name: DataFlex then looks up its default component "
-                    "'Loss', which is no mixer. Name the mixer (component_name: static, random, odm, doremi, "
-                    "dynamic_moe) or set static_mix: true to train on the initial proportions."
-                )
-            raise ConfigError(f"train_type: {self.keys['train_type']} needs component_name (the {self.kind} to use).")
-        self._set_component(df_name)
-        params = dict(self._file_params(df_name))
-        overrides = self.keys.get("component_overrides") or {}
-        if not isinstance(overrides, dict):
-            raise ConfigError(f"component_overrides must be a mapping of parameters, got {overrides!r}.")
-        if overrides:
-            shown = f"component_overrides: {overrides}"
-            self.out.mapping.append((shown, "merged over the components file's parameters (each one below)"))
-        params.update(overrides)
-        self.df_params = params
-        for key, value in params.items():
-            self._param(key, value)
-        self._dataflex_defaults(params)
+    def set_key(self, key: str, native: str, value: Any) -> None:
+        """steering.<native> from the top-level DataFlex key `key`."""
+        self.steering[native] = value
+        self.mapped(f"{key}: {self.keys[key]}", f"steering.{native}: {'null' if value is None else value}")
 
-    def _dataflex_defaults(self, given: dict[str, Any]) -> None:
-        """The parameters DataFlex would default differently from datasteer: DataFlex's value, said in the report."""
-        native = {p.name: p.default for p in registry.params_of(self.cls)} if self.cls is not None else {}
-        for key, value in DATAFLEX_DEFAULTS.get((self.kind, self.name), {}).items():
-            if key in given:
-                continue
-            self._check_accepted(key, f"DataFlex's default {key}")
-            self.params[key] = value
-            own = f"; datasteer's own default is {native[key]!r}" if key in native else ""
-            self.out.mapping.append(
-                (f"params.{key}: (not set)", f"steering.{self.kind}.{key}: {value!r} (DataFlex's default{own})")
-            )
-
-    def _set_component(self, df_name: str) -> None:
-        self.df_name = df_name
-        self.name = RENAMED_COMPONENTS.get((self.kind, df_name), df_name)
-        self.cls = registry.components(self.kind).get(self.name)  # None: not (yet) in datasteer
+    def use_component(self, df_name: str, name: str) -> None:
+        """The datasteer component `name` (DataFlex's `df_name`): its class and parameters, when registered."""
+        self.df_name, self.name = df_name, name
+        self.cls = registry.components(self.kind).get(name)  # None: not (yet) in datasteer
         self.accepted = {p.name for p in registry.params_of(self.cls)} if self.cls is not None else None
-        self.out.mapping.append(
-            (f"train_type: {self.keys['train_type']}, component_name: {df_name}", f"steering.{self.kind}: {self.name}")
-        )
 
-    def _file_params(self, df_name: str) -> dict[str, Any]:
-        path_key = self.keys.get("components_cfg_file")
-        if path_key is None:
-            path = self._default_file()
-            if path is None:
-                looked = ", ".join(DEFAULT_COMPONENT_FILES)
-                self.out.mapping.append(
-                    ("components_cfg_file: (not set)", f"the {self.kind}'s default parameters (no {looked})")
-                )
-                return {}
-            path_key = f"(not set: DataFlex's default {path})"
-        else:
-            path = self._resolve(str(path_key))
-        try:
-            table = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"components_cfg_file {path} is not valid YAML: {err}") from None
-        section = table.get(SECTIONS[self.kind]) or {}
-        if df_name not in section:
-            raise ConfigError(
-                f"component_name '{df_name}' is not in the '{SECTIONS[self.kind]}' block of {path}."
-                f"{did_you_mean(df_name, section)} It holds: {', '.join(sorted(section)) or '(nothing)'}."
-            )
-        entry = section[df_name] or {}
-        unknown = sorted(set(entry) - {"name", "params"})
-        if unknown:
-            raise ConfigError(
-                f"{path}: {SECTIONS[self.kind]}.{df_name} has unknown key(s) {unknown}; expected name, params."
-            )
-        self.out.mapping.append((f"components_cfg_file: {path_key}", f"parameters of {SECTIONS[self.kind]}.{df_name}"))
-        return entry.get("params") or {}
-
-    def _default_file(self) -> Path | None:
-        folders = [Path(".")] + ([self.config_dir] if self.config_dir is not None else [])
-        for folder in folders:
-            for name in DEFAULT_COMPONENT_FILES:
-                if (folder / name).is_file():
-                    return folder / name
-        spec = importlib.util.find_spec("dataflex")
-        if spec is not None and spec.origin is not None:
-            installed = Path(spec.origin).parent / "configs" / "components.yaml"
-            if installed.is_file():
-                return installed
-        return None
-
-    def _resolve(self, name: str) -> Path:
-        candidates = [Path(name)]
-        if self.config_dir is not None and not Path(name).is_absolute():
-            candidates.append(self.config_dir / name)
-        for path in candidates:
-            if path.is_file():
-                return path
-        tried = " or ".join(str(p) for p in candidates)
-        raise ConfigError(f"components_cfg_file {name} does not exist (looked for {tried}).")
-
-    def _param(self, key: str, value: Any) -> None:
-        rule = PARAMS.get((self.kind, self.name), {}).get(key) or COMMON_PARAMS.get(key)
-        if rule is not None and self.accepted is not None and key in self.accepted and not isinstance(rule, Rename):
-            rule = None  # the component takes the DataFlex name itself (e.g. a cache_dir of its own)
-        if rule is None:
-            self._check_accepted(key, f"params.{key}")
-            self._put(key, key, value, value)
-        elif isinstance(rule, Rename):
-            try:
-                converted = rule.convert(value) if rule.convert is not None else value
-            except ValueError as err:
-                raise self.error(key, value, str(err)) from None
-            self._check_accepted(rule.to, f"params.{key}")
-            self._put(key, rule.to, value, converted)
-        elif isinstance(rule, Drop):
-            self.dropped(key, value, rule.why)
-        elif isinstance(rule, Refuse):
-            raise self.error(key, value, rule.what_to_do)
-        else:
-            for target, converted in rule(self, key, value).items():
-                self._check_accepted(target, f"params.{key}")
-                self.params[target] = converted
-                if not any(k == f"params.{key}: {value!r}" for k, _ in self.out.mapping):
-                    self.out.mapping.append(
-                        (f"params.{key}: {value!r}", f"steering.{self.kind}.{target}: {converted!r}")
-                    )
-
-    def _put(self, key: str, target: str, value: Any, converted: Any) -> None:
-        self.params[target] = converted
-        renamed = f" (DataFlex parameter {key} -> {target})" if target != key else ""
-        self.out.mapping.append((f"params.{key}: {value!r}", f"steering.{self.kind}.{target}: {converted!r}{renamed}"))
-
-    def _check_accepted(self, param: str, origin: str) -> None:
+    def check_accepted(self, param: str, origin: str) -> None:
         """Fail here, naming the DataFlex key, when the (registered) component has no such parameter."""
         if self.accepted is not None and param not in self.accepted:
             table = {**COMMON_PARAMS, **PARAMS.get((self.kind, self.name), {})}
@@ -610,237 +549,395 @@ class _Translator:
                 f"{translated} (DataFlex's, translated). See `datasteer components {self.kind}`."
             )
 
-    # ------------------------------------------------------------------------------- schedule
-    def _schedule(self) -> None:
-        k = self.keys
-        warmup = _int(k.get("warmup_step"))
-        if "warmup_step" in k:
-            self._warmup(warmup)
-        if self.kind == "weighter":
-            self._weighting_scope()
-            for key in ("update_step", "update_times"):
-                if key in k:
-                    self.out.mapping.append((f"{key}: {k[key]}", "no effect (a weighter weights every step)"))
-            return
-        if "update_step" in k:
-            self._set("update_step", "update_every", int(k["update_step"]))
-        times = int(k.get("update_times", 1))  # DataFlex's default: one update
-        epochs = float(self.raw.get("num_train_epochs", 3.0))
-        if times < 0:
-            self._set("update_times", "updates", None)
-        elif "update_times" in k or _int(k.get("update_step")) > 0:
-            total = times * epochs if epochs > 0 else times
-            updates = max(1, round(total)) if times else 0
-            self.steering["updates"] = updates
-            origin = f"update_times: {times}" + (f" x num_train_epochs {epochs:g}" if total != times else "")
-            if "update_times" not in k:
-                origin = f"update_times: (not set: DataFlex's default 1){origin[len('update_times: 1') :]}"
-            self.out.mapping.append((origin, f"steering.updates: {updates}"))
-            if epochs > 0 and total != times:
-                self.out.warnings.append(
-                    f"num_train_epochs {epochs:g}: DataFlex repeats warmup and updates each epoch; datasteer warms up "
-                    f"once, then makes the {updates} updates every update_step steps until the end."
-                )
-        if times != 0:
-            self.steering["lag_steps"] = 0
-            self.out.mapping.append((TIMING[0].format(t=warmup, t1=warmup + 1), TIMING[1]))
 
-    def _weighting_scope(self) -> None:
-        """DataFlex's weight trainer weighs each micro-batch by its own losses, so no extra forward is needed."""
-        self.steering["weighting_scope"] = "micro_batch"
-        self.steering["weighting_reduction"] = "samples"
-        self.out.mapping.append(
-            (
-                f"train_type: {self.keys['train_type']} (weights per micro-batch)",
-                "steering.weighting_scope: micro_batch (each micro-batch weighted by its own losses, as DataFlex "
-                "does; no extra forward under gradient accumulation)",
-            )
-        )
-        self.out.mapping.append(
-            (
-                f"train_type: {self.keys['train_type']} (weighted loss)",
-                "steering.weighting_reduction: samples (after warmup_step the mean over samples of each one's "
-                "weighted token-mean loss, as DataFlex's weight trainer; datasteer's own default, tokens, weights "
-                "each sample's tokens in the host's token mean)",
-            )
-        )
-
-    def _warmup(self, steps: int) -> None:
-        if self.kind != "weighter":
-            self._set("warmup_step", "warmup_steps", steps)
-            return
-        param = next((p for p in WEIGHTER_WARMUP_PARAMS if self.accepted is None or p in self.accepted), None)
-        if param is not None:
-            self.params[param] = steps
-            self.out.mapping.append((f"warmup_step: {steps}", f"steering.weighter.{param}: {steps}"))
-        elif steps == 0 or self.name == "uniform":
-            self.out.mapping.append((f"warmup_step: {steps}", "no effect: the weights are 1 throughout"))
-        else:
+# ---------------------------------------------------------------------------------- component
+def _component(tr: _Translator) -> None:
+    """component_name, components_cfg_file and component_overrides: the component and its parameters."""
+    df_name = str(tr.keys.get("component_name", ""))
+    if not df_name:
+        if tr.kind == "mixer":
             raise ConfigError(
-                f"warmup_step: {steps} (weight 1 for every sample during the first {steps} steps) has no datasteer "
-                f"meaning for weighter '{self.name}', which takes no burn-in parameter (valid parameters: "
-                f"{', '.join(sorted(self.accepted or ())) or 'none'}). Set warmup_step: 0 to weight from the first "
-                "step, or use weighter 'loss' (burn_in_steps)."
+                "train_type: dynamic_mix without component_name: DataFlex then looks up its default component "
+                "'Loss', which is no mixer. Name the mixer (component_name: static, random, odm, doremi, "
+                "dynamic_moe) or set static_mix: true to train on the initial proportions."
             )
+        raise ConfigError(f"train_type: {tr.keys['train_type']} needs component_name (the {tr.kind} to use).")
+    tr.use_component(df_name, RENAMED_COMPONENTS.get((tr.kind, df_name), df_name))
+    tr.mapped(f"train_type: {tr.keys['train_type']}, component_name: {df_name}", f"steering.{tr.kind}: {tr.name}")
+    params = dict(_file_params(tr, df_name))
+    overrides = tr.keys.get("component_overrides") or {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"component_overrides must be a mapping of parameters, got {overrides!r}.")
+    if overrides:
+        tr.mapped(f"component_overrides: {overrides}", "merged over the components file's parameters (each one below)")
+    params.update(overrides)
+    tr.df_params = params
+    for key, value in params.items():
+        _param(tr, key, value)
+    _dataflex_defaults(tr, params)
 
-    def _set(self, key: str, native: str, value: Any) -> None:
-        self.steering[native] = value
-        self.out.mapping.append(
-            (f"{key}: {self.keys[key]}", f"steering.{native}: {'null' if value is None else value}")
+
+def _dataflex_defaults(tr: _Translator, given: dict[str, Any]) -> None:
+    """The parameters DataFlex would default differently from datasteer: DataFlex's value, said in the report."""
+    native = {p.name: p.default for p in registry.params_of(tr.cls)} if tr.cls is not None else {}
+    for key, value in DATAFLEX_DEFAULTS.get((tr.kind, tr.name), {}).items():
+        if key in given:
+            continue
+        tr.check_accepted(key, f"DataFlex's default {key}")
+        tr.params[key] = value
+        own = f"; datasteer's own default is {native[key]!r}" if key in native else ""
+        tr.mapped(f"params.{key}: (not set)", f"steering.{tr.kind}.{key}: {value!r} (DataFlex's default{own})")
+
+
+def _param(tr: _Translator, key: str, value: Any) -> None:
+    """One DataFlex component parameter, through its PARAMS row (or COMMON_PARAMS'; none: kept as it is)."""
+    rule = PARAMS.get((tr.kind, tr.name), {}).get(key) or COMMON_PARAMS.get(key)
+    if rule is not None and tr.accepted is not None and key in tr.accepted and not isinstance(rule, Rename):
+        rule = None  # the component takes the DataFlex name itself (e.g. a cache_dir of its own)
+    if rule is None:
+        tr.check_accepted(key, f"params.{key}")
+        _put(tr, key, key, value, value)
+    elif isinstance(rule, Rename):
+        try:
+            converted = rule.convert(value) if rule.convert is not None else value
+        except ValueError as err:
+            raise tr.error(key, value, str(err)) from None
+        tr.check_accepted(rule.to, f"params.{key}")
+        _put(tr, key, rule.to, value, converted)
+    elif isinstance(rule, Drop):
+        tr.dropped(key, value, rule.why)
+    elif isinstance(rule, Refuse):
+        raise tr.error(key, value, rule.what_to_do)
+    else:
+        _computed(tr, key, value, rule(tr, key, value))
+
+
+def _computed(tr: _Translator, key: str, value: Any, targets: dict[str, Any]) -> None:
+    """A computed rule's parameters; printed unless the rule printed its own line for the key."""
+    for target, converted in targets.items():
+        tr.check_accepted(target, f"params.{key}")
+        tr.params[target] = converted
+        if not any(k == f"params.{key}: {value!r}" for k, _ in tr.out.mapping):
+            tr.mapped(f"params.{key}: {value!r}", f"steering.{tr.kind}.{target}: {converted!r}")
+
+
+def _put(tr: _Translator, key: str, target: str, value: Any, converted: Any) -> None:
+    tr.params[target] = converted
+    renamed = f" (DataFlex parameter {key} -> {target})" if target != key else ""
+    tr.mapped(f"params.{key}: {value!r}", f"steering.{tr.kind}.{target}: {converted!r}{renamed}")
+
+
+# ------------------------------------------------------------------------------ components file
+def _file_params(tr: _Translator, df_name: str) -> dict[str, Any]:
+    """The `params` of the component's entry in components_cfg_file (or DataFlex's default file, if found)."""
+    path_key = tr.keys.get("components_cfg_file")
+    if path_key is None:
+        path = _default_file(tr.config_dir)
+        if path is None:
+            looked = ", ".join(DEFAULT_COMPONENT_FILES)
+            tr.mapped("components_cfg_file: (not set)", f"the {tr.kind}'s default parameters (no {looked})")
+            return {}
+        path_key = f"(not set: DataFlex's default {path})"
+    else:
+        path = _resolve(str(path_key), tr.config_dir)
+    try:
+        table = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"components_cfg_file {path} is not valid YAML: {err}") from None
+    section = table.get(SECTIONS[tr.kind]) or {}
+    if df_name not in section:
+        raise ConfigError(
+            f"component_name '{df_name}' is not in the '{SECTIONS[tr.kind]}' block of {path}."
+            f"{did_you_mean(df_name, section)} It holds: {', '.join(sorted(section)) or '(nothing)'}."
+        )
+    entry = section[df_name] or {}
+    unknown = sorted(set(entry) - {"name", "params"})
+    if unknown:
+        raise ConfigError(f"{path}: {SECTIONS[tr.kind]}.{df_name} has unknown key(s) {unknown}; expected name, params.")
+    tr.mapped(f"components_cfg_file: {path_key}", f"parameters of {SECTIONS[tr.kind]}.{df_name}")
+    return entry.get("params") or {}
+
+
+def _default_file(config_dir: Path | None) -> Path | None:
+    folders = [Path(".")] + ([config_dir] if config_dir is not None else [])
+    for folder in folders:
+        for name in DEFAULT_COMPONENT_FILES:
+            if (folder / name).is_file():
+                return folder / name
+    spec = importlib.util.find_spec("dataflex")
+    if spec is not None and spec.origin is not None:
+        installed = Path(spec.origin).parent / "configs" / "components.yaml"
+        if installed.is_file():
+            return installed
+    return None
+
+
+def _resolve(name: str, config_dir: Path | None) -> Path:
+    candidates = [Path(name)]
+    if config_dir is not None and not Path(name).is_absolute():
+        candidates.append(config_dir / name)
+    for path in candidates:
+        if path.is_file():
+            return path
+    tried = " or ".join(str(p) for p in candidates)
+    raise ConfigError(f"components_cfg_file {name} does not exist (looked for {tried}).")
+
+
+# ----------------------------------------------------------------------------------- schedule
+def _schedule(tr: _Translator) -> None:
+    """warmup_step, update_step, update_times (x num_train_epochs) and DataFlex's decision timing."""
+    k = tr.keys
+    warmup = _int(k.get("warmup_step"))
+    if "warmup_step" in k:
+        _warmup(tr, warmup)
+    if tr.kind == "weighter":
+        _weighting_scope(tr)
+        for key in _unused_keys(tr, "weighter"):
+            tr.mapped(f"{key}: {k[key]}", "no effect (a weighter weights every step)")
+        return
+    if "update_step" in k:
+        tr.set_key("update_step", "update_every", int(k["update_step"]))
+    times = int(k.get("update_times", 1))  # DataFlex's default: one update
+    epochs = float(tr.raw.get("num_train_epochs", 3.0))
+    if times < 0:
+        tr.set_key("update_times", "updates", None)
+    elif "update_times" in k or _int(k.get("update_step")) > 0:
+        _updates(tr, times, epochs)
+    if times != 0:
+        tr.steering["lag_steps"] = 0
+        tr.mapped(TIMING[0].format(t=warmup, t1=warmup + 1), TIMING[1])
+
+
+def _updates(tr: _Translator, times: int, epochs: float) -> None:
+    """steering.updates: update_times per epoch, made once over the run."""
+    total = times * epochs if epochs > 0 else times
+    updates = max(1, round(total)) if times else 0
+    tr.steering["updates"] = updates
+    origin = f"update_times: {times}" + (f" x num_train_epochs {epochs:g}" if total != times else "")
+    if "update_times" not in tr.keys:
+        origin = f"update_times: (not set: DataFlex's default 1){origin[len('update_times: 1') :]}"
+    tr.mapped(origin, f"steering.updates: {updates}")
+    if epochs > 0 and total != times:
+        tr.out.warnings.append(
+            f"num_train_epochs {epochs:g}: DataFlex repeats warmup and updates each epoch; datasteer warms up "
+            f"once, then makes the {updates} updates every update_step steps until the end."
         )
 
-    # -------------------------------------------------------------------------------- mixture
-    def _static_mix(self) -> None:
-        """static_mix: true — DataFlex builds no mixer at all and trains on the initial proportions."""
-        df_name = str(self.keys.get("component_name", "static"))
-        self.df_name = df_name
-        self.name, self.cls = "static", registry.components("mixer").get("static")
-        self.accepted = {p.name for p in registry.params_of(self.cls)} if self.cls is not None else None
-        self.out.mapping.append(("train_type: dynamic_mix, static_mix: true", "steering.mixer: static"))
-        self.steering["updates"] = 0
-        unused = ("components_cfg_file", "component_overrides", "warmup_step", "update_step", "update_times")
-        ignored = [k for k in unused if k in self.keys]
-        if "component_name" in self.keys:
-            ignored.insert(0, "component_name")
-        for k in ignored:
-            self.out.mapping.append((f"{k}: {self.keys[k]}", "unused with static_mix: true (as in DataFlex)"))
 
-    def _mixture(self) -> None:
-        k = self.keys
-        rule = str(k.get("mixture_sample_rule", "mixture" if "init_mixture_proportions" in k else ""))
-        if rule and rule not in SAMPLE_RULES:
-            raise unknown_choice("mixture_sample_rule", rule, SAMPLE_RULES, "the DataFlex keys")
-        initial: Any = SAMPLE_RULES.get(rule) if rule else ("uniform" if self.static_mix else None)
-        if rule == "mixture" and "init_mixture_proportions" in k:
-            initial = list(k["init_mixture_proportions"])
-        elif "init_mixture_proportions" in k:
-            raise ConfigError(
-                f"init_mixture_proportions is only used with mixture_sample_rule: mixture (got '{rule}'); "
-                "remove one of them."
-            )
-        if initial is not None:
-            self._initial_proportions(rule or "mixture", initial)
-        if not self.static_mix and rule in ("stratified", "uniform"):
-            self.out.warnings.append(
-                f"mixture_sample_rule: {rule} sets the initial proportions only; mixer '{self.name}' still updates "
-                "them at each update (set static_mix: true to keep them)."
-            )
+def _weighting_scope(tr: _Translator) -> None:
+    """DataFlex's weight trainer weighs each micro-batch by its own losses, so no extra forward is needed."""
+    tr.steering["weighting_scope"] = "micro_batch"
+    tr.steering["weighting_reduction"] = "samples"
+    tr.mapped(
+        f"train_type: {tr.keys['train_type']} (weights per micro-batch)",
+        "steering.weighting_scope: micro_batch (each micro-batch weighted by its own losses, as DataFlex "
+        "does; no extra forward under gradient accumulation)",
+    )
+    tr.mapped(
+        f"train_type: {tr.keys['train_type']} (weighted loss)",
+        "steering.weighting_reduction: samples (after warmup_step the mean over samples of each one's "
+        "weighted token-mean loss, as DataFlex's weight trainer; datasteer's own default, tokens, weights "
+        "each sample's tokens in the host's token mean)",
+    )
 
-    def _initial_proportions(self, rule: str, initial: Any) -> None:
-        if rule == "mixture":
-            origin = "init_mixture_proportions" if isinstance(initial, list) else "mixture_sample_rule: mixture"
-        else:
-            origin = f"mixture_sample_rule: {rule}"
-        shown = initial if isinstance(initial, list) else f"{initial} (DataFlex's {rule} rule)"
-        param = INITIAL_PARAM.get(("mixer", self.name))
-        if param is None and self.accepted is None:
-            param = INITIAL_PROPORTION_PARAMS[0]
-        elif param is None:
-            param = next((p for p in INITIAL_PROPORTION_PARAMS if p in self.accepted), None)
-        if param is None or (self.accepted is not None and param not in self.accepted):
-            if self.name in UNIFORM_START and _is_uniform(initial):
-                self.out.mapping.append((origin, f"uniform: mixer '{self.name}' starts uniform itself"))
-                return
-            raise ConfigError(
-                f"{origin} ({shown}): mixer '{self.name}' starts from uniform proportions and takes no parameter for "
-                f"other ones (valid parameters: {', '.join(sorted(self.accepted or ())) or 'none'}); remove {origin} "
-                "or make the proportions uniform."
-            )
-        previous = self.params.get(param)
-        if previous is not None and previous != initial:
-            if not isinstance(initial, list):
-                self.out.mapping.append((origin, f"steering.mixer.{param}: {previous} (the components file's)"))
-                return
-            self.out.warnings.append(
-                f"{origin} ({initial}) replaces the {SECTIONS['mixer']} file's {param} ({previous}) for this run."
-            )
-        self.params[param] = initial
-        self.out.mapping.append((origin, f"steering.mixer.{param}: {shown}"))
 
-    # ------------------------------------------------------------------------- run and target
-    def _train_length(self) -> None:
-        """DataFlex's own total steps; LLaMA-Factory's max_steps is ignored, as DataFlex ignores it."""
-        k = self.keys
-        train_step = _int(k.get("train_step"))
-        times = int(k.get("update_times", 1))
-        epochs = float(self.raw.get("num_train_epochs", 3.0))
-        steps: int | None = None
-        if self.kind == "weighter" or self.static_mix:
-            rule, steps = "train_step", train_step or None
-        elif times < 0:
-            rule, steps = "train_step (update_times: -1)", train_step or None
-        else:
-            flex = _int(k.get("warmup_step")) + _int(k.get("update_step")) * times
-            rule, steps = f"num_train_epochs x (warmup_step + update_step x update_times) = {epochs:g} x {flex}", None
-            steps = max(1, math.ceil(epochs * flex)) if epochs > 0 else flex
-            if self.kind == "mixer" and train_step:  # DataFlex's mix trainer: train_step only with static_mix
-                rule = f"{rule} (train_step: {train_step} is used only with static_mix, as in DataFlex)"
-            elif train_step:
-                rule = f"{rule} (train_step is used only by DataFlex's weight and static-mix trainers)"
-        current = self.raw.get("max_steps")
-        if steps is None:
-            if "train_step" in k:
-                self.out.mapping.append((f"train_step: {k['train_step']}", "no effect (0)"))
-            self.out.warnings.append(
-                f"train length: no DataFlex total ({rule} is not set), so LLaMA-Factory's own length applies "
-                f"(max_steps: {current}, else num_train_epochs: {epochs:g})."
-            )
-            return
-        self.out.lf_updates["max_steps"] = steps
-        self.out.mapping.append((f"train length: {rule}", f"max_steps: {steps} (the HF Trainer's total steps)"))
-        if current not in (None, -1, steps):
-            self.out.warnings.append(
-                f"max_steps: {current} is ignored, as DataFlex ignores it: the run trains {steps} steps ({rule})."
-            )
-
-    def _own_warmup_note(self) -> None:
-        """DataFlex's odm keeps its initial proportions up to its own warmup_steps (2000 unless set): said at start-up
-        when that covers the whole run, since the mixer then never moves (in DataFlex too)."""
-        own = self.params.get("warmup_steps") if (self.kind, self.name) == ("mixer", "odm") else None
-        steps = self.out.lf_updates.get("max_steps")
-        if own is not None and steps is not None and int(own) >= int(steps):
-            self.out.warnings.append(
-                f"mixer 'odm': its own warmup_steps ({own}) covers the whole run of {steps} steps, so it keeps the "
-                "initial proportions throughout, as DataFlex's odm does; lower warmup_steps (component_overrides) "
-                "for the mixer to move."
-            )
-
-    def _freeze_gate(self) -> None:
-        if "freeze_gate" not in self.keys:
-            return
-        if (self.kind, self.name) != ("mixer", "moe_gate"):
-            raise ConfigError(f"freeze_gate applies to the moe_gate mixer (DataFlex's dynamic_moe), not {self.name}.")
-        self.params["freeze_router"] = bool(self.keys["freeze_gate"])
-        self.out.mapping.append((f"freeze_gate: {self.keys['freeze_gate']}", "steering.mixer.freeze_router"))
-
-    def _target(self) -> None:
-        names = self.keys.get("mixer_eval_dataset")
-        if names is None:
-            return
-        listed = [n.strip() for n in names.split(",")] if isinstance(names, str) else [str(n) for n in names]
-        self.out.target_datasets = listed
-        self.out.mapping.append((f"mixer_eval_dataset: {names}", f"target_dataset: {','.join(listed)}"))
-        if (self.kind, self.name) == ("mixer", "moe_gate"):
-            self._moe_held_out(listed)
-            return
-        self.out.warnings.append(
-            "mixer_eval_dataset becomes the run's target set (target_dataset), which every component that "
-            "needs one uses, not only the mixer."
+def _warmup(tr: _Translator, steps: int) -> None:
+    """warmup_step: steering.warmup_steps, or a weighter's own burn-in parameter."""
+    if tr.kind != "weighter":
+        tr.set_key("warmup_step", "warmup_steps", steps)
+        return
+    param = next((p for p in WEIGHTER_WARMUP_PARAMS if tr.accepted is None or p in tr.accepted), None)
+    if param is not None:
+        tr.params[param] = steps
+        tr.mapped(f"warmup_step: {steps}", f"steering.weighter.{param}: {steps}")
+    elif steps == 0 or tr.name == "uniform":
+        tr.mapped(f"warmup_step: {steps}", "no effect: the weights are 1 throughout")
+    else:
+        raise ConfigError(
+            f"warmup_step: {steps} (weight 1 for every sample during the first {steps} steps) has no datasteer "
+            f"meaning for weighter '{tr.name}', which takes no burn-in parameter (valid parameters: "
+            f"{', '.join(sorted(tr.accepted or ())) or 'none'}). Set warmup_step: 0 to weight from the first "
+            "step, or use weighter 'loss' (burn_in_steps)."
         )
 
-    def _moe_held_out(self, listed: list[str]) -> None:
-        """DataFlex's dynamic_moe measures each domain's gate loads on its own mixer_eval_dataset entry."""
-        held_out = next((p for p in registry.params_of(self.cls) if p.name == "held_out"), None) if self.cls else None
-        if held_out is not None and "target" in str(held_out.annotation):
-            self.params["held_out"] = "target"
-            self.out.mapping.append(("mixer_eval_dataset (dynamic_moe)", "steering.mixer.held_out: target"))
+
+def _train_length(tr: _Translator) -> None:
+    """DataFlex's own total steps; LLaMA-Factory's max_steps is ignored, as DataFlex ignores it."""
+    k = tr.keys
+    rule, steps = _dataflex_length(tr)
+    epochs = float(tr.raw.get("num_train_epochs", 3.0))
+    current = tr.raw.get("max_steps")
+    if steps is None:
+        if "train_step" in k:
+            tr.mapped(f"train_step: {k['train_step']}", "no effect (0)")
+        tr.out.warnings.append(
+            f"train length: no DataFlex total ({rule} is not set), so LLaMA-Factory's own length applies "
+            f"(max_steps: {current}, else num_train_epochs: {epochs:g})."
+        )
+        return
+    tr.out.lf_updates["max_steps"] = steps
+    tr.mapped(f"train length: {rule}", f"max_steps: {steps} (the HF Trainer's total steps)")
+    if current not in (None, -1, steps):
+        tr.out.warnings.append(
+            f"max_steps: {current} is ignored, as DataFlex ignores it: the run trains {steps} steps ({rule})."
+        )
+
+
+def _dataflex_length(tr: _Translator) -> tuple[str, int | None]:
+    """The rule DataFlex's trainer for this kind computes its length by, and the length (None: not set)."""
+    k = tr.keys
+    train_step = _int(k.get("train_step"))
+    times = int(k.get("update_times", 1))
+    epochs = float(tr.raw.get("num_train_epochs", 3.0))
+    if tr.kind == "weighter" or tr.static_mix:
+        return "train_step", train_step or None
+    if times < 0:
+        return "train_step (update_times: -1)", train_step or None
+    flex = _int(k.get("warmup_step")) + _int(k.get("update_step")) * times
+    rule = f"num_train_epochs x (warmup_step + update_step x update_times) = {epochs:g} x {flex}"
+    steps = max(1, math.ceil(epochs * flex)) if epochs > 0 else flex
+    if tr.kind == "mixer" and train_step:  # DataFlex's mix trainer: train_step only with static_mix
+        rule = f"{rule} (train_step: {train_step} is used only with static_mix, as in DataFlex)"
+    elif train_step:
+        rule = f"{rule} (train_step is used only by DataFlex's weight and static-mix trainers)"
+    return rule, steps
+
+
+def _own_warmup_note(tr: _Translator) -> None:
+    """DataFlex's odm keeps its initial proportions up to its own warmup_steps (2000 unless set): said at start-up
+    when that covers the whole run, since the mixer then never moves (in DataFlex too)."""
+    own = tr.params.get("warmup_steps") if (tr.kind, tr.name) == ("mixer", "odm") else None
+    steps = tr.out.lf_updates.get("max_steps")
+    if own is not None and steps is not None and int(own) >= int(steps):
+        tr.out.warnings.append(
+            f"mixer 'odm': its own warmup_steps ({own}) covers the whole run of {steps} steps, so it keeps the "
+            "initial proportions throughout, as DataFlex's odm does; lower warmup_steps (component_overrides) "
+            "for the mixer to move."
+        )
+
+
+# ------------------------------------------------------------------------------------ mixture
+def _unused_keys(tr: _Translator, where: str) -> list[str]:
+    """The given keys whose KEYS row says DataFlex's trainer never reads them `where`, in the table's order."""
+    return [row.key for row in KEYS if where in row.unused_with and row.key in tr.keys]
+
+
+def _static_mix(tr: _Translator) -> None:
+    """static_mix: true — DataFlex builds no mixer at all and trains on the initial proportions."""
+    tr.use_component(str(tr.keys.get("component_name", "static")), "static")
+    tr.mapped("train_type: dynamic_mix, static_mix: true", "steering.mixer: static")
+    tr.steering["updates"] = 0
+    for k in _unused_keys(tr, "static_mix"):
+        tr.mapped(f"{k}: {tr.keys[k]}", "unused with static_mix: true (as in DataFlex)")
+
+
+def _refuse_mixer_keys(tr: _Translator) -> None:
+    """A selector or weighter given keys whose KEYS row says only a mixer's trainer reads them: an error."""
+    bad = [row.key for row in KEYS if row.only_for == "mixer" and row.key in tr.keys]
+    if bad:
+        raise ConfigError(f"{', '.join(bad)} only apply to train_type: dynamic_mix (got {tr.keys['train_type']}).")
+
+
+def _mixture(tr: _Translator) -> None:
+    """mixture_sample_rule and init_mixture_proportions: the mixer's initial proportions."""
+    k = tr.keys
+    rule = str(k.get("mixture_sample_rule", "mixture" if "init_mixture_proportions" in k else ""))
+    if rule and rule not in SAMPLE_RULES:
+        raise unknown_choice("mixture_sample_rule", rule, SAMPLE_RULES, "the DataFlex keys")
+    initial: Any = SAMPLE_RULES.get(rule) if rule else ("uniform" if tr.static_mix else None)
+    if rule == "mixture" and "init_mixture_proportions" in k:
+        initial = list(k["init_mixture_proportions"])
+    elif "init_mixture_proportions" in k:
+        raise ConfigError(
+            f"init_mixture_proportions is only used with mixture_sample_rule: mixture (got '{rule}'); "
+            "remove one of them."
+        )
+    if initial is not None:
+        _initial_proportions(tr, rule or "mixture", initial)
+    if not tr.static_mix and rule in ("stratified", "uniform"):
+        tr.out.warnings.append(
+            f"mixture_sample_rule: {rule} sets the initial proportions only; mixer '{tr.name}' still updates "
+            "them at each update (set static_mix: true to keep them)."
+        )
+
+
+def _initial_proportions(tr: _Translator, rule: str, initial: Any) -> None:
+    if rule == "mixture":
+        origin = "init_mixture_proportions" if isinstance(initial, list) else "mixture_sample_rule: mixture"
+    else:
+        origin = f"mixture_sample_rule: {rule}"
+    shown = initial if isinstance(initial, list) else f"{initial} (DataFlex's {rule} rule)"
+    param = _initial_param(tr)
+    if param is None or (tr.accepted is not None and param not in tr.accepted):
+        if tr.name in UNIFORM_START and _is_uniform(initial):
+            tr.mapped(origin, f"uniform: mixer '{tr.name}' starts uniform itself")
             return
         raise ConfigError(
-            f"mixer_eval_dataset: {','.join(listed)}: DataFlex's dynamic_moe measures the gate loads of domain i on "
-            "the i-th of these datasets; datasteer's moe_gate measures them on held-out rows of the domains "
-            "themselves (held_out: eval or train) and cannot read separate datasets yet. Remove mixer_eval_dataset "
-            "to measure on training rows (component_overrides: {held_out: train})."
+            f"{origin} ({shown}): mixer '{tr.name}' starts from uniform proportions and takes no parameter for "
+            f"other ones (valid parameters: {', '.join(sorted(tr.accepted or ())) or 'none'}); remove {origin} "
+            "or make the proportions uniform."
         )
+    previous = tr.params.get(param)
+    if previous is not None and previous != initial:
+        if not isinstance(initial, list):
+            tr.mapped(origin, f"steering.mixer.{param}: {previous} (the components file's)")
+            return
+        tr.out.warnings.append(
+            f"{origin} ({initial}) replaces the {SECTIONS['mixer']} file's {param} ({previous}) for this run."
+        )
+    tr.params[param] = initial
+    tr.mapped(origin, f"steering.mixer.{param}: {shown}")
+
+
+def _initial_param(tr: _Translator) -> str | None:
+    """The mixer's parameter for initial proportions: INITIAL_PARAM's, else the first it accepts."""
+    param = INITIAL_PARAM.get(("mixer", tr.name))
+    if param is None and tr.accepted is None:
+        return INITIAL_PROPORTION_PARAMS[0]
+    if param is None:
+        return next((p for p in INITIAL_PROPORTION_PARAMS if p in tr.accepted), None)
+    return param
+
+
+def _freeze_gate(tr: _Translator) -> None:
+    if "freeze_gate" not in tr.keys:
+        return
+    if (tr.kind, tr.name) != ("mixer", "moe_gate"):
+        raise ConfigError(f"freeze_gate applies to the moe_gate mixer (DataFlex's dynamic_moe), not {tr.name}.")
+    tr.params["freeze_router"] = bool(tr.keys["freeze_gate"])
+    tr.mapped(f"freeze_gate: {tr.keys['freeze_gate']}", "steering.mixer.freeze_router")
+
+
+def _target(tr: _Translator) -> None:
+    """mixer_eval_dataset: the run's target datasets (dynamic_moe: its gate-load rows)."""
+    names = tr.keys.get("mixer_eval_dataset")
+    if names is None:
+        return
+    listed = [n.strip() for n in names.split(",")] if isinstance(names, str) else [str(n) for n in names]
+    tr.out.target_datasets = listed
+    tr.mapped(f"mixer_eval_dataset: {names}", f"target_dataset: {','.join(listed)}")
+    if (tr.kind, tr.name) == ("mixer", "moe_gate"):
+        _moe_held_out(tr, listed)
+        return
+    tr.out.warnings.append(
+        "mixer_eval_dataset becomes the run's target set (target_dataset), which every component that "
+        "needs one uses, not only the mixer."
+    )
+
+
+def _moe_held_out(tr: _Translator, listed: list[str]) -> None:
+    """DataFlex's dynamic_moe measures each domain's gate loads on its own mixer_eval_dataset entry."""
+    held_out = next((p for p in registry.params_of(tr.cls) if p.name == "held_out"), None) if tr.cls else None
+    if held_out is not None and "target" in str(held_out.annotation):
+        tr.params["held_out"] = "target"
+        tr.mapped("mixer_eval_dataset (dynamic_moe)", "steering.mixer.held_out: target")
+        return
+    raise ConfigError(
+        f"mixer_eval_dataset: {','.join(listed)}: DataFlex's dynamic_moe measures the gate loads of domain i on "
+        "the i-th of these datasets; datasteer's moe_gate measures them on held-out rows of the domains "
+        "themselves (held_out: eval or train) and cannot read separate datasets yet. Remove mixer_eval_dataset "
+        "to measure on training rows (component_overrides: {held_out: train})."
+    )
 
 
 def _is_uniform(initial: Any) -> bool:
