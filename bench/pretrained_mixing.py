@@ -4,7 +4,7 @@
     python bench/pretrained_mixing.py --quick    # 1 seed, a few steps: a smoke that every path runs (minutes)
     python bench/pretrained_mixing.py --demo --quick --out /tmp/m   # the plumbing on the demo's tiny Llama (the test)
     python bench/pretrained_mixing.py --scratch --domains code docstrings topics changelogs licenses man headers \
-        --steps 240 --batch 16 --rows odm "odm (s 7)" --out /tmp/m   # a from-scratch 3M model: the mixers' settings
+        --steps 240 --batch 16 --rows uniform odm --out /tmp/m --workdir /tmp/m/w   # a from-scratch ~3M model
     python bench/pretrained_mixing.py --replay /tmp/m/w/runs/uniform-0   # what ODM and DoReMi decide from its losses
 
 Why: DataFlex measures mixing by the perplexity of a pretrained model on each domain; datasteer's mixture tables
