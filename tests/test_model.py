@@ -39,6 +39,18 @@ def test_from_scratch_config_needs_a_model_type_and_a_tokenizer(tmp_path):
         ModelConfig(config={"hidden_size": 8}, tokenizer=str(folder))
 
 
+def test_a_from_scratch_vocabulary_smaller_than_the_tokenizer_is_refused_naming_the_key(tmp_path):
+    folder = save_tiny_model(tmp_path / "tiny")
+    cfg = ModelConfig(
+        config={"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                "num_attention_heads": 2, "vocab_size": 8},
+        tokenizer=str(folder),
+    )  # fmt: skip
+    tok = load_tokenizer(cfg)
+    with pytest.raises(ConfigError, match=rf"model.config.vocab_size is 8.*set model.config.vocab_size: {len(tok)}"):
+        load_model(cfg, tok)
+
+
 def test_missing_model_folder_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_tokenizer(ModelConfig(name_or_path=str(tmp_path / "nope")))

@@ -104,3 +104,23 @@ def test_a_run_without_bars_logs_its_steps_and_evaluations(tmp_path, caplog, mon
     assert all(evals)
     # 5 domains' held-out sets, each evaluated at steps 0 (eval_on_start), 2 and 4: 15 evaluations run to the end
     assert sum(m["pct"] == "100" for m in evals) == 15
+
+
+def test_a_hand_built_steered_trainer_logs_its_steps_without_bars(tmp_path, caplog, monkeypatch):
+    """The Python API's SteeredTrainer (no `datasteer train`) gets the same lines as the CLI's runs."""
+    from trainer_fixtures import make_args, make_model, make_pool, make_steering
+    from transformers import default_data_collator
+
+    from datasteer import ComponentSet, SteeredTrainer, registry
+
+    monkeypatch.setattr(progress, "INTERVAL_S", 0.0)
+    pool = make_pool(rows_per_domain=8)
+    steering = make_steering(pool, ComponentSet(mixer=registry.build("mixer", "odm", {})), output_dir=str(tmp_path))
+    args = make_args(str(tmp_path), max_steps=3, disable_tqdm=True)
+    trainer = SteeredTrainer(
+        model=make_model(), args=args, train_dataset=pool, data_collator=default_data_collator, steering=steering
+    )
+    with caplog.at_level(logging.INFO, logger="datasteer.trainer_progress"):
+        trainer.train()
+    train = [LINE.match(m) for m in _lines(caplog, "datasteer.trainer_progress") if m.startswith("train: ")]
+    assert [(m["done"], m["total"]) for m in train] == [(str(i), "3") for i in range(1, 4)]

@@ -64,6 +64,7 @@ def load_base_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, traini
             hf_config = AutoConfig.for_model(cfg.config["model_type"], **kwargs)
         except (ValueError, KeyError) as err:
             raise ConfigError(f"model.config could not build a config: {err}") from None
+        _check_vocab(hf_config, tokenizer)
         model = AutoModelForCausalLM.from_config(hf_config)
     else:
         kwargs = pretrained_kwargs(cfg, training)
@@ -71,6 +72,18 @@ def load_base_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, traini
     if cfg.dtype not in ("auto", "float32") and not cfg.name_or_path:
         model = model.to(_DTYPES[cfg.dtype])
     return model
+
+
+def _check_vocab(hf_config: Any, tokenizer: PreTrainedTokenizerBase) -> None:
+    """A from-scratch model whose embedding is smaller than the tokenizer would fail mid-training with an
+    IndexError on the first token id past it (the model type's default vocabulary, e.g. Llama's 32,000, is taken
+    when `vocab_size` is not set), so it is refused here, naming the key and the size that fits."""
+    vocab = getattr(hf_config, "vocab_size", None)
+    if vocab is not None and vocab < len(tokenizer):
+        raise ConfigError(
+            f"model.config.vocab_size is {vocab}, smaller than the tokenizer's {len(tokenizer)} tokens "
+            f"(the model type's default when the key is not set); set model.config.vocab_size: {len(tokenizer)}."
+        )
 
 
 def resolve_dtype(cfg: ModelConfig, training: bool) -> torch.dtype | str:

@@ -47,7 +47,6 @@ from datasteer.schedule import Schedule
 from datasteer.steering import PoolIndex, Steering
 from datasteer.steering_log import RunConfigCallback
 from datasteer.trainer import SteeredTrainer, last_complete_checkpoint, read_steering_state, verify_checkpoint
-from datasteer.trainer_progress import ProgressLines
 
 TRAIN_DEFAULTS: dict[str, Any] = {"report_to": "none", "save_strategy": "no", "logging_steps": 10}
 LOCK_FILE = ".datasteer.lock"
@@ -158,7 +157,6 @@ def _train(config: Config, args: TrainingArguments, out: Path, resume: str | Non
         steering=steering,
     )
     trainer.add_callback(RunConfigCallback(trainer.callback_handler.callbacks, config.model_dump(mode="json")))
-    trainer.add_callback(ProgressLines())  # step and eval lines with an ETA when there are no bars (disable_tqdm)
     if downstream is not None:
         downstream.attach(trainer)
     if trainer.is_world_process_zero():

@@ -40,6 +40,7 @@ from datasteer.ops.token_losses import batch_losses, output_token_losses
 from datasteer.state_file import read_steering_state, verify_checkpoint
 from datasteer.steering import Steering
 from datasteer.step_reuse import GradientReuse, start_reuse
+from datasteer.trainer_progress import ProgressLines
 
 STEERING_COLUMNS = ("sample_id", "domain_id")
 log = logging.getLogger(__name__)
@@ -185,6 +186,7 @@ class SteeringMixin:
         self._reuse: GradientReuse | None = None  # an online selector's pick trained on its own pass's gradients
         self._reuse_decided = False
         self.add_callback(SteeringCallback(steering))
+        self.add_callback(ProgressLines())  # step and eval lines with an ETA where the host draws no bars
 
     def _get_train_sampler(self, *args: Any, **kwargs: Any) -> torch.utils.data.Sampler:
         return self.steering.bind(self)

@@ -1,10 +1,10 @@
 """Training steps and evaluation batches as progress lines when the Trainer draws no bars (a log file).
 
-`datasteer train` sets `disable_tqdm` when stderr is not a terminal, so HF's bars do not fill a log with escape
-codes; then nothing but the `logging_steps` lines would show, minutes apart on a real model (`logging_steps: 10`
-at 15 s a step). This callback writes `train: 120/1,000 steps (12%), 0.07 steps/s, ...` and `eval: ...` lines
-with the count, rate and ETA every 30 s (`datasteer.progress.INTERVAL_S`; an evaluation shorter than that stays
-quiet), on the main process.
+Every steered trainer adds this callback (a hand-built one too). `datasteer train` sets `disable_tqdm` when stderr
+is not a terminal, so HF's bars do not fill a log with escape codes; then nothing but the `logging_steps` lines
+would show, minutes apart on a real model (`logging_steps: 10` at 15 s a step). This callback writes
+`train: 120/1,000 steps (12%), 0.07 steps/s, ...` and `eval: ...` lines with the count, rate and ETA every 30 s
+(`datasteer.progress.INTERVAL_S`; an evaluation shorter than that stays quiet), on the main process.
 """
 
 from __future__ import annotations
