@@ -188,6 +188,12 @@ def test_moe_gate_freeze(no_components):
 def test_static_train_type_means_no_steering():
     out = dataflex.translate({"train_type": "static", "warmup_step": 3})
     assert out.steering is None and any("no effect" in w for w in out.warnings)
+    stops = dataflex.translate(
+        {"train_type": "static", "warmup_step": 3, "early_stopping_min_delta": 0.01, "early_stopping_steps": 2}
+    )
+    said = [w for w in stops.warnings if "no effect" in w]
+    assert said and "warmup_step" in said[0] and "early_stopping_min_delta" not in said[0]  # it is applied
+    assert stops.early_stopping_threshold == 0.01
 
 
 def test_registered_components_validate_natively():

@@ -441,7 +441,8 @@ def translate(raw: dict[str, Any], config_dir: str | Path | None = None) -> Tran
     _early_stopping(raw, out)
     if kind is None:
         out.mapping.append((f"train_type: {train_type}", "no steering: the plain LLaMA-Factory run"))
-        ignored = sorted(set(keys) - {"train_type", "component_name", "components_cfg_file"})
+        applied = {"train_type", "component_name", "components_cfg_file", "early_stopping_min_delta"}  # the last: above
+        ignored = sorted(set(keys) - applied)
         if ignored:
             out.warnings.append(f"train_type is {train_type}, so {', '.join(ignored)} have no effect")
         return out
