@@ -7,25 +7,18 @@ target files, and that one seed is never reported as a difference from random.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from bench_scripts import load_bench
 
 pytest.importorskip("lm_eval", reason="lm-evaluation-harness is optional (pip install 'datasteer[downstream]')")
 pytest.importorskip("peft", reason="LoRA needs peft (pip install 'datasteer[lora]')")
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "pretrained.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("pretrained_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("pretrained", "pretrained_bench")
 
 
 @pytest.fixture(scope="module")

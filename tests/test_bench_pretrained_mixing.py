@@ -7,25 +7,19 @@ with training ones and the harness no module with them, and that one seed is nev
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from bench_scripts import load_bench
 
 pytest.importorskip("lm_eval", reason="lm-evaluation-harness is optional (pip install 'datasteer[downstream]')")
 pytest.importorskip("peft", reason="LoRA needs peft (pip install 'datasteer[lora]')")
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "pretrained_mixing.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("pretrained_mixing_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("pretrained_mixing", "pretrained_mixing_bench")
 
 
 @pytest.fixture(scope="module")

@@ -3,26 +3,19 @@ accepted by the data layer as a pool with a target and a held-out target split."
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from bench_scripts import load_bench
 
 from datasteer import demo
 from datasteer.data import build_pool
 from datasteer.data.config import DataConfig
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench(name)
 
 
 realtext_task = _load("realtext_task")
@@ -89,7 +82,7 @@ def test_the_quality_bench_realtext_group_reports_every_selector(tmp_path):
     quality.main(["--quick", "--groups", "realtext", "--out", str(tmp_path), "--workdir", str(tmp_path / "w")])
     report = json.loads((tmp_path / "quality.json").read_text())
     table = report["table"]["realtext"]
-    assert set(table) == {*quality.REALTEXT_SELECTORS, "less (lm_head)"}
+    assert set(table) == {*quality.REALTEXT_SELECTORS, "less (lm_head)", "greats (lm_head)"}
     for metrics in table.values():
         assert 0.0 <= metrics["target_type_share"][0] <= 1.0 and metrics["target_eval_loss"][0] > 0
     assert table["random"]["selection_s"][0] < table["less"]["selection_s"][0]  # LESS scores the pool, random not

@@ -5,7 +5,6 @@ here from the same model."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from bench_scripts import load_bench
 
 pytest.importorskip("lm_eval", reason="downstream evaluation needs the extra: pip install 'datasteer[downstream]'")
 
@@ -27,15 +27,9 @@ from datasteer.downstream_config import DownstreamConfig
 from datasteer.errors import ConfigError
 from datasteer.report import write_report
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench(name)
 
 
 downstream_tasks = _load("downstream_tasks")

@@ -4,13 +4,12 @@ both ranks log rank 0's table, and that table equals a single-process evaluation
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from bench_scripts import load_bench
 from torchrun_launch import torchrun
 
 pytest.importorskip("lm_eval", reason="downstream evaluation needs the extra: pip install 'datasteer[downstream]'")
@@ -21,14 +20,9 @@ from datasteer import demo
 from datasteer.downstream import evaluate_model
 from datasteer.downstream_config import DownstreamConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _build_tasks(folder: Path) -> None:
-    spec = importlib.util.spec_from_file_location("downstream_tasks", ROOT / "bench" / "downstream_tasks.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["downstream_tasks"] = module
-    spec.loader.exec_module(module)
+    module = load_bench("downstream_tasks")
     module.build(folder, seed=0, docs=12, fewshot_docs=2)
 
 

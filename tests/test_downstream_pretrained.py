@@ -4,13 +4,12 @@ model and tokenizer, and it is above chance (0.25) on the first 16 documents. Ru
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from bench_scripts import load_bench
 
 pytest.importorskip("lm_eval", reason="downstream evaluation needs the extra: pip install 'datasteer[downstream]'")
 
@@ -19,16 +18,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from datasteer.downstream import evaluate_model
 from datasteer.downstream_config import DownstreamConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 16
 
 
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory) -> Path:
-    spec = importlib.util.spec_from_file_location("downstream_tasks", ROOT / "bench" / "downstream_tasks.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["downstream_tasks"] = module
-    spec.loader.exec_module(module)
+    module = load_bench("downstream_tasks")
     folder = tmp_path_factory.mktemp("tasks")
     module.build(folder, seed=0, docs=LIMIT, fewshot_docs=2)
     return folder
