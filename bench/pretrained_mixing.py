@@ -360,8 +360,11 @@ def markdown(report: dict[str, Any]) -> str:
     """The table (mean ± std (min–max) over seeds), each row against uniform, and the notes."""
     table, info, cols = report["table"], report["machine"], columns(report)
     state = "QUICK SMOKE: 1 seed, a few steps; not evidence for any claim" if report["quick"] else "full run"
-    if not report["quick"] and len(report["settings"]["seeds"]) == 1:
+    seeds = len(report["settings"]["seeds"])
+    if not report["quick"] and seeds == 1:
         state = "1 seed: no spread, so no verdict between rows"
+    elif not report["quick"] and seeds < 3:
+        state = f"{seeds} seeds (the default is 3)"
     if report.get("partial"):
         state += f"; PARTIAL: {report['partial']}"
     lines = [
