@@ -398,31 +398,38 @@ def _cell(m: dict[str, float] | None, digits: int) -> str:
     return f"{m['mean']:.{digits}f} ± {m['std']:.{digits}f} ({m['min']:.{digits}f}–{m['max']:.{digits}f})"
 
 
+def report_table(title: str, report: dict[str, Any], units: str, columns: list[tuple[str, str, int]]) -> list[str]:
+    """A report's markdown head (command, machine, settings, wall time) and its table of cells over seeds, each
+    column a (metric key, header, digits); shared by the pretrained benches so their reports read alike."""
+    info = report["machine"]
+    lines = [
+        f"# {title}",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Machine: {info['platform']}, {info['cpus']} CPUs, torch {info['torch']} ({info['torch_threads']} threads), "
+        f"transformers {info['transformers']}, load average at start {info['load_average']}  ",
+        f"Settings: {json.dumps(report['settings'])}  ",
+        f"Wall time: {report['wall_s']:.0f} s. Cells: mean ± std (min–max) over the seeds that finished; {units}.",
+        "",
+        "| row | " + " | ".join(h for _, h, _ in columns) + " |",
+        "|---" + "|---:" * len(columns) + "|",
+    ]
+    for row, m in report["table"].items():
+        lines.append(f"| {row} | " + " | ".join(_cell(m.get(k), d) for k, _, d in columns) + " |")
+    return [*lines, ""]
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The table (mean ± std (min–max) over seeds), each target-aware row against random, and the notes."""
-    table, info = report["table"], report["machine"]
+    table = report["table"]
     seeds = {row: int(m["target_eval_loss"]["n"]) for row, m in table.items() if not row.startswith("base")}
     state = "QUICK SMOKE: 1 seed, a few steps; not evidence for any claim" if report["quick"] else "full run"
     if not report["quick"] and min(seeds.values(), default=0) < 3:
         state = "INCOMPLETE: seeds per row " + ", ".join(f"{row} {n}" for row, n in seeds.items())
     if report.get("partial"):
         state += f"; PARTIAL: {report['partial']}"
-    lines = [
-        f"# Selection on a pretrained model ({report['model']}) — {state}",
-        "",
-        f"Command: `{report['command']}`  ",
-        f"Machine: {info['platform']}, {info['cpus']} CPUs, torch {info['torch']} ({info['torch_threads']} threads), "
-        f"transformers {info['transformers']}, load average at start {info['load_average']}  ",
-        f"Settings: {json.dumps(report['settings'])}  ",
-        f"Wall time: {report['wall_s']:.0f} s. Cells: mean ± std (min–max) over the seeds that finished; target loss "
-        "in nats per token (lower is better), accuracies higher is better.",
-        "",
-        "| row | " + " | ".join(h for _, h, _ in COLUMNS) + " |",
-        "|---" + "|---:" * len(COLUMNS) + "|",
-    ]
-    for row, m in table.items():
-        lines.append(f"| {row} | " + " | ".join(_cell(m.get(k), d) for k, _, d in COLUMNS) + " |")
-    lines.append("")
+    units = "target loss in nats per token (lower is better), accuracies higher is better"
+    lines = report_table(f"Selection on a pretrained model ({report['model']}) — {state}", report, units, COLUMNS)
     v = report["verdicts"]
     for name, r in v.get("rows", {}).items():
         loss = "beats random" if r["target_loss_beats_random"] else "inside random's seed range: no difference"

@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or l
 import downstream_tasks
 import mixing_domains
 import realtext_task
-from pretrained import LORA, PRETRAINED, RESULTS, _cell, prepare_model, summarise
+from pretrained import LORA, PRETRAINED, RESULTS, prepare_model, report_table, summarise
 from quality import machine
 
 from datasteer.config import Config, load_config, split_component
@@ -358,7 +358,7 @@ def columns(report: dict[str, Any]) -> list[tuple[str, str, int]]:
 
 def markdown(report: dict[str, Any]) -> str:
     """The table (mean ± std (min–max) over seeds), each row against uniform, and the notes."""
-    table, info, cols = report["table"], report["machine"], columns(report)
+    cols = columns(report)
     state = "QUICK SMOKE: 1 seed, a few steps; not evidence for any claim" if report["quick"] else "full run"
     seeds = len(report["settings"]["seeds"])
     if not report["quick"] and seeds == 1:
@@ -367,22 +367,8 @@ def markdown(report: dict[str, Any]) -> str:
         state = f"{seeds} seeds (the default is 3)"
     if report.get("partial"):
         state += f"; PARTIAL: {report['partial']}"
-    lines = [
-        f"# Domain mixing on {report['model']} — {state}",
-        "",
-        f"Command: `{report['command']}`  ",
-        f"Machine: {info['platform']}, {info['cpus']} CPUs, torch {info['torch']} ({info['torch_threads']} threads), "
-        f"transformers {info['transformers']}, load average at start {info['load_average']}  ",
-        f"Settings: {json.dumps(report['settings'])}  ",
-        f"Wall time: {report['wall_s']:.0f} s. Cells: mean ± std (min–max) over the seeds that finished. log-ppl: "
-        "held-out loss in nats per token (lower is better); weight: the mixture trained on (DoReMi: ᾱ).",
-        "",
-        "| row | " + " | ".join(h for _, h, _ in cols) + " |",
-        "|---" + "|---:" * len(cols) + "|",
-    ]
-    for row, m in table.items():
-        lines.append(f"| {row} | " + " | ".join(_cell(m.get(k), d) for k, _, d in cols) + " |")
-    lines.append("")
+    units = "log-ppl: held-out loss in nats per token (lower is better); weight: the mixture trained on (DoReMi: ᾱ)"
+    lines = report_table(f"Domain mixing on {report['model']} — {state}", report, units, cols)
     for row, v in report["verdicts"].items():
         lines.append(f"- {row} vs uniform: mean log-ppl {v['mean_log_ppl']}; worst log-ppl {v['worst_log_ppl']}.")
     if report["notes"]:

@@ -8,6 +8,7 @@ is registered in `sys.modules` under `as_name` because the scripts import each o
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -22,3 +23,9 @@ def load_bench(name: str, as_name: str | None = None) -> ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def quick_demo_report(bench: ModuleType, name: str, out: Path, *args: str) -> tuple[Path, dict]:
+    """Run a pretrained bench's `--demo --quick` plumbing into `out` and return (out, its `<name>.json` report)."""
+    bench.main(["--demo", "--quick", *args, "--out", str(out), "--workdir", str(out / "w")])
+    return out, json.loads((out / f"{name}.json").read_text())

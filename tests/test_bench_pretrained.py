@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from bench_scripts import load_bench
+from bench_scripts import load_bench, quick_demo_report
 
 pytest.importorskip("lm_eval", reason="lm-evaluation-harness is optional (pip install 'datasteer[downstream]')")
 pytest.importorskip("peft", reason="LoRA needs peft (pip install 'datasteer[lora]')")
@@ -23,9 +23,7 @@ def bench():
 
 @pytest.fixture(scope="module")
 def report(bench, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pretrained")
-    bench.main(["--demo", "--quick", "--rows", "random", "near", "--out", str(out), "--workdir", str(out / "w")])
-    return out, json.loads((out / "pretrained.json").read_text())
+    return quick_demo_report(bench, "pretrained", tmp_path_factory.mktemp("pretrained"), "--rows", "random", "near")
 
 
 def test_every_row_reports_its_own_run(report):

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
-from bench_scripts import load_bench
+from bench_scripts import load_bench, quick_demo_report
 
 pytest.importorskip("lm_eval", reason="lm-evaluation-harness is optional (pip install 'datasteer[downstream]')")
 pytest.importorskip("peft", reason="LoRA needs peft (pip install 'datasteer[lora]')")
@@ -24,10 +24,10 @@ def bench():
 
 @pytest.fixture(scope="module")
 def report(bench, tmp_path_factory):
-    out = tmp_path_factory.mktemp("mixing")
     rows = ["uniform", "doremi", "odm (s 30)"]
-    bench.main(["--demo", "--quick", "--steps", "4", "--rows", *rows, "--out", str(out), "--workdir", str(out / "w")])
-    return out, json.loads((out / "pretrained_mixing.json").read_text())
+    return quick_demo_report(
+        bench, "pretrained_mixing", tmp_path_factory.mktemp("mixing"), "--steps", "4", "--rows", *rows
+    )
 
 
 def test_every_row_reports_its_own_run(report):

@@ -26,13 +26,16 @@ def test_loads_a_local_folder_with_from_pretrained(tmp_path):
     assert model.config.hidden_size == 64
 
 
+def scratch_config(folder, vocab_size: int) -> ModelConfig:
+    """A 1-layer Llama from scratch on the tiny model's tokenizer."""
+    llama = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+             "num_attention_heads": 2, "vocab_size": vocab_size}  # fmt: skip
+    return ModelConfig(config=llama, tokenizer=str(folder))
+
+
 def test_from_scratch_config_needs_a_model_type_and_a_tokenizer(tmp_path):
     folder = save_tiny_model(tmp_path / "tiny")
-    cfg = ModelConfig(
-        config={"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                "num_attention_heads": 2, "vocab_size": 100},
-        tokenizer=str(folder),
-    )  # fmt: skip
+    cfg = scratch_config(folder, vocab_size=100)
     model = load_model(cfg, load_tokenizer(cfg))
     assert model.config.num_hidden_layers == 1
     with pytest.raises(ValueError, match="model_type"):
@@ -40,12 +43,7 @@ def test_from_scratch_config_needs_a_model_type_and_a_tokenizer(tmp_path):
 
 
 def test_a_from_scratch_vocabulary_smaller_than_the_tokenizer_is_refused_naming_the_key(tmp_path):
-    folder = save_tiny_model(tmp_path / "tiny")
-    cfg = ModelConfig(
-        config={"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                "num_attention_heads": 2, "vocab_size": 8},
-        tokenizer=str(folder),
-    )  # fmt: skip
+    cfg = scratch_config(save_tiny_model(tmp_path / "tiny"), vocab_size=8)
     tok = load_tokenizer(cfg)
     with pytest.raises(ConfigError, match=rf"model.config.vocab_size is 8.*set model.config.vocab_size: {len(tok)}"):
         load_model(cfg, tok)
