@@ -182,6 +182,17 @@ def setup(s: Settings, work: Path, demo: bool, model: Path, notes: list[str]) ->
 
 
 # ------------------------------------------------------------------------------------------- configs
+def train_args(out: Path, steps: int, batch: int, lr: float, seed: int) -> dict[str, Any]:
+    """The `train` section both pretrained benches run with: a constant learning rate on CPU, no evaluation or
+    checkpoint during the run (the bench scores the final model), quiet logs."""
+    return {
+        "output_dir": str(out), "max_steps": steps, "per_device_train_batch_size": batch,
+        "per_device_eval_batch_size": 32, "learning_rate": lr, "lr_scheduler_type": "constant",
+        "logging_steps": 1000, "use_cpu": True, "seed": seed, "report_to": "none", "disable_tqdm": True,
+        "eval_strategy": "no", "save_strategy": "no", "save_final": True,
+    }  # fmt: skip
+
+
 def run_config(s: Settings, spec: dict[str, Any] | None, seed: int, out: Path, ctx: Context, **train: Any) -> Config:
     """One LoRA sft run on the task, scored on the held-out target split and the harness tasks at its end."""
     model = {"demo": True, "seed": seed} if ctx.model is None else {"name_or_path": str(ctx.model)}
@@ -194,12 +205,7 @@ def run_config(s: Settings, spec: dict[str, Any] | None, seed: int, out: Path, c
         "eval_per_domain": s.eval_per_domain,
         "cache_dir": str(ctx.work / "data"),
     }
-    args = {
-        "output_dir": str(out), "max_steps": s.steps, "per_device_train_batch_size": s.batch,
-        "per_device_eval_batch_size": 32, "learning_rate": s.lr, "lr_scheduler_type": "constant",
-        "logging_steps": 1000, "use_cpu": True, "seed": seed, "report_to": "none", "disable_tqdm": True,
-        "eval_strategy": "no", "save_strategy": "no", "save_final": True, **train,
-    }  # fmt: skip
+    args = train_args(out, s.steps, s.batch, s.lr, seed) | train
     steering: dict[str, Any] = {"seed": seed}
     if spec is not None:
         spec = dict(spec)

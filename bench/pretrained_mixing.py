@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or l
 import downstream_tasks
 import mixing_domains
 import realtext_task
-from pretrained import LORA, PRETRAINED, RESULTS, prepare_model, report_table, summarise
+from pretrained import LORA, PRETRAINED, RESULTS, prepare_model, report_table, summarise, train_args
 from quality import machine
 
 from datasteer.config import Config, load_config, split_component
@@ -145,12 +145,7 @@ def run_config(s: Settings, label: str, seed: int, out: Path, ctx: Context) -> C
         "block_size": s.seq,
         "cache_dir": str(ctx.work / "data"),
     }
-    train = {
-        "output_dir": str(out), "max_steps": s.steps, "per_device_train_batch_size": s.batch,
-        "per_device_eval_batch_size": 32, "learning_rate": s.lr, "lr_scheduler_type": "constant",
-        "logging_steps": 1000, "use_cpu": True, "seed": seed, "report_to": "none", "disable_tqdm": True,
-        "eval_strategy": "no", "save_strategy": "no", "save_final": True,
-    }  # fmt: skip
+    train = train_args(out, s.steps, s.batch, s.lr, seed)
     steering = json.loads(json.dumps(ROWS[label]))  # a deep copy: the row table stays as written
     if steering["mixer"]["name"] == "doremi":
         steering["mixer"].update(reference_model=str(ctx.reference), cache_dir=str(ctx.work / "ops"))
