@@ -17,6 +17,11 @@ since the previous snapshot. The `budget` highest scores are selected (ties brok
 with `exclude_selected`, samples selected before are never selected again (nor scored).
 
 Only the (N, J) cosine means of each snapshot are kept (in the checkpoint), never the features.
+
+With `dataflex_compat` (the DataFlex translator's default) an update forms its features and picks exactly as
+DataFlex 1.1.0's LESS does instead (`datasteer.selectors._dataflex_trak`): per-row gradients of every trainable
+parameter, DataFlex's Adam image, TRAK's float16 Rademacher projection, the mean cosine over all target rows, that
+update's scores alone, and `torch.topk` over the pool in sample-id order.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from datasteer.ops import gradient_features
 from datasteer.ops.batching import unwrap
 from datasteer.ops.gradients import ADAM_EXACT_MAX_ELEMENTS, select_linears, trainable_linears
 from datasteer.registry import register
+from datasteer.selectors import _dataflex, _dataflex_trak
 from datasteer.steering import SteeringContext
 
 log = logging.getLogger(__name__)
@@ -106,7 +112,7 @@ def current_lr(ctx: SteeringContext) -> float:
 
 # ---------------------------------------------------------------------------------------------- selector
 @register("selector", "less")
-class LessSelector(Selector):
+class LessSelector(_dataflex.DataflexWarmup, Selector):
     """Selects the samples whose Adam update direction best aligns with the target set's gradients (LESS).
 
     Needs a target set (data.target; the demo sft data has one). Each update is one snapshot; scores average
@@ -133,6 +139,11 @@ class LessSelector(Selector):
             own gradient, a larger one the factored approximation (`datasteer.ops.adam`); 0: every layer
             factored. The default 2^17 keeps LoRA adapters and small models exact; raising it costs speed
             (a 20M-parameter model, every layer exact: 0.28 of training's throughput instead of 0.86).
+        dataflex_compat: form the features and pick exactly as DataFlex 1.1.0's LESS (on CPU): per-row gradients
+            of every trainable parameter, DataFlex's Adam image (fixed betas, no bias correction), TRAK's float16
+            Rademacher projection seeded `seed` (null: DataFlex's 42), the mean cosine over all target rows (no
+            subtasks), each update's scores alone and `torch.topk` over the pool in sample-id order; the warmup
+            trains on DataFlex's warmup draw. Needs checkpoints 1 (or null), no layers, no exclude_selected.
     """
 
     requires_target: ClassVar[bool] = True
@@ -148,7 +159,14 @@ class LessSelector(Selector):
         seed: int | None = None,
         layers: list[str] | None = None,
         adam_exact_max_elements: int = ADAM_EXACT_MAX_ELEMENTS,
+        dataflex_compat: bool = False,
     ) -> None:
+        if dataflex_compat and (checkpoints not in (None, 1) or layers is not None or exclude_selected):
+            raise ValueError(
+                "dataflex_compat scores as DataFlex's less: each update alone (checkpoints: 1 or null), every "
+                "trainable parameter (layers: null) and no exclude_selected"
+            )
+        self.dataflex_compat = dataflex_compat
         if proj_dim < 1 or batch_size < 1 or (checkpoints is not None and checkpoints < 1):
             raise ValueError("proj_dim and batch_size must be >= 1, checkpoints >= 1 (or null)")
         if adam_exact_max_elements < 0:
@@ -186,6 +204,8 @@ class LessSelector(Selector):
         self._lr_next = current_lr(ctx)
 
     def select(self, ctx: SteeringContext, budget: int) -> Selection:
+        if self.dataflex_compat:
+            return self._select_dataflex(ctx, budget)
         ids = self.score_ids(ctx)
         if self.scored_ids is None:
             self.scored_ids = ids
@@ -279,6 +299,31 @@ class LessSelector(Selector):
         if len(chosen) == 0:
             raise DatasteerError(f"selector '{self.name}' has no sample left to select")
         self.selected.update(int(i) for i in chosen)
+        return Selection(ids=chosen, scores=chosen_scores)
+
+    def _select_dataflex(self, ctx: SteeringContext, budget: int) -> Selection:
+        """DataFlex's features and top-k (`_dataflex_trak`); the scores are kept as this update's snapshot."""
+        ids = ctx.pool.sample_ids
+        kw = dict(
+            collate_fn=ctx.collate_fn,
+            proj_dim=self.proj_dim,
+            seed=_dataflex_trak.DATAFLEX_LESS_SEED if self.seed is None else self.seed,
+            chunk_rows=self.batch_size,
+            accelerator=ctx.accelerator,
+            progress=pass_progress(ctx),
+        )
+        order = _dataflex.id_order(ids)  # DataFlex's position p is pool row order[p]; features come sorted by id
+        rows = ctx.dataset.select(ctx.pool.indices_of(ids[order]).tolist())
+        train = _dataflex_trak.dataflex_features(ctx.model, rows, optimizer=self._optimizer(ctx), **kw)
+        target = _dataflex_trak.dataflex_features(ctx.model, ctx.target, optimizer=None, **kw)
+        scores = _dataflex_trak.mean_cosines(train.lookup(ids[order]), target.values)
+        pos = _dataflex_trak.top_positions(scores, budget)
+        snapshot = torch.empty(len(ids), 1, dtype=torch.float64)
+        snapshot[torch.as_tensor(order), 0] = scores.double()
+        self.scored_ids = ids
+        self.snapshots, self.lrs = [snapshot], [float(np.mean(self._lr_window)) if self._lr_window else self._lr_next]
+        self._lr_window.clear()
+        chosen, chosen_scores = broadcast_object((ids[order[pos]], scores.numpy()[pos].astype(np.float64)))
         return Selection(ids=chosen, scores=chosen_scores)
 
     # ------------------------------------------------------------------------------------------ state
