@@ -47,7 +47,8 @@ def test_dynamic_select_translates_schedule_and_component_params(no_components):
         "update_every": 10,
         "updates": 2,
         "lag_steps": 0,  # DataFlex's timing: decided after step 10, trained from step 11
-        "selector": {"name": "less", "proj_dim": 1024, "seed": 123, "checkpoints": 1},  # scored per update
+        # scored per update, on DataFlex's own features (TRAK's projection)
+        "selector": {"name": "less", "proj_dim": 1024, "seed": 123, "checkpoints": 1, "dataflex_compat": True},
     }
     assert ("params.checkpoints: (not set)", "steering.selector.checkpoints: 1 (DataFlex's default)") in out.mapping
     dropped = [w for w in out.warnings if "is dropped" in w]
@@ -362,6 +363,7 @@ def test_odm_own_warmup_covering_the_run_is_said_at_start_up():
         ("loss", {}, {"quantiles": [0.33, 0.66], "dataflex_compat": True}),
         ("delta_loss", {}, {"dataflex_compat": True}),
         ("tsds", {"probs_path": "tsds_probs.npy"}, {"probs_path": "tsds_probs.npy", "dataflex_compat": True}),
+        ("less", {}, {"checkpoints": 1, "dataflex_compat": True}),
     ],
 )
 def test_selectors_get_dataflexs_draws_and_defaults(name, extra, expected):

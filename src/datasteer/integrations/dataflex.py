@@ -343,12 +343,13 @@ PARAMS: dict[tuple[str, str], dict[str, Rule]] = {
 # the parameter gets DataFlex's value, reported as such; datasteer's native configs keep datasteer's default.
 DATAFLEX_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     # exploration_timing is no DataFlex parameter: it selects DataFlex's ε timing in datasteer's odm.
-    # dataflex_compat is no DataFlex parameter: it selects DataFlex's draws in datasteer's selector.
+    # dataflex_compat is no DataFlex parameter: it selects DataFlex's draws (less: features) in datasteer's selector.
     ("selector", "loss"): {"quantiles": [0.33, 0.66], "dataflex_compat": True},
     ("selector", "delta_loss"): {"dataflex_compat": True},
     ("selector", "tsds"): {"dataflex_compat": True},
     ("selector", "near"): {"dataflex_compat": True},
-    ("selector", "less"): {"checkpoints": 1},  # DataFlex scores each update on that update's gradients alone
+    # less: DataFlex scores each update on that update's gradients alone, with its own features (TRAK's projection)
+    ("selector", "less"): {"checkpoints": 1, "dataflex_compat": True},
     ("mixer", "odm"): {
         "reward_scale": 15.0,
         "min_exploration_rate": 0.03,
