@@ -150,9 +150,9 @@ NOTES = (
     "start-up is the same on both sides: the imports (transformers, peft, LLaMA-Factory) differ by 0.2 s, and "
     "datasteer's own start-up work (translating the keys, building the pool with ids) takes 0.3-0.5 s.",
     "Under DataFlex keys datasteer takes DataFlex's decision timing (steering.lag_steps: 0), DataFlex's draws "
-    "(dataflex_compat: loss, delta_loss, tsds, near; odm's reward_feed: last_batch and exploration_timing: "
-    "dataflex), DataFlex's weighted loss (weighting_reduction: samples) and less's per-update scores "
-    "(checkpoints: 1). Where both sides score alike they pick alike.",
+    "(dataflex_compat: loss, delta_loss, tsds, near, less; odm's reward_feed: last_batch and exploration_timing: "
+    "dataflex), DataFlex's weighted loss (weighting_reduction: samples), less's per-update scores "
+    "(checkpoints: 1) and DataFlex's LESS features (dataflex_compat). Where both sides score alike they pick alike.",
     "less, loss, delta_loss score with the model being trained, so their picks depend on the order it was "
     "trained in: DataFlex's stage loaders shuffle with a RandomSampler seeded from torch's global generator "
     "(whose state depends on every other draw from it), datasteer with its own seeded stream, and DataFlex's "
@@ -160,9 +160,10 @@ NOTES = (
     "'DataFlex against itself, data order reseeded (K)' is DataFlex's own run with only that order changed "
     "(torch.manual_seed(K) just before its first stage loader): the spread of DataFlex's own picks under a "
     "different data order, the floor for any other trainer that does not replay DataFlex's global generator. "
-    "less also projects its gradients with TRAK's seeded Rademacher matrix (fp16), datasteer with its own "
-    "projection: at proj_dim 512, datasteer against itself with only its projection seed changed shares "
-    "75-84% of the first update's ids (same model).",
+    "less: datasteer replays DataFlex's features (per-row gradients of every trainable parameter, DataFlex's Adam "
+    "image, TRAK's seeded float16 Rademacher projection as on CPU), which on the same model pick DataFlex's ids; "
+    "before it projected with its own matrix, and against itself with only that projection's seed changed it "
+    "shared 75-84% of the first update's ids at proj_dim 512 (same model).",
     "near, tsds: both sides read the bench's precomputed files (DataFlex's offline steps, not timed). tsds: "
     "DataFlex draws from numpy's global generator, whose state at the draw depends on what else used it after "
     "the Trainer seeded it; datasteer seeds its own with the Trainer's seed.",
