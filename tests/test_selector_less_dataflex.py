@@ -64,11 +64,21 @@ def test_matrix_is_unscaled_rademacher_drawn_block_by_block_from_its_own_seed():
     long, short = trak.TrakProjector(300, 384, 7), trak.TrakProjector(300, 200, 7)
     (mat,) = long.blocks(torch.device("cpu"))
     assert set(mat.unique().tolist()) == {-1.0, 1.0} and abs(float((mat > 0).float().mean()) - 0.5) < 0.01
-    torch.testing.assert_close(short.blocks(torch.device("cpu"))[0], mat[:, :200], rtol=0, atol=0)
+    (head,) = short.blocks(torch.device("cpu"))
+    torch.testing.assert_close(head, mat[:, :200], rtol=0, atol=0)
     torch.testing.assert_close(trak.trak_block(300, 1, 7), trak.trak_block(300, 0, 1007), rtol=0, atol=0)
     a, b = torch.randn(2, 300, generator=torch.Generator().manual_seed(0)) / 4
     pa, pb = long.project(torch.stack([a, b])).double()
     assert float(pa @ pb) / 384 == pytest.approx(float(a.half().double() @ b.half().double()), abs=0.1 * 300 / 16)
+
+
+def test_a_matrix_too_large_to_keep_is_drawn_block_by_block_with_the_same_result(monkeypatch):
+    g = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    kept = trak.TrakProjector(50, 300, 5).project(g)
+    monkeypatch.setattr(trak, "MATRIX_CACHE_BYTES", 0)
+    streamed = trak.TrakProjector(50, 300, 5)
+    assert len(list(streamed.blocks(torch.device("cpu")))) == 3 and not streamed._matrix  # 128 + 128 + 44 columns
+    torch.testing.assert_close(streamed.project(g), kept, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------ the other steps

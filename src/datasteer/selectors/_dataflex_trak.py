@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -68,16 +68,20 @@ class TrakProjector:
         self.num_blocks = math.ceil(proj_dim / self.block)
         self._matrix: dict[torch.device, torch.Tensor] = {}
 
-    def blocks(self, device: torch.device) -> list[torch.Tensor]:
-        """The (grad_dim, width) float32 column blocks on `device`, the last one cut to proj_dim."""
+    def blocks(self, device: torch.device) -> Iterator[torch.Tensor]:
+        """The float32 column blocks on `device`, the last one cut to proj_dim: one (grad_dim, proj_dim) matrix when
+        it fits MATRIX_CACHE_BYTES (drawn once, then kept), else each (grad_dim, block) block drawn as it is used."""
         if device in self._matrix:
-            return [self._matrix[device]]
+            yield self._matrix[device]
+            return
         widths = [min(self.block, self.proj_dim - i * self.block) for i in range(self.num_blocks)]
         mats = (trak_block(self.grad_dim, i, self.seed, self.block)[:, :w] for i, w in enumerate(widths))
         if self.grad_dim * self.proj_dim * 4 > MATRIX_CACHE_BYTES:
-            return [m.to(device=device, dtype=torch.float32) for m in mats]  # generator: one block at a time
+            for mat in mats:
+                yield mat.to(device=device, dtype=torch.float32)
+            return
         self._matrix[device] = torch.cat([m.float() for m in mats], dim=1).to(device)
-        return [self._matrix[device]]
+        yield self._matrix[device]
 
     def project(self, grads: torch.Tensor) -> torch.Tensor:
         """(B, grad_dim) -> (B, proj_dim) float16: the float16 gradients times the ±1 blocks, rounded to float16."""
