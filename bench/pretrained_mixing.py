@@ -1,6 +1,6 @@
 """Domain mixing on a real pretrained model: continued pretraining of SmolLM2-135M-Instruct (+ LoRA) on real text.
 
-    python bench/pretrained_mixing.py   # est. ~25 min on 2 idle cores (unmeasured): bench/results/pretrained_mixing.*
+    python bench/pretrained_mixing.py   # ~18 min a seed on 2 idle cores, ~1 h for 3: bench/results/pretrained_mixing.*
     python bench/pretrained_mixing.py --quick    # 1 seed, a few steps: a smoke that every path runs (minutes)
     python bench/pretrained_mixing.py --demo --quick --out /tmp/m   # the plumbing on the demo's tiny Llama (the test)
     python bench/pretrained_mixing.py --scratch --domains code docstrings topics changelogs licenses man headers \
