@@ -59,14 +59,19 @@ def test_delta_window_by_hand():
     np.testing.assert_allclose(probs.numpy(), np.array([0.025, 0.025, 0.025, 1, 0.025, 0.025]) / 1.125, rtol=1e-6)
 
 
+def test_stage_order_is_the_seeded_loaders_order():
+    """accelerate's SeedableRandomSampler over Subset(train, positions): positions[randperm(len, seed)], repeats kept.
+    torch.randperm(5) seeded 42 is [2, 4, 3, 0, 1] (checked against accelerate's loader in DataFlex's env)."""
+    assert _dataflex.stage_order(np.array([7, 3, 7, 9, 5]), 42).tolist() == [7, 5, 9, 7, 3]
+    assert _dataflex.distinct(np.array([7, 3, 7, 9, 3])).tolist() == [7, 3, 9]
+
+
 def test_draws_are_dataflexs_generator_calls():
     probs = torch.tensor([0.1, 0.2, 0.3, 0.4])
     assert _dataflex.multinomial(probs, 3, step=6).tolist() == torch_draw([0.1, 0.2, 0.3, 0.4], 3, 48)
     # fewer rows with a weight than asked for: DataFlex draws with replacement
     few = torch.tensor([0.5, 0.5, 0.0, 0.0])
     assert _dataflex.multinomial(few, 3, step=1).tolist() == torch_draw([0.5, 0.5, 0.0, 0.0], 3, 43, True)
-    rows, probs = _dataflex.rows_and_probs(np.array([7, 8, 9]), np.array([0, 2, 0]))
-    assert rows.tolist() == [7, 9] and probs.tolist() == [2 / 3, 1 / 3]  # a repeat: i.i.d. odds by count
     p = np.array([0.1, 0.2, 0.3, 0.4])
     rs = np.random.RandomState(42)
     expected = [rs.choice(4, 2, replace=False, p=p).tolist() for _ in range(3)]
@@ -91,6 +96,10 @@ def test_loss_selector_picks_dataflexs_ids():
     positions = torch_draw([1 / 14, 1 / 14, 5 / 14, 5 / 14, 1 / 14, 1 / 14], 3, 56)
     assert picked.ids.tolist() == [10 + p for p in positions]
     assert picked.probs is None  # distinct picks: a plain selection
+    # trained in DataFlex's stage-loader order: the picks permuted by randperm seeded with the seed (no trainer: 0)
+    gen = torch.Generator()
+    gen.manual_seed(ctx.seed)
+    assert picked.order.tolist() == [10 + positions[i] for i in torch.randperm(3, generator=gen).tolist()]
     with pytest.raises(ValueError, match="dataflex_compat"):
         LossSelector(mode="topk", dataflex_compat=True)
 
@@ -182,5 +191,11 @@ def test_the_warmup_trains_on_dataflexs_warmup_draw(tmp_path):
     gen.manual_seed(42)
     warmup = set(ids[torch.randint(0, len(ids), (8,), generator=gen).numpy()].tolist())  # 2 steps x 4 rows
     assert all(set(r.sample_ids.tolist()) <= warmup for r in rec.records[:2])
+    # ... in the order of DataFlex's seeded stage loader: the draw permuted by randperm seeded with the Trainer's seed
+    gen.manual_seed(42)
+    drawn = ids[torch.randint(0, len(ids), (8,), generator=gen).numpy()]
+    gen.manual_seed(trainer.args.seed)
+    expected = drawn[torch.randperm(8, generator=gen).numpy()].tolist()
+    assert np.concatenate([r.sample_ids.numpy() for r in rec.records[:2]]).tolist() == expected
     selects = [e for e in read_events(tmp_path) if e["event"] == "select"]
     assert selects[0]["step"] == 0 and set(selects[0]["ids"]) == warmup and selects[0]["effective_step"] == 1

@@ -82,3 +82,20 @@ def test_the_state_round_trips_to_the_same_rows():
     restored = StreamPlan(DOMAINS, 3, 0)
     restored.load_state_dict({"seed": 3, **plan.state_dict()})
     assert restored.seed == 3 and restored.plan(0, 200).tolist() == expected.tolist()
+
+
+def test_an_ordered_selection_draws_its_order_cyclically_and_survives_a_resume():
+    """A selection with an explicit order (dataflex_compat): position k of its stages is order[k mod len], repeats
+    kept, counted across a stage that continues it; the order is in the state, and weights are refused with it."""
+    plan = natural()
+    order = np.array([5, 40, 5, 12])
+    plan.selections.append(_Selection(np.array([5, 12, 40]), None, order))
+    plan.append(10, None, 1)
+    plan.append(16, None, 1)  # the same decision again: the order goes on
+    assert plan.plan(10, 20).tolist() == [5, 40, 5, 12, 5, 40, 5, 12, 5, 40]
+    restored = StreamPlan(DOMAINS, 3, 0)
+    restored.load_state_dict({"seed": 0, **plan.state_dict()})
+    assert restored.selections[1].order.tolist() == order.tolist()
+    assert restored.plan(0, 30).tolist() == plan.plan(0, 30).tolist()
+    with pytest.raises(ValueError, match="explicit order"):
+        plan.append(20, np.array([1.0, 1.0, 1.0]), 1)

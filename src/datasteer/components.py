@@ -72,11 +72,15 @@ class Selection:
         probs: optional sampling probability per id (sums to 1); None means each id is drawn once per
             pass through the selection, in a seeded order.
         scores: optional score per id, kept for the log (summary only) and the report.
+        order: optional ids in the exact order the stage trains them (repeats allowed), drawn cyclically: position
+            k of the stage trains `order[k mod len(order)]`. Why: DataFlex parity (`dataflex_compat`) needs DataFlex's
+            own stage order, since the model, and so every later decision, depends on the order rows are trained in.
     """
 
     ids: np.ndarray
     probs: np.ndarray | None = None
     scores: np.ndarray | None = None
+    order: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.ids = np.asarray(self.ids, dtype=np.int64)
@@ -87,6 +91,10 @@ class Selection:
             if self.probs.shape != self.ids.shape or not np.all(self.probs >= 0) or self.probs.sum() <= 0:
                 raise ValueError("Selection.probs must be non-negative, one per id, with a positive sum")
             self.probs = self.probs / self.probs.sum()
+        if self.order is not None:
+            self.order = np.asarray(self.order, dtype=np.int64).reshape(-1)
+            if self.probs is not None or self.order.size == 0 or not np.isin(self.order, self.ids).all():
+                raise ValueError("Selection.order must be non-empty ids of the selection, and excludes probs")
 
     def summary(self) -> dict[str, Any]:
         """Small JSON-able description for the steering log."""

@@ -133,18 +133,25 @@ class SteeredSampler(Sampler[int]):
         prev = self._stage_at(at_step)
         return self._add_stage(at_step, weights, prev.selection if prev else 0)
 
-    def set_selection(self, at_step: int, rows: np.ndarray, probs: np.ndarray | None = None) -> None:
-        """Restrict the stream to pool rows `rows` (optionally drawn i.i.d. with `probs`) from `at_step` on."""
+    def set_selection(
+        self, at_step: int, rows: np.ndarray, probs: np.ndarray | None = None, order: np.ndarray | None = None
+    ) -> None:
+        """Restrict the stream to pool rows `rows` (optionally drawn i.i.d. with `probs`, or in the explicit cyclic
+        `order` of pool rows, repeats allowed: see `StreamPlan`) from `at_step` on."""
         rows = np.asarray(rows, dtype=np.int64)
-        order = np.argsort(rows, kind="stable")
-        rows = rows[order]
+        by_row = np.argsort(rows, kind="stable")
+        rows = rows[by_row]
         if probs is not None:
-            probs = np.asarray(probs, dtype=np.float64)[order]
+            probs = np.asarray(probs, dtype=np.float64)[by_row]
         if rows.size == 0 or rows[0] < 0 or rows[-1] >= len(self.domain_ids):
             raise ValueError("a selection must hold at least one valid pool row")
         if np.any(rows[1:] == rows[:-1]):
             raise ValueError("a selection must not repeat a row; use probs to favour rows")
-        self.selections.append(_Selection(rows, probs))
+        if order is not None:
+            order = np.asarray(order, dtype=np.int64).reshape(-1)
+            if order.size == 0 or probs is not None or not np.isin(order, rows).all():
+                raise ValueError("a selection's order must be non-empty rows of the selection, without probs")
+        self.selections.append(_Selection(rows, probs, order))
         prev = self._stage_at(at_step)
         self._add_stage(at_step, prev.weights if prev else None, len(self.selections) - 1)
 

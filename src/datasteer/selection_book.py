@@ -48,7 +48,8 @@ class SelectionBook:
         """Make `selection`, decided after step `step`, the sampler's eligible rows from stream step `at + 1`."""
         rows = self.pool.indices_of(selection.ids)
         overlap = self._overlap_with_last(rows)
-        self.sampler.set_selection(at, rows, selection.probs)
+        order = None if selection.order is None else self.pool.indices_of(selection.order)
+        self.sampler.set_selection(at, rows, selection.probs, order=order)
         per_domain = np.bincount(self.pool.domain_ids[rows], minlength=len(self.pool.domains))
         summary = {"step": step, "effective_step": at + 1, "update": update_index, **selection.summary()}
         if overlap is not None:

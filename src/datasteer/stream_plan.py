@@ -3,7 +3,8 @@
 `SteeredSampler` (sampling.py) decides *when* a stage starts and hands the rows out; this module says *which*
 rows a position draws (the contract is in sampling.py's module docstring): a group per position from the stage's
 weights with uniforms keyed by (seed, stage key, block), then the group's k-th draw, element `k mod n` of its
-permutation for epoch `k // n`, or an i.i.d. draw from the selection's probabilities. It also holds the stages and
+permutation for epoch `k // n`, or an i.i.d. draw from the selection's probabilities, or (a selection with an
+explicit order, `dataflex_compat`) element `k mod len(order)` of that order. It also holds the stages and
 selections themselves and their checkpoint form, so the whole stream state lives in one place.
 """
 
@@ -24,6 +25,7 @@ CHUNK = 1 << 16  # positions generated per vectorised call while iterating
 class _Selection:
     rows: np.ndarray | None  # (M,) eligible row positions, sorted; None = whole pool
     probs: np.ndarray | None  # (M,) sampling probabilities aligned with rows, or None
+    order: np.ndarray | None = None  # (L,) rows in the stage's explicit cyclic order (repeats allowed), or None
 
 
 @dataclass
@@ -77,6 +79,11 @@ class StreamPlan:
             self.stages.pop()
         del self._start_cache[len(self.stages) :]
         groups = self.groups(selection, weights is None)
+        if weights is not None and self.selections[selection].order is not None:
+            raise ValueError(
+                "a selection with an explicit order (dataflex_compat) trains its rows in that order and cannot "
+                "also follow a mixer's domain weights; drop the mixer or set the selector's dataflex_compat: false"
+            )
         if weights is not None:
             weights = self.checked_weights(weights, groups)
         prev = self.stages[-1] if self.stages else None
@@ -171,6 +178,10 @@ class StreamPlan:
 
     def _plan_stage(self, stage_idx: int, rel_start: int, rel_stop: int) -> np.ndarray:
         stage = self.stages[stage_idx]
+        order = self.selections[stage.selection].order
+        if order is not None:  # natural stage (weights refused): one group, its k-th draw counted across stages
+            k = int(stage.offsets[0]) + np.arange(rel_start, rel_stop)
+            return order[k % order.size]
         groups = self.groups(stage.selection, stage.weights is None)
         g = self._draw_groups(stage_idx, rel_start, rel_stop)
         before = self._counts(stage_idx, rel_start)
@@ -228,6 +239,7 @@ class StreamPlan:
                 {
                     "rows": None if s.rows is None else torch.from_numpy(s.rows),
                     "probs": None if s.probs is None else torch.from_numpy(s.probs),
+                    "order": None if s.order is None else torch.from_numpy(s.order),
                 }
                 for s in self.selections
             ],
@@ -247,7 +259,9 @@ class StreamPlan:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the seed, selections and stages of `SteeredSampler.state_dict`; every cache starts empty."""
         self.seed = int(state["seed"])
-        self.selections = [_Selection(_np(s["rows"]), _np(s["probs"])) for s in state["selections"]]
+        self.selections = [
+            _Selection(_np(s["rows"]), _np(s["probs"]), _np(s.get("order"))) for s in state["selections"]
+        ]
         self.stages = [_stage(i, s) for i, s in enumerate(state["stages"])]
         self._groups_cache.clear()
         self._perm_cache.clear()

@@ -15,6 +15,10 @@ also draw alike, so these functions reproduce DataFlex's draws exactly:
   are asked for, as DataFlex falls back) with a `torch.Generator` seeded `42 + step`, DataFlex's fixed seed 42
   plus the step the decision is made at;
 - `column_walk`: DataFlex's `near`, its neighbour matrix read column by column;
+- `stage_order` / `ordered`: the order DataFlex's select trainer trains a stage's rows in. Each stage (the warmup
+  draw, then each update's picks) gets a fresh `DataLoader(Subset(train, positions), sampler=RandomSampler)`, which
+  accelerate (HF's default `use_seedable_sampler`) turns into a `SeedableRandomSampler`: the positions in the order
+  `torch.randperm(len, generator seeded with the Trainer's seed + epoch 0)`, whatever else drew from torch before;
 - `numpy_choice`: DataFlex's `tsds`, `np.random.choice(n, k, replace=False, p)` from numpy's global generator,
   here a generator of its own seeded with the Trainer's `seed` (HF's `set_seed` seeds numpy's), so the run
   repeats (DataFlex's picks also depend on whatever else drew from numpy's global generator before).
@@ -22,6 +26,7 @@ also draw alike, so these functions reproduce DataFlex's draws exactly:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -124,11 +129,38 @@ def warmup_positions(n: int, k: int) -> np.ndarray:
     return torch.randint(low=0, high=n, size=(k,), generator=gen).numpy().astype(np.int64)
 
 
+def trainer_seed(ctx: Any) -> int:
+    """The seed of DataFlex's stage loaders: the HF Trainer's `data_seed`, else its `seed` (else steering.seed)."""
+    args = getattr(ctx.trainer, "args", None)
+    data_seed = getattr(args, "data_seed", None)
+    return int(data_seed if data_seed is not None else getattr(args, "seed", ctx.seed))
+
+
+def stage_order(rows: np.ndarray, seed: int) -> np.ndarray:
+    """`rows` (a stage's rows in DataFlex's pick order, repeats kept) in the order its seeded loader yields them:
+    `rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))]`. (L,) -> (L,)"""
+    gen = torch.Generator()
+    gen.manual_seed(int(seed))
+    return np.asarray(rows, dtype=np.int64)[torch.randperm(len(rows), generator=gen).numpy()]
+
+
+def distinct(rows: np.ndarray) -> np.ndarray:
+    """`rows` without repeats, in the order of their first draw (a selection's ids; its order keeps the repeats)."""
+    first = np.unique(rows, return_index=True)[1]
+    return np.asarray(rows)[np.sort(first)]
+
+
+def ordered(selection: Selection, ctx: Any, rows: np.ndarray) -> Selection:
+    """`selection` with the explicit training order of DataFlex's stage over pool rows `rows` (pick order)."""
+    return dataclasses.replace(selection, probs=None, order=ctx.pool.sample_ids[stage_order(rows, trainer_seed(ctx))])
+
+
 class DataflexWarmup:
     """Mixin of the selectors with `dataflex_compat`: the warmup trains on DataFlex's warmup draw.
 
     DataFlex's select trainer trains its first `warmup_step` steps on `warmup_step x batch` rows drawn with
-    replacement (seed 42) instead of the whole pool; a row drawn twice is drawn i.i.d. with twice the odds here."""
+    replacement (seed 42) instead of the whole pool, in its stage loader's seeded order (`stage_order`), a row drawn
+    twice trained twice."""
 
     dataflex_compat: bool = False
 
@@ -137,13 +169,5 @@ class DataflexWarmup:
             return None
         ids = ctx.pool.sample_ids
         order = id_order(ids)
-        rows, probs = rows_and_probs(order, warmup_positions(len(ids), min(size, len(ids))))
-        return Selection(ids=ids[rows], probs=probs)
-
-
-def rows_and_probs(order: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """Pool rows of drawn positions; a draw with repeats (DataFlex's fallback) becomes i.i.d. probabilities ∝ count."""
-    rows, counts = np.unique(order[positions], return_counts=True)
-    if (counts == 1).all():
-        return order[positions], None
-    return rows, counts / counts.sum()
+        drawn = order[warmup_positions(len(ids), min(size, len(ids)))]
+        return ordered(Selection(ids=ids[distinct(drawn)]), ctx, drawn)

@@ -152,14 +152,15 @@ class DeltaLossSelector(_dataflex.DataflexWarmup, ScoredSelector):
             self.reference_losses = losses
             gen = torch.Generator()
             gen.manual_seed(_dataflex.DATAFLEX_SEED)
-            rows = order[torch.randperm(len(order), generator=gen)[:budget].numpy()]
-            return self.finish(ctx, rows, np.zeros(len(rows)))
+            drawn = order[torch.randperm(len(order), generator=gen)[:budget].numpy()]
+            return _dataflex.ordered(self.finish(ctx, drawn, np.zeros(len(drawn))), ctx, drawn)
         delta = self.reference_losses - losses
         updates = len(ctx.schedule.update_steps(ctx.total_steps)) - 1
         update = ctx.update_index if updates > 0 else 0
         probs = _dataflex.delta_window_probs(delta[order], update, max(updates, 1), self.window)
-        rows, draw_probs = _dataflex.rows_and_probs(order, _dataflex.multinomial(probs, budget, ctx.step))
-        return self.finish(ctx, rows, delta[rows], probs=draw_probs)
+        drawn = order[_dataflex.multinomial(probs, budget, ctx.step)]
+        rows = _dataflex.distinct(drawn)
+        return _dataflex.ordered(self.finish(ctx, rows, delta[rows]), ctx, drawn)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

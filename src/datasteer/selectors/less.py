@@ -324,7 +324,8 @@ class LessSelector(_dataflex.DataflexWarmup, Selector):
         self.snapshots, self.lrs = [snapshot], [float(np.mean(self._lr_window)) if self._lr_window else self._lr_next]
         self._lr_window.clear()
         chosen, chosen_scores = broadcast_object((ids[order[pos]], scores.numpy()[pos].astype(np.float64)))
-        return Selection(ids=chosen, scores=chosen_scores)
+        selection = Selection(ids=chosen, scores=chosen_scores)
+        return _dataflex.ordered(selection, ctx, ctx.pool.indices_of(chosen))  # DataFlex's stage order
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -162,8 +162,9 @@ class LossSelector(_dataflex.DataflexWarmup, ScoreFileSelector, ScoredSelector):
         if self.dataflex_compat:
             order = _dataflex.id_order(ids)
             probs = _dataflex.loss_probs(losses[order], self.focus, self.focus_weight, self.temperature, self.quantiles)
-            rows, draw_probs = _dataflex.rows_and_probs(order, _dataflex.multinomial(probs, budget, ctx.step))
-            return self.finish(ctx, rows, losses[rows], probs=draw_probs)
+            drawn = order[_dataflex.multinomial(probs, budget, ctx.step)]
+            rows = _dataflex.distinct(drawn)
+            return _dataflex.ordered(self.finish(ctx, rows, losses[rows]), ctx, drawn)
         if self.mode == "topk":
             rows = focus_top_k(losses, ids, budget, self.focus)
             return self.finish(ctx, rows, losses[rows])
