@@ -83,7 +83,9 @@ class DeltaLossSelector(_dataflex.DataflexWarmup, ScoredSelector):
             first update takes `torch.randperm` seeded 42; later ones DataFlex's window (its logistic schedule over
             the whole pool, cut at the first negative Δ) and `torch.multinomial` seeded 42 + the step, over the pool
             in sample-id order (LLaMA-Factory's row order). With it the warmup trains on DataFlex's warmup draw
-            (`warmup_steps` x batch rows drawn with replacement, seed 42). The DataFlex translator's default.
+            (`warmup_steps` x batch rows drawn with replacement, seed 42), and each
+            stage trains its rows in DataFlex's stage-loader order (randperm seeded with the Trainer's seed).
+            The DataFlex translator's default.
     """
 
     def __init__(

@@ -143,7 +143,8 @@ class LessSelector(_dataflex.DataflexWarmup, Selector):
             of every trainable parameter, DataFlex's Adam image (fixed betas, no bias correction), TRAK's float16
             Rademacher projection seeded `seed` (null: DataFlex's 42), the mean cosine over all target rows (no
             subtasks), each update's scores alone and `torch.topk` over the pool in sample-id order; the warmup
-            trains on DataFlex's warmup draw. Needs checkpoints 1 (or null), no layers, no exclude_selected.
+            trains on DataFlex's warmup draw, each stage in DataFlex's stage-loader order (randperm seeded with the
+            Trainer's seed). Needs checkpoints 1 (or null), no layers, no exclude_selected.
     """
 
     requires_target: ClassVar[bool] = True

@@ -88,8 +88,9 @@ class LossSelector(_dataflex.DataflexWarmup, ScoreFileSelector, ScoredSelector):
         dataflex_compat: draw exactly as DataFlex 1.1.0's loss selector (sample mode): its float32 tertile
             weights and `torch.multinomial` seeded 42 + the decision's step over the pool in sample-id order
             (LLaMA-Factory's row order), so the same losses give the same picks. With it the warmup trains on
-            DataFlex's warmup draw (`warmup_steps` x batch rows drawn with replacement, seed 42). The DataFlex
-            translator's default.
+            DataFlex's warmup draw (`warmup_steps` x batch rows drawn with replacement, seed 42), and each
+            stage trains its rows in DataFlex's stage-loader order (randperm seeded with the Trainer's seed).
+            The DataFlex translator's default.
     """
 
     def __init__(
