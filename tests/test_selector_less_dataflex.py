@@ -171,3 +171,17 @@ def test_less_with_dataflex_compat_in_a_real_training(tmp_path):
     assert np.isfinite(scores).all()
     best = less.scored_ids[np.argsort(-scores, kind="stable")[:6]]
     assert set(selects[-1]["ids"]) == set(best.tolist())
+
+
+def test_less_warmup_draw_is_seeded_with_its_seed_as_dataflexs():
+    """DataFlex's LessSelector sets `self.seed` from its config, and the base warmup draw uses it: seed 123 draws
+    `torch.randint` seeded 123 (the other selectors' fixed 42 otherwise), trained in the stage loader's order."""
+    from dist_scripts.selector_loss_fixtures import make_ctx
+
+    ids = [13, 10, 15, 11, 14, 12]
+    ctx = make_ctx(ids, [0, 0, 1, 1, 2, 2])
+    for seed, expected_seed in ((123, 123), (None, 42)):
+        warmup = LessSelector(dataflex_compat=True, checkpoints=1, seed=seed).warmup_selection(ctx, 5)
+        drawn = (10 + torch.randint(0, 6, (5,), generator=torch.Generator().manual_seed(expected_seed))).numpy()
+        perm = torch.randperm(5, generator=torch.Generator().manual_seed(ctx.seed)).numpy()
+        assert warmup.order.tolist() == drawn[perm].tolist()

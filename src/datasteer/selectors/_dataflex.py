@@ -122,10 +122,11 @@ def column_walk(matrix: np.ndarray, k: int) -> np.ndarray:
     return np.fromiter(taken, dtype=np.int64, count=len(taken))
 
 
-def warmup_positions(n: int, k: int) -> np.ndarray:
-    """DataFlex's warmup draw of every selector: `torch.randint(0, n, (k,))` seeded 42 (with replacement). (k,)"""
+def warmup_positions(n: int, k: int, seed: int = DATAFLEX_SEED) -> np.ndarray:
+    """DataFlex's warmup draw of every selector: `torch.randint(0, n, (k,))` seeded with the selector's `self.seed`
+    (42, but LESS's configurable `seed`), with replacement. (k,)"""
     gen = torch.Generator()
-    gen.manual_seed(DATAFLEX_SEED)
+    gen.manual_seed(int(seed))
     return torch.randint(low=0, high=n, size=(k,), generator=gen).numpy().astype(np.int64)
 
 
@@ -164,10 +165,14 @@ class DataflexWarmup:
 
     dataflex_compat: bool = False
 
+    def dataflex_seed(self) -> int:
+        """The seed of DataFlex's warmup draw: its `Selector.seed`, 42 unless the selector lets a config set it."""
+        return DATAFLEX_SEED
+
     def warmup_selection(self, ctx: Any, size: int) -> Selection | None:
         if not self.dataflex_compat:
             return None
         ids = ctx.pool.sample_ids
         order = id_order(ids)
-        drawn = order[warmup_positions(len(ids), min(size, len(ids)))]
+        drawn = order[warmup_positions(len(ids), min(size, len(ids)), self.dataflex_seed())]
         return ordered(Selection(ids=ids[distinct(drawn)]), ctx, drawn)

@@ -143,8 +143,9 @@ class LessSelector(_dataflex.DataflexWarmup, Selector):
             of every trainable parameter, DataFlex's Adam image (fixed betas, no bias correction), TRAK's float16
             Rademacher projection seeded `seed` (null: DataFlex's 42), the mean cosine over all target rows (no
             subtasks), each update's scores alone and `torch.topk` over the pool in sample-id order; the warmup
-            trains on DataFlex's warmup draw, each stage in DataFlex's stage-loader order (randperm seeded with the
-            Trainer's seed). Needs checkpoints 1 (or null), no layers, no exclude_selected.
+            trains on DataFlex's warmup draw (seeded `seed`, null: 42, as DataFlex's LessSelector), each stage in
+            DataFlex's stage-loader order (randperm seeded with the Trainer's seed). Needs checkpoints 1 (or null),
+            no layers, no exclude_selected.
     """
 
     requires_target: ClassVar[bool] = True
@@ -302,13 +303,17 @@ class LessSelector(_dataflex.DataflexWarmup, Selector):
         self.selected.update(int(i) for i in chosen)
         return Selection(ids=chosen, scores=chosen_scores)
 
+    def dataflex_seed(self) -> int:
+        """DataFlex's LessSelector sets `self.seed` from its config (default 42), which also seeds its warmup draw."""
+        return _dataflex_trak.DATAFLEX_LESS_SEED if self.seed is None else int(self.seed)
+
     def _select_dataflex(self, ctx: SteeringContext, budget: int) -> Selection:
         """DataFlex's features and top-k (`_dataflex_trak`); the scores are kept as this update's snapshot."""
         ids = ctx.pool.sample_ids
         kw = dict(
             collate_fn=ctx.collate_fn,
             proj_dim=self.proj_dim,
-            seed=_dataflex_trak.DATAFLEX_LESS_SEED if self.seed is None else self.seed,
+            seed=self.dataflex_seed(),
             chunk_rows=self.batch_size,
             accelerator=ctx.accelerator,
             progress=pass_progress(ctx),
