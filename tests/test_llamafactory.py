@@ -303,7 +303,9 @@ def test_less_selects_against_the_eval_set_as_its_target(tmp_path, model_dir):
     assert lf.run(config) == 0
     events = read_events(tmp_path / "out")
     assert [e["step"] for e in events if e["event"] == "train"] == [1, 2, 3]  # 1 x (1 + 2 x 1), as DataFlex
-    (selection,) = [e for e in events if e["event"] == "select"]
+    # under DataFlex keys less trains its warmup on DataFlex's warmup draw, logged as a selection at step 0
+    warmup, selection = [e for e in events if e["event"] == "select"]
+    assert warmup["step"] == 0 and selection["step"] == 1
     _, pool = pool_of(tmp_path / "out")
     assert len(pool[lf.TARGET_SPLIT]) == 8  # heldout.json, processed like eval data, with target ids
     assert set(selection["ids"]) <= set(pool["train"]["sample_id"]) and selection["size"] == 8
