@@ -15,7 +15,7 @@ from datasteer import ComponentSet, Schedule, SteeredTrainer, registry
 from datasteer.components import Component
 from datasteer.errors import ConfigError, DatasteerError
 from datasteer.ops.gradients import exact_grads, trainable_linears
-from datasteer.selectors.greats import greedy_pick
+from datasteer.selectors.greats import greedy_pick, reachable
 from datasteer.steering_log import SteeringLog, read_events
 
 
@@ -48,19 +48,44 @@ def test_greedy_pick_follows_the_marginal_gain_by_hand():
         greedy_pick(alignment, gram, 5, penalty=1.0)
 
 
-@pytest.mark.parametrize("block", [1, 3, 8])
-def test_columns_on_demand_pick_what_the_whole_matrix_picks(block):
-    g = torch.randn(40, 12, generator=torch.Generator().manual_seed(block))
-    alignment, gram, asked = g @ g[:5].mean(0), g @ g.T, []
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_blocks_on_demand_pick_what_the_whole_matrix_picks(seed):
+    """With norms, the pick is the whole matrix's at every penalty: at a small one from one block among the few
+    reachable candidates, at a large one from whole columns, each asked for once."""
+    g = torch.randn(40, 12, generator=torch.Generator().manual_seed(seed))
+    alignment, gram, norms, calls = g @ g[:5].mean(0), g @ g.T, g.norm(dim=1), []
 
-    def columns(index: list[int]) -> torch.Tensor:
-        asked.extend(index)
-        return gram[:, index]
+    def block(rows: list[int], cols: list[int]) -> torch.Tensor:
+        calls.append((rows, cols))
+        return gram[rows][:, cols]
 
-    for penalty in (0.05, 0.5, 5.0):
-        asked.clear()
-        assert greedy_pick(alignment, columns, 10, penalty, block=block) == greedy_pick(alignment, gram, 10, penalty)
-        assert len(asked) == len(set(asked)) and len(asked) <= 10 * block  # each column at most once
+    for penalty in (1e-4, 0.05, 0.5, 5.0):
+        calls.clear()
+        assert greedy_pick(alignment, block, 10, penalty, norms=norms) == greedy_pick(alignment, gram, 10, penalty)
+        if penalty == 1e-4:
+            assert len(calls) == 1 and calls[0][0] == calls[0][1] and len(calls[0][0]) < 20
+        if penalty == 5.0:  # every candidate reachable: columns, never one twice
+            columns = [j for rows, cols in calls for j in cols]
+            assert all(rows == list(range(40)) for rows, _ in calls) and len(columns) == len(set(columns))
+    with pytest.raises(ValueError, match="norms"):
+        greedy_pick(alignment, block, 3, 0.5)
+
+
+def test_only_the_reachable_candidates_products_are_asked_for():
+    """Far apart alignments and small norms: the bounds leave the three best reachable, and only their block is
+    computed; a candidate whose best case is below the third best's worst case never is."""
+    alignment = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])
+    norms, asked = torch.full((5,), 0.1), []
+
+    def block(rows, cols):
+        asked.append((rows, cols))
+        return 0.01 * torch.eye(5)[rows][:, cols]
+
+    assert greedy_pick(alignment, block, 3, penalty=1.0, norms=norms) == [0, 1, 2]
+    assert asked == [([0, 1, 2], [0, 1, 2])]
+    # reach = penalty · ‖g_i‖ · (sum of the 2 largest other norms) = 0.02: row 3's best case 2.02 < 2.98
+    assert reachable(alignment.double().numpy(), norms.double().numpy(), 3, 1.0, 0.0).tolist() == [0, 1, 2]
+    assert reachable(alignment.double().numpy(), norms.double().numpy(), 3, 30.0, 0.0).tolist() == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize("lr", [0.0, 0.5, 40.0])

@@ -9,14 +9,16 @@ already hold. Summed over the trainable Linears this gives every product GREATS'
 (`datasteer.selectors.greats`). `ghost_gradients` keeps each layer of a batch in the cheaper of two exact forms,
 chosen from the shapes alone (never from the values), as `FactoredProjection.project_outer` does:
 
-- formed: the small (out, in) per-sample gradients, N·T·out·in multiply-adds once (the weight-gradient half of a
-  backward, per sample instead of summed), then out·in per product — for narrow or small layers (LoRA's A and B)
-  and whenever the tokens outnumber what a gradient holds;
+- formed: the small per-sample gradients, held transposed as (in, out) (x_iᵀ δ_i, the operand order BLAS forms
+  fastest), N·T·out·in multiply-adds once (the weight-gradient half of a backward, per sample instead of summed),
+  then out·in per product — for narrow or small layers (LoRA's A and B) and whenever the tokens outnumber what a
+  gradient holds;
 - tokens: (x, δ) kept as they are, T·S·(in + out) per product (two token-Gram blocks) — for layers too large to
   form N gradients of.
 
-Products are computed on demand (`dot`, `dot_mean`, `columns`): a caller pays only for the products it asks for
-(a mean target gradient is one product per row); `ghost_inner_products` returns the full matrices.
+Products are computed on demand (`dot`, `dot_mean`, `columns`, `block`, `sq_norms`): a caller pays only for the
+products it asks for (a mean target gradient is one product per row); `ghost_inner_products` returns the full
+matrices.
 
 The coverage is that of `gradient_features`: weights of trainable nn.Linear modules (LoRA's A/B, or every
 projection and the LM head), optionally narrowed by fnmatch patterns; embeddings, norms and biases are not
@@ -56,7 +58,8 @@ class GhostProducts:
 
 @dataclass
 class _Layer:
-    """One layer of N rows: `grads` (N, out·in) formed, or `x` (N, T, in) and `delta` (N, T, out) as tokens."""
+    """One layer of N rows: `grads` (N, in·out) formed (row i is Gᵢᵀ), or `x` (N, T, in) and `delta` (N, T, out)
+    as tokens."""
 
     grads: torch.Tensor | None = None
     x: torch.Tensor | None = None
@@ -117,6 +120,18 @@ class GhostGradients:
             b = picked.layers[name]
             parts.append((b.grads @ a.grads.T).T if a.grads is not None else _pair(a, b))
         return sum(parts[1:], parts[0])  # a model has at least one covered layer
+
+    def block(self, rows: Sequence[int], cols: Sequence[int]) -> torch.Tensor:
+        """(len(rows), len(cols)) ⟨g_i, g_j⟩: a block of the Gram matrix. Its rows are gathered (only their
+        products are computed), once when `rows` and `cols` are the same; every row is whole columns (no gather)."""
+        if len(rows) == self.rows:
+            return self.columns(cols)[torch.as_tensor(list(rows), dtype=torch.long)]
+        picked = self.take(rows)
+        return picked.dot(picked if list(rows) == list(cols) else self.take(cols))
+
+    def sq_norms(self) -> torch.Tensor:
+        """(N,) ‖g_i‖²: the Gram matrix's diagonal, without the rest of it."""
+        return sum(_self_products(a).double() for a in self.layers.values())
 
 
 def ghost_gradients(
@@ -251,15 +266,15 @@ def _hold(x: torch.Tensor, delta: torch.Tensor, products: int, fits: bool) -> _L
     formed = t * out * inn + products * out * inn
     tokens = products * t * t * (inn + out)
     if formed < tokens and fits and rows * out * inn <= MATRIX_ROUTE_MAX_ELEMENTS:
-        return _Layer(grads=torch.bmm(delta.to(dtype).transpose(1, 2), x.to(dtype)).flatten(1))  # (N, out·in)
+        return _Layer(grads=torch.bmm(x.to(dtype).transpose(1, 2), delta.to(dtype)).flatten(1))  # (N, in·out)
     return _Layer(x=x.to(dtype), delta=delta.to(dtype))
 
 
 def _pool(x: torch.Tensor, delta: torch.Tensor, formed: bool) -> _Layer:
     """The mean gradient of one layer's M rows as one row, in the form the other rows of the layer have."""
     m, dtype = x.shape[0], torch.promote_types(x.dtype, torch.float32)
-    x, delta = x.reshape(1, -1, x.shape[-1]).to(dtype), delta.reshape(1, -1, delta.shape[-1]).to(dtype) / m
-    return _Layer(grads=(delta[0].T @ x[0]).reshape(1, -1)) if formed else _Layer(x=x, delta=delta)
+    x, delta = x.reshape(1, -1, x.shape[-1]).to(dtype), delta.reshape(1, -1, delta.shape[-1]).to(dtype)
+    return _Layer(grads=(x[0].T @ delta[0]).div_(m).reshape(1, -1)) if formed else _Layer(x=x, delta=delta / m)
 
 
 def _pair(a: _Layer, b: _Layer) -> torch.Tensor:
@@ -268,10 +283,24 @@ def _pair(a: _Layer, b: _Layer) -> torch.Tensor:
         return a.grads @ b.grads.T
     if a.grads is not None or b.grads is not None:  # one side formed: contract the other's tokens with it
         formed, tok, flip = (a, b, False) if a.grads is not None else (b, a, True)
-        g = formed.grads.reshape(len(formed.grads), tok.delta.shape[-1], tok.x.shape[-1])  # (F, out, in)
-        prod = torch.einsum("foi,bto,bti->fb", g, tok.delta, tok.x)
+        g = formed.grads.reshape(len(formed.grads), tok.x.shape[-1], tok.delta.shape[-1])  # (F, in, out)
+        prod = torch.einsum("fio,bto,bti->fb", g, tok.delta, tok.x)
         return prod.T if flip else prod
     return _token_products(a.x, a.delta, b.x, b.delta)
+
+
+def _self_products(a: _Layer) -> torch.Tensor:
+    """(N,) each row's product with itself in one layer: a formed row's squared norm, or Σ_{t,s} (δ_t·δ_s)(x_t·x_s)
+    over its own tokens (rows in chunks of bounded memory)."""
+    if a.grads is not None:
+        return torch.linalg.vector_norm(a.grads, dim=1).square_()
+    n, t = a.x.shape[:2]
+    step = max(1, TOKEN_CHUNK_ELEMENTS // max(1, t * t))
+    parts = []
+    for lo in range(0, n, step):
+        x, d = a.x[lo : lo + step], a.delta[lo : lo + step]
+        parts.append((torch.bmm(x, x.transpose(1, 2)) * torch.bmm(d, d.transpose(1, 2))).sum(dim=(1, 2)))
+    return torch.cat(parts)
 
 
 def _token_products(xa: torch.Tensor, da: torch.Tensor, xb: torch.Tensor, db: torch.Tensor) -> torch.Tensor:

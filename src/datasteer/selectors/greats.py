@@ -46,52 +46,106 @@ from datasteer.steering import SteeringContext
 MODEL_COLUMNS = ("input_ids", "labels", "attention_mask")
 
 
+CS_SLACK = 1e-3  # Cauchy–Schwarz bounds are widened by this share, so float rounding never excludes a candidate
+TIE = 1e-6  # gains this close (a share of the largest redundancy term) are equal: rounding never breaks a tie
+Block = Callable[[list[int], list[int]], torch.Tensor]
+
+
 def greedy_pick(
     alignment: torch.Tensor,
-    gram: torch.Tensor | Callable[[list[int]], torch.Tensor] | None,
+    gram: torch.Tensor | Block | None,
     keep: int,
     penalty: float,
-    block: int = 8,
+    norms: torch.Tensor | None = None,
 ) -> list[int]:
     """GREATS's greedy rule: `keep` distinct positions, each maximising alignment_i − penalty · Σ_{j picked} G_ij.
 
     Args:
         alignment: (N,) ⟨g_i, ḡ_v⟩.
-        gram: (N, N) ⟨g_i, g_j⟩, or a function giving its columns for a list of j, (N, len(j)); may be None when
-            `penalty` is 0 (a pure alignment ranking needs none).
+        gram: (N, N) ⟨g_i, g_j⟩, or a function giving a block of it, (len(rows), len(cols)) for lists (rows,
+            cols), with `norms`; may be None when `penalty` is 0 (a pure alignment ranking needs none).
         penalty: the second-order factor, η / b.
-        block: with a function, columns are asked for `block` at a time: the pick's own and those of the best
-            candidates by the current gain (likely the next picks), so a step needs a few matrix products of
-            `block` columns instead of `keep` matrix-vector products or the whole matrix (keep/N of its cost).
+        norms: (N,) ‖g_i‖, with a block function. By Cauchy–Schwarz |G_ij| <= ‖g_i‖‖g_j‖, so a candidate's gain
+            is always within penalty · ‖g_i‖ · U of its alignment (U: the largest sum of keep − 1 norms), and a
+            candidate whose best case is below the keep-th best worst case is never picked (`reachable`). The rule
+            runs on the Gram block among the others, asked for at once; where they are so many that two blocks of
+            `keep` columns cost less, on columns asked for `keep` at a time (the likely next picks').
 
-    Ties go to the earlier candidate (the stream order), so the pick is deterministic.
+    Ties go to the earlier candidate (the stream order), so the pick is deterministic; gains within rounding of
+    each other (`TIE`) are ties, so equal rows tie however their products were computed.
     """
     n = alignment.numel()
     if not 0 < keep <= n:
         raise ValueError(f"cannot pick {keep} of {n} candidates")
     if penalty and gram is None:
         raise ValueError("a second-order penalty needs the candidates' Gram matrix")
-    alignment = alignment.double().cpu()
-    redundancy = torch.zeros(n, dtype=torch.float64)
-    taken = torch.zeros(n, dtype=torch.bool)
-    cached: dict[int, torch.Tensor] = {}
-    picked = []
+    if penalty and callable(gram) and norms is None:
+        raise ValueError("Gram blocks on demand need the candidates' gradient norms")
+    a = alignment.double().cpu().numpy()
+    if not penalty:
+        return _greedy(a, None, keep, 0.0, 0.0)
+    if not callable(gram):
+        full = gram.double().cpu().numpy()
+        return _greedy(a, full, keep, penalty, _tie(penalty, np.sqrt(np.maximum(full.diagonal(), 0)), keep))
+    norms_np = norms.double().cpu().numpy()
+    tie = _tie(penalty, norms_np, keep)
+    rows = reachable(a, norms_np, keep, penalty, tie)
+    if len(rows) ** 2 <= 2 * keep * n:  # their block costs no more than two blocks of `keep` whole columns
+        block = gram(rows.tolist(), rows.tolist()).double().cpu().numpy()
+        return [int(rows[i]) for i in _greedy(a[rows], block, keep, penalty, tie)]
+    return _greedy_columns(a, gram, keep, penalty, tie)
+
+
+def reachable(alignment: np.ndarray, norms: np.ndarray, keep: int, penalty: float, tie: float) -> np.ndarray:
+    """The candidates the rule can pick (sorted): those whose largest possible gain reaches the keep-th largest
+    smallest possible gain, up to `tie`. At every step an unpicked one of those keep has at least that gain."""
+    reach = penalty * norms * np.sort(norms)[::-1][: keep - 1].sum() * (1 + CS_SLACK) ** 2
+    floor = np.sort(alignment - reach)[-keep]
+    return np.flatnonzero(alignment + reach >= floor - tie)
+
+
+def _tie(penalty: float, norms: np.ndarray, keep: int) -> float:
+    """How close two gains may be and still count as equal: TIE of the largest redundancy term's bound, far above
+    the rounding of the products it sums."""
+    top = np.sort(norms)[::-1]
+    return TIE * penalty * float(top[: keep - 1].sum()) * float(top[0])
+
+
+def _greedy(alignment: np.ndarray, gram: np.ndarray | None, keep: int, penalty: float, tie: float) -> list[int]:
+    """The rule on a whole Gram matrix (or none, with no penalty): the gains updated one column per pick."""
+    redundancy, taken, picked = np.zeros_like(alignment), np.zeros(len(alignment), dtype=bool), []
     for _ in range(keep):
-        gain = torch.where(taken, -torch.inf, alignment - penalty * redundancy)
-        i = int(torch.argmax(gain))
+        i = _first_best(alignment - penalty * redundancy, taken, tie)
         picked.append(i)
         taken[i] = True
-        if not penalty:
-            continue
-        if not callable(gram):
-            redundancy += gram[:, i].double().cpu()
-            continue
-        if i not in cached:  # this column and the likely next picks' in one product
-            order = torch.argsort(gain, descending=True, stable=True).tolist()
-            ahead = [i, *[j for j in order if j != i and j not in cached and not taken[j]][: block - 1]]
-            cached.update(zip(ahead, gram(ahead).double().cpu().T))
+        if gram is not None:
+            redundancy += gram[:, i]
+    return picked
+
+
+def _greedy_columns(alignment: np.ndarray, block: Block, keep: int, penalty: float, tie: float) -> list[int]:
+    """The rule with Gram columns asked for `keep` at a time: the pick's own and those of the best candidates by
+    the current gain (likely the next picks), a few matrix products instead of `keep` matrix-vector products."""
+    n = len(alignment)
+    redundancy, taken, picked = np.zeros(n), np.zeros(n, dtype=bool), []
+    cached: dict[int, np.ndarray] = {}
+    for _ in range(keep):
+        gain = alignment - penalty * redundancy
+        i = _first_best(gain, taken, tie)
+        picked.append(i)
+        taken[i] = True
+        if i not in cached:
+            order = np.argsort(-gain, kind="stable").tolist()
+            ahead = [i, *[j for j in order if j != i and j not in cached and not taken[j]][: keep - 1]]
+            cached.update(zip(ahead, block(list(range(n)), ahead).double().cpu().numpy().T))
         redundancy += cached[i]
     return picked
+
+
+def _first_best(gain: np.ndarray, taken: np.ndarray, tie: float) -> int:
+    """The first unpicked position whose gain is the largest, gains within `tie` of it counting as equal."""
+    gain = np.where(taken, -np.inf, gain)
+    return int(np.flatnonzero(gain >= gain.max() - tie)[0])
 
 
 @register("selector", "greats")
@@ -170,17 +224,17 @@ class GreatsSelector(Selector):
         return ctx.collate_fn([{k: v for k, v in ctx.target[int(r)].items() if k in MODEL_COLUMNS} for r in rows])
 
     def choose(self, ctx: SteeringContext, candidates: list[dict[str, torch.Tensor]], keep: int) -> list[int]:
+        eta = current_lr(ctx) if self.lr is None else self.lr
+        penalty = eta / ctx.samples_per_step
         target = self.target_batch(ctx)  # one forward + backward over the candidates and the target rows together
         cand = ghost_gradients(
             ctx.model, [*candidates, target], layer_patterns=self.layers, products_per_row=keep + 1,
             accelerator=ctx.accelerator, keep_step=self.keep_step_capture, pooled_tail=len(target["input_ids"]),
         )  # fmt: skip
         self._step_capture = cand.step
-        eta = current_lr(ctx) if self.lr is None else self.lr
-        penalty = eta / ctx.samples_per_step
         alignment = cand.dot(cand.pooled)[:, 0]  # one product per candidate with the target's mean gradient
-        # Gram columns on demand, `keep` at a time: at the paper's small η/b one block usually holds every pick
-        picked = greedy_pick(alignment, cand.columns if penalty else None, keep, penalty, block=keep)
+        norms = cand.sq_norms().sqrt() if penalty else None  # Gram blocks only where the bounds cannot decide a pick
+        picked = greedy_pick(alignment, cand.block if penalty else None, keep, penalty, norms=norms)
         ctx.log.scalar("greats/alignment_picked", float(alignment[picked].mean()))  # vs all candidates:
         ctx.log.scalar("greats/alignment_candidates", float(alignment.mean()))  # how much the pick gains
         return picked
