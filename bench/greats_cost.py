@@ -5,12 +5,13 @@
 
 Pick part. On the quickstart demo model (64-token blocks), for candidates_factor k in 2, 4, 8 and b = 16, 64
 samples per step: one selection pass (`ops.ghost.ghost_gradients` over the k·b candidates and a b-row target
-batch, pooled, keeping what training the pick needs) and then the pick of b among k·b: the alignment with the
-target's mean gradient, the candidates' gradient norms and the greedy rule with Gram blocks on demand, only
-where the Cauchy–Schwarz bounds cannot decide a pick (what greats runs), and for comparison the whole k·b x k·b
-Gram matrix and the greedy rule on it. CPU ms per call (median of `--repeats`), the pick's share of pass + pick,
-and the share of the whole Gram matrix's products the pick computed. η/b is that of the overhead bench (lr 3e-3
-over b); `--penalty-scale` multiplies it (a larger η/b leaves more picks to exact products).
+batch, pooled, keeping what training the pick needs; the alignment with the target's mean gradient and the
+candidates' gradient norms are taken as each layer is formed) and then the pick of b among k·b: the greedy rule
+with Gram blocks computed only among the candidates the Cauchy–Schwarz bounds leave reachable (what greats
+runs), and for comparison the whole k·b x k·b Gram matrix and the greedy rule on it. CPU ms per call (median of
+`--repeats`), the pick's share of pass + pick, and the share of the whole Gram matrix's products the pick
+computed. η/b is that of the overhead bench (lr 3e-3 over b); `--penalty-scales` multiplies it (a larger η/b
+leaves more candidates reachable).
 
 Pretrained part. SmolLM2-135M-Instruct (`.cache/models/SmolLM2-135M-Instruct`, float32) with a LoRA adapter
 (peft, r 8 on q_proj/v_proj, no dropout) trained by `SteeredTrainer` (the HF Trainer) on the demo pretraining
@@ -80,7 +81,7 @@ def bench_pick(factor: float, batch: int, repeats: int, scale: float = 1.0) -> d
 
     def select() -> Any:
         return ghost_gradients(
-            model, [candidates, target], products_per_row=batch + 1, keep_step=True, pooled_tail=batch
+            model, [candidates, target], products_per_row=batch + 1, keep_step=True, pooled_tail=batch, norms=True
         )
 
     g, asked = select(), []
@@ -90,7 +91,7 @@ def bench_pick(factor: float, batch: int, repeats: int, scale: float = 1.0) -> d
         return g.block(rows, cols)
 
     def on_demand() -> list[int]:
-        return greedy_pick(g.dot(g.pooled)[:, 0], block, batch, penalty, norms=g.sq_norms().sqrt())
+        return greedy_pick(g.pooled_dot, block, batch, penalty, norms=g.sq_norms().sqrt())
 
     def whole() -> list[int]:
         return greedy_pick(g.dot(g.pooled)[:, 0], g.columns(range(n)), batch, penalty)

@@ -120,9 +120,12 @@ def test_a_pooled_tail_is_the_mean_gradient_of_those_rows(rows, monkeypatch, rou
     if limit is not None:
         monkeypatch.setattr(ghost, "MATRIX_ROUTE_MAX_ELEMENTS", limit)
     cand, target = rows
-    got = ghost_gradients(model, [cand, target], products_per_row=3, pooled_tail=3)
+    got = ghost_gradients(model, [cand, target], products_per_row=3, pooled_tail=3, norms=True)
     g, v = flat_grads(model, cand), flat_grads(model, target)
     assert got.rows == 6 and got.pooled.rows == 1
+    assert relative_error(got.pooled_dot, g @ v.mean(0)) < 1e-5  # taken as the layers were formed
+    assert relative_error(got.sq_norms(), (g * g).sum(1)) < 1e-5
+    assert relative_error(got.block([4, 1], [4, 1, 0]), (g @ g.T)[[4, 1]][:, [4, 1, 0]]) < 1e-5
     forms = {layer.grads is None for layer in got.layers.values()}
     assert forms == {"auto": {False}, "tokens": {True}, "mixed": {True, False}}[route]
     assert relative_error(got.dot(got.pooled)[:, 0], g @ v.mean(0)) < 1e-5

@@ -69,10 +69,12 @@ class _Layer:
 class GhostGradients:
     """The per-sample Linear-weight gradients of N rows, held implicitly per layer; exact products on demand."""
 
-    def __init__(self, layers: dict[str, _Layer], rows: int, step: StepCapture | None = None) -> None:
+    def __init__(self, layers: dict[str, _Layer], rows: int) -> None:
         self.layers, self.rows = layers, rows
-        self.step = step  # what the pass keeps for training the rows it picks (`keep_step=True`), else None
+        self.step: StepCapture | None = None  # what the pass keeps for training its picked rows (`keep_step`)
         self.pooled: GhostGradients | None = None  # the mean gradient of a pooled tail of rows (`pooled_tail`)
+        self.pooled_dot: torch.Tensor | None = None  # (N,) float64 ⟨g_i, pooled⟩, taken as each layer was formed
+        self._sq_norms: torch.Tensor | None = None  # (N,) ‖g_i‖², likewise (`norms=True`)
 
     def dot(self, other: GhostGradients) -> torch.Tensor:
         """(N, M) ⟨g_i, h_v⟩ with the rows of `other` (the same model and layers)."""
@@ -130,7 +132,9 @@ class GhostGradients:
         return picked.dot(picked if list(rows) == list(cols) else self.take(cols))
 
     def sq_norms(self) -> torch.Tensor:
-        """(N,) ‖g_i‖²: the Gram matrix's diagonal, without the rest of it."""
+        """(N,) ‖g_i‖² (float64): the Gram matrix's diagonal, without the rest of it."""
+        if self._sq_norms is not None:
+            return self._sq_norms
         return sum(_self_products(a).double() for a in self.layers.values())
 
 
@@ -144,6 +148,7 @@ def ghost_gradients(
     accelerator=None,
     keep_step: bool = False,
     pooled_tail: int = 0,
+    norms: bool = False,
 ) -> GhostGradients:
     """Capture the per-sample gradients of the rows of `batches`: one forward + one backward for all of them.
 
@@ -162,7 +167,9 @@ def ghost_gradients(
             picked rows on this pass's gradients (`ops.step_grads`) instead of a second forward + backward.
         pooled_tail: the last rows of `batches` that are only needed through their mean gradient (a target
             batch): they are left out of the result's rows and held as `GhostGradients.pooled`, one row formed
-            by one GEMM over all their tokens instead of one gradient per row.
+            by one GEMM over all their tokens instead of one gradient per row; `pooled_dot` holds each row's
+            product with it.
+        norms: also take each row's squared norm as its layers are formed (`sq_norms`).
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -174,17 +181,35 @@ def ghost_gradients(
     batch = _merge([batches] if isinstance(batches, dict) else list(batches))
     with eval_mode(net):
         captured, step = _capture(net, layers, batch, reduction, keep_step)
-    rows = len(batch["input_ids"]) - pooled_tail
+    result = _hold_layers(captured, len(batch["input_ids"]) - pooled_tail, products_per_row, pooled_tail, norms)
+    if step is not None:  # reuse the formed per-sample gradients for the training gradient too
+        step.formed = {n: a.grads for n, a in result.layers.items() if a.grads is not None}
+    result.step = step
+    return result
+
+
+def _hold_layers(
+    captured: dict[str, tuple[torch.Tensor, torch.Tensor]], rows: int, products: int, pooled_tail: int, norms: bool
+) -> GhostGradients:
+    """Each layer's first `rows` rows in the cheaper form (formed while the whole formed matrix stays within its
+    budget), the rest pooled. The products every row takes part in (with the pooled mean, with itself) are taken
+    right after each layer is formed, while its gradients are still in cache: about half the cost of a later
+    pass over all of them."""
     held, pooled, budget = {}, {}, FORMED_MAX_ELEMENTS
-    for name, (x, d) in captured.items():  # formed while the whole formed matrix stays within its budget
-        held[name] = _hold(x[:rows], d[:rows], max(1, products_per_row), rows * x.shape[-1] * d.shape[-1] <= budget)
+    pooled_dot = sq_norms = None
+    for name, (x, d) in captured.items():
+        held[name] = _hold(x[:rows], d[:rows], max(1, products), rows * x.shape[-1] * d.shape[-1] <= budget)
         budget -= held[name].grads.numel() if held[name].grads is not None else 0
         if pooled_tail:
             pooled[name] = _pool(x[rows:], d[rows:], held[name].grads is not None)
-    result = GhostGradients(held, rows, step)
-    if step is not None:  # reuse the formed per-sample gradients for the training gradient too
-        step.formed = {n: a.grads for n, a in held.items() if a.grads is not None}
+            part = _pair(held[name], pooled[name])[:, 0].double()
+            pooled_dot = part if pooled_dot is None else pooled_dot + part
+        if norms:
+            part = _self_products(held[name]).double()
+            sq_norms = part if sq_norms is None else sq_norms + part
+    result = GhostGradients(held, rows)
     result.pooled = GhostGradients(pooled, 1) if pooled_tail else None
+    result.pooled_dot, result._sq_norms = pooled_dot, sq_norms
     return result
 
 

@@ -230,10 +230,11 @@ class GreatsSelector(Selector):
         cand = ghost_gradients(
             ctx.model, [*candidates, target], layer_patterns=self.layers, products_per_row=keep + 1,
             accelerator=ctx.accelerator, keep_step=self.keep_step_capture, pooled_tail=len(target["input_ids"]),
+            norms=bool(penalty),
         )  # fmt: skip
         self._step_capture = cand.step
-        alignment = cand.dot(cand.pooled)[:, 0]  # one product per candidate with the target's mean gradient
-        norms = cand.sq_norms().sqrt() if penalty else None  # Gram blocks only where the bounds cannot decide a pick
+        alignment = cand.pooled_dot  # each candidate's product with the target's mean gradient
+        norms = cand.sq_norms().sqrt() if penalty else None  # bound the products: only reachable rows' are computed
         picked = greedy_pick(alignment, cand.block if penalty else None, keep, penalty, norms=norms)
         ctx.log.scalar("greats/alignment_picked", float(alignment[picked].mean()))  # vs all candidates:
         ctx.log.scalar("greats/alignment_candidates", float(alignment.mean()))  # how much the pick gains
