@@ -112,26 +112,18 @@ class StepCapture:
             coeff = coeff * self.tokens[idx].to(coeff)
         grads: dict[torch.nn.Parameter, torch.Tensor] = {}
         formed = self._formed_weights(idx, coeff)
-        for name, module in self.modules.items():
-            for param, grad in self._module_grads(name, module, idx, coeff, formed.get(name)):
-                if grad is not None and param.requires_grad:
-                    grads[param] = grads[param] + grad if param in grads else grad
+        linears = {n: m for n, m in self.modules.items() if isinstance(m, torch.nn.Linear)}
+        others = [(m, self.calls[n]) for n, m in self.modules.items() if n not in linears]
+        pairs = [p for n, m in linears.items() for p in self._linear_grads(n, m, idx, coeff, formed.get(n))]
+        for param, grad in [*pairs, *_vjp(others, idx, coeff)]:
+            if grad is not None and param.requires_grad:
+                grads[param] = grads[param] + grad if param in grads else grad
         return {p: g.to(p.dtype) for p, g in grads.items()}
 
     def _formed_weights(self, idx: torch.Tensor, coeff: torch.Tensor) -> dict[str, torch.Tensor]:
         """Σ_k coeff_k g_{idx_k} of every formed layer: the picked rows gathered (a few of the N; a row picked twice
         counts twice), then one vector-matrix product each (3x faster on CPU than one over all N rows)."""
         return {name: coeff.to(g.dtype) @ g.index_select(0, idx) for name, g in self.formed.items()}
-
-    def _module_grads(
-        self, name: str, module: torch.nn.Module, idx: torch.Tensor, coeff: torch.Tensor, formed: torch.Tensor | None
-    ) -> Iterator[tuple[torch.nn.Parameter, torch.Tensor | None]]:
-        if isinstance(module, torch.nn.Linear):
-            yield from self._linear_grads(name, module, idx, coeff, formed)
-            return
-        params = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        for call in self.calls[name]:
-            yield from zip(params, _vjp(module, call, idx, coeff, params))
 
     def _linear_grads(
         self, name: str, module: torch.nn.Linear, idx: torch.Tensor, coeff: torch.Tensor, formed: torch.Tensor | None
@@ -154,12 +146,28 @@ class StepCapture:
 
 
 def _vjp(
-    module: torch.nn.Module, call: Call, idx: torch.Tensor, coeff: torch.Tensor, params: list[torch.nn.Parameter]
-) -> tuple[torch.Tensor | None, ...]:
-    """The parameters' share of one call's gradient on the rows `idx`: the module alone, re-run on their inputs."""
+    modules: list[tuple[torch.nn.Module, list[Call]]], idx: torch.Tensor, coeff: torch.Tensor
+) -> list[tuple[torch.nn.Parameter, torch.Tensor | None]]:
+    """The parameters' share of these modules' calls' gradient on the rows `idx`: each module alone, re-run on
+    their inputs, and one vector-Jacobian product for all of them (one autograd call, not one per module)."""
+    params = list({id(p): p for m, _ in modules for p in m.parameters(recurse=False) if p.requires_grad}.values())
+    if not params:
+        return []
+    outs, grad_outs = [], []
+    for module, calls in modules:
+        for call in calls:
+            outs.append(_rerun(module, call, idx))
+            scale = coeff.to(call.delta.dtype).view(-1, *[1] * (call.delta.dim() - 1))
+            grad_outs.append((call.delta[idx] * scale).to(outs[-1].dtype))
+    return list(zip(params, torch.autograd.grad(outs, params, grad_outs, allow_unused=True)))
+
+
+def _rerun(module: torch.nn.Module, call: Call, idx: torch.Tensor) -> torch.Tensor:
+    """The module's output on the rows `idx` of one recorded call (its batched inputs narrowed to them), with grad."""
     rows = call.out.shape[0]
-    take = lambda v: v[idx] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows else v  # noqa: E731
+
+    def take(v: Any) -> Any:
+        return v[idx] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows else v
+
     with torch.enable_grad():
-        out = module(*(take(a) for a in call.args), **{k: take(v) for k, v in call.kwargs.items()})
-    grad_out = call.delta[idx] * coeff.to(call.delta.dtype).view(-1, *[1] * (call.delta.dim() - 1))
-    return torch.autograd.grad(out, params, grad_out.to(out.dtype), allow_unused=True)
+        return module(*(take(a) for a in call.args), **{k: take(v) for k, v in call.kwargs.items()})

@@ -98,10 +98,16 @@ def greedy_pick(
 
 def reachable(alignment: np.ndarray, norms: np.ndarray, keep: int, penalty: float, tie: float) -> np.ndarray:
     """The candidates the rule can pick (sorted): those whose largest possible gain reaches the keep-th largest
-    smallest possible gain, up to `tie`. At every step an unpicked one of those keep has at least that gain."""
-    reach = penalty * norms * np.sort(norms)[::-1][: keep - 1].sum() * (1 + CS_SLACK) ** 2
-    floor = np.sort(alignment - reach)[-keep]
-    return np.flatnonzero(alignment + reach >= floor - tie)
+    smallest possible gain, up to `tie`. At every step an unpicked one of those keep has at least that gain. The
+    picks are among them, so the bound is taken again over them alone (smaller norms), until nothing changes."""
+    rows = np.arange(len(alignment))
+    while True:
+        reach = penalty * norms[rows] * np.sort(norms[rows])[::-1][: keep - 1].sum() * (1 + CS_SLACK) ** 2
+        floor = np.sort(alignment[rows] - reach)[-keep]
+        kept = rows[alignment[rows] + reach >= floor - tie]
+        if len(kept) == len(rows):
+            return rows
+        rows = kept
 
 
 def _tie(penalty: float, norms: np.ndarray, keep: int) -> float:
