@@ -97,9 +97,11 @@ class GhostGradients:
         return GhostGradients(layers, 1)
 
     def take(self, index: Sequence[int] | slice) -> GhostGradients:
-        """The rows in `index` (a slice or a contiguous range gives views, a list copies those rows)."""
-        if isinstance(index, range) and index.step == 1:
-            index = slice(index.start, index.stop)
+        """The rows in `index` (a slice or consecutive rows give views, any other list copies those rows)."""
+        if not isinstance(index, slice):
+            index = list(index)
+            if index and index == list(range(index[0], index[-1] + 1)):
+                index = slice(index[0], index[-1] + 1)
         idx = index if isinstance(index, slice) else torch.as_tensor(list(index), dtype=torch.long)
         layers = {
             n: _Layer(grads=a.grads[idx]) if a.grads is not None else _Layer(x=a.x[idx], delta=a.delta[idx])

@@ -68,8 +68,8 @@ def greedy_pick(
         norms: (N,) ‖g_i‖, with a block function. By Cauchy–Schwarz |G_ij| <= ‖g_i‖‖g_j‖, so a candidate's gain
             is always within penalty · ‖g_i‖ · U of its alignment (U: the largest sum of keep − 1 norms), and a
             candidate whose best case is below the keep-th best worst case is never picked (`reachable`). The rule
-            runs on the Gram block among the others, asked for at once; where they are so many that two blocks of
-            `keep` columns cost less, on columns asked for `keep` at a time (the likely next picks').
+            runs on the Gram block among the others, asked for at once, when they are at most half the candidates
+            (or `keep` is); else on columns asked for `keep` at a time (the likely next picks').
 
     Ties go to the earlier candidate (the stream order), so the pick is deterministic; gains within rounding of
     each other (`TIE`) are ties, so equal rows tie however their products were computed.
@@ -90,7 +90,7 @@ def greedy_pick(
     norms_np = norms.double().cpu().numpy()
     tie = _tie(penalty, norms_np, keep)
     rows = reachable(a, norms_np, keep, penalty, tie)
-    if len(rows) ** 2 <= 2 * keep * n:  # their block costs no more than two blocks of `keep` whole columns
+    if 2 * len(rows) <= n or 2 * keep >= n:  # a block of at most a quarter of the matrix, or all of it anyway
         block = gram(rows.tolist(), rows.tolist()).double().cpu().numpy()
         return [int(rows[i]) for i in _greedy(a[rows], block, keep, penalty, tie)]
     return _greedy_columns(a, gram, keep, penalty, tie)
