@@ -271,9 +271,7 @@ def _capture(
     with record_calls({**layers, **owners}) as seen, torch.enable_grad():
         losses = sample_losses(net, batch, reduction)  # samples never interact, so δ of the sum is per sample
         calls = list({id(c): c for pairs in seen.values() for c in pairs if c.out.requires_grad}.values())
-        deltas = torch.autograd.grad(losses.sum(), [c.out for c in calls], allow_unused=True)
-    for call, delta in zip(calls, deltas):
-        call.delta = delta.detach() if delta is not None else None
+        _backward_to_outputs(losses.sum(), calls)
     for call in (c for pairs in seen.values() for c in pairs):
         call.detach()  # the graph is freed; a pad's δ is exactly 0 (no loss depends on it): no mask needed
     join = lambda parts: parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # noqa: E731
@@ -283,6 +281,36 @@ def _capture(
     tokens = (batch["labels"][:, 1:] != -100).sum(dim=1).to(losses.device)
     step = StepCapture(owners, {n: seen[n] for n in owners}, losses.detach(), tokens, reduction)
     return held, step
+
+
+def _backward_to_outputs(loss: torch.Tensor, calls: list) -> None:
+    """Set each call's δ = ∂loss/∂output from one backward that ends at the earliest outputs (`_earliest`): a tensor
+    hook takes each δ as the backward passes it, and no weight gradient is computed. Asking autograd for every
+    output as an input of `torch.autograd.grad` gives the same numbers but costs about 10% of the pass more."""
+    for call in calls:
+        call.out.register_hook(lambda grad, call=call: setattr(call, "delta", grad))
+    torch.autograd.grad(loss, _earliest([c.out for c in calls]), allow_unused=True)
+
+
+def _earliest(outs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The outputs with no other of them upstream in the autograd graph. Every other output lies on a path from the
+    loss to one of these, so a backward to them passes it (one walk of the graph, each node visited once)."""
+    targets = {(o.grad_fn, o.output_nr) for o in outs}
+    reaches: dict[object, bool] = {}  # node -> whether some target lies upstream of it (or is it)
+
+    def upstream(node: object) -> bool:
+        stack = [node]
+        while stack:
+            top = stack[-1]
+            pending = [f for f, _ in top.next_functions if f is not None and f not in reaches]
+            if pending:
+                stack.extend(pending)
+                continue
+            stack.pop()
+            reaches[top] = any(e in targets or (e[0] is not None and reaches[e[0]]) for e in top.next_functions)
+        return reaches[node]
+
+    return [o for o in outs if o.grad_fn is None or not upstream(o.grad_fn)]  # a leaf has nothing upstream
 
 
 def _hold(x: torch.Tensor, delta: torch.Tensor, products: int, fits: bool) -> _Layer:
