@@ -166,9 +166,24 @@ def _mean_over_ranks(
 
 
 def surrogate(value: torch.Tensor, grads: dict[torch.nn.Parameter, torch.Tensor]) -> torch.Tensor:
-    """A loss whose value is `value` and whose gradient with respect to each parameter is `grads[param]`."""
-    inner = sum((p * g.detach()).sum() for p, g in grads.items())
-    return value.detach() + inner - inner.detach()
+    """A loss whose value is `value` and whose gradient with respect to each parameter is `grads[param]`: one
+    autograd node whose backward hands each parameter its gradient times the incoming scale (the host's division
+    for accumulation, its fp16 loss scale)."""
+    params = list(grads)
+    return _Carrier.apply(value.detach(), [grads[p].detach() for p in params], *params)
+
+
+class _Carrier(torch.autograd.Function):
+    """Carries precomputed parameter gradients through the host's `backward`."""
+
+    @staticmethod
+    def forward(ctx: Any, value: torch.Tensor, grads: list[torch.Tensor], *params: torch.nn.Parameter) -> torch.Tensor:
+        ctx.grads = grads
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx: Any, scale: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        return None, None, *(g * scale.to(g.dtype) for g in ctx.grads)
 
 
 def start_reuse(trainer: Any, mixin: type) -> GradientReuse | None:
