@@ -15,8 +15,10 @@ marginal gain (divided by η/b, which does not change the argmax)
 where η is the learning rate of the coming step: the first term favours candidates aligned with the target, the
 second penalises redundancy with those already picked. Every inner product comes from
 `datasteer.ops.ghost` (each Linear's inputs and output gradients from one forward + backward over the candidates
-and the target mini-batch together; no backward per sample). The step then trains on the picked rows' gradients
-from that same pass (`datasteer.ops.step_grads`, `datasteer.step_reuse`): no second forward + backward.
+and the target mini-batch together; no backward per sample), and only the redundancy products among candidates
+the rule can pick are computed: the gradient norms bound the rest (`reachable`). The step then trains on the
+picked rows' gradients from that same pass (`datasteer.ops.step_grads`, `datasteer.step_reuse`): no second
+forward + backward.
 
 Under data parallelism each rank picks its share from its own candidates against the same target mini-batch (the
 same rows on every rank): the redundancy term covers pairs on one rank — pairs across ranks would need every
