@@ -43,7 +43,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 import transformers
 from overhead import FixedRowsTrainer, StepClock, machine, static_stream
-from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, Trainer, TrainingArguments
 
 from datasteer import ComponentSet, PoolIndex, Schedule, SteeredTrainer, Steering, registry
 from datasteer.data import Collator, DataConfig, DemoDataConfig, build_pool
@@ -113,6 +113,26 @@ def lora_model(base: Any) -> Any:
     return get_peft_model(copy.deepcopy(base), config)
 
 
+def greats_trainer(variant: str, common: dict[str, Any], pool: Any, opts: Any, out: str, clock: Any) -> Trainer:
+    """A run of `variant`: "plain" (the floor: the plain Trainer on all k·b + b rows of each step, fed the static
+    stream), "greats" (trained on the selection pass's gradients) or "greats 2-pass" (`reuse: false`), with k =
+    `opts.factor`, b = `opts.batch` and a 4b-row target set; `clock` (a TrainerCallback) runs after every other
+    callback, so the steering's step work is inside what it measures."""
+    floor = round(opts.factor * opts.batch) + opts.batch
+    if variant == "plain":
+        trainer = FixedRowsTrainer(**common, rows=static_stream(pool, floor, opts.steps), callbacks=[clock])
+    else:
+        params = {"candidates_factor": opts.factor, "target_batch_size": opts.batch, "reuse": variant == "greats"}
+        selector = registry.build("selector", "greats", params)
+        index = PoolIndex(pool.sample_ids, pool.domain_ids, list(pool.domains))
+        target = [pool.train[i] for i in range(4 * opts.batch)]
+        steering = Steering(index, ComponentSet(selector=selector), Schedule(), seed=0, target=target, output_dir=out)
+        trainer = SteeredTrainer(**common, steering=steering)
+        trainer.add_callback(clock)
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
 def pretrained_run(variant: str, base: Any, tokenizer: Any, pool: Any, opts: argparse.Namespace) -> float:
     """Median CPU seconds per step of one run of `variant` on a fresh LoRA copy of `base`."""
     clock, floor = StepClock(), round(opts.factor * opts.batch) + opts.batch
@@ -124,20 +144,7 @@ def pretrained_run(variant: str, base: Any, tokenizer: Any, pool: Any, opts: arg
             data_seed=0, disable_tqdm=True, dataloader_num_workers=0,
         )  # fmt: skip
         common = dict(model=lora_model(base), args=args, train_dataset=pool.train, data_collator=Collator(tokenizer))
-        if variant == "plain":
-            trainer = FixedRowsTrainer(**common, rows=static_stream(pool, floor, opts.steps), callbacks=[clock])
-        else:
-            params = {"candidates_factor": opts.factor, "target_batch_size": opts.batch, "reuse": variant == "greats"}
-            selector = registry.build("selector", "greats", params)
-            index = PoolIndex(pool.sample_ids, pool.domain_ids, list(pool.domains))
-            target = [pool.train[i] for i in range(4 * opts.batch)]
-            steering = Steering(
-                index, ComponentSet(selector=selector), Schedule(), seed=0, target=target, output_dir=out
-            )
-            trainer = SteeredTrainer(**common, steering=steering)
-            trainer.add_callback(clock)  # after the steering's callback: its step work is inside the clock
-        trainer.remove_callback(PrinterCallback)
-        trainer.train()
+        greats_trainer(variant, common, pool, opts, out, clock).train()
     return clock.medians(opts.warmup)["cpu"]
 
 
