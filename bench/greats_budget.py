@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import statistics
 import sys
@@ -49,7 +48,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 import transformers
 from greats_cost import greats_trainer
-from overhead import machine
+from overhead import machine, write_results
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import datasteer.ops.ghost as ghost
@@ -274,10 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {"options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(opts).items()}}
     apart = weight_gradients_apart(pool, tokenizer, opts)
     result.update(summary=summarise(runs, apart), runs=runs, machine=machine())
-    opts.out.mkdir(parents=True, exist_ok=True)
-    (opts.out / "greats_budget.json").write_text(json.dumps(result, indent=2) + "\n")
-    write_markdown(opts.out / "greats_budget.md", result, command.strip())
-    print((opts.out / "greats_budget.md").read_text())
+    write_results(opts.out, "greats_budget", result, write_markdown, command)
     return result
 
 

@@ -42,7 +42,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 import transformers
-from overhead import FixedRowsTrainer, StepClock, machine, static_stream
+from overhead import FixedRowsTrainer, StepClock, machine, static_stream, write_results
 from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, Trainer, TrainingArguments
 
 from datasteer import ComponentSet, PoolIndex, Schedule, SteeredTrainer, Steering, registry
@@ -240,10 +240,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not opts.skip_pretrained:
         result["pretrained"] = bench_pretrained(opts)
     result["machine"] = machine()
-    opts.out.mkdir(parents=True, exist_ok=True)
-    (opts.out / "greats_cost.json").write_text(json.dumps(result, indent=2) + "\n")
-    write_markdown(opts.out / "greats_cost.md", result, command.strip())
-    print((opts.out / "greats_cost.md").read_text())
+    write_results(opts.out, "greats_cost", result, write_markdown, command)
     return result
 
 

@@ -457,6 +457,15 @@ def bench_decisions(run_lengths: tuple[int, ...]) -> dict[str, Any]:
     return out
 
 
+def write_results(out: Path, name: str, result: dict[str, Any], markdown: Any, command: str) -> None:
+    """`<out>/<name>.json` and `<out>/<name>.md` (written by `markdown(path, result, command)`), the markdown
+    printed: every bench leaves the same two files."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    markdown(out / f"{name}.md", result, command.strip())
+    print((out / f"{name}.md").read_text())
+
+
 def machine() -> dict[str, Any]:
     return {
         "platform": platform.platform(),
@@ -620,10 +629,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["trainer"] = bench_trainer(opts)
     result["machine"] = machine()
     result["wall_s"] = time.perf_counter() - t0
-    opts.out.mkdir(parents=True, exist_ok=True)
-    (opts.out / "overhead.json").write_text(json.dumps(result, indent=2) + "\n")
-    write_markdown(opts.out / "overhead.md", result, command.strip())
-    print((opts.out / "overhead.md").read_text())
+    write_results(opts.out, "overhead", result, write_markdown, command)
     return result
 
 

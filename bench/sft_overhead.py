@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.metadata
-import json
 import os
 import random
 import statistics
@@ -49,7 +48,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by path from the tests
-from overhead import TARGET_RATIO, SeamClock, StepClock, machine, summarise
+from overhead import TARGET_RATIO, SeamClock, StepClock, machine, summarise, write_results
 
 from datasteer import ComponentSet, PoolIndex, Schedule, Steering, registry
 from datasteer.demo import make_model, make_tokenizer
@@ -231,10 +230,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["trainer"] = bench(opts)
     result["machine"] = machine()
     result["wall_s"] = time.perf_counter() - t0
-    opts.out.mkdir(parents=True, exist_ok=True)
-    (opts.out / "sft_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
-    write_markdown(opts.out / "sft_overhead.md", result, command.strip())
-    print((opts.out / "sft_overhead.md").read_text())
+    write_results(opts.out, "sft_overhead", result, write_markdown, command)
     return result
 
 
